@@ -1,0 +1,50 @@
+"""Typed errors. Every user-facing failure is an ``ImgembedError`` subclass whose message names the
+offending file/value and what was expected, so callers can catch precisely and users can act."""
+from __future__ import annotations
+
+
+class ImgembedError(Exception):
+    """Base class of every error imgembed raises on purpose."""
+
+
+class RegistryError(ImgembedError):
+    """models.yaml (or a user registry) is malformed."""
+
+
+class UnknownModelError(ImgembedError, KeyError):
+    """A model name is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ImageDecodeError(ImgembedError, ValueError):
+    """An input could not be turned into an RGB image (corrupt, truncated, unsupported, too large)."""
+
+
+class ArtifactError(ImgembedError):
+    """An artifact directory is missing, malformed or was written by an incompatible version."""
+
+
+class IntegrityError(ArtifactError):
+    """An artifact file does not match the sha256 recorded in its manifest."""
+
+
+class ExportError(ImgembedError):
+    """Export to ONNX (or an optimization step) failed."""
+
+
+class ParityError(ExportError):
+    """The exported artifact does not match the PyTorch original within the tolerances."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class BackendUnavailableError(ImgembedError):
+    """A runtime backend (library or device) is not available on this machine."""
+
+
+class WeightsError(ImgembedError):
+    """Model weights could not be loaded (missing directory, bad config, network unavailable...)."""
