@@ -1,0 +1,29 @@
+"""imgembed: export image-embedding models to ONNX, optimize them, check parity, and serve them.
+
+    import imgembed
+    emb = imgembed.load("artifacts/clip-vit-b32-int8")     # an artifact directory (ONNX Runtime)
+    emb = imgembed.load("clip-vit-b32", random_init=True)  # or a registry name (PyTorch original)
+    vecs = emb.embed(["a.jpg", pil_image, uint8_array, jpeg_bytes])  # float32 (N, D)
+
+Heavy backends (torch, onnxruntime) are imported only when used, so ``import imgembed`` stays cheap and
+works where an optional backend is missing.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (ArtifactError, BackendUnavailableError, ExportError, ImageDecodeError, ImgembedError,
+                     IntegrityError, ParityError, RegistryError, UnknownModelError, WeightsError)
+from .registry import ModelSpec, get_spec, list_models
+
+
+def load(name_or_path, **kwargs):
+    """Load an embedder from an artifact directory or a registry name; see :func:`imgembed.runtime.load`."""
+    from .runtime.embedder import load as _load
+
+    return _load(name_or_path, **kwargs)
+
+
+__all__ = ["load", "get_spec", "list_models", "ModelSpec", "ImgembedError", "UnknownModelError",
+           "RegistryError", "ImageDecodeError", "ArtifactError", "IntegrityError", "ExportError", "ParityError",
+           "BackendUnavailableError", "WeightsError", "__version__"]

@@ -1,0 +1,89 @@
+"""PyTorch -> ONNX for the image encoder (TorchScript exporter), then ONNX Runtime transformer fusion.
+
+Steps, each testable alone:
+  export_onnx(head, spec, path)       plain FP32 graph, dynamic batch axis, checked with onnx.checker
+  optimize_transformer(src, dst, ...) ORT transformer optimizer (Attention / LayerNorm / Gelu fusion)
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from ..errors import ExportError
+from ..families import FAMILY
+from ..registry import ModelSpec
+
+DEFAULT_OPSET = 17
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "embedding"
+
+
+def export_onnx(head, spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``head`` (an EmbeddingHead) to ``path`` with a dynamic batch axis; returns the path.
+
+    The TorchScript exporter (``dynamo=False``) is used: it needs no onnxscript and keeps eager attention
+    as MatMul/Softmax patterns that ORT fuses. Position-embedding interpolation (DINOv2) is traced at the
+    registry input size, so it becomes a fixed Resize on a constant, which constant folding removes.
+    """
+    import torch
+
+    path = Path(path)
+    h, w = spec.input_hw
+    dummy = torch.zeros(2, 3, h, w, dtype=torch.float32)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # TracerWarnings from transformers' shape checks are expected
+            torch.onnx.export(
+                head.eval(), (dummy,), str(path), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+            )
+    except Exception as e:  # the exporter raises many internal types; surface one typed error
+        raise ExportError(f"torch.onnx.export failed for {spec.name}: {type(e).__name__}: {e}") from e
+    check_onnx(path)
+    return path
+
+
+def check_onnx(path: str | Path) -> None:
+    """Run the ONNX checker (by path, so models over 2 GB work); failures become ExportError."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as e:
+        raise ExportError(f"ONNX checker rejected {path}: {e}") from e
+
+
+def op_counts(path: str | Path) -> dict[str, int]:
+    """Node count per op type (including contrib ops), used in manifests and structure tests."""
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def optimize_transformer(src: str | Path, dst: str | Path, spec: ModelSpec) -> dict[str, int]:
+    """Apply ORT's offline transformer fusions to a ViT-like graph; returns the fused-op counts.
+
+    ``opt_level=0`` keeps only the fusions (no hardware-specific layout changes), so the graph stays
+    portable between ORT CPU and CUDA sessions.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fam = FAMILY[spec.family]
+    if fam.ort_model_type is None:
+        raise ExportError(f"family {spec.family!r} has no transformer optimizer")
+    heads = int(spec.arch.get("num_attention_heads", 0))
+    hidden = int(spec.arch.get("hidden_size", 0))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = optimize_model(str(src), model_type=fam.ort_model_type, num_heads=heads, hidden_size=hidden,
+                                 opt_level=0, use_gpu=False, only_onnxruntime=False)
+            opt.save_model_to_file(str(dst))
+    except Exception as e:
+        raise ExportError(f"ONNX Runtime transformer optimizer failed on {src}: {e}") from e
+    return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}

@@ -1,0 +1,154 @@
+"""INT8 quantization with ONNX Runtime, as named presets (a dataclass each, saved into the manifest).
+
+Why these presets (measured on the reference CPU: 2 cores, AVX2, no VNNI — see README "Performance"):
+* transformer families: *dynamic* quantization of MatMul (and fused Attention) weights to int8, activations
+  quantized at run time to uint8 (U8S8, the fast path of MLAS on AVX2). Needs no calibration data.
+* CNNs: *static* quantization with calibration. Static QDQ ResNet-50 measured slower than FP32 on this
+  CPU, so CNN export tries the candidates in ``CNN_CANDIDATES`` and keeps the fastest that passes parity;
+  if none beats FP32 the export says so loudly (``Int8SlowerWarning``) and records it in the manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from ..errors import ExportError
+
+
+class Int8SlowerWarning(UserWarning):
+    """An INT8 artifact was written although it measured slower than FP32 on this machine."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    name: str
+    mode: str                     # "dynamic" | "static"
+    quant_format: str = "QOperator"   # static only: "QOperator" (QLinearConv...) | "QDQ"
+    weight_type: str = "int8"     # "int8" | "uint8"
+    activation_type: str = "uint8"
+    per_channel: bool = False
+    reduce_range: bool = False
+    op_types: tuple[str, ...] | None = None
+    calibrate_method: str = "minmax"  # static only: "minmax" | "percentile" | "entropy"
+    why: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["op_types"] = list(self.op_types) if self.op_types else None
+        return d
+
+
+PRESETS: dict[str, QuantConfig] = {
+    "dynamic": QuantConfig(
+        "dynamic", "dynamic", weight_type="int8", per_channel=False, op_types=("MatMul", "Attention", "Gemm"),
+        why="MatMul-heavy ViTs: U8S8 dynamic quantization is MLAS's fast int8 path on AVX2 without VNNI"),
+    "dynamic-per-channel": QuantConfig(
+        "dynamic-per-channel", "dynamic", weight_type="int8", per_channel=True,
+        op_types=("MatMul", "Attention", "Gemm"), why="per-channel weight scales; slower, sometimes more accurate"),
+    "static-qoperator": QuantConfig(
+        "static-qoperator", "static", quant_format="QOperator", per_channel=True, calibrate_method="minmax",
+        op_types=("Conv", "MatMul", "Gemm", "Add", "Relu", "MaxPool", "GlobalAveragePool"),
+        why="CNNs: QLinearConv kernels, per-channel weights, min/max calibration"),
+    "static-qdq": QuantConfig(
+        "static-qdq", "static", quant_format="QDQ", per_channel=True, calibrate_method="minmax",
+        op_types=("Conv", "MatMul", "Gemm", "Add", "MaxPool", "GlobalAveragePool"),
+        why="CNNs: QDQ graph (portable to TensorRT); measured slower than FP32 on AVX2-only CPUs"),
+}
+TRANSFORMER_DEFAULT = "dynamic"
+CNN_CANDIDATES = ("static-qoperator", "static-qdq")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantizer prints and logs advice on the root logger; keep the CLI output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+class ArrayCalibrationReader:
+    """onnxruntime CalibrationDataReader over preprocessed batches (one method: get_next())."""
+
+    def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
+        self.input_name = input_name
+        self._batches = list(batches)
+        self._it: Iterator[np.ndarray] = iter(self._batches)
+
+    def get_next(self) -> dict | None:
+        batch = next(self._it, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    try:
+        return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
+    except KeyError:
+        raise ExportError(f"unknown quantized type {name!r}; expected 'int8' or 'uint8'") from None
+
+
+def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
+             calibration: Iterable[np.ndarray] | None = None, input_name: str = "pixel_values") -> Path:
+    """Quantize ``src`` into ``dst`` according to ``config``; static modes need ``calibration`` batches."""
+    from onnxruntime import quantization as q
+
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # graphs fused by the ORT optimizer lack type info
+    ops = list(config.op_types) if config.op_types else None
+    try:
+        with _quiet():
+            warnings.simplefilter("ignore")
+            if config.mode == "dynamic":
+                q.quantize_dynamic(str(src), str(dst), weight_type=_qtype(config.weight_type),
+                                   per_channel=config.per_channel, reduce_range=config.reduce_range,
+                                   op_types_to_quantize=ops, extra_options=extra)
+            elif config.mode == "static":
+                if calibration is None:
+                    raise ExportError(f"quantization preset {config.name!r} needs calibration images")
+                method = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
+                          "entropy": q.CalibrationMethod.Entropy}[config.calibrate_method]
+                fmt = {"QOperator": q.QuantFormat.QOperator, "QDQ": q.QuantFormat.QDQ}[config.quant_format]
+                # shape inference + constant folding first: turns Conv biases into initializers
+                prepped = Path(dst).with_suffix(".prep.onnx")
+                from onnxruntime.quantization.shape_inference import quant_pre_process
+                quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
+                src = prepped
+                q.quantize_static(str(src), str(dst), ArrayCalibrationReader(input_name, calibration),
+                                  quant_format=fmt, op_types_to_quantize=ops, per_channel=config.per_channel,
+                                  reduce_range=config.reduce_range, activation_type=_qtype(config.activation_type),
+                                  weight_type=_qtype(config.weight_type), calibrate_method=method,
+                                  extra_options=extra)
+            else:
+                raise ExportError(f"unknown quantization mode {config.mode!r}")
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"INT8 quantization ({config.name}) of {src} failed: {type(e).__name__}: {e}") from e
+    return Path(dst)
+
+
+def quantized_op_counts(path: str | Path) -> dict[str, int]:
+    """How many nodes of each quantized op type a graph holds (for manifests and structure tests)."""
+    from .onnx_export import op_counts
+
+    qops = ("MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QAttention",
+            "QuantizeLinear", "DequantizeLinear", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+            "QLinearAdd", "QGemm", "QLinearGlobalAveragePool")
+    return {k: v for k, v in op_counts(path).items() if k in qops}

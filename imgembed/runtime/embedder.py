@@ -1,0 +1,163 @@
+"""The Embedder: inputs -> decode -> preprocess -> runner -> vectors, in bounded batches.
+
+``load()`` picks the backend: an artifact directory runs on ONNX Runtime (after its checksums are
+verified), a registry name runs the PyTorch original. Whatever the backend, decoding and preprocessing are
+the one implementation in :mod:`imgembed.preprocess`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..artifact import MODEL_FILE, read_manifest, verify
+from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
+from ..preprocess import PreprocessSpec, load_image, preprocess_batch
+from ..registry import ModelSpec, get_spec, registry
+from .base import Runner
+
+DEFAULT_BATCH_SIZE = 16
+ON_ERROR = ("raise", "report")
+
+
+@dataclass
+class EmbedResult:
+    """Outcome of ``embed(..., on_error="report")``: vectors of the good items, and what failed."""
+
+    vectors: np.ndarray                  # (n_ok, dim) float32, in input order
+    indices: list[int]                   # input index of each row of ``vectors``
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (input index, error message)
+
+
+class Embedder:
+    """Embeds images with one runner. Thread-safe for concurrent ``embed`` calls on ORT and torch CPU."""
+
+    def __init__(self, runner: Runner, preprocess: PreprocessSpec, *, name: str, precision: str,
+                 normalized: bool, manifest: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_pixels: int = 64_000_000):
+        self.runner = runner.activate()
+        self.preprocess = preprocess
+        self.name = name
+        self.precision = precision
+        self.normalized = normalized
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+
+    @property
+    def dim(self) -> int:
+        return self.runner.output_dim
+
+    def __repr__(self) -> str:
+        return f"Embedder({self.name!r}, backend={self.runner.backend}, precision={self.precision}, dim={self.dim})"
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def embed_pixels(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Embed already-preprocessed float32 NCHW pixels."""
+        bs = batch_size or self.batch_size
+        return np.concatenate([self.runner.infer(pixels[i:i + bs]) for i in range(0, len(pixels), bs)])
+
+    def embed(self, items: Iterable[Any], *, batch_size: int | None = None, on_error: str = "raise"):
+        """Embed images (paths, PIL images, uint8 arrays, encoded bytes).
+
+        ``on_error="raise"`` (default): returns float32 ``(N, dim)``; the first undecodable item raises
+        ImageDecodeError naming it. ``on_error="report"``: returns an :class:`EmbedResult` with the vectors
+        of every good item and one error per bad item (the good items are never lost).
+        """
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r}; expected one of {list(ON_ERROR)}")
+        bs = batch_size or self.batch_size
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        if isinstance(items, (str, bytes, os.PathLike)) or not hasattr(items, "__iter__"):
+            items = [items]  # a single image is a batch of one
+        vectors, indices, errors = [], [], []
+        batch: list = []
+        for index, item in enumerate(items):
+            try:
+                batch.append((index, load_image(item, name=self._item_name(item, index),
+                                                max_pixels=self.max_pixels)))
+            except ImageDecodeError as e:
+                if on_error == "raise":
+                    raise
+                errors.append((index, str(e)))
+            if len(batch) == bs:
+                self._flush(batch, vectors, indices)
+        if batch:
+            self._flush(batch, vectors, indices)
+        out = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+        return out if on_error == "raise" else EmbedResult(out, indices, errors)
+
+    @staticmethod
+    def _item_name(item: Any, index: int) -> str | None:
+        return None if isinstance(item, (str, os.PathLike)) else f"item {index}"
+
+    def _flush(self, batch: list, vectors: list, indices: list) -> None:
+        pixels = preprocess_batch([img for _, img in batch], self.preprocess)
+        vectors.append(self.runner.infer(pixels))
+        indices.extend(i for i, _ in batch)
+        batch.clear()
+
+
+def load_artifact(path: str | Path, *, device: str = "cpu", threads: int | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, verify_checksums: bool = True,
+                  allow_failed: bool = False) -> Embedder:
+    """An Embedder over an exported artifact (ONNX Runtime)."""
+    from .ort_runner import OrtRunner
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify_checksums:
+        verify(path, manifest)
+    if manifest.get("status") != "passed" and not allow_failed:
+        raise ArtifactError(f"{path} failed its parity gate at export ({manifest.get('parity', {}).get('failures')}); "
+                            "pass allow_failed=True to load it anyway")
+    runner = OrtRunner(path / MODEL_FILE, int(manifest["output"]["dim"]), device=device, threads=threads,
+                       name=f"onnxruntime[{manifest['name']}-{manifest['precision']}]")
+    return Embedder(runner, PreprocessSpec.from_dict(manifest["preprocess"]), name=manifest["name"],
+                    precision=manifest["precision"], normalized=bool(manifest["output"]["normalized"]),
+                    manifest=manifest, batch_size=batch_size)
+
+
+def load_original(spec: ModelSpec | str, *, weights: str | Path | None = None, random_init: bool = False,
+                  device: str = "cpu", threads: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                  attn: str = "sdpa") -> Embedder:
+    """An Embedder over the PyTorch original of a registry model."""
+    from ..families import load_original as build
+    from .torch_runner import TorchRunner
+
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    head = build(spec, weights=weights, random_init=random_init, attn=attn)
+    runner = TorchRunner(head, spec.input_hw, spec.embedding.dim, device=device, threads=threads,
+                         name=f"torch[{spec.name}]")
+    return Embedder(runner, spec.preprocess, name=spec.name, precision="fp32",
+                    normalized=spec.embedding.normalize, batch_size=batch_size)
+
+
+def load(name_or_path: str | Path, **kwargs: Any) -> Embedder:
+    """Load an artifact directory (ONNX Runtime) or a registry name (PyTorch original).
+
+    Artifact keywords: device, threads, batch_size, verify_checksums, allow_failed.
+    Registry keywords: weights (save_pretrained dir), random_init, device, threads, batch_size.
+    """
+    p = Path(name_or_path)
+    if p.is_dir():
+        return load_artifact(p, **kwargs)
+    if str(name_or_path) in registry():
+        return load_original(str(name_or_path), **kwargs)
+    if p.exists() or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        raise ArtifactError(f"{p} is not an artifact directory (expected a directory with manifest.json)"
+                            if p.exists() else f"artifact directory {p} does not exist")
+    get_spec(str(name_or_path))  # raises UnknownModelError with close matches
+    raise UnknownModelError(str(name_or_path))  # pragma: no cover - get_spec always raises here
