@@ -23,8 +23,9 @@ from .errors import ImgembedError, ParityError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export image-embedding models to ONNX, quantize them, check parity, embed images.")
-out_console = Console()
-err_console = Console(stderr=True)
+# Wide consoles when piped, so tables are not truncated to 80 columns in logs and CI.
+out_console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -210,6 +211,20 @@ def embed_cmd(
                       f"{out} (paths: {sidecar}); {len(errors)} failed", highlight=False)
     if errors:
         raise typer.Exit(3)
+
+
+# Sub-commands that live in their own modules; each module exposes ``register(app: typer.Typer)``.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register_subcommands() -> None:
+    import importlib
+
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(app)
+
+
+_register_subcommands()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
