@@ -214,7 +214,7 @@ def embed_cmd(
 
 
 # Sub-commands that live in their own modules; each module exposes ``register(app: typer.Typer)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli",)
 
 
 def _register_subcommands() -> None:

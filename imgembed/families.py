@@ -116,6 +116,33 @@ def source_record(spec: ModelSpec, weights: str | Path | None, random_init: bool
     return {"kind": "hub", "repo": spec.source.hub, "revision": spec.source.revision}
 
 
+@torch.no_grad()
+def fold_layer_scale(head: "EmbeddingHead") -> int:
+    """Fold DINOv2's LayerScale into the preceding Linear (lambda*(xW+b) = x(lambda*W) + lambda*b).
+
+    Exact up to float rounding; it lets ONNX Runtime's attention/skip-layernorm fusion match DINOv2 like
+    ViT. Changes ``head`` in place; returns the number of folded scales. Only used on export copies.
+    """
+    folded = 0
+    for layer in getattr(getattr(head.model, "encoder", None), "layer", []):
+        pairs = [(getattr(layer, "layer_scale1", None), layer.attention.output.dense),
+                 (getattr(layer, "layer_scale2", None), getattr(layer.mlp, "fc2", None))]
+        for scale, linear in pairs:
+            if scale is None or linear is None or not hasattr(scale, "lambda1"):
+                continue
+            lam = scale.lambda1.detach()
+            linear.weight.mul_(lam[:, None])
+            if linear.bias is not None:
+                linear.bias.mul_(lam)
+            scale.lambda1.fill_(1.0)
+            folded += 1
+    for layer in getattr(getattr(head.model, "encoder", None), "layer", []):
+        for attr in ("layer_scale1", "layer_scale2"):
+            if hasattr(getattr(layer, attr, None), "lambda1") and bool((getattr(layer, attr).lambda1 == 1).all()):
+                setattr(layer, attr, torch.nn.Identity())
+    return folded
+
+
 class EmbeddingHead(torch.nn.Module):
     """Wrap a transformers model so that ``forward(pixel_values) -> (N, dim)`` is the embedding."""
 

@@ -79,7 +79,7 @@ def check(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
         ok = value <= limit if key in _LOWER_IS_BETTER else value >= limit
         if not ok:
             op = "<=" if key in _LOWER_IS_BETTER else ">="
-            failures.append(f"{key} = {value:.6f}, required {op} {limit}")
+            failures.append(f"{key} = {value:.6g}, required {op} {limit}")
     return failures
 
 

@@ -65,6 +65,47 @@ def op_counts(path: str | Path) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
 
+def _is_float_cast(node) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+
+
+def prepare_for_attention_fusion(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite today's HF eager attention into the pattern ORT's BERT/ViT fusion matches.
+
+    transformers >= 4.48 computes ``softmax(q @ k.T * scale, dtype=float32).to(q.dtype)``, which exports as
+    MatMul -> Mul(const) -> Softmax -> Cast -> Cast. ORT's ViT fusion expects MatMul -> Div -> Softmax with
+    no casts, so: drop float->float Casts after Softmax (no-ops in an FP32 graph) and turn the constant
+    scaling Mul that feeds a Softmax into a Div by its reciprocal. The parity gate checks the result.
+    """
+    from onnx import helper, numpy_helper
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rename: dict[str, str] = {}
+    kept = []
+    for n in model.graph.node:
+        n.input[:] = [rename.get(x, x) for x in n.input]
+        src = producer.get(n.input[0]) if n.input else None
+        if _is_float_cast(n) and src is not None and (src.op_type == "Softmax" or _is_float_cast(src)):
+            rename[n.output[0]] = n.input[0]
+            continue
+        const = producer.get(n.input[1]) if n.op_type == "Mul" and len(n.input) == 2 else None
+        if const is not None and const.op_type == "Constant" and \
+                any(c.op_type == "Softmax" for c in consumers.get(n.output[0], [])):
+            divisor = (1.0 / numpy_helper.to_array(const.attribute[0].t)).astype("float32")
+            model.graph.initializer.append(numpy_helper.from_array(divisor, n.output[0] + "_divisor"))
+            n = helper.make_node("Div", [n.input[0], n.output[0] + "_divisor"], list(n.output), name=n.name + "_div")
+        kept.append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+    kept += [helper.make_node("Identity", [rename[o]], [o]) for o in graph_outputs if o in rename]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
 def optimize_transformer(src: str | Path, dst: str | Path, spec: ModelSpec) -> dict[str, int]:
     """Apply ORT's offline transformer fusions to a ViT-like graph; returns the fused-op counts.
 
@@ -78,10 +119,14 @@ def optimize_transformer(src: str | Path, dst: str | Path, spec: ModelSpec) -> d
         raise ExportError(f"family {spec.family!r} has no transformer optimizer")
     heads = int(spec.arch.get("num_attention_heads", 0))
     hidden = int(spec.arch.get("hidden_size", 0))
+    prepared = Path(src)
+    if fam.ort_model_type == "vit":  # ORT's CLIP fusion matches the Mul form as exported
+        prepared = Path(dst).with_suffix(".prepared.onnx")
+        onnx.save(prepare_for_attention_fusion(onnx.load(str(src))), str(prepared))
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = optimize_model(str(src), model_type=fam.ort_model_type, num_heads=heads, hidden_size=hidden,
+            opt = optimize_model(str(prepared), model_type=fam.ort_model_type, num_heads=heads, hidden_size=hidden,
                                  opt_level=0, use_gpu=False, only_onnxruntime=False)
             opt.save_model_to_file(str(dst))
     except Exception as e:

@@ -21,7 +21,7 @@ import numpy as np
 from .. import __version__
 from ..artifact import FORMAT_VERSION, MANIFEST, MODEL_FILE, file_checksums, staged_directory, write_json_atomic
 from ..errors import ExportError, ImageDecodeError, ParityError
-from ..families import FAMILY, DEFAULT_SEED, load_original, source_record
+from ..families import DEFAULT_SEED, FAMILY, fold_layer_scale, load_original, source_record
 from ..parity import format_report, parity_report
 from ..preprocess import load_image, preprocess_batch
 from ..registry import ModelSpec, get_spec
@@ -209,6 +209,8 @@ def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | N
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         work = Path(tmp)
         step("exporting to ONNX")
+        if spec.family == "dinov2" and opts.optimize:
+            fold_layer_scale(head)  # lets ORT fuse attention; the parity gate checks the result
         model = export_onnx(head, spec, work / "exported.onnx", opts.opset)
         del head
         optimizations, fused = [], {}
@@ -227,8 +229,9 @@ def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | N
         manifest, notes = _manifest(spec, opts, model, report, quant, optimizations, fused,
                                     time.perf_counter() - t0)
         if not report["passed"] and not opts.keep_failed:
-            raise ParityError(f"{spec.name} {opts.precision} export failed the parity gate; no artifact written "
-                              f"(pass --keep-failed to keep it, marked failed)\n{format_report(report)}", report)
+            raise ParityError(f"{spec.name} {opts.precision} export failed the parity gate ("
+                              f"{'; '.join(report['failures'])}); no artifact written (pass --keep-failed to "
+                              f"keep it, marked failed)\n{format_report(report)}", report)
         step(f"writing artifact to {out}")
         _write_artifact(out, model, manifest)
     return ExportResult(out, manifest, notes)

@@ -1,0 +1,125 @@
+"""What machine a benchmark ran on: CPU model, cores, SIMD features, GPU, library versions.
+
+SIMD features decide what INT8 can gain on a CPU: VNNI (AVX512_VNNI or AVX-VNNI) gives ONNX Runtime's
+integer kernels a fused multiply-add on int8, AMX gives tile matrix units; without them INT8 often gains
+little over FP32. Flags come from ``/proc/cpuinfo`` (Linux) or py-cpuinfo elsewhere.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+# Report key -> CPU flags that imply it (Linux /proc/cpuinfo and py-cpuinfo spellings).
+SIMD_FLAGS: dict[str, tuple[str, ...]] = {
+    "sse4_2": ("sse4_2",),
+    "avx": ("avx",),
+    "avx2": ("avx2",),
+    "fma": ("fma",),
+    "avx512f": ("avx512f",),
+    "avx512_vnni": ("avx512_vnni", "avx512vnni"),
+    "avx_vnni": ("avx_vnni", "avxvnni"),
+    "avx512_bf16": ("avx512_bf16",),
+    "amx_tile": ("amx_tile",),
+    "amx_int8": ("amx_int8",),
+    "amx_bf16": ("amx_bf16",),
+    "neon": ("asimd", "neon"),
+    "arm_dotprod": ("asimddp", "dotprod"),
+    "arm_i8mm": ("i8mm",),
+    "sve": ("sve",),
+}
+LIBRARIES = ("imgembed", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "transformers", "numpy", "pillow",
+             "tensorrt")
+
+
+def parse_cpuinfo(text: str) -> dict:
+    """CPU model name, flag set and physical core count from the text of ``/proc/cpuinfo``."""
+    model, flags, cores = None, set(), set()
+    physical_id = core_id = None
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("model name", "Model", "cpu model") and model is None:
+            model = value
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+        elif key == "physical id":
+            physical_id = value
+        elif key == "core id":
+            core_id = value
+        elif not key and physical_id is not None and core_id is not None:
+            cores.add((physical_id, core_id))
+            physical_id = core_id = None
+    if physical_id is not None and core_id is not None:
+        cores.add((physical_id, core_id))
+    return {"model": model, "flags": flags, "physical_cores": len(cores) or None}
+
+
+def simd_features(flags: set[str]) -> dict[str, bool]:
+    """Which of :data:`SIMD_FLAGS` a flag set has."""
+    return {name: any(f in flags for f in aliases) for name, aliases in SIMD_FLAGS.items()}
+
+
+def _cpu_flags() -> dict:
+    path = Path("/proc/cpuinfo")
+    if path.is_file():
+        info = parse_cpuinfo(path.read_text(encoding="utf-8", errors="replace"))
+        info["flags_source"] = "/proc/cpuinfo"
+        if info["flags"]:
+            return info
+    try:
+        import cpuinfo  # py-cpuinfo, from the [bench] extra
+
+        raw = cpuinfo.get_cpu_info()
+        return {"model": raw.get("brand_raw"), "flags": set(raw.get("flags", [])), "physical_cores": None,
+                "flags_source": "py-cpuinfo"}
+    except Exception:  # py-cpuinfo missing or failing: report what is known
+        return {"model": platform.processor() or None, "flags": set(), "physical_cores": None,
+                "flags_source": "unavailable"}
+
+
+def cpu_info() -> dict:
+    """CPU model, architecture, core counts (logical, usable by this process, physical) and SIMD features."""
+    info = _cpu_flags()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": info["model"], "arch": platform.machine(), "logical_cores": os.cpu_count(),
+            "usable_cores": usable, "physical_cores": info["physical_cores"],
+            "simd": simd_features(info["flags"]), "flags_source": info["flags_source"]}
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that decide the speed (None when not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def gpu_info() -> dict | None:
+    """The CUDA GPU torch sees (name, memory, CUDA version), or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+            "count": torch.cuda.device_count()}
+
+
+def host_info() -> dict:
+    """Everything above, plus OS and ONNX Runtime execution providers: the report's ``host`` block."""
+    from ..runtime.ort_runner import available_providers
+
+    return {"hostname": platform.node(), "os": f"{platform.system()} {platform.release()}",
+            "cpu": cpu_info(), "gpu": gpu_info(), "onnxruntime_providers": available_providers(),
+            "libraries": library_versions()}
+
+
+def default_threads() -> int:
+    """All cores this process may use (the default for ``--threads``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

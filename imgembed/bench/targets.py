@@ -1,0 +1,166 @@
+"""What to benchmark: registry names or artifact directories, resolved into :class:`BenchModel` records.
+
+A :class:`BenchModel` is one original model (spec + how to rebuild its PyTorch original) and the artifacts
+exported from it. A registry name exports FP32 (and INT8 with ``int8=True``) artifacts through
+:func:`ensure_artifact`, cached by name, precision and weight source; artifact directories are verified and
+grouped by the original they came from, which is rebuilt from the manifest's ``source`` record.
+:func:`ensure_artifact` is also what the pytest-benchmark suites in ``benchmarks/`` use.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..artifact import read_manifest, verify
+from ..errors import ArtifactError, UnknownModelError
+from ..registry import ModelSpec, get_spec, registry
+
+Step = Callable[[str], None]
+CACHE_ENV = "IMGEMBED_BENCH_CACHE"
+ARTIFACT_PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """One exported artifact to benchmark."""
+
+    path: Path
+    precision: str
+    status: str          # the manifest's parity status: "passed" | "failed"
+
+
+@dataclass
+class BenchModel:
+    """One original model and the artifacts made from it."""
+
+    spec: ModelSpec
+    source: dict                       # manifest-style source record (families.source_record)
+    artifacts: list[ArtifactRef] = field(default_factory=list)
+    weights_override: Path | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.name}@{source_tag(self.source)}"
+
+    def build_original(self, attn: str = "sdpa"):
+        """The PyTorch original (an EmbeddingHead), rebuilt from the source record."""
+        from ..families import load_original
+
+        kind = self.source["kind"]
+        if kind == "random-init":
+            return load_original(self.spec, random_init=True, seed=int(self.source["seed"]), attn=attn)
+        if kind == "local" or self.weights_override is not None:
+            return load_original(self.spec, weights=self.weights_override or self.source["path"], attn=attn)
+        return load_original(self.spec, attn=attn)
+
+
+def source_tag(source: dict) -> str:
+    """A short, file-name-safe tag for a source record: random-s0, hub-main, local-1a2b3c4d5e."""
+    kind = source.get("kind")
+    if kind == "random-init":
+        return f"random-s{source['seed']}"
+    if kind == "hub":
+        return f"hub-{source.get('revision', 'main')}".replace("/", "_")
+    if kind == "local":
+        return "local-" + hashlib.sha1(str(source["path"]).encode()).hexdigest()[:10]
+    raise ArtifactError(f"unknown source kind {kind!r} in {source}; expected random-init, hub or local")
+
+
+def default_cache_dir() -> Path:
+    """``$IMGEMBED_BENCH_CACHE`` or ``~/.cache/imgembed/bench``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "imgembed" / "bench"
+
+
+def _normalized(x) -> object:
+    return json.loads(json.dumps(x))
+
+
+def _cached(out: Path, spec: ModelSpec, precision: str, source: dict) -> bool:
+    """Is ``out`` a verified, passing artifact of exactly this model, precision and source?"""
+    try:
+        m = verify(out)
+    except ArtifactError:
+        return False
+    return (m.get("status") == "passed" and m.get("precision") == precision
+            and _normalized(m.get("model")) == _normalized(spec.to_dict())
+            and _normalized(m.get("source")) == _normalized(source))
+
+
+def ensure_artifact(spec: ModelSpec | str, precision: str, source: dict, cache_dir: str | Path | None = None, *,
+                    threads: int | None = None, step: Step = lambda s: None) -> Path:
+    """The cached artifact of ``spec`` at ``precision`` from ``source``; exported (and parity-gated) if absent.
+
+    ``source`` is a source record (``families.source_record``): random-init with a seed, local or hub.
+    """
+    from ..export.pipeline import ExportOptions, export_model
+
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    if precision not in ARTIFACT_PRECISIONS:
+        raise ArtifactError(f"cannot export {spec.name} at precision {precision!r}; "
+                            f"expected one of {list(ARTIFACT_PRECISIONS)}")
+    out = Path(cache_dir or default_cache_dir()) / f"{spec.name}-{precision}-{source_tag(source)}"
+    if _cached(out, spec, precision, source):
+        step(f"using cached {out}")
+        return out
+    kind = source["kind"]
+    opts = ExportOptions(precision=precision, random_init=kind == "random-init", seed=int(source.get("seed", 0)),
+                         weights=source["path"] if kind == "local" else None, threads=threads)
+    export_model(spec, out, opts, step=step)
+    return out
+
+
+def model_from_registry(name: str, *, int8: bool, random_init: bool, weights: Path | None, seed: int = 0,
+                        cache_dir: Path | None = None, threads: int | None = None,
+                        step: Step = lambda s: None) -> BenchModel:
+    """A registry model with its FP32 (and INT8) artifacts, exported into the cache when needed."""
+    from ..families import source_record
+
+    spec = get_spec(name)
+    source = source_record(spec, weights, random_init, seed)
+    model = BenchModel(spec, source)
+    for precision in ("fp32", "int8") if int8 else ("fp32",):
+        step(f"{name}: {precision} artifact")
+        path = ensure_artifact(spec, precision, source, cache_dir, threads=threads, step=step)
+        model.artifacts.append(ArtifactRef(path, precision, "passed"))
+    return model
+
+
+def add_artifact_dir(models: dict[str, BenchModel], path: Path, weights: Path | None) -> None:
+    """Verify the artifact at ``path`` and add it to the BenchModel of its original (created if new)."""
+    manifest = verify(path, read_manifest(path))
+    spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
+    model = BenchModel(spec, manifest["source"], weights_override=weights)
+    model = models.setdefault(model.key, model)
+    ref = ArtifactRef(path, manifest["precision"], manifest.get("status", "unknown"))
+    if ref not in model.artifacts:
+        model.artifacts.append(ref)
+
+
+def resolve_targets(items: Iterable[str], *, int8: bool = False, random_init: bool = False,
+                    weights: Path | None = None, cache_dir: Path | None = None, threads: int | None = None,
+                    step: Step = lambda s: None) -> list[BenchModel]:
+    """Registry names and artifact directories -> BenchModels, in the order first mentioned."""
+    models: dict[str, BenchModel] = {}
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            add_artifact_dir(models, path, weights)
+        elif item in registry():
+            m = model_from_registry(item, int8=int8, random_init=random_init, weights=weights,
+                                    cache_dir=cache_dir, threads=threads, step=step)
+            known = models.setdefault(m.key, m)
+            known.artifacts += [a for a in m.artifacts if a not in known.artifacts]
+        elif path.exists() or os.sep in item:
+            raise ArtifactError(f"{item} is not an artifact directory (expected a directory with manifest.json)"
+                                if path.exists() else f"artifact directory {item} does not exist")
+        else:
+            get_spec(item)  # raises UnknownModelError naming close matches
+            raise UnknownModelError(item)  # pragma: no cover
+    if not models:
+        raise ArtifactError("nothing to benchmark: give registry names or artifact directories")
+    return list(models.values())

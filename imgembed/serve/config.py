@@ -1,0 +1,63 @@
+"""Serving limits and knobs, validated once, shared by the CLI, the app and the batcher.
+
+Every limit is a plain number with a safe default, so a server is bounded even when started with no
+options: queue depth, request time, body bytes, images per request, pixels per image.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import ImgembedError
+
+
+class ServeConfigError(ImgembedError, ValueError):
+    """A serving option is out of range (the message names the option, the value and the valid range)."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and knobs of one server. All sizes are per model unless stated otherwise."""
+
+    host: str = "127.0.0.1"              # loopback by default; bind 0.0.0.0 explicitly to expose it
+    port: int = 8080                     # 0 = any free port (printed once bound)
+    max_batch: int = 16                  # images per inference call
+    max_delay_ms: float = 5.0            # how long the oldest queued image may wait for a fuller batch
+    max_queue: int = 256                 # images admitted per model (decoding + queued + running) -> 429
+    timeout_s: float = 30.0              # whole request (decode + queue + inference) -> 504
+    max_body_bytes: int = 32 * 1024 * 1024   # request body -> 413
+    max_images: int = 64                 # images per request -> 413
+    max_pixels: int = 40_000_000         # declared width x height per image -> 413 for that image
+    threads: int | None = None           # ONNX Runtime intra-op threads (None: ORT's default)
+    decode_workers: int = 2              # threads decoding + preprocessing uploads
+    retry_after_s: int = 1               # Retry-After header of 429 and 503 answers
+    drain_timeout_s: float = 30.0        # graceful shutdown: how long in-flight requests may take
+
+    def __post_init__(self) -> None:
+        _check_int("port", self.port, 0, 65535)
+        for name, low in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024), ("max_images", 1),
+                          ("max_pixels", 1), ("decode_workers", 1), ("retry_after_s", 0)):
+            _check_int(name, getattr(self, name), low, None)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, None)
+        for name, low in (("max_delay_ms", 0.0), ("timeout_s", 0.001), ("drain_timeout_s", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+                raise ServeConfigError(f"{name}={value!r}: expected a number >= {low}")
+        if self.max_queue < self.max_images:
+            raise ServeConfigError(f"max_queue={self.max_queue} is smaller than max_images={self.max_images}: "
+                                   "a full-size request could never be admitted; raise max_queue")
+
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_delay_ms / 1000.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_int(name: str, value: object, low: int, high: int | None) -> None:
+    """Raise ServeConfigError unless ``low <= value <= high`` for an int (bools rejected)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ServeConfigError(f"{name}={value!r}: expected an integer {bound}")

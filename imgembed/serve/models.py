@@ -1,0 +1,96 @@
+"""The served models: artifact arguments -> unique model ids -> loaded embedders.
+
+Model ids: ``ID=PATH`` sets the id explicitly; otherwise the id is the manifest name when no other served
+artifact has that name, and ``NAME-PRECISION`` when several do (e.g. an int8 and an fp32 export of one
+model). ``NAME-PRECISION`` is always accepted as an alias. Two artifacts that still resolve to one id are
+refused with :class:`DuplicateModelError` naming both paths.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..artifact import read_manifest
+from ..runtime.embedder import Embedder, load_artifact
+from .batcher import Batcher
+from .config import ServeConfig, ServeConfigError
+from .errors import DuplicateModelError
+
+_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+@dataclass
+class ServedModel:
+    """One model behind the server: its id, aliases, embedder and (once the app starts) its batcher."""
+
+    id: str
+    aliases: tuple[str, ...]
+    path: Path
+    embedder: Embedder
+    batcher: Batcher | None = None
+
+    def describe(self) -> dict:
+        e = self.embedder
+        return {"id": self.id, "aliases": list(self.aliases), "name": e.name, "precision": e.precision,
+                "dim": e.dim, "normalized": e.normalized, "input_size": list(e.preprocess.output_hw)}
+
+    def warm_up(self, max_batch: int) -> None:
+        """Run batches of 1 and ``max_batch`` zero images so the first real request pays no set-up cost."""
+        h, w = self.embedder.preprocess.output_hw
+        for n in sorted({1, max_batch}):
+            self.embedder.runner.infer(np.zeros((n, 3, h, w), np.float32))
+
+
+@dataclass(frozen=True)
+class ArtifactArg:
+    """A parsed ``[ID=]PATH`` command-line argument with its manifest's name and precision."""
+
+    path: Path
+    name: str
+    precision: str
+    explicit_id: str | None = None
+
+
+def parse_artifact_arg(arg: str) -> ArtifactArg:
+    """``PATH`` or ``ID=PATH`` -> ArtifactArg (the manifest is read, not yet verified)."""
+    explicit, _, rest = arg.partition("=")
+    if rest and explicit and set(explicit) <= _ID_CHARS and not Path(arg).exists():
+        path, model_id = Path(rest), explicit
+    else:
+        path, model_id = Path(arg), None
+    manifest = read_manifest(path)
+    return ArtifactArg(path, str(manifest["name"]), str(manifest["precision"]), model_id)
+
+
+def assign_ids(args: Sequence[ArtifactArg]) -> list[tuple[str, tuple[str, ...]]]:
+    """(id, aliases) for each artifact, in order; DuplicateModelError when two would share an id."""
+    names = Counter(a.name for a in args if a.explicit_id is None)
+    ids = [a.explicit_id or (a.name if names[a.name] == 1 else f"{a.name}-{a.precision}") for a in args]
+    seen: dict[str, Path] = {}
+    for model_id, a in zip(ids, args):
+        if model_id in seen:
+            raise DuplicateModelError(f"artifacts {seen[model_id]} and {a.path} both resolve to model id "
+                                      f"{model_id!r}; name them explicitly with ID=PATH")
+        seen[model_id] = a.path
+    alias_count = Counter(f"{a.name}-{a.precision}" for a in args)
+    out = []
+    for model_id, a in zip(ids, args):
+        alias = f"{a.name}-{a.precision}"
+        out.append((model_id, (alias,) if alias_count[alias] == 1 and alias not in seen else ()))
+    return out
+
+
+def load_models(args: Sequence[str], config: ServeConfig) -> list[ServedModel]:
+    """Verify and load every artifact (ONNX Runtime on CPU); errors name the bad argument."""
+    if not args:
+        raise ServeConfigError("no artifacts to serve: pass at least one artifact directory")
+    parsed = [parse_artifact_arg(a) for a in args]
+    models = []
+    for a, (model_id, aliases) in zip(parsed, assign_ids(parsed)):
+        emb = load_artifact(a.path, threads=config.threads, batch_size=config.max_batch)
+        models.append(ServedModel(model_id, aliases, a.path, emb))
+    return models

@@ -1,0 +1,192 @@
+"""Reading a request's images (multipart or JSON, within the body limit) and decoding them off the loop.
+
+Two request shapes, one result (a list of :class:`Upload`):
+
+- ``multipart/form-data``: one or more ``image`` parts. File parts carry raw encoded bytes; a plain text
+  ``image`` field is read as base64 (like JSON). An optional ``model`` field names the model.
+- ``application/json``: ``{"model": "...", "images": ["<base64>", ...]}``; ``data:image/...;base64,``
+  prefixes are accepted.
+
+:func:`prepare` (run in the decode thread pool) decodes and preprocesses every upload; a bad image becomes
+a per-item failure and never drops the good images of the same request.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ImageDecodeError
+from ..preprocess import PreprocessSpec, load_image, preprocess_batch
+from .config import ServeConfig
+from .errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
+
+FORM_LIMIT = 10_000  # parts per multipart body; the body-size limit is what really bounds a request
+
+
+class EmbedJsonRequest(BaseModel):
+    """JSON request body of ``POST /v1/embeddings``."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="Model id (or alias); may be omitted when one model is served.")
+    images: list[str] = Field(..., min_length=1, description="Encoded images (JPEG, PNG, WebP, ...) as base64 "
+                              "strings; a data:image/...;base64, prefix is accepted.")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One image of a request, still encoded: raw bytes (file part) or base64 text (JSON, text field)."""
+
+    name: str          # how errors refer to it, e.g. "image 1 ('cat.jpg')"
+    data: bytes | str
+    base64: bool = False
+
+
+@dataclass
+class Prepared:
+    """A request's images after decoding: pixels of the good ones, and one failure per bad one."""
+
+    pixels: np.ndarray | None                     # (len(ok), 3, H, W) float32, or None if none decoded
+    ok: list[int] = field(default_factory=list)   # request index of each pixels row
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (kind, message)
+
+
+# ---------------------------------------------------------------------------------- reading the body
+async def read_uploads(request, config: ServeConfig, parse_json: Callable[[bytes], Awaitable[EmbedJsonRequest]]
+                       ) -> tuple[list[Upload], str | None]:
+    """(uploads, model named in the body or None); 400/413/415 ServeErrors for bad requests.
+
+    ``parse_json`` validates a JSON body (the app runs it in its thread pool: big bodies stay off the loop).
+    """
+    from starlette.requests import Request
+
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > config.max_body_bytes:
+        raise PayloadTooLargeError(_body_message(int(declared), config.max_body_bytes))
+    limited = Request(request.scope, _limited_receive(request.receive, config.max_body_bytes))
+    if media == "multipart/form-data":
+        uploads, model = await _read_multipart(limited)
+    elif media == "application/json" or media.endswith("+json"):
+        payload = await parse_json(await limited.body())
+        uploads = [Upload(f"image {i}", s, base64=True) for i, s in enumerate(payload.images)]
+        model = payload.model
+    else:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type {ctype or '(none)'!r} is not supported: send multipart/form-data with one or more "
+            "'image' file parts, or application/json {\"model\": ..., \"images\": [base64, ...]}")
+    if len(uploads) > config.max_images:
+        raise PayloadTooLargeError(f"{len(uploads)} images in one request is over the limit of "
+                                   f"max_images={config.max_images}; split the request")
+    return uploads, model
+
+
+def parse_json_body(body: bytes) -> EmbedJsonRequest:
+    """Validate a JSON body; BadRequestError naming the first problems and the expected shape."""
+    try:
+        return EmbedJsonRequest.model_validate_json(body)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:3])
+        raise BadRequestError(f"invalid JSON body ({problems}); expected "
+                              "{\"model\": \"<id>\", \"images\": [\"<base64>\", ...]}") from None
+
+
+def _body_message(size: int, limit: int) -> str:
+    return f"request body of {size} bytes is over the limit of max_body_bytes={limit}"
+
+
+def _limited_receive(receive: Callable, limit: int) -> Callable:
+    """An ASGI ``receive`` that raises PayloadTooLargeError once more than ``limit`` body bytes arrived."""
+    seen = 0
+
+    async def wrapped() -> dict:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLargeError(f"request body is over the limit of max_body_bytes={limit} "
+                                           f"(more than {limit} bytes received)")
+        return message
+
+    return wrapped
+
+
+async def _read_multipart(request) -> tuple[list[Upload], str | None]:
+    """The ``image`` parts (files: raw bytes; text fields: base64) and the optional ``model`` field."""
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await request.form(max_files=FORM_LIMIT, max_fields=FORM_LIMIT, max_part_size=1 << 62)
+    except (HTTPException, MultiPartException) as e:
+        raise BadRequestError(f"malformed multipart body: {getattr(e, 'detail', None) or e}") from None
+    try:
+        parts = form.getlist("image")
+        if not parts:
+            raise BadRequestError(f"no 'image' part in the multipart body (fields: {sorted(set(form.keys()))}); "
+                                  "send one or more, e.g. curl -F image=@cat.jpg")
+        uploads = []
+        for i, part in enumerate(parts):
+            if isinstance(part, UploadFile):
+                label = f"image {i} ({part.filename!r})" if part.filename else f"image {i}"
+                uploads.append(Upload(label, await part.read()))
+            else:
+                uploads.append(Upload(f"image {i} (text field, read as base64)", part, base64=True))
+        model = form.get("model")
+        return uploads, model if isinstance(model, str) and model else None
+    finally:
+        await form.close()
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Encoded bytes -> RGB image; PixelLimitError (from the declared size, before decoding) or
+    ImageDecodeError naming ``name`` and the problem."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+    except Image.DecompressionBombError as e:
+        raise PixelLimitError(f"{name}: too many pixels ({e}); server limit max_pixels={max_pixels}") from None
+    except Exception:
+        w = h = 0  # not an image: load_image below produces the precise message
+    if w * h > max_pixels:
+        raise PixelLimitError(f"{name}: {w}x{h} = {w * h} pixels is over the server limit max_pixels={max_pixels}")
+    return load_image(data, name=name, max_pixels=max_pixels)
+
+
+def _raw_bytes(upload: Upload) -> bytes:
+    """The upload's encoded image bytes (base64 decoded, a ``data:...;base64,`` prefix allowed)."""
+    if not upload.base64:
+        return upload.data if isinstance(upload.data, bytes) else upload.data.encode()
+    text = upload.data if isinstance(upload.data, str) else upload.data.decode("ascii", "replace")
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageDecodeError(f"{upload.name}: invalid base64 ({e})") from None
+
+
+def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int) -> Prepared:
+    """Decode and preprocess every upload; a bad one becomes a failure and never drops the good ones."""
+    images, result = [], Prepared(None)
+    for i, up in enumerate(uploads):
+        try:
+            images.append(decode_image(_raw_bytes(up), up.name, max_pixels))
+            result.ok.append(i)
+        except PixelLimitError as e:
+            result.failures[i] = ("too_large", str(e))
+        except ImageDecodeError as e:
+            result.failures[i] = ("decode", str(e))
+    if images:
+        result.pixels = preprocess_batch(images, spec)
+    return result

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny exported artifacts (built once per session), and helpers.
+
+Tier 0: tiny random-init models (test-*-tiny in models.yaml), seconds each.
+Tier 1 (marker `slow`, still in the default run): full-size architectures with random weights.
+GPU tests (marker `gpu`) skip cleanly where no CUDA device is present.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")        # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny", "test-resnet-tiny")
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory):
+    """``artifact_dir(name, precision)`` -> path of a random-init artifact, exported once per session."""
+    from imgembed.export.pipeline import ExportOptions, export_model
+
+    root = tmp_path_factory.mktemp("artifacts")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, precision: str = "fp32") -> Path:
+        key = (name, precision)
+        if key not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Int8SlowerWarning is expected on toy models
+                res = export_model(name, root / f"{name}-{precision}",
+                                   ExportOptions(precision=precision, random_init=True, speed_check=False))
+            cache[key] = res.path
+        return cache[key]
+
+    return get
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
