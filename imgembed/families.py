@@ -61,7 +61,8 @@ def _config_from_dir(spec: ModelSpec, weights: Path) -> Any:
     cfg_cls = _transformers_attr(FAMILY[spec.family].config_class)
     if spec.family == "clip" and raw.get("model_type") == "clip":
         vision = dict(raw.get("vision_config") or {})
-        vision.setdefault("projection_dim", raw.get("projection_dim", 512))
+        # the top-level projection_dim sizes visual_projection; vision_config's copy may be a stale default
+        vision["projection_dim"] = raw.get("projection_dim", vision.get("projection_dim", 512))
         return cfg_cls(**vision)
     return cfg_cls.from_pretrained(str(weights))
 

@@ -65,7 +65,7 @@ class Embedder:
 
     def embed_pixels(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Embed already-preprocessed float32 NCHW pixels."""
-        bs = batch_size or self.batch_size
+        bs = self.batch_size if batch_size is None else batch_size
         return np.concatenate([self.runner.infer(pixels[i:i + bs]) for i in range(0, len(pixels), bs)])
 
     def embed(self, items: Iterable[Any], *, batch_size: int | None = None, on_error: str = "raise"):
@@ -77,7 +77,7 @@ class Embedder:
         """
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}; expected one of {list(ON_ERROR)}")
-        bs = batch_size or self.batch_size
+        bs = self.batch_size if batch_size is None else batch_size
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1, got {bs}")
         if isinstance(items, (str, bytes, os.PathLike)) or not hasattr(items, "__iter__"):

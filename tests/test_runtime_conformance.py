@@ -1,0 +1,127 @@
+"""One conformance suite over every available runner: same contract, same vectors.
+
+Runners: the PyTorch original (CPU; CUDA when present), ONNX Runtime CPU (FP32 and INT8 artifacts), ONNX
+Runtime CUDA when onnxruntime-gpu and a GPU are present. Unavailable ones skip with the reason.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgembed.artifact import MODEL_FILE
+from imgembed.errors import BackendUnavailableError, ImgembedError
+from imgembed.families import load_original
+from imgembed.preprocess import preprocess_batch
+from imgembed.registry import get_spec
+from imgembed.runtime.ort_runner import OrtRunner, available_providers, resolve_providers
+from imgembed.runtime.torch_runner import TorchRunner
+from imgembed.samples import parity_images
+
+from .conftest import gpu_available
+
+MODEL = "test-clip-tiny"
+RUNNERS = ["torch-cpu", "torch-cuda", "ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32"]
+
+
+def _make(kind: str, artifact_dir):
+    spec = get_spec(MODEL)
+    if kind.startswith("torch"):
+        device = kind.split("-")[1]
+        if device == "cuda" and not gpu_available():
+            pytest.skip("no CUDA device")
+        head = load_original(spec, random_init=True)
+        return TorchRunner(head, spec.input_hw, spec.embedding.dim, device=device, threads=2), "fp32"
+    _, device, precision = kind.split("-")
+    if device == "cuda" and "CUDAExecutionProvider" not in available_providers():
+        pytest.skip("onnxruntime CUDA provider not available")
+    path = artifact_dir(MODEL, precision) / MODEL_FILE
+    return OrtRunner(path, spec.embedding.dim, device=device, threads=2), precision
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return preprocess_batch([img for _, img in parity_images()[:10]], get_spec(MODEL).preprocess)
+
+
+@pytest.fixture(scope="module")
+def reference(pixels):
+    spec = get_spec(MODEL)
+    with TorchRunner(load_original(spec, random_init=True), spec.input_hw, spec.embedding.dim) as r:
+        return r.infer(pixels)
+
+
+@pytest.fixture(params=RUNNERS)
+def runner(request, artifact_dir):
+    r, precision = _make(request.param, artifact_dir)
+    with r:
+        yield r, precision
+
+
+def test_output_contract(runner, pixels):
+    r, _ = runner
+    out = r.infer(pixels[:3])
+    assert out.shape == (3, get_spec(MODEL).embedding.dim) and out.dtype == np.float32
+    assert np.all(np.isfinite(out))
+    assert r.describe()["output_dim"] == 24 and r.backend in ("torch", "onnxruntime")
+
+
+def test_matches_the_original(runner, pixels, reference):
+    r, precision = runner
+    out = r.infer(pixels)
+    cos = np.sum(out * reference, axis=1) / np.linalg.norm(out, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cos.min() >= (0.99999 if precision == "fp32" else 0.99)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_batch_size_does_not_change_vectors(runner, pixels, batch):
+    r, precision = runner
+    full = r.infer(pixels)
+    parts = np.concatenate([r.infer(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+    np.testing.assert_allclose(parts, full, atol=1e-5 if precision == "fp32" else 2e-2)
+
+
+def test_rejects_wrong_dtype_rank_and_size(runner, pixels):
+    r, _ = runner
+    with pytest.raises(TypeError, match="dtype float64 but 'pixel_values' expects float32"):
+        r.infer(pixels.astype(np.float64))
+    with pytest.raises(ValueError, match=r"input shape \(3, 64, 64\) does not match"):
+        r.infer(pixels[0])
+    with pytest.raises(ValueError, match=r"does not match 'pixel_values'"):
+        r.infer(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="non-empty batch"):
+        r.infer(pixels[:0])
+    with pytest.raises(TypeError, match="must be a numpy array"):
+        r.infer(pixels.tolist())
+
+
+def test_inactive_runner_refuses_to_infer(artifact_dir, pixels):
+    for kind in ("torch-cpu", "ort-cpu-fp32"):
+        r, _ = _make(kind, artifact_dir)
+        with pytest.raises(ImgembedError, match="runner is not active"):
+            r.infer(pixels)
+        with r:
+            assert r.is_active
+        assert not r.is_active
+
+
+def test_missing_cuda_is_a_typed_error():
+    if "CUDAExecutionProvider" in available_providers():
+        pytest.skip("CUDA provider present")
+    with pytest.raises(BackendUnavailableError, match="CUDA provider not available.*onnxruntime-gpu"):
+        resolve_providers("cuda")
+    with pytest.raises(BackendUnavailableError, match="unknown device 'tpu'"):
+        resolve_providers("tpu")
+    if not gpu_available():
+        spec = get_spec(MODEL)
+        with pytest.raises(BackendUnavailableError, match="torch.cuda.is_available"):
+            TorchRunner(load_original(spec, random_init=True), spec.input_hw, 24, device="cuda")
+
+
+def test_import_imgembed_does_not_import_backends():
+    import subprocess
+    import sys
+
+    code = ("import sys, imgembed; imgembed.get_spec('clip-vit-b32'); "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
