@@ -84,13 +84,13 @@ def export_cmd(
     int8: bool = typer.Option(False, "--int8", help="INT8 quantization (dynamic for transformers, "
                               "measured static presets for CNNs)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory "
-                                       "[default: artifacts/NAME-PRECISION]."),
+                                       "(default: artifacts/NAME-PRECISION)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local save_pretrained directory "
                                            "instead of the Hugging Face hub."),
     random_init: bool = typer.Option(False, "--random-init", help="Real architecture, random weights "
                                      "(seeded; works offline)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Directory of images for static "
-                                               "INT8 calibration [default: built-in sample set]."),
+                                               "INT8 calibration (default: built-in sample set)."),
     int8_preset: Optional[str] = typer.Option(None, "--int8-preset", help="Force one quantization preset "
                                               "(dynamic, dynamic-per-channel, static-qoperator, static-qdq)."),
     no_optimize: bool = typer.Option(False, "--no-optimize", help="Skip ONNX Runtime transformer fusion."),
@@ -214,7 +214,7 @@ def embed_cmd(
 
 
 # Sub-commands that live in their own modules; each module exposes ``register(app: typer.Typer)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli", "imgembed.serve.cli")
 
 
 def _register_subcommands() -> None:

@@ -67,7 +67,19 @@ def _config_from_dir(spec: ModelSpec, weights: Path) -> Any:
     return cfg_cls.from_pretrained(str(weights))
 
 
+def _from_pretrained(model_cls: Any, source: str, **kw: Any) -> Any:
+    """``model_cls.from_pretrained`` under imgembed's safe-loading policy (see SECURITY.md).
+
+    Weights come from safetensors, or from a pickle-based ``pytorch_model.bin`` only through
+    ``torch.load(weights_only=True)`` (tensors and primitive containers; no code runs). TF/Flax
+    conversion is off, and ``model_cls`` is a concrete transformers class, so no remote code is ever
+    imported (``trust_remote_code`` does not exist on this path).
+    """
+    return model_cls.from_pretrained(source, weights_only=True, from_tf=False, from_flax=False, **kw)
+
+
 def _build(spec: ModelSpec, weights: str | Path | None, random_init: bool, seed: int, attn: str) -> Any:
+    """The transformers model of ``spec``: seeded random init, a local save_pretrained dir, or the hub."""
     fam = FAMILY[spec.family]
     model_cls = _transformers_attr(fam.model_class)
     extra = {"attn_implementation": attn} if fam.is_transformer else {}
@@ -82,11 +94,18 @@ def _build(spec: ModelSpec, weights: str | Path | None, random_init: bool, seed:
         config = _config_from_dir(spec, path)
         if fam.is_transformer:
             config._attn_implementation = attn
-        return model_cls.from_pretrained(str(path), config=config, use_safetensors=None, **extra)
+        # With a safetensors file present, never look at a .bin beside it.
+        safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+        try:
+            return _from_pretrained(model_cls, str(path), config=config, use_safetensors=safetensors or None,
+                                    **extra)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise WeightsError(f"{path}: cannot load weights ({type(e).__name__}: {e}); expected model.safetensors "
+                               "or a pytorch_model.bin loadable with torch.load(weights_only=True)") from None
     if spec.source is None:
         raise WeightsError(f"model {spec.name!r} has no weight source; pass --random-init or --weights DIR")
     try:
-        return model_cls.from_pretrained(spec.source.hub, revision=spec.source.revision, **extra)
+        return _from_pretrained(model_cls, spec.source.hub, revision=spec.source.revision, **extra)
     except OSError as e:
         raise WeightsError(
             f"could not load {spec.source.hub}@{spec.source.revision} from the Hugging Face hub ({e}). "
@@ -142,6 +161,32 @@ def fold_layer_scale(head: "EmbeddingHead") -> int:
             if hasattr(getattr(layer, attr, None), "lambda1") and bool((getattr(layer, attr).lambda1 == 1).all()):
                 setattr(layer, attr, torch.nn.Identity())
     return folded
+
+
+@torch.no_grad()
+def freeze_position_embeddings(head: "EmbeddingHead", input_hw: tuple[int, int]) -> bool:
+    """Precompute DINOv2's interpolated position embeddings for the fixed input size.
+
+    DINOv2 checkpoints carry a 37x37 (518 px) grid that is bicubically interpolated on every forward; traced,
+    that is a Resize node run at every inference, and ONNX's cubic resize is a known source of mismatch
+    (antialias, border handling). PyTorch computes the table once here, with its own kernel, and the graph
+    gets a constant. Valid because artifacts have a fixed input size. Returns True if applied.
+    """
+    emb = getattr(head.model, "embeddings", None)
+    if emb is None or not hasattr(emb, "interpolate_pos_encoding"):
+        return False
+    h, w = input_hw
+    patches = (h // emb.patch_size) * (w // emb.patch_size)
+    dummy = torch.zeros(1, patches + 1, emb.position_embeddings.shape[-1])
+    table = emb.interpolate_pos_encoding(dummy, h, w).detach().clone()
+
+    def frozen(embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if (height, width) != (h, w):  # internal invariant: artifacts have one input size
+            raise ValueError(f"position embeddings were frozen for {h}x{w}, got {height}x{width}")
+        return table.to(embeddings.dtype)
+
+    emb.interpolate_pos_encoding = frozen
+    return True
 
 
 class EmbeddingHead(torch.nn.Module):

@@ -78,6 +78,7 @@ def _half(module):
 
 
 def _build_torch(model: BenchModel, variant: Variant, device: str, threads: int, original: OriginalCache) -> Runner:
+    """The PyTorch original (shared, FP32) or a half-precision copy of it (FP16)."""
     from ..runtime.torch_runner import TorchRunner
 
     module = original.get() if variant.precision == "fp32" else _half(original.get())
@@ -86,6 +87,7 @@ def _build_torch(model: BenchModel, variant: Variant, device: str, threads: int,
 
 
 def _build_ort(model: BenchModel, variant: Variant, device: str, threads: int, original: OriginalCache) -> Runner:
+    """An ONNX Runtime session over the variant's artifact (CPU or CUDA provider)."""
     from ..artifact import MODEL_FILE
     from ..runtime.ort_runner import OrtRunner
 
@@ -95,6 +97,7 @@ def _build_ort(model: BenchModel, variant: Variant, device: str, threads: int, o
 
 
 def _ort_unavailable(device: str) -> str | None:
+    """Why ONNX Runtime cannot run on ``device`` here, or None."""
     from ..runtime.ort_runner import available_providers
 
     if device == "cuda" and "CUDAExecutionProvider" not in available_providers():
@@ -117,6 +120,7 @@ def register_backend(backend: Backend) -> None:
 
 
 def _variants_of(backend: Backend, model: BenchModel, device: str, notes: list[str]) -> list[Variant]:
+    """The variants one backend contributes for ``model`` on ``device``."""
     precisions = backend.precisions(device)
     if backend.runs == "original":
         return [Variant(f"{backend.name}-{p}", backend.name, p) for p in precisions]

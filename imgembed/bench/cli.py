@@ -59,6 +59,7 @@ class RichProgress:
         self.progress.update(self.task, description=f"{self.current} · {label} {window.throughput:.1f} img/s")
 
     def group_done(self, records: list[dict]) -> None:
+        """Advance the bar and print one line: each variant's throughput and speed-up."""
         self.progress.advance(self.task)
         r0 = records[0]
         parts = [f"{r['variant']} {r['throughput_ips']:.1f} img/s"
@@ -70,6 +71,22 @@ class RichProgress:
         self.progress.update(self.task, description=text)
 
 
+def _prepare(targets: List[str], int8: bool, random_init: bool, weights: Optional[Path],
+             cache_dir: Optional[Path], threads: int, steps) -> tuple[list, list[str]]:
+    """Resolve the targets (exporting registry models into the cache) under a spinner; returns the models and
+    notes: exports left out after failing parity, and INT8-slower-than-FP32 findings of fresh exports."""
+    from ..export.quantize import Int8SlowerWarning
+    from .targets import resolve_targets
+
+    notes: list[str] = []
+    with steps("preparing artifacts") as step, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models = resolve_targets(targets, int8=int8, random_init=random_init, weights=weights,
+                                 cache_dir=cache_dir, threads=threads, step=step, notes=notes)
+    notes += [str(w.message) for w in caught if issubclass(w.category, Int8SlowerWarning)]
+    return models, list(dict.fromkeys(notes))
+
+
 def bench_cmd(
     targets: List[str] = typer.Argument(..., help="Registry names (exported into the cache) and/or artifact dirs."),
     int8: bool = typer.Option(False, "--int8", help="Registry names: also export and benchmark INT8."),
@@ -79,7 +96,7 @@ def bench_cmd(
     mode: str = typer.Option("model", "--mode", help="model (preprocessed tensors), e2e (JPEG files: decode + "
                              "preprocess + inference) or both."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for torch and ONNX Runtime "
-                                          "alike [default: all cores]."),
+                                          "alike (default: all cores)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     max_seconds: float = typer.Option(10.0, "--max-seconds", "--duration", min=0.01,
                                       help="Measurement time cap per configuration."),
@@ -90,13 +107,12 @@ def bench_cmd(
     torch_attn: str = typer.Option("sdpa", "--torch-attn", help="Attention of the PyTorch original: sdpa or eager."),
     out: Path = typer.Option(Path("reports/bench"), "--out", "-o", help="Directory for bench.json/.md/.png."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Artifact cache for registry names "
-                                             "[default: $IMGEMBED_BENCH_CACHE or ~/.cache/imgembed/bench]."),
+                                             "(default: $IMGEMBED_BENCH_CACHE or ~/.cache/imgembed/bench)."),
 ) -> None:
     """Benchmark models against their PyTorch original: latency percentiles, throughput, speed-up."""
     from ..cli import _errors, _steps, err_console, out_console
     from .report import write_all
     from .suite import BenchConfig, run_benchmark
-    from .targets import resolve_targets
 
     if mode not in MODE_CHOICES:
         raise typer.BadParameter(f"--mode {mode!r}; expected one of {list(MODE_CHOICES)}")
@@ -109,11 +125,7 @@ def bench_cmd(
         config = BenchConfig(batch_sizes=sizes, modes=MODE_CHOICES[mode], device=device, measure=settings,
                              compare_original=compare_original, torch_attn=torch_attn,
                              **({"threads": threads} if threads else {}))
-        with _steps("preparing artifacts") as step, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            models = resolve_targets(targets, int8=int8, random_init=random_init, weights=weights,
-                                     cache_dir=cache_dir, threads=config.threads, step=step)
-        notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+        models, notes = _prepare(targets, int8, random_init, weights, cache_dir, config.threads, _steps)
         for note in notes:
             warn(note)
         total = len(models) * len(config.modes) * len(sizes)

@@ -61,6 +61,7 @@ def simd_features(flags: set[str]) -> dict[str, bool]:
 
 
 def _cpu_flags() -> dict:
+    """Model, flags and physical cores from /proc/cpuinfo, else py-cpuinfo, else what platform knows."""
     path = Path("/proc/cpuinfo")
     if path.is_file():
         info = parse_cpuinfo(path.read_text(encoding="utf-8", errors="replace"))
@@ -112,12 +113,15 @@ def gpu_info() -> dict | None:
 
 
 def host_info() -> dict:
-    """Everything above, plus OS and ONNX Runtime execution providers: the report's ``host`` block."""
+    """Everything above, plus OS, ONNX Runtime execution providers and the 1/5/15-minute load average (other
+    work on the machine skews timings): the report's ``host`` block."""
     from ..runtime.ort_runner import available_providers
 
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"hostname": platform.node(), "os": f"{platform.system()} {platform.release()}",
             "cpu": cpu_info(), "gpu": gpu_info(), "onnxruntime_providers": available_providers(),
-            "libraries": library_versions()}
+            "libraries": library_versions(),
+            "load_average": None if load is None else [round(x, 2) for x in load]}
 
 
 def default_threads() -> int:

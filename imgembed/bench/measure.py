@@ -48,7 +48,7 @@ class MeasureSettings:
         return min(self.window_seconds, self.max_seconds / self.stability_windows)
 
     def to_dict(self) -> dict:
-        return {"warmup_calls": self.warmup, "window_seconds": self.effective_window,
+        return {"warmup_calls": self.warmup, "window_seconds": round(self.effective_window, 6),
                 "max_seconds": self.max_seconds, "stability_windows": self.stability_windows,
                 "stability_tolerance": self.tolerance}
 
@@ -99,6 +99,7 @@ class Trial:
     warmup_calls: int = 0
 
     def call(self) -> tuple[int, float]:
+        """Run one batch; returns (images, seconds)."""
         t0 = self.clock()
         images = self.fn()
         elapsed = self.clock() - t0
@@ -107,6 +108,7 @@ class Trial:
         return images, elapsed
 
     def run_window(self, seconds: float) -> Window:
+        """Call the batch function until ``seconds`` have passed (at least once); record the window."""
         latencies, images, start = [], 0, self.clock()
         while not latencies or self.clock() - start < seconds:
             n, elapsed = self.call()
@@ -124,9 +126,11 @@ class Trial:
         return is_stable([w.throughput for w in self.windows], s.stability_windows, s.tolerance)
 
     def done(self, s: MeasureSettings) -> bool:
+        """Stable, or measured for the whole time cap."""
         return self.stable(s) or self.measured_seconds >= s.max_seconds
 
     def result(self, s: MeasureSettings) -> Measurement:
+        """The figures over every measured window."""
         lat = [x for w in self.windows for x in w.latencies]
         images, secs = sum(w.images for w in self.windows), self.measured_seconds
         stable = self.stable(s)

@@ -45,18 +45,21 @@ def speedup_table(records: list[dict]) -> list[str]:
     rows: dict[tuple, dict[int, str]] = {}
     for r in records:
         if not r["original"] or r["variant"] != r["baseline"]:
-            rows.setdefault((r["model"], r["mode"], r["variant"]), {})[r["batch_size"]] = _ratio(r["speedup_vs_original"])
+            cells = rows.setdefault((r["model"], r["mode"], r["variant"]), {})
+            cells[r["batch_size"]] = _ratio(r["speedup_vs_original"])
     body = [[*key, *(cells.get(b, "–") for b in batches)] for key, cells in rows.items()]
     return _table(["model", "mode", "variant", *(f"batch {b}" for b in batches)], body)
 
 
 def _host_lines(host: dict, settings: dict) -> list[str]:
+    """Markdown bullets: CPU and SIMD, GPU, load, libraries, measurement settings."""
     cpu, libs = host["cpu"], host["libraries"]
     simd = ", ".join(k for k, v in cpu["simd"].items() if v) or "none detected"
     gpu = host.get("gpu")
     return [f"- CPU: {cpu['model']} ({cpu['arch']}), {cpu['usable_cores']} usable of {cpu['logical_cores']} "
             f"logical cores; SIMD: {simd}",
             f"- GPU: {gpu['name']} (CUDA {gpu['cuda']})" if gpu else "- GPU: none",
+            f"- Load average (1/5/15 min) when measurement began: {host.get('load_average')}",
             "- Libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v),
             f"- Settings: device {settings['device']}, threads {settings['threads']}, warm-up "
             f"{settings['warmup_calls']} calls, windows of {settings['window_seconds']:g} s, stable when the last "
@@ -81,6 +84,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot_panel(ax, records: list[dict], title: str) -> None:
+    """One panel: a throughput line per variant over batch sizes; the original dashed black."""
+    batches = sorted({r["batch_size"] for r in records})
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        rows = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["batch_size"])
+        original = rows[0]["original"]
+        ax.plot([r["batch_size"] for r in rows], [r["throughput_ips"] for r in rows], marker="o",
+                label=variant + (" (original)" if original else ""), linestyle="--" if original else "-",
+                color="black" if original else None)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set(title=title, xlabel="batch size", ylabel="images / s")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(report: dict, path: Path) -> Path:
     """Throughput vs batch size, one panel per (model, mode), one line per variant; the original dashed."""
     import matplotlib
@@ -89,21 +109,16 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = report["results"]
-    panels = list(dict.fromkeys((r["model"], r["mode"]) for r in records))
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4.2), squeeze=False)
-    for ax, (model, mode) in zip(axes[0], panels):
-        rows = [r for r in records if (r["model"], r["mode"]) == (model, mode)]
-        for variant in dict.fromkeys(r["variant"] for r in rows):
-            pts = sorted((r["batch_size"], r["throughput_ips"], r["original"]) for r in rows if r["variant"] == variant)
-            original = pts[0][2]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant + (" (original)" if original else ""),
-                    linestyle="--" if original else "-", color="black" if original else None)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["batch_size"] for r in rows}), [str(b) for b in sorted({r["batch_size"] for r in rows})])
-        ax.set(title=f"{model} ({mode})", xlabel="batch size", ylabel="images / s")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"imgembed bench — {report['settings']['device']}, {report['settings']['threads']} threads", fontsize=10)
+    panels = list(dict.fromkeys((r["model"], r["mode"]) for r in records)) or [("no results", "")]
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, (model, mode) in zip(axes.flat, panels):
+        _plot_panel(ax, [r for r in records if (r["model"], r["mode"]) == (model, mode)], f"{model} ({mode})")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    s = report["settings"]
+    fig.suptitle(f"imgembed bench: throughput vs batch size ({s['device']}, {s['threads']} threads)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

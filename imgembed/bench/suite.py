@@ -15,7 +15,7 @@ import datetime as _dt
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -125,15 +125,17 @@ def add_speedups(records: list[dict]) -> list[dict]:
     baselines = {key(r): r for r in records if r["variant"] == BASELINE_LABEL and r["original"]}
     for r in records:
         base = baselines.get(key(r))
+        r["speedup_vs_original"] = r["p50_speedup_vs_original"] = None
         if base is not None:
             r["speedup_vs_original"] = round(speedup(r["throughput_ips"], base["throughput_ips"]), 4)
-            r["p50_speedup_vs_original"] = round(base["latency_ms"]["p50"] / r["latency_ms"]["p50"], 4) \
-                if r["latency_ms"]["p50"] > 0 else None
+            if r["latency_ms"]["p50"] > 0:
+                r["p50_speedup_vs_original"] = round(base["latency_ms"]["p50"] / r["latency_ms"]["p50"], 4)
     return records
 
 
 def _build_runners(model: BenchModel, config: BenchConfig, progress: Progress,
                    notes: list[str]) -> dict[Variant, Runner]:
+    """Active runners for every planned variant of ``model``; one that cannot be built is noted and skipped."""
     original = OriginalCache(model, config.torch_attn)
     runners: dict[Variant, Runner] = {}
     for variant in plan_variants(model, config.device, compare_original=config.compare_original, notes=notes):
@@ -171,7 +173,7 @@ def run_benchmark(models: Sequence[BenchModel], config: BenchConfig, progress: P
     """Benchmark every model; returns the report (``schema``, ``host``, ``settings``, ``results``, ``notes``)."""
     progress = progress or Progress()
     notes = list(notes or [])
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started, host = _dt.datetime.now(_dt.timezone.utc), host_info()  # load average before our own load
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="imgembed-bench-") as tmp:
         files = write_sample_files(tmp) if "e2e" in config.modes else []
@@ -179,7 +181,7 @@ def run_benchmark(models: Sequence[BenchModel], config: BenchConfig, progress: P
             records += run_model(model, config, files, progress, notes)
     return {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
             "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
-            "host": host_info(), "settings": config.to_dict(),
+            "host": host, "settings": config.to_dict(),
             "models": [{"name": m.spec.name, "source": m.source, "gflops_per_image": m.spec.gflops,
                         "artifacts": [{"path": str(a.path), "precision": a.precision, "parity_status": a.status}
                                       for a in m.artifacts]} for m in models],

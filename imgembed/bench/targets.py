@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..artifact import read_manifest, verify
-from ..errors import ArtifactError, UnknownModelError
+from ..errors import ArtifactError, ParityError, UnknownModelError
 from ..registry import ModelSpec, get_spec, registry
 
 Step = Callable[[str], None]
@@ -115,9 +115,13 @@ def ensure_artifact(spec: ModelSpec | str, precision: str, source: dict, cache_d
 
 
 def model_from_registry(name: str, *, int8: bool, random_init: bool, weights: Path | None, seed: int = 0,
-                        cache_dir: Path | None = None, threads: int | None = None,
-                        step: Step = lambda s: None) -> BenchModel:
-    """A registry model with its FP32 (and INT8) artifacts, exported into the cache when needed."""
+                        cache_dir: Path | None = None, threads: int | None = None, step: Step = lambda s: None,
+                        notes: list[str] | None = None) -> BenchModel:
+    """A registry model with its FP32 (and INT8) artifacts, exported into the cache when needed.
+
+    An export that fails its parity gate is left out with a line in ``notes`` (the original and the other
+    precision are still benchmarked); without ``notes`` the ParityError propagates.
+    """
     from ..families import source_record
 
     spec = get_spec(name)
@@ -125,7 +129,14 @@ def model_from_registry(name: str, *, int8: bool, random_init: bool, weights: Pa
     model = BenchModel(spec, source)
     for precision in ("fp32", "int8") if int8 else ("fp32",):
         step(f"{name}: {precision} artifact")
-        path = ensure_artifact(spec, precision, source, cache_dir, threads=threads, step=step)
+        try:
+            path = ensure_artifact(spec, precision, source, cache_dir, threads=threads, step=step)
+        except ParityError as e:
+            if notes is None:
+                raise
+            notes.append(f"{name} {precision}: export failed its parity gate, not benchmarked: "
+                         f"{str(e).splitlines()[0]}")
+            continue
         model.artifacts.append(ArtifactRef(path, precision, "passed"))
     return model
 
@@ -143,8 +154,11 @@ def add_artifact_dir(models: dict[str, BenchModel], path: Path, weights: Path | 
 
 def resolve_targets(items: Iterable[str], *, int8: bool = False, random_init: bool = False,
                     weights: Path | None = None, cache_dir: Path | None = None, threads: int | None = None,
-                    step: Step = lambda s: None) -> list[BenchModel]:
-    """Registry names and artifact directories -> BenchModels, in the order first mentioned."""
+                    step: Step = lambda s: None, notes: list[str] | None = None) -> list[BenchModel]:
+    """Registry names and artifact directories -> BenchModels, in the order first mentioned.
+
+    ``notes`` collects exports left out after failing their parity gate (see :func:`model_from_registry`).
+    """
     models: dict[str, BenchModel] = {}
     for item in items:
         path = Path(item)
@@ -152,7 +166,7 @@ def resolve_targets(items: Iterable[str], *, int8: bool = False, random_init: bo
             add_artifact_dir(models, path, weights)
         elif item in registry():
             m = model_from_registry(item, int8=int8, random_init=random_init, weights=weights,
-                                    cache_dir=cache_dir, threads=threads, step=step)
+                                    cache_dir=cache_dir, threads=threads, step=step, notes=notes)
             known = models.setdefault(m.key, m)
             known.artifacts += [a for a in m.artifacts if a not in known.artifacts]
         elif path.exists() or os.sep in item:

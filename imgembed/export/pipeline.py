@@ -21,7 +21,8 @@ import numpy as np
 from .. import __version__
 from ..artifact import FORMAT_VERSION, MANIFEST, MODEL_FILE, file_checksums, staged_directory, write_json_atomic
 from ..errors import ExportError, ImageDecodeError, ParityError
-from ..families import DEFAULT_SEED, FAMILY, fold_layer_scale, load_original, source_record
+from ..families import (DEFAULT_SEED, FAMILY, fold_layer_scale, freeze_position_embeddings, load_original,
+                        source_record)
 from ..parity import format_report, parity_report
 from ..preprocess import load_image, preprocess_batch
 from ..registry import ModelSpec, get_spec
@@ -209,8 +210,10 @@ def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | N
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         work = Path(tmp)
         step("exporting to ONNX")
-        if spec.family == "dinov2" and opts.optimize:
-            fold_layer_scale(head)  # lets ORT fuse attention; the parity gate checks the result
+        if spec.family == "dinov2":
+            freeze_position_embeddings(head, spec.input_hw)  # a constant instead of a Resize per call
+            if opts.optimize:
+                fold_layer_scale(head)  # lets ORT fuse attention; the parity gate checks the result
         model = export_onnx(head, spec, work / "exported.onnx", opts.opset)
         del head
         optimizations, fused = [], {}
