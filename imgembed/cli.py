@@ -83,6 +83,8 @@ def export_cmd(
     name: str = typer.Argument(..., help="Registry model name (see `imgembed models`)."),
     int8: bool = typer.Option(False, "--int8", help="INT8 quantization (dynamic for transformers, "
                               "measured static presets for CNNs)."),
+    fp16: bool = typer.Option(False, "--fp16", help="FP16 weights and compute (for GPUs; LayerNorm/softmax "
+                              "kept in FP32; gated at cosine >= 0.999 vs the FP32 original)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory "
                                        "(default: artifacts/NAME-PRECISION)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local save_pretrained directory "
@@ -103,7 +105,10 @@ def export_cmd(
     from .export.pipeline import ExportOptions, export_model
     from .parity import format_report
 
-    precision = "int8" if int8 else "fp32"
+    if int8 and fp16:
+        err_console.print("[bold red]error[/]: choose one of --int8 and --fp16")
+        raise typer.Exit(2)
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     out = out or Path("artifacts") / f"{name}-{precision}"
     opts = ExportOptions(precision=precision, weights=weights, random_init=random_init, calibration=calibration,
                          int8_preset=int8_preset, optimize=not no_optimize, keep_failed=keep_failed,

@@ -24,7 +24,7 @@ TRANSFORMERS = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny")
 
 
 @pytest.mark.parametrize("name", TINY)
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_export_passes_parity_at_batch_1_3_8(artifact_dir, name, precision):
     path = artifact_dir(name, precision)
     m = read_manifest(path)
@@ -197,3 +197,17 @@ def test_dinov2_position_embeddings_are_interpolated_once_at_export(artifact_dir
     assert get_spec("test-dinov2-tiny").arch["image_size"] // 14 == 7
     ops = op_counts(artifact_dir("test-dinov2-tiny", "fp32") / MODEL_FILE)
     assert "Resize" not in ops and ops["Attention"] == 2
+
+
+@pytest.mark.parametrize("name", ["test-clip-tiny", "test-resnet-tiny"])
+def test_fp16_artifact_has_half_weights_float_io_and_fp32_normalisations(artifact_dir, name):
+    path = artifact_dir(name, "fp16")
+    model = onnx.load(str(path / MODEL_FILE))
+    big = [t for t in model.graph.initializer if len(t.dims) >= 2]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    fp32 = onnx.load(str(artifact_dir(name, "fp32") / MODEL_FILE))
+    weight_bytes = [sum(len(t.raw_data) for t in m.graph.initializer if len(t.dims) >= 2) for m in (model, fp32)]
+    assert weight_bytes[0] == pytest.approx(weight_bytes[1] / 2, rel=0.01)
+    assert read_manifest(path)["export"]["optimizations"][-1] == "fp16"

@@ -132,3 +132,26 @@ def optimize_transformer(src: str | Path, dst: str | Path, spec: ModelSpec) -> d
     except Exception as e:
         raise ExportError(f"ONNX Runtime transformer optimizer failed on {src}: {e}") from e
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+# Ops kept in FP32 inside FP16 graphs: normalisations and softmax overflow or lose precision in half.
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceL2", "ReduceSumSquare",
+                  "ReduceMean", "Pow", "Sqrt", "Erf")
+
+
+def convert_fp16(src: str | Path, dst: str | Path) -> Path:
+    """Convert an FP32 graph to FP16 weights and compute, keeping float32 inputs/outputs and the ops in
+    :data:`FP16_KEEP_FP32` in float32 (ORT's converter inserts the Casts)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = OnnxModel(onnx.load(str(src)))
+            model.convert_float_to_float16(keep_io_types=True, op_block_list=list(FP16_KEEP_FP32))
+            model.topological_sort()
+        onnx.save(model.model, str(dst))
+    except Exception as e:
+        raise ExportError(f"FP16 conversion of {src} failed: {type(e).__name__}: {e}") from e
+    check_onnx(dst)
+    return Path(dst)

@@ -30,7 +30,8 @@ from ..runtime.ort_runner import OrtRunner
 from ..runtime.timing import median_batch_seconds
 from ..runtime.torch_runner import TorchRunner
 from ..samples import calibration_images, parity_images
-from .onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, op_counts, optimize_transformer
+from .onnx_export import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, convert_fp16, export_onnx, op_counts,
+                          optimize_transformer)
 from .quantize import (CNN_CANDIDATES, PRESETS, TRANSFORMER_DEFAULT, Int8SlowerWarning, QuantConfig, quantize,
                        quantized_op_counts)
 
@@ -40,7 +41,7 @@ SPEED_BATCH = 8
 
 @dataclass
 class ExportOptions:
-    precision: str = "fp32"                 # "fp32" | "int8"
+    precision: str = "fp32"                 # "fp32" | "fp16" (for GPUs; parity-checked on CPU) | "int8"
     weights: str | Path | None = None       # save_pretrained directory
     random_init: bool = False
     seed: int = DEFAULT_SEED
@@ -197,9 +198,8 @@ def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | N
     """Export ``name`` to the artifact directory ``out`` and gate it on parity. See module docstring."""
     opts = opts or ExportOptions()
     spec = name if isinstance(name, ModelSpec) else get_spec(name)
-    if opts.precision not in ("fp32", "int8"):
-        raise ExportError(f"precision {opts.precision!r} is not supported by the CPU exporter; "
-                          "expected 'fp32' or 'int8'")
+    if opts.precision not in ("fp32", "fp16", "int8"):
+        raise ExportError(f"precision {opts.precision!r} is not supported; expected 'fp32', 'fp16' or 'int8'")
     out = Path(out)
     t0 = time.perf_counter()
     step(f"loading {spec.name} ({'random init' if opts.random_init else opts.weights or 'hub'})")
@@ -226,9 +226,14 @@ def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | N
         if opts.precision == "int8":
             model, quant, report = _quantize_best(spec, model, work, reference, pixels, names, opts, step)
         else:
+            if opts.precision == "fp16":
+                step("converting to FP16 (normalisations and softmax kept in FP32)")
+                model = convert_fp16(model, work / "fp16.onnx")
+                optimizations.append("fp16")
             step("checking parity")
             with OrtRunner(model, spec.embedding.dim, threads=opts.threads) as r:
-                report = parity_report(reference, r, pixels, spec.thresholds("fp32"), "fp32", names)
+                report = parity_report(reference, r, pixels, spec.thresholds(opts.precision), opts.precision,
+                                       names)
         manifest, notes = _manifest(spec, opts, model, report, quant, optimizations, fused,
                                     time.perf_counter() - t0)
         if not report["passed"] and not opts.keep_failed:
