@@ -6,9 +6,11 @@ failed parity gate; 3 ``embed`` finished but some inputs could not be read (the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -16,7 +18,8 @@ from typing import Iterator, List, Optional
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from .errors import ImgembedError, ParityError
@@ -26,7 +29,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Wide consoles when piped, so tables are not truncated to 80 columns in logs and CI.
 out_console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @contextlib.contextmanager
@@ -100,6 +102,13 @@ def export_cmd(
                                      "(manifest status 'failed')."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for checks."),
     no_speed_check: bool = typer.Option(False, "--no-speed-check", help="Skip timing INT8 against FP32."),
+    uint8_input: bool = typer.Option(False, "--uint8-input", help="The graph takes uint8 NHWC pixels (resized "
+                                     "and center-cropped, 0-255) and normalises them itself; gated on the uint8 "
+                                     "crops of the parity images."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine for this GPU from an unfused "
+                             "ONNX (INT8: symmetric Q/DQ), parity-gated, stored in the artifact. Needs TensorRT "
+                             "and an NVIDIA GPU."),
+    trt_batch: str = typer.Option("1,32,256", "--trt-batch", help="TensorRT batch profile min,opt,max."),
 ) -> None:
     """Export NAME to ONNX (optionally INT8), check parity against PyTorch, write an artifact."""
     from .export.pipeline import ExportOptions, export_model
@@ -109,10 +118,14 @@ def export_cmd(
         err_console.print("[bold red]error[/]: choose one of --int8 and --fp16")
         raise typer.Exit(2)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
-    out = out or Path("artifacts") / f"{name}-{precision}"
+    trt_opts, trt_overrides = _trt_prepare(trt, precision, int8_preset, trt_batch, uint8_input)
+    out = out or (Path("artifacts") / f"{name}-{precision}-trt" if trt else None)
+    out = out or Path("artifacts") / f"{name}-{precision}{'-uint8' if uint8_input else ''}"
     opts = ExportOptions(precision=precision, weights=weights, random_init=random_init, calibration=calibration,
                          int8_preset=int8_preset, optimize=not no_optimize, keep_failed=keep_failed,
-                         threads=threads, speed_check=not no_speed_check)
+                         threads=threads, speed_check=not no_speed_check,
+                         input_format="uint8" if uint8_input else "float32")
+    opts = dataclasses.replace(opts, **trt_overrides)
     with _errors(), _steps(f"exporting {name}") as step, warnings.catch_warnings(record=True):
         result = export_model(name, out, opts, step=step)
     m = result.manifest
@@ -125,6 +138,35 @@ def export_cmd(
                       highlight=False)
     if m["status"] != "passed":
         raise typer.Exit(2)
+    if trt_opts is not None:
+        _trt_engine(out, trt_opts, weights, threads)
+
+
+def _trt_prepare(trt: bool, precision: str, int8_preset: Optional[str], batch: str, uint8_input: bool):
+    """``--trt``: check the profile, the precision and that TensorRT and a GPU are here before exporting
+    anything; returns (TrtOptions or None, ExportOptions overrides)."""
+    if not trt:
+        return None, {}
+    from .export.tensorrt import prepare_trt_export
+
+    try:
+        with _errors():
+            return prepare_trt_export(precision, int8_preset, batch, "uint8" if uint8_input else "float32")
+    except ValueError as e:
+        err_console.print(f"[bold red]error[/]: {e}", highlight=False)
+        raise typer.Exit(2)
+
+
+def _trt_engine(out: Path, trt_opts, weights: Optional[Path], threads: Optional[int]) -> None:
+    """Build, gate and add the TensorRT engine to the artifact just written."""
+    from .export.tensorrt import add_engine
+
+    trt_opts.weights, trt_opts.threads = weights, threads
+    with _errors(), _steps("building the TensorRT engine") as step:
+        record = add_engine(out, trt_opts, step=step)
+    out_console.print(f"TensorRT engine {out / record['file']} ({record['precision']}, batch "
+                      f"{record['profile']['min']}-{record['profile']['max']}, TensorRT {record['tensorrt']}): "
+                      f"[green]passed[/]", highlight=False)
 
 
 @app.command("parity")
@@ -147,18 +189,6 @@ def parity_cmd(
         raise typer.Exit(2)
 
 
-def _expand(inputs: List[str]) -> List[str]:
-    """Files as given; directories expand to the image files inside them (sorted, recursive)."""
-    files: list[str] = []
-    for s in inputs:
-        p = Path(s)
-        if p.is_dir():
-            files += [str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            files.append(s)
-    return files
-
-
 def _save_npy(path: Path, vectors: np.ndarray, paths: List[str]) -> Path:
     """Write vectors.npy and a sidecar NAME.paths.txt (row order), each atomically."""
     import os
@@ -174,48 +204,128 @@ def _save_npy(path: Path, vectors: np.ndarray, paths: List[str]) -> Path:
     return sidecar
 
 
+@contextlib.contextmanager
+def _embed_progress(total: int) -> Iterator:
+    """A progress bar with images/s; yields ``update(done, total, failed)``."""
+    columns = (TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[ips]:.1f} img/s, {task.fields[failed]} failed"), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("embed", total=total, ips=0.0, failed=0)
+        t0, first = time.perf_counter(), None
+
+        def update(done: int, total_: int, failed: int) -> None:
+            nonlocal first
+            first = done if first is None else first  # resumed rows are not this run's speed
+            ips = (done - first) / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, completed=done, total=total_, ips=ips, failed=failed)
+
+        yield update
+
+
+def _engine(model: str, emb, *, batch_size: int, workers: Optional[int], decode: str, threads: Optional[int],
+            ray: bool, ray_address: Optional[str]):
+    """The local pipeline, or Ray Data actors (artifact directories only)."""
+    from .jobs.folder import local_batches
+
+    if not (ray or ray_address):
+        return local_batches(emb, batch_size=batch_size, workers=workers)
+    if emb.artifact_path is None:
+        raise typer.BadParameter("--ray runs exported artifacts; give an artifact directory, not a registry name")
+    from .distributed import ray_batches
+
+    return ray_batches(emb.artifact_path, batch_size=batch_size, decode=decode, threads_per_actor=threads or 1,
+                       address=ray_address)
+
+
+def _run_npy(out: Path, files: List[str], engine, emb) -> tuple[int, list[tuple[str, str]]]:
+    """Embed into OUT.npy + OUT.paths.txt (not resumable); returns (rows written, failures)."""
+    order = {p: i for i, p in enumerate(files)}
+    paths, vectors, failures = [], [], []
+    with _embed_progress(len(files)) as update:
+        for rows in engine(files):
+            ok = [i for i, e in enumerate(rows.errors) if e is None]
+            paths += [rows.paths[i] for i in ok]
+            vectors.append(rows.vectors[ok])
+            failures += [(p, e) for p, e in zip(rows.paths, rows.errors) if e is not None]
+            update(len(paths) + len(failures), len(files), len(failures))
+    idx = sorted(range(len(paths)), key=lambda i: order[paths[i]])
+    matrix = np.concatenate(vectors)[idx] if paths else np.zeros((0, emb.dim), np.float32)
+    _save_npy(out, matrix, [paths[i] for i in idx])
+    return matrix.shape[0], failures
+
+
 @app.command("embed")
 def embed_cmd(
     model: str = typer.Argument(..., help="Artifact directory, or a registry name (PyTorch original)."),
-    inputs: List[str] = typer.Argument(..., help="Image files or directories of images."),
-    out: Path = typer.Option(Path("embeddings.npy"), "--out", "-o", help="Output .npy (float32 N x D); "
-                             "row order in OUT.paths.txt."),
+    inputs: List[str] = typer.Argument(..., help="Image files, directories (recursive) or glob patterns "
+                                       "(quote them: 'photos/**/*.jpg')."),
+    out: Path = typer.Option(Path("embeddings.npy"), "--out", "-o", help="OUT.npy (float32 N x D, row order in "
+                             "OUT.paths.txt) or OUT.parquet (path, vector, error per image; resumable)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (per actor with --ray)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode threads overlapped with "
+                                          "inference (default: one per core; 0 = decode in the main thread)."),
+    decode: str = typer.Option("exact", "--decode", help="exact (identical to the HF processor) or fast "
+                               "(reduced-size JPEG decoding, crop-only resize; see README)."),
+    part_rows: int = typer.Option(1024, "--part-rows", min=1, help="Parquet: checkpoint every N rows."),
+    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (local instance unless --ray-address)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (implies --ray)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="With a registry name: local weights."),
     random_init: bool = typer.Option(False, "--random-init", help="With a registry name: random weights."),
+    max_parts: Optional[int] = typer.Option(None, "--max-parts", hidden=True, help="Test hook: stop after N parts."),
 ) -> None:
-    """Embed images into a .npy file. Unreadable inputs are reported and skipped (exit code 3)."""
+    """Embed images into .npy or .parquet. Unreadable inputs are reported (exit code 3), never fatal."""
     import imgembed
+    from .jobs.folder import job_metadata, list_images
+    from .jobs.pipeline import default_workers
 
-    files = _expand(inputs)
+    files = list_images(inputs)
     if not files:
         err_console.print(f"[bold red]error[/]: no image files found in {inputs}")
         raise typer.Exit(2)
-    kwargs = {"threads": threads, "batch_size": batch_size}
+    if decode not in ("exact", "fast"):
+        raise typer.BadParameter(f"--decode {decode!r}; expected 'exact' or 'fast'")
+    if out.suffix not in (".npy", ".parquet"):
+        raise typer.BadParameter(f"--out {str(out)!r}: expected a .npy or .parquet file name")
+    kwargs = {"threads": threads, "batch_size": batch_size, "decode": decode}
     if weights or random_init:
         kwargs.update(weights=weights, random_init=random_init)
+    workers = default_workers() if workers is None else workers
     with _errors():
         emb = imgembed.load(model, **kwargs)
-        vectors, indices, errors = [], [], []
-        with Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=True) as progress:
-            task = progress.add_task("embed", total=len(files))
-            for start in range(0, len(files), batch_size):
-                chunk = files[start:start + batch_size]
-                res = emb.embed(chunk, on_error="report")
-                vectors.append(res.vectors)
-                indices += [start + i for i in res.indices]
-                errors += [(start + i, msg) for i, msg in res.errors]
-                progress.advance(task, len(chunk))
-    matrix = np.concatenate(vectors) if vectors else np.zeros((0, emb.dim), np.float32)
-    sidecar = _save_npy(out, matrix, [files[i] for i in indices])
-    for _, msg in errors:
+        engine = _engine(model, emb, batch_size=batch_size, workers=workers, decode=decode, threads=threads,
+                         ray=ray, ray_address=ray_address)
+        if out.suffix == ".npy":
+            rows, failures = _run_npy(out, files, engine, emb)
+        else:
+            rows, failures = _run_parquet(out, files, engine, emb, job_metadata(emb), part_rows, max_parts)
+    for path, msg in failures:
         err_console.print(f"[yellow]skipped[/]: {msg}", highlight=False)
-    out_console.print(f"wrote {matrix.shape[0]} x {matrix.shape[1]} embeddings ({emb.name}, {emb.precision}) to "
-                      f"{out} (paths: {sidecar}); {len(errors)} failed", highlight=False)
-    if errors:
+    out_console.print(f"wrote {rows} x {emb.dim} embeddings ({emb.name}, {emb.precision}, decode {decode}) to {out}"
+                      + (f" (paths: {out.with_suffix('.paths.txt')})" if out.suffix == ".npy" else "")
+                      + f"; {len(failures)} failed", highlight=False)
+    if failures:
         raise typer.Exit(3)
+
+
+def _run_parquet(out: Path, files: List[str], engine, emb, meta: dict, part_rows: int,
+                 max_parts: Optional[int]) -> tuple[int, list[tuple[str, str]]]:
+    """The resumable folder job; returns (rows in the output, failures recorded in it)."""
+    from .jobs.folder import FolderJob
+    from .jobs.parquet import read_embeddings
+
+    job = FolderJob(out, files, meta, part_rows=part_rows)
+    with _embed_progress(len(files)) as update:
+        result = job.run(engine, max_parts=max_parts, progress=update)
+    if result.resumed:
+        out_console.print(f"resumed: {result.resumed} of {len(files)} images were already done", highlight=False)
+    if not result.complete:
+        out_console.print(f"stopped after {max_parts} part(s), {result.rows} rows checkpointed in {job.work}; "
+                          "rerun the same command to finish", highlight=False)
+        raise typer.Exit(0)
+    failures = read_embeddings(out).failures
+    return result.rows - len(failures), failures
 
 
 # Sub-commands that live in their own modules; each module exposes ``register(app: typer.Typer)``.

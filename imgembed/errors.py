@@ -46,5 +46,9 @@ class BackendUnavailableError(ImgembedError):
     """A runtime backend (library or device) is not available on this machine."""
 
 
+class EngineMismatchError(ArtifactError):
+    """A TensorRT engine was built for another GPU model or TensorRT version than this machine's."""
+
+
 class WeightsError(ImgembedError):
     """Model weights could not be loaded (missing directory, bad config, network unavailable...)."""

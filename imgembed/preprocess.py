@@ -12,15 +12,22 @@ It reproduces the Hugging Face *slow* image processors of transformers 4.57 (``C
 Step 4 is done with a 256-entry lookup table per channel, computed with exactly HF's dtypes and
 operation order, so the output is bit-identical to HF's and costs one gather per pixel.
 
-Deliberate deviations from HF (both documented on :func:`to_rgb`): 16-bit images are scaled to 8 bit
-(``>> 8``) where PIL's ``convert("RGB")`` would clip them to 255, and images whose height is 1 or 3 are
-processed correctly, where HF's channel-dimension inference would mistake the height for channels.
+Deliberate deviations from HF (the first two documented on :func:`to_rgb`): 16-bit images are scaled
+to 8 bit (``>> 8``) where PIL's ``convert("RGB")`` would clip them to 255, and images whose height is 1
+or 3 are processed correctly, where HF's channel-dimension inference would mistake the height for
+channels. A third, for inputs HF cannot process at all: when a shortest-edge resize would exceed 2**24 pixels
+(aspect ratios beyond ~300:1, e.g. 1 x 100000 px, where HF allocates gigabytes), only the center-crop
+region is resampled (:func:`_crop_of_resized`; within 2 levels of the full resize on natural images).
+
+Decoding untrusted inputs is bounded (pixel cap before decoding, per-item deadline, allow-listed PIL
+plugins, regular files only); the limits live in :mod:`imgembed.decode_guard` and SECURITY.md.
 """
 from __future__ import annotations
 
 import io
 import math
 import os
+import stat
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, Sequence
@@ -28,15 +35,21 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgembed.decode_guard import (DECODE_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SECONDS, DeadlineReader,
+                                   DecodeTimeout, decode_formats, unidentified_error)
 from imgembed.errors import ImageDecodeError, RegistryError
 
 __all__ = [
+    "DECODE_FORMATS",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SECONDS",
     "PreprocessSpec",
     "RESAMPLE_CODES",
     "SUPPORTED_PROCESSORS",
     "load_image",
     "preprocess",
     "preprocess_batch",
+    "resize_crop",
     "to_rgb",
 ]
 
@@ -44,6 +57,9 @@ SUPPORTED_PROCESSORS = ("CLIPImageProcessor", "ViTImageProcessor", "BitImageProc
 RESAMPLE_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
 _RESAMPLE_NAMES = {code: name for name, code in RESAMPLE_CODES.items()}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+# Shortest-edge resizes that would exceed this many pixels resample only the center-crop region.
+_MAX_RESIZE_PIXELS = 1 << 24
 
 _OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _IMAGENET_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -304,7 +320,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in _SIXTEEN_BIT_MODES:
-        arr = np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8
+        arr = np.clip(np.asarray(img), 0, 65535) >> 8  # in the input's dtype: no 8-byte-per-pixel copy
         return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
     return img.convert("RGB")
 
@@ -338,35 +354,64 @@ def _finish(img: Image.Image, desc: str, max_pixels: int) -> Image.Image:
     _check_pixels(img, desc, max_pixels)
     try:
         img.load()
-    except ImageDecodeError:
+    except (ImageDecodeError, DecodeTimeout):
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, zlib.error...
         raise ImageDecodeError(f"{desc}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
     try:
         out = to_rgb(ImageOps.exif_transpose(img))
         return out if out is not img else img.copy()
+    except DecodeTimeout:
+        raise
     except Exception as e:
         raise ImageDecodeError(f"{desc}: cannot orient / convert mode {img.mode} to RGB "
                                f"({type(e).__name__}: {e})") from None
 
 
-def _open_encoded(fp: Any, desc: str, max_pixels: int) -> Image.Image:
-    """Open a path or file object with PIL (header only), then hand over to :func:`_finish`."""
+def _decode_stream(fp: Any, desc: str, max_pixels: int, max_seconds: float) -> Image.Image:
+    """Decode an open binary stream with the allowed PIL plugins, within ``max_seconds``."""
+    reader = DeadlineReader(fp, max_seconds)
+    timeout = ImageDecodeError(f"{desc}: decoding took longer than max_seconds={max_seconds:g}; refused "
+                               "(time bound per item)")
     try:
-        with Image.open(fp) as img:
-            return _finish(img, desc, max_pixels)
+        with Image.open(reader, formats=decode_formats()) as img:  # type: ignore[arg-type]
+            out = _finish(img, desc, max_pixels)
+    except ImageDecodeError:
+        raise
+    except DecodeTimeout:
+        raise timeout from None
+    except UnidentifiedImageError:
+        raise (timeout if reader.expired else unidentified_error(desc, fp)) from None
+    except Image.DecompressionBombError as e:  # PIL's own cap (2x Image.MAX_IMAGE_PIXELS) hit first
+        raise ImageDecodeError(f"{desc}: too many pixels (declared size over max_pixels={max_pixels}): {e}") from None
+    except Exception as e:
+        raise (timeout if reader.expired else
+               ImageDecodeError(f"{desc}: cannot read image ({type(e).__name__}: {e})")) from None
+    if reader.expired:  # a plugin swallowed the timeout somewhere; the image may be incomplete
+        raise timeout
+    return out
+
+
+def _open_path(path: str | bytes, desc: str, max_pixels: int, max_seconds: float) -> Image.Image:
+    """Decode a file path: only regular files are opened (a FIFO or device could block or never end)."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageDecodeError(f"{desc}: not a regular file (device, FIFO or socket), refused")
+        if st.st_size == 0:
+            raise ImageDecodeError(f"{desc}: empty file (0 bytes), not an image")
+        with open(path, "rb") as fp:
+            return _decode_stream(fp, desc, max_pixels, max_seconds)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
         raise ImageDecodeError(f"{desc}: file not found") from None
     except IsADirectoryError:
         raise ImageDecodeError(f"{desc}: is a directory, not an image file") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError(f"{desc}: not an image or unidentified format (PIL cannot identify it)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"{desc}: too many pixels: {e}") from None
-    except Exception as e:
-        raise ImageDecodeError(f"{desc}: cannot read image ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ImageDecodeError(f"{desc}: cannot open file ({type(e).__name__}: {e})") from None
 
 
 def _from_array(arr: np.ndarray, desc: str, max_pixels: int) -> Image.Image:
@@ -386,26 +431,26 @@ def _from_array(arr: np.ndarray, desc: str, max_pixels: int) -> Image.Image:
     return to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode=mode))
 
 
-def load_image(item: Any, *, name: str | None = None, max_pixels: int = 64_000_000) -> Image.Image:
+def load_image(item: Any, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_seconds: float = DEFAULT_MAX_SECONDS) -> Image.Image:
     """Decode ``item`` into a new RGB PIL image (first frame, EXIF orientation applied).
 
     ``item`` may be a path (str / os.PathLike), encoded bytes (bytes / bytearray / memoryview), a PIL
     image or a uint8 numpy array (HxW, HxWx1, HxWx3, HxWx4). Mode conversion follows :func:`to_rgb`
-    (HF-identical except for 16-bit, which is scaled ``>> 8``). The declared size is checked against
-    ``max_pixels`` before decoding. Every failure raises :class:`ImageDecodeError` naming the input
-    (``name`` if given) and the reason; no PIL/OS exception escapes.
+    (HF-identical except for 16-bit, which is scaled ``>> 8``). Limits (see SECURITY.md): the declared
+    size is checked against ``max_pixels`` before decoding; encoded inputs (paths, bytes) are decoded only
+    by the plugins in :data:`DECODE_FORMATS` and within ``max_seconds``; paths must be regular files.
+    Every failure raises :class:`ImageDecodeError` naming the input (``name`` if given) and the reason;
+    no PIL/OS exception escapes.
     """
     desc = _describe(item, name)
     if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        if isinstance(path, str) and os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise ImageDecodeError(f"{desc}: empty file (0 bytes), not an image")
-        return _open_encoded(path, desc, max_pixels)
+        return _open_path(os.fspath(item), desc, max_pixels, max_seconds)
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
         if not data:
             raise ImageDecodeError(f"{desc}: empty input (0 bytes), not an image")
-        return _open_encoded(io.BytesIO(data), desc, max_pixels)
+        return _decode_stream(io.BytesIO(data), desc, max_pixels, max_seconds)
     if isinstance(item, Image.Image):
         return _finish(item, desc, max_pixels)
     if isinstance(item, np.ndarray):
@@ -450,6 +495,37 @@ def _center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return padded[max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
 
 
+def _filter_window(lo: float, hi: float, scale: float, size: int) -> tuple[int, int]:
+    """Source index range that PIL's filters (support <= 3, widened by ``scale`` when shrinking) read for
+    the source interval [lo, hi), with a safety margin, clipped to the image."""
+    support = 3 * max(scale, 1.0) + 2
+    return max(0, math.floor(lo - support)), min(size, math.ceil(hi + support))
+
+
+def _crop_of_resized(img: Image.Image, resized: tuple[int, int], crop: tuple[int, int], resample: int) -> np.ndarray:
+    """HF's center crop of ``img.resize(resized)`` without materialising the (huge) resized image.
+
+    Used when a shortest-edge resize of an extreme aspect ratio (e.g. 1 x 100000 px) would allocate
+    gigabytes. Output pixel (r, c) is resized pixel (top + r, left + c), zero outside the resized image,
+    which is exactly :func:`_center_crop` with its padding. Only the source window the filter reads is cut
+    out and resampled with a ``box`` in two single-axis passes (horizontal, then vertical). PIL may order
+    the passes of a full 2-D resize the other way, and rounds between them, so pixels match the full
+    resize within 2 levels on natural images (nearest: within a 1-pixel shift), not bit for bit.
+    """
+    (rh, rw), (ch, cw) = resized, crop
+    top, left = (rh - ch) // 2, (rw - cw) // 2
+    r0, r1, c0, c1 = max(top, 0), min(top + ch, rh), max(left, 0), min(left + cw, rw)
+    sy, sx = img.height / rh, img.width / rw
+    ya, yb = _filter_window(r0 * sy, r1 * sy, sy, img.height)
+    xa, xb = _filter_window(c0 * sx, c1 * sx, sx, img.width)
+    strip = img.crop((xa, ya, xb, yb))
+    strip = strip.resize((c1 - c0, strip.height), resample, box=(c0 * sx - xa, 0, c1 * sx - xa, strip.height))
+    strip = strip.resize((c1 - c0, r1 - r0), resample, box=(0, r0 * sy - ya, c1 - c0, r1 * sy - ya))
+    out = np.zeros((ch, cw, 3), np.uint8)
+    out[r0 - top:r1 - top, c0 - left:c1 - left] = np.asarray(strip)
+    return out
+
+
 @lru_cache(maxsize=64)
 def _lut(scale: float, mean: tuple, std: tuple) -> np.ndarray:
     """(3, 256) float32 table of HF's rescale (float64, cast to float32) + float32 normalize per uint8 value."""
@@ -461,18 +537,30 @@ def _lut(scale: float, mean: tuple, std: tuple) -> np.ndarray:
     return lut
 
 
-def _preprocess_into(image: Image.Image, spec: PreprocessSpec, out: np.ndarray) -> None:
-    """Write the CHW float32 tensor for ``image`` into ``out`` (shape (3, H, W))."""
+def resize_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Steps 1-3 (RGB, HF resize, HF center crop): uint8 HWC array of shape (*spec.output_hw, 3).
+
+    The input of uint8 artifacts (which normalise inside the graph); :func:`preprocess` is this plus the LUT.
+    """
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess expects a PIL.Image.Image (use load_image first), got {type(image).__name__}")
     img = to_rgb(image)
     (rh, rw), crop = _resize_plan(img.height, img.width, spec)
-    img = img.resize((rw, rh), resample=RESAMPLE_CODES[spec.resample])
-    arr = np.asarray(img)
-    if crop is not None:
-        arr = _center_crop(arr, *crop)
-    if out.shape[1:] != arr.shape[:2]:
-        raise ValueError(f"internal error: produced {arr.shape[:2]}, expected output_hw {out.shape[1:]}")
+    resample = RESAMPLE_CODES[spec.resample]
+    if crop is not None and rh * rw > _MAX_RESIZE_PIXELS:  # extreme aspect ratio: bound the memory
+        arr = _crop_of_resized(img, (rh, rw), crop, resample)
+    else:
+        arr = np.asarray(img.resize((rw, rh), resample=resample))
+        if crop is not None:
+            arr = _center_crop(arr, *crop)
+    if arr.shape[:2] != spec.output_hw:
+        raise ValueError(f"internal error: produced {arr.shape[:2]}, expected output_hw {spec.output_hw}")
+    return arr
+
+
+def _preprocess_into(image: Image.Image, spec: PreprocessSpec, out: np.ndarray) -> None:
+    """Write the CHW float32 tensor for ``image`` into ``out`` (shape (3, H, W))."""
+    arr = resize_crop(image, spec)
     lut = _lut(spec.rescale_factor, spec.image_mean, spec.image_std)
     for c in range(3):
         np.take(lut[c], arr[:, :, c], out=out[c], mode="clip")  # indices are uint8: always valid

@@ -1,7 +1,9 @@
 """One conformance suite over every available runner: same contract, same vectors.
 
-Runners: the PyTorch original (CPU; CUDA when present), ONNX Runtime CPU (FP32 and INT8 artifacts), ONNX
-Runtime CUDA when onnxruntime-gpu and a GPU are present. Unavailable ones skip with the reason.
+Runners: the PyTorch original (CPU in FP32 and BF16; CUDA in FP32/FP16/BF16 when present), ONNX Runtime CPU
+(FP32 and INT8 artifacts; FP32 through IOBinding too), ONNX Runtime CUDA (FP32 and FP16 artifacts) when
+onnxruntime-gpu and a GPU are present, TensorRT engines (FP32/FP16/INT8) when tensorrt and a GPU are present.
+Unavailable ones skip with the reason.
 """
 from __future__ import annotations
 
@@ -20,22 +22,48 @@ from imgembed.samples import parity_images
 from .conftest import gpu_available
 
 MODEL = "test-clip-tiny"
-RUNNERS = ["torch-cpu", "torch-cuda", "ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32"]
+RUNNERS = ["torch-cpu", "torch-cpu-bf16", "torch-cuda", "torch-cuda-fp16", "torch-cuda-bf16", "ort-cpu-fp32",
+           "ort-cpu-int8", "ort-cpu-fp32-iobinding", "ort-cuda-fp32", "ort-cuda-fp16", "trt-cuda-fp32",
+           "trt-cuda-fp16", "trt-cuda-int8"]
 
 
 def _make(kind: str, artifact_dir):
     spec = get_spec(MODEL)
     if kind.startswith("torch"):
-        device = kind.split("-")[1]
+        device, dtype = (kind.split("-") + ["fp32"])[1:3]
         if device == "cuda" and not gpu_available():
             pytest.skip("no CUDA device")
         head = load_original(spec, random_init=True)
-        return TorchRunner(head, spec.input_hw, spec.embedding.dim, device=device, threads=2), "fp32"
-    _, device, precision = kind.split("-")
+        return TorchRunner(head, spec.input_hw, spec.embedding.dim, device=device, threads=2, dtype=dtype), dtype
+    if kind.startswith("trt"):
+        return _make_trt(kind.split("-")[2], artifact_dir), kind.split("-")[2]
+    _, device, precision, *binding = kind.split("-")
     if device == "cuda" and "CUDAExecutionProvider" not in available_providers():
         pytest.skip("onnxruntime CUDA provider not available")
     path = artifact_dir(MODEL, precision) / MODEL_FILE
-    return OrtRunner(path, spec.embedding.dim, device=device, threads=2), precision
+    return OrtRunner(path, spec.embedding.dim, device=device, threads=2, io_binding=bool(binding)), precision
+
+
+def _make_trt(precision: str, artifact_dir):
+    """A TensorRT engine built (not parity-gated: the suite checks it) from an unfused artifact."""
+    from imgembed.runtime.trt_runner import TrtRunner, current_env, tensorrt_unavailable
+
+    reason = tensorrt_unavailable("cuda")
+    if reason:
+        pytest.skip(f"TensorRT unavailable: {reason}")
+    from imgembed.export.pipeline import ExportOptions, export_model
+    from imgembed.export.tensorrt import build_engine, trt_export_overrides
+    from imgembed.runtime.trt_engines import BatchProfile
+
+    root = artifact_dir(MODEL, "fp32").parent / f"trt-{precision}"
+    if not (root / "engine.plan").is_file():
+        opts = ExportOptions(precision=precision, random_init=True, speed_check=False,
+                             **trt_export_overrides(precision, None))
+        art = export_model(MODEL, root / "artifact", opts).path
+        blob, _ = build_engine(art / MODEL_FILE, precision, BatchProfile(1, 4, 8), current_env(),
+                               cache_dir=root / "cache")
+        (root / "engine.plan").write_bytes(blob)
+    return TrtRunner(root / "engine.plan", get_spec(MODEL).embedding.dim)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +90,7 @@ def test_output_contract(runner, pixels):
     out = r.infer(pixels[:3])
     assert out.shape == (3, get_spec(MODEL).embedding.dim) and out.dtype == np.float32
     assert np.all(np.isfinite(out))
-    assert r.describe()["output_dim"] == 24 and r.backend in ("torch", "onnxruntime")
+    assert r.describe()["output_dim"] == 24 and r.backend in ("torch", "onnxruntime", "tensorrt")
 
 
 def test_matches_the_original(runner, pixels, reference):

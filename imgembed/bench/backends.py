@@ -8,7 +8,6 @@ defining a ``Backend`` plus a call to :func:`register_backend`.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -62,28 +61,12 @@ class Backend:
     unavailable: Callable[[str], str | None] = lambda device: None  # device -> reason, None if available
 
 
-def _half(module):
-    """Wrap a float32 module to run in float16 and return float32 (the GPU FP16 original)."""
-    import torch
-
-    class HalfPrecision(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module):
-            super().__init__()
-            self.inner = inner.half()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(x.half()).float()
-
-    return HalfPrecision(copy.deepcopy(module))
-
-
 def _build_torch(model: BenchModel, variant: Variant, device: str, threads: int, original: OriginalCache) -> Runner:
-    """The PyTorch original (shared, FP32) or a half-precision copy of it (FP16)."""
+    """The PyTorch original (shared, FP32) or a copy of it cast to FP16 / BF16 (TorchRunner's ``dtype``)."""
     from ..runtime.torch_runner import TorchRunner
 
-    module = original.get() if variant.precision == "fp32" else _half(original.get())
-    return TorchRunner(module, model.spec.input_hw, model.spec.embedding.dim, device=device, threads=threads,
-                       name=f"torch[{model.spec.name}-{variant.precision}]")
+    return TorchRunner(original.get(), model.spec.input_hw, model.spec.embedding.dim, device=device,
+                       threads=threads, dtype=variant.precision, name=f"torch[{model.spec.name}-{variant.precision}]")
 
 
 def _build_ort(model: BenchModel, variant: Variant, device: str, threads: int, original: OriginalCache) -> Runner:
@@ -107,10 +90,13 @@ def _ort_unavailable(device: str) -> str | None:
 
 
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", "original", lambda d: ("fp32", "fp16") if d == "cuda" else ("fp32",), _build_torch),
-    # ORT's CUDA provider has no integer MatMul/Conv kernels: INT8 artifacts are CPU artifacts.
-    "onnxruntime": Backend("onnxruntime", "artifact", lambda d: ("fp32",) if d == "cuda" else ("fp32", "int8"),
-                           _build_ort, _ort_unavailable),
+    "torch": Backend("torch", "original", lambda d: ("fp32", "fp16", "bf16") if d == "cuda" else ("fp32",),
+                     _build_torch),
+    # ORT's CUDA provider has no integer MatMul/Conv kernels: INT8 artifacts are CPU artifacts; FP16 ones
+    # (export --fp16) are GPU artifacts (they run on the CPU, slowly).
+    "onnxruntime": Backend("onnxruntime", "artifact",
+                           lambda d: ("fp32", "fp16") if d == "cuda" else ("fp32", "int8"), _build_ort,
+                           _ort_unavailable),
 }
 
 
@@ -122,6 +108,8 @@ def register_backend(backend: Backend) -> None:
 def _variants_of(backend: Backend, model: BenchModel, device: str, notes: list[str]) -> list[Variant]:
     """The variants one backend contributes for ``model`` on ``device``."""
     precisions = backend.precisions(device)
+    if not precisions:  # a backend of another device (tensorrt on the CPU): nothing to run, nothing to explain
+        return []
     if backend.runs == "original":
         return [Variant(f"{backend.name}-{p}", backend.name, p) for p in precisions]
     out = []
@@ -169,3 +157,17 @@ def build_runner(model: BenchModel, variant: Variant, device: str, threads: int,
         raise BackendUnavailableError(f"unknown benchmark backend {variant.backend!r}; "
                                       f"expected one of {sorted(BACKENDS)}")
     return backend.build(model, variant, device, threads, original)
+
+
+# Backends defined in their own modules; each registers itself on import (GPU libraries load lazily).
+OPTIONAL_BACKEND_MODULES: tuple[str, ...] = ("imgembed.bench.backend_torch_compile", "imgembed.bench.backend_tensorrt")
+
+
+def _register_optional_backends() -> None:
+    import importlib
+
+    for module in OPTIONAL_BACKEND_MODULES:
+        importlib.import_module(module)
+
+
+_register_optional_backends()

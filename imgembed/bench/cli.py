@@ -3,6 +3,7 @@
     imgembed bench clip-vit-b32 --int8 --batch-sizes 1,8,32 --out reports/clip-b32
     imgembed bench clip-vit-b32 --random-init --int8 --out reports/x        # offline, random weights
     imgembed bench artifacts/dinov2-small-int8 artifacts/dinov2-small-fp32 --mode both
+    imgembed bench clip-vit-b32 --random-init --int8 --mode pipeline --decode fast --e2e-megapixels 2 -b 16
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from .measure import MeasureSettings, Window
 
-MODE_CHOICES = {"model": ("model",), "e2e": ("e2e",), "both": ("model", "e2e")}
+MODE_CHOICES = {"model": ("model",), "e2e": ("e2e",), "both": ("model", "e2e"), "pipeline": ("pipeline",),
+                "all": ("model", "e2e", "pipeline")}
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -94,7 +96,14 @@ def bench_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local save_pretrained directory of the original."),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", "-b", help="Comma-separated batch sizes."),
     mode: str = typer.Option("model", "--mode", help="model (preprocessed tensors), e2e (JPEG files: decode + "
-                             "preprocess + inference) or both."),
+                             "preprocess + inference), both, pipeline (e2e with decode threads overlapped with "
+                             "inference; see --decode) or all."),
+    decode: str = typer.Option("exact", "--decode", help="pipeline mode: exact (HF-identical) or fast "
+                               "(reduced-size JPEG decoding)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="pipeline mode: decode threads "
+                                          "(default: one per core)."),
+    e2e_megapixels: Optional[float] = typer.Option(None, "--e2e-megapixels", min=0.01, help="Upscale the "
+                                                   "end-to-end sample photos to about this many megapixels."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for torch and ONNX Runtime "
                                           "alike (default: all cores)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -116,6 +125,8 @@ def bench_cmd(
 
     if mode not in MODE_CHOICES:
         raise typer.BadParameter(f"--mode {mode!r}; expected one of {list(MODE_CHOICES)}")
+    if decode not in ("exact", "fast"):
+        raise typer.BadParameter(f"--decode {decode!r}; expected 'exact' or 'fast'")
     if torch_attn not in ("sdpa", "eager"):
         raise typer.BadParameter(f"--torch-attn {torch_attn!r}; expected 'sdpa' or 'eager'")
     warn = lambda msg: err_console.print(f"[bold yellow]WARNING[/]: {msg}", highlight=False)  # noqa: E731
@@ -123,7 +134,8 @@ def bench_cmd(
     with _errors():
         settings = MeasureSettings(warmup=warmup, window_seconds=window_seconds, max_seconds=max_seconds)
         config = BenchConfig(batch_sizes=sizes, modes=MODE_CHOICES[mode], device=device, measure=settings,
-                             compare_original=compare_original, torch_attn=torch_attn,
+                             compare_original=compare_original, torch_attn=torch_attn, decode=decode,
+                             workers=workers, e2e_megapixels=e2e_megapixels,
                              **({"threads": threads} if threads else {}))
         models, notes = _prepare(targets, int8, random_init, weights, cache_dir, config.threads, _steps)
         for note in notes:

@@ -30,7 +30,7 @@ SIMD_FLAGS: dict[str, tuple[str, ...]] = {
     "sve": ("sve",),
 }
 LIBRARIES = ("imgembed", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "transformers", "numpy", "pillow",
-             "tensorrt")
+             "tensorrt", "tensorrt-cu12", "tensorrt-cu13")
 
 
 def parse_cpuinfo(text: str) -> dict:
@@ -100,16 +100,11 @@ def library_versions() -> dict[str, str | None]:
 
 
 def gpu_info() -> dict | None:
-    """The CUDA GPU torch sees (name, memory, CUDA version), or None."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
-            "count": torch.cuda.device_count()}
+    """The CUDA GPU torch sees (name, memory, compute capability, CUDA version, count) plus the driver,
+    memory and clocks of every GPU from ``nvidia-smi`` when present; None without a CUDA device."""
+    from ..runtime.gpu import gpu_report
+
+    return gpu_report()
 
 
 def host_info() -> dict:

@@ -53,12 +53,14 @@ def speedup_table(records: list[dict]) -> list[str]:
 
 def _host_lines(host: dict, settings: dict) -> list[str]:
     """Markdown bullets: CPU and SIMD, GPU, load, libraries, measurement settings."""
+    from ..runtime.gpu import describe_gpu
+
     cpu, libs = host["cpu"], host["libraries"]
     simd = ", ".join(k for k, v in cpu["simd"].items() if v) or "none detected"
     gpu = host.get("gpu")
     return [f"- CPU: {cpu['model']} ({cpu['arch']}), {cpu['usable_cores']} usable of {cpu['logical_cores']} "
             f"logical cores; SIMD: {simd}",
-            f"- GPU: {gpu['name']} (CUDA {gpu['cuda']})" if gpu else "- GPU: none",
+            f"- GPU: {describe_gpu(gpu)}",
             f"- Load average (1/5/15 min) when measurement began: {host.get('load_average')}",
             "- Libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v),
             f"- Settings: device {settings['device']}, threads {settings['threads']}, warm-up "

@@ -4,6 +4,9 @@ Modes:
   model  ("model-only")  preprocessed float32 tensors straight into ``Runner.infer``;
   e2e    ("end-to-end")  encoded JPEG/PNG files on disk through ``Embedder.embed``: decode, preprocess and
                          inference, the path a user's images take.
+  pipeline ("end-to-end pipelined")  the same files through the folder-job pipeline: decode threads
+                         overlapped with inference (``workers``), ``decode`` "exact" or "fast".
+For the end-to-end modes the sample photos can be upscaled to ``e2e_megapixels`` (camera-size JPEGs).
 
 Every record is one configuration (model, mode, backend, precision, batch size, threads, device); records
 of one (model, mode, batch size, threads, device) are measured together and get their speed-up against
@@ -20,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ImgembedError
+from ..fastdecode import check_mode, crops_of
 from ..preprocess import preprocess_batch
 from ..runtime.base import Runner
 from ..runtime.embedder import Embedder
@@ -31,7 +35,7 @@ from .stats import achieved_gflops, speedup
 from .targets import BenchModel, source_tag
 
 SCHEMA = "imgembed-bench/1"
-MODES = {"model": "model-only", "e2e": "end-to-end"}
+MODES = {"model": "model-only", "e2e": "end-to-end", "pipeline": "end-to-end pipelined"}
 BASELINE_LABEL = "torch-fp32"
 
 
@@ -44,6 +48,9 @@ class BenchConfig:
     measure: MeasureSettings = MeasureSettings()
     compare_original: bool = True
     torch_attn: str = "sdpa"
+    decode: str = "exact"                 # pipeline mode: "exact" | "fast"
+    workers: int | None = None            # pipeline mode: decode threads (None: one per core)
+    e2e_megapixels: float | None = None   # upscale the end-to-end sample photos to about this size
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -53,11 +60,13 @@ class BenchConfig:
             raise ValueError(f"unknown mode(s) {bad or list(self.modes)}; expected some of {list(MODES)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_mode(self.decode)
 
     def to_dict(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "modes": [MODES[m] for m in self.modes],
                 "threads": self.threads, "device": self.device, "compare_original": self.compare_original,
-                "torch_attention": self.torch_attn, "baseline": BASELINE_LABEL, **self.measure.to_dict()}
+                "torch_attention": self.torch_attn, "baseline": BASELINE_LABEL, "decode": self.decode,
+                "workers": self.workers, "e2e_megapixels": self.e2e_megapixels, **self.measure.to_dict()}
 
 
 class Progress:
@@ -72,12 +81,16 @@ class Progress:
     def note(self, text: str) -> None: ...
 
 
-def write_sample_files(directory: str | Path) -> list[Path]:
-    """The parity photos as encoded files: JPEG for RGB and greyscale, PNG for images with alpha or a palette."""
+def write_sample_files(directory: str | Path, megapixels: float | None = None) -> list[Path]:
+    """The parity photos as encoded files: JPEG for RGB and greyscale, PNG for images with alpha or a palette;
+    with ``megapixels``, upscaled (bicubic) to about that many pixels first."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = []
     for name, image in parity_images():
+        if megapixels:
+            s = (megapixels * 1e6 / (image.width * image.height)) ** 0.5
+            image = image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))), 3)
         path = directory / (f"{name}.jpg" if image.mode in ("RGB", "L") else f"{name}.png")
         image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path)
         files.append(path)
@@ -90,15 +103,24 @@ def tile(items: Sequence, n: int) -> list:
 
 
 def batch_function(runner: Runner, model: BenchModel, variant: Variant, mode: str, batch_size: int,
-                   pixels: np.ndarray, files: Sequence[Path]) -> BatchFn:
-    """A zero-argument function running one batch of ``batch_size`` images; returns the image count."""
+                   pixels: np.ndarray, files: Sequence[Path], *, crops: np.ndarray | None = None,
+                   decode: str = "exact", workers: int | None = None) -> BatchFn:
+    """A zero-argument function running one batch of ``batch_size`` images; returns the image count.
+
+    Model mode feeds ``crops`` (uint8 NHWC) to uint8-input artifacts and ``pixels`` to every other runner."""
     if mode == "model":
-        batch = np.ascontiguousarray(pixels[tile(range(len(pixels)), batch_size)])
+        source = crops if runner.input_spec.dtype == "uint8" and crops is not None else pixels
+        batch = np.ascontiguousarray(source[tile(range(len(source)), batch_size)])
         return lambda: runner.infer(batch).shape[0]
     spec = model.spec
     emb = Embedder(runner, spec.preprocess, name=spec.name, precision=variant.precision,
                    normalized=spec.embedding.normalize, batch_size=batch_size)
     paths = [str(p) for p in tile(files, batch_size)]
+    if mode == "pipeline":
+        from ..jobs.pipeline import default_workers
+
+        w = default_workers() if workers is None else workers
+        return lambda: emb.embed(paths, batch_size=batch_size, workers=w, decode=decode).shape[0]
     return lambda: emb.embed(paths, batch_size=batch_size).shape[0]
 
 
@@ -151,13 +173,16 @@ def run_model(model: BenchModel, config: BenchConfig, files: Sequence[Path], pro
               notes: list[str]) -> list[dict]:
     """Every mode x batch size of one model; returns its records."""
     runners = _build_runners(model, config, progress, notes)
-    pixels = preprocess_batch([img for _, img in parity_images()], model.spec.preprocess)
+    images = [img for _, img in parity_images()]
+    pixels, crops = preprocess_batch(images, model.spec.preprocess), crops_of(images, model.spec.preprocess)
     records: list[dict] = []
     try:
         for mode in config.modes:
             for bs in config.batch_sizes:
                 progress.group(f"{model.spec.name} {MODES[mode]} batch {bs}", len(runners))
-                fns = {v.label: batch_function(r, model, v, mode, bs, pixels, files) for v, r in runners.items()}
+                fns = {v.label: batch_function(r, model, v, mode, bs, pixels, files, crops=crops,
+                                               decode=config.decode, workers=config.workers)
+                       for v, r in runners.items()}
                 results = measure_interleaved(fns, config.measure, on_window=progress.window)
                 group = add_speedups([make_record(model, v, mode, bs, config, results[v.label]) for v in runners])
                 progress.group_done(group)
@@ -176,7 +201,8 @@ def run_benchmark(models: Sequence[BenchModel], config: BenchConfig, progress: P
     started, host = _dt.datetime.now(_dt.timezone.utc), host_info()  # load average before our own load
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="imgembed-bench-") as tmp:
-        files = write_sample_files(tmp) if "e2e" in config.modes else []
+        e2e = any(m in config.modes for m in ("e2e", "pipeline"))
+        files = write_sample_files(tmp, config.e2e_megapixels) if e2e else []
         for model in models:
             records += run_model(model, config, files, progress, notes)
     return {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"),

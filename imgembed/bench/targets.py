@@ -80,22 +80,24 @@ def _normalized(x) -> object:
     return json.loads(json.dumps(x))
 
 
-def _cached(out: Path, spec: ModelSpec, precision: str, source: dict) -> bool:
-    """Is ``out`` a verified, passing artifact of exactly this model, precision and source?"""
+def _cached(out: Path, spec: ModelSpec, precision: str, source: dict, input_format: str = "float32") -> bool:
+    """Is ``out`` a verified, passing artifact of exactly this model, precision, source and input format?"""
     try:
         m = verify(out)
     except ArtifactError:
         return False
     return (m.get("status") == "passed" and m.get("precision") == precision
+            and m.get("input", {}).get("dtype", "float32") == input_format
             and _normalized(m.get("model")) == _normalized(spec.to_dict())
             and _normalized(m.get("source")) == _normalized(source))
 
 
 def ensure_artifact(spec: ModelSpec | str, precision: str, source: dict, cache_dir: str | Path | None = None, *,
-                    threads: int | None = None, step: Step = lambda s: None) -> Path:
+                    threads: int | None = None, step: Step = lambda s: None, input_format: str = "float32") -> Path:
     """The cached artifact of ``spec`` at ``precision`` from ``source``; exported (and parity-gated) if absent.
 
     ``source`` is a source record (``families.source_record``): random-init with a seed, local or hub.
+    ``input_format="uint8"``: the uint8 NHWC input variant (cached under a ``-uint8`` suffix).
     """
     from ..export.pipeline import ExportOptions, export_model
 
@@ -103,13 +105,15 @@ def ensure_artifact(spec: ModelSpec | str, precision: str, source: dict, cache_d
     if precision not in ARTIFACT_PRECISIONS:
         raise ArtifactError(f"cannot export {spec.name} at precision {precision!r}; "
                             f"expected one of {list(ARTIFACT_PRECISIONS)}")
-    out = Path(cache_dir or default_cache_dir()) / f"{spec.name}-{precision}-{source_tag(source)}"
-    if _cached(out, spec, precision, source):
+    suffix = "" if input_format == "float32" else f"-{input_format}"
+    out = Path(cache_dir or default_cache_dir()) / f"{spec.name}-{precision}-{source_tag(source)}{suffix}"
+    if _cached(out, spec, precision, source, input_format):
         step(f"using cached {out}")
         return out
     kind = source["kind"]
     opts = ExportOptions(precision=precision, random_init=kind == "random-init", seed=int(source.get("seed", 0)),
-                         weights=source["path"] if kind == "local" else None, threads=threads)
+                         weights=source["path"] if kind == "local" else None, threads=threads,
+                         input_format=input_format)
     export_model(spec, out, opts, step=step)
     return out
 

@@ -19,8 +19,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import __version__
-from ..artifact import FORMAT_VERSION, MANIFEST, MODEL_FILE, file_checksums, staged_directory, write_json_atomic
+from ..artifact import (FORMAT_VERSION, MANIFEST, MODEL_FILE, export_lock, file_checksums, staged_directory,
+                        write_json_atomic)
 from ..errors import ExportError, ImageDecodeError, ParityError
+from ..fastdecode import crops_of
 from ..families import (DEFAULT_SEED, FAMILY, fold_layer_scale, freeze_position_embeddings, load_original,
                         source_record)
 from ..parity import format_report, parity_report
@@ -34,9 +36,11 @@ from .onnx_export import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, convert_fp16, 
                           optimize_transformer)
 from .quantize import (CNN_CANDIDATES, PRESETS, TRANSFORMER_DEFAULT, Int8SlowerWarning, QuantConfig, quantize,
                        quantized_op_counts)
+from .uint8_input import add_uint8_input, input_record
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPEED_BATCH = 8
+INPUT_FORMATS = ("float32", "uint8")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class ExportOptions:
     keep_failed: bool = False
     threads: int | None = None
     speed_check: bool = True                # time FP32 vs INT8 on this machine
+    input_format: str = "float32"           # "float32" NCHW normalised | "uint8" NHWC resize+crop (see uint8_input)
 
 
 @dataclass
@@ -182,6 +187,8 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     names, pixels, reference = _reference(head, spec, threads)
     step("running the artifact at batch sizes 1, 3, 8")
     precision = manifest["precision"]
+    if manifest.get("input", {}).get("dtype") == "uint8":
+        pixels = crops_of([img for _, img in parity_images()], spec.preprocess)
     with OrtRunner(artifact / MODEL_FILE, spec.embedding.dim, threads=threads) as runner:
         return parity_report(reference, runner, pixels, spec.thresholds(precision), precision, names)
 
@@ -193,13 +200,48 @@ def _write_artifact(out: Path, model: Path, manifest: dict) -> None:
         write_json_atomic(stage / MANIFEST, manifest)
 
 
+def _finish_graph(spec: ModelSpec, opts: ExportOptions, model: Path, work: Path, parity_set: tuple,
+                  optimizations: list[str], step: Step) -> tuple[Path, dict | None, dict]:
+    """Precision (INT8 / FP16), then the uint8 input if asked, then the parity gate on the final graph.
+    Returns (model path, quantization record, parity report); uint8 graphs are fed the uint8 parity crops."""
+    names, pixels, reference = parity_set
+    quant, report = None, None
+    if opts.precision == "int8":
+        model, quant, report = _quantize_best(spec, model, work, reference, pixels, names, opts, step)
+    elif opts.precision == "fp16":
+        step("converting to FP16 (normalisations and softmax kept in FP32)")
+        model = convert_fp16(model, work / "fp16.onnx")
+        optimizations.append("fp16")
+    if opts.input_format == "uint8":
+        step("adding the uint8 NHWC input (normalisation inside the graph)")
+        model = add_uint8_input(model, work / "uint8.onnx", spec.preprocess)
+        pixels, report = crops_of([img for _, img in parity_images()], spec.preprocess), None
+        optimizations.append("uint8-input")
+    if report is None:
+        step("checking parity" + (" (uint8 crops of the parity images)" if opts.input_format == "uint8" else ""))
+        with OrtRunner(model, spec.embedding.dim, threads=opts.threads) as r:
+            report = parity_report(reference, r, pixels, spec.thresholds(opts.precision), opts.precision, names)
+    return model, quant, report
+
+
 def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | None = None,
                  step: Step = lambda s: None) -> ExportResult:
-    """Export ``name`` to the artifact directory ``out`` and gate it on parity. See module docstring."""
+    """Export ``name`` to the artifact directory ``out`` and gate it on parity. See module docstring.
+
+    The whole export holds ``out``'s export lock: concurrent exports to one directory run one after the
+    other, and work directories of killed exports are cleaned by the next one (artifact.clean_stale).
+    """
+    with export_lock(out):
+        return _export_locked(name, out, opts, step)
+
+
+def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions | None, step: Step) -> ExportResult:
     opts = opts or ExportOptions()
     spec = name if isinstance(name, ModelSpec) else get_spec(name)
     if opts.precision not in ("fp32", "fp16", "int8"):
         raise ExportError(f"precision {opts.precision!r} is not supported; expected 'fp32', 'fp16' or 'int8'")
+    if opts.input_format not in INPUT_FORMATS:
+        raise ExportError(f"input_format {opts.input_format!r} is not supported; expected one of {list(INPUT_FORMATS)}")
     out = Path(out)
     t0 = time.perf_counter()
     step(f"loading {spec.name} ({'random init' if opts.random_init else opts.weights or 'hub'})")
@@ -222,18 +264,8 @@ def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | N
             fused = optimize_transformer(model, work / "fused.onnx", spec)
             model = work / "fused.onnx"
             optimizations.append("ort-transformer-fusion")
-        quant = None
-        if opts.precision == "int8":
-            model, quant, report = _quantize_best(spec, model, work, reference, pixels, names, opts, step)
-        else:
-            if opts.precision == "fp16":
-                step("converting to FP16 (normalisations and softmax kept in FP32)")
-                model = convert_fp16(model, work / "fp16.onnx")
-                optimizations.append("fp16")
-            step("checking parity")
-            with OrtRunner(model, spec.embedding.dim, threads=opts.threads) as r:
-                report = parity_report(reference, r, pixels, spec.thresholds(opts.precision), opts.precision,
-                                       names)
+        model, quant, report = _finish_graph(spec, opts, model, work, (names, pixels, reference), optimizations,
+                                             step)
         manifest, notes = _manifest(spec, opts, model, report, quant, optimizations, fused,
                                     time.perf_counter() - t0)
         if not report["passed"] and not opts.keep_failed:
@@ -256,7 +288,6 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, model: Path, report: dict, q
                "prefer the FP32 artifact for speed on this CPU.")
         warnings.warn(msg, Int8SlowerWarning, stacklevel=3)
         notes.append(msg)
-    h, w = spec.input_hw
     manifest = {
         "format_version": FORMAT_VERSION,
         "status": "passed" if report["passed"] else "failed",
@@ -265,8 +296,7 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, model: Path, report: dict, q
         "source": source_record(spec, opts.weights, opts.random_init, opts.seed),
         "precision": opts.precision,
         "opset": opts.opset,
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [None, 3, h, w], "layout": "NCHW",
-                  "values": "preprocessed (rescaled and mean/std-normalised) RGB"},
+        "input": input_record(spec.preprocess, opts.input_format),
         "output": {"name": OUTPUT_NAME, "dim": spec.embedding.dim, "normalized": spec.embedding.normalize,
                    "dtype": "float32"},
         "preprocess": spec.preprocess.to_dict(),

@@ -38,6 +38,8 @@ class QuantConfig:
     reduce_range: bool = False
     op_types: tuple[str, ...] | None = None
     calibrate_method: str = "minmax"  # static only: "minmax" | "percentile" | "entropy"
+    symmetric: bool = False       # static only: zero-point-free activations and weights (TensorRT needs it)
+    quantize_bias: bool = True    # QDQ only: False keeps biases float (TensorRT has no int32 DequantizeLinear)
     why: str = ""
 
     def to_dict(self) -> dict:
@@ -60,7 +62,13 @@ PRESETS: dict[str, QuantConfig] = {
     "static-qdq": QuantConfig(
         "static-qdq", "static", quant_format="QDQ", per_channel=True, calibrate_method="minmax",
         op_types=("Conv", "MatMul", "Gemm", "Add", "MaxPool", "GlobalAveragePool"),
-        why="CNNs: QDQ graph (portable to TensorRT); measured slower than FP32 on AVX2-only CPUs"),
+        why="CNNs: QDQ graph; measured slower than FP32 on AVX2-only CPUs"),
+    "static-qdq-trt": QuantConfig(
+        "static-qdq-trt", "static", quant_format="QDQ", weight_type="int8", activation_type="int8",
+        per_channel=False, symmetric=True, quantize_bias=False, calibrate_method="minmax",
+        op_types=("Conv", "MatMul", "Gemm"),
+        why="TensorRT explicit quantization (export --trt --int8): symmetric int8 Q/DQ (TensorRT rejects "
+            "non-zero zero points) on the compute-heavy ops, per-tensor scales; unfused graph"),
 }
 TRANSFORMER_DEFAULT = "dynamic"
 CNN_CANDIDATES = ("static-qoperator", "static-qdq")
@@ -105,6 +113,12 @@ def _qtype(name: str):
         raise ExportError(f"unknown quantized type {name!r}; expected 'int8' or 'uint8'") from None
 
 
+def _qdq_options(config: QuantConfig) -> dict:
+    """ORT quantizer options for TensorRT-style Q/DQ (only set when asked: ORT's defaults stay otherwise)."""
+    out = {"ActivationSymmetric": True, "WeightSymmetric": True} if config.symmetric else {}
+    return out if config.quantize_bias else {**out, "QuantizeBias": False}
+
+
 def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
              calibration: Iterable[np.ndarray] | None = None, input_name: str = "pixel_values") -> Path:
     """Quantize ``src`` into ``dst`` according to ``config``; static modes need ``calibration`` batches."""
@@ -134,7 +148,7 @@ def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
                                   quant_format=fmt, op_types_to_quantize=ops, per_channel=config.per_channel,
                                   reduce_range=config.reduce_range, activation_type=_qtype(config.activation_type),
                                   weight_type=_qtype(config.weight_type), calibrate_method=method,
-                                  extra_options=extra)
+                                  extra_options={**extra, **_qdq_options(config)})
             else:
                 raise ExportError(f"unknown quantization mode {config.mode!r}")
     except ExportError:

@@ -2,20 +2,25 @@
 
 ``load()`` picks the backend: an artifact directory runs on ONNX Runtime (after its checksums are
 verified), a registry name runs the PyTorch original. Whatever the backend, decoding and preprocessing are
-the one implementation in :mod:`imgembed.preprocess`.
+the one implementation in :mod:`imgembed.preprocess` (``decode="exact"``, the default, HF-identical) or its
+fast variant in :mod:`imgembed.fastdecode` (``decode="fast"``). Each item becomes a uint8 model-size crop;
+a uint8-input artifact takes the crops as they are, every other runner gets them normalised to float32
+NCHW. ``workers=N`` decodes in N threads overlapped with inference (:mod:`imgembed.jobs.pipeline`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..artifact import MODEL_FILE, read_manifest, verify
 from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
-from ..preprocess import PreprocessSpec, load_image, preprocess_batch
+from ..fastdecode import check_mode, crops_to_pixels, load_crop
+from ..jobs.pipeline import BatchResult, pipelined_batches
+from ..preprocess import PreprocessSpec
 from ..registry import ModelSpec, get_spec, registry
 from .base import Runner
 
@@ -37,7 +42,7 @@ class Embedder:
 
     def __init__(self, runner: Runner, preprocess: PreprocessSpec, *, name: str, precision: str,
                  normalized: bool, manifest: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_pixels: int = 64_000_000):
+                 max_pixels: int = 64_000_000, decode: str = "exact", workers: int = 0):
         self.runner = runner.activate()
         self.preprocess = preprocess
         self.name = name
@@ -46,10 +51,18 @@ class Embedder:
         self.manifest = manifest
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.decode = check_mode(decode)
+        self.workers = workers
+        self.artifact_path: Path | None = None   # set by load_artifact
 
     @property
     def dim(self) -> int:
         return self.runner.output_dim
+
+    @property
+    def input_format(self) -> str:
+        """``"uint8"`` when the runner takes uint8 NHWC crops (a uint8 artifact), else ``"float32"`` (NCHW)."""
+        return "uint8" if self.runner.input_spec.dtype == "uint8" else "float32"
 
     def __repr__(self) -> str:
         return f"Embedder({self.name!r}, backend={self.runner.backend}, precision={self.precision}, dim={self.dim})"
@@ -64,56 +77,75 @@ class Embedder:
         self.close()
 
     def embed_pixels(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """Embed already-preprocessed float32 NCHW pixels."""
+        """Embed already-preprocessed pixels in the runner's input format: float32 NCHW, or uint8 NHWC crops
+        for a uint8 artifact (see :attr:`input_format`)."""
         bs = self.batch_size if batch_size is None else batch_size
         return np.concatenate([self.runner.infer(pixels[i:i + bs]) for i in range(0, len(pixels), bs)])
 
-    def embed(self, items: Iterable[Any], *, batch_size: int | None = None, on_error: str = "raise"):
+    def embed(self, items: Iterable[Any], *, batch_size: int | None = None, on_error: str = "raise",
+              workers: int | None = None, decode: str | None = None):
         """Embed images (paths, PIL images, uint8 arrays, encoded bytes).
 
         ``on_error="raise"`` (default): returns float32 ``(N, dim)``; the first undecodable item raises
         ImageDecodeError naming it. ``on_error="report"``: returns an :class:`EmbedResult` with the vectors
-        of every good item and one error per bad item (the good items are never lost).
+        of every good item and one error per bad item (the good items are never lost). ``workers`` (decode
+        threads, default the Embedder's) and ``decode`` ("exact" | "fast") override the Embedder's settings.
         """
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}; expected one of {list(ON_ERROR)}")
-        bs = self.batch_size if batch_size is None else batch_size
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {bs}")
         if isinstance(items, (str, bytes, os.PathLike)) or not hasattr(items, "__iter__"):
             items = [items]  # a single image is a batch of one
         vectors, indices, errors = [], [], []
-        batch: list = []
-        for index, item in enumerate(items):
-            try:
-                batch.append((index, load_image(item, name=self._item_name(item, index),
-                                                max_pixels=self.max_pixels)))
-            except ImageDecodeError as e:
-                if on_error == "raise":
-                    raise
-                errors.append((index, str(e)))
-            if len(batch) == bs:
-                self._flush(batch, vectors, indices)
-        if batch:
-            self._flush(batch, vectors, indices)
+        for res in self.iter_batches(items, batch_size=batch_size, workers=workers, decode=decode):
+            if res.errors and on_error == "raise":
+                raise res.errors[0][1]
+            vectors.append(res.vectors)
+            indices += res.indices
+            errors += [(i, str(e)) for i, e in res.errors]
         out = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
         return out if on_error == "raise" else EmbedResult(out, indices, errors)
+
+    def iter_batches(self, items: Iterable[Any], *, batch_size: int | None = None, workers: int | None = None,
+                     decode: str | None = None, catch: tuple = (ImageDecodeError,)) -> Iterator[BatchResult]:
+        """Stream :class:`~imgembed.jobs.pipeline.BatchResult` s over ``items`` (consumed lazily, in order,
+        bounded memory); failures of the types in ``catch`` are reported in the batches, never raised."""
+        bs = self.batch_size if batch_size is None else batch_size
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        mode = check_mode(self.decode if decode is None else decode)
+        workers = self.workers if workers is None else workers
+
+        uint8 = self.input_format == "uint8"
+
+        def prepare(pair: tuple[int, Any]) -> np.ndarray:
+            """One model input, made in a decode thread: the crop, or (float runners) its normalised CHW."""
+            index, item = pair
+            crop = load_crop(item, self.preprocess, mode, name=self._item_name(item, index),
+                             max_pixels=self.max_pixels)
+            return crop if uint8 else crops_to_pixels(crop[None], self.preprocess)[0]
+
+        def infer(inputs: list[np.ndarray]) -> np.ndarray:
+            return self.runner.infer(np.stack(inputs))
+
+        return pipelined_batches(prepare, infer, enumerate(items), batch_size=bs, workers=workers, catch=catch,
+                                 dim=self.dim)
+
+    def infer_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed uint8 ``(H, W, 3)`` model-size crops (as :func:`imgembed.fastdecode.load_crop` returns)."""
+        batch = np.stack(crops)
+        if self.input_format == "uint8":
+            return self.runner.infer(batch)
+        return self.runner.infer(crops_to_pixels(batch, self.preprocess))
 
     @staticmethod
     def _item_name(item: Any, index: int) -> str | None:
         return None if isinstance(item, (str, os.PathLike)) else f"item {index}"
 
-    def _flush(self, batch: list, vectors: list, indices: list) -> None:
-        pixels = preprocess_batch([img for _, img in batch], self.preprocess)
-        vectors.append(self.runner.infer(pixels))
-        indices.extend(i for i, _ in batch)
-        batch.clear()
-
 
 def load_artifact(path: str | Path, *, device: str = "cpu", threads: int | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, verify_checksums: bool = True,
-                  allow_failed: bool = False) -> Embedder:
-    """An Embedder over an exported artifact (ONNX Runtime)."""
+                  allow_failed: bool = False, decode: str = "exact", workers: int = 0) -> Embedder:
+    """An Embedder over an exported artifact (ONNX Runtime); ``decode``/``workers``: see :class:`Embedder`."""
     from .ort_runner import OrtRunner
 
     path = Path(path)
@@ -125,14 +157,16 @@ def load_artifact(path: str | Path, *, device: str = "cpu", threads: int | None 
                             "pass allow_failed=True to load it anyway")
     runner = OrtRunner(path / MODEL_FILE, int(manifest["output"]["dim"]), device=device, threads=threads,
                        name=f"onnxruntime[{manifest['name']}-{manifest['precision']}]")
-    return Embedder(runner, PreprocessSpec.from_dict(manifest["preprocess"]), name=manifest["name"],
-                    precision=manifest["precision"], normalized=bool(manifest["output"]["normalized"]),
-                    manifest=manifest, batch_size=batch_size)
+    emb = Embedder(runner, PreprocessSpec.from_dict(manifest["preprocess"]), name=manifest["name"],
+                   precision=manifest["precision"], normalized=bool(manifest["output"]["normalized"]),
+                   manifest=manifest, batch_size=batch_size, decode=decode, workers=workers)
+    emb.artifact_path = path
+    return emb
 
 
 def load_original(spec: ModelSpec | str, *, weights: str | Path | None = None, random_init: bool = False,
                   device: str = "cpu", threads: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                  attn: str = "sdpa") -> Embedder:
+                  attn: str = "sdpa", decode: str = "exact", workers: int = 0) -> Embedder:
     """An Embedder over the PyTorch original of a registry model."""
     from ..families import load_original as build
     from .torch_runner import TorchRunner
@@ -142,14 +176,16 @@ def load_original(spec: ModelSpec | str, *, weights: str | Path | None = None, r
     runner = TorchRunner(head, spec.input_hw, spec.embedding.dim, device=device, threads=threads,
                          name=f"torch[{spec.name}]")
     return Embedder(runner, spec.preprocess, name=spec.name, precision="fp32",
-                    normalized=spec.embedding.normalize, batch_size=batch_size)
+                    normalized=spec.embedding.normalize, batch_size=batch_size, decode=decode, workers=workers)
 
 
 def load(name_or_path: str | Path, **kwargs: Any) -> Embedder:
     """Load an artifact directory (ONNX Runtime) or a registry name (PyTorch original).
 
-    Artifact keywords: device, threads, batch_size, verify_checksums, allow_failed.
-    Registry keywords: weights (save_pretrained dir), random_init, device, threads, batch_size.
+    Artifact keywords: device, threads, batch_size, verify_checksums, allow_failed, decode, workers.
+    Registry keywords: weights (save_pretrained dir), random_init, device, threads, batch_size, decode, workers.
+    ``decode="fast"`` decodes large JPEGs at reduced size (see :mod:`imgembed.fastdecode`); ``workers=N``
+    decodes in N threads overlapped with inference.
     """
     p = Path(name_or_path)
     if p.is_dir():

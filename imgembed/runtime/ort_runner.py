@@ -10,6 +10,7 @@ from ..errors import ArtifactError, BackendUnavailableError
 from .base import InputSpec, Runner
 
 _ORT_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
+CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 
 def available_providers() -> list[str]:
@@ -36,18 +37,46 @@ def resolve_providers(device: str) -> list[str]:
     raise BackendUnavailableError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
 
 
+def cuda_provider_options(cudnn_conv_algo_search: str | None = None, **options) -> dict[str, str]:
+    """Options of ONNX Runtime's CUDAExecutionProvider (values as strings, as ORT takes them).
+
+    ``cudnn_conv_algo_search``: EXHAUSTIVE (ORT's default: benchmark every cuDNN algorithm per new input
+    shape; slow first call per batch size), HEURISTIC (cuDNN's pick, no benchmarking) or DEFAULT. Other
+    keys (``device_id``, ``gpu_mem_limit``, ``arena_extend_strategy``...) are passed through.
+    """
+    out = {k: str(v) for k, v in options.items()}
+    if cudnn_conv_algo_search is not None:
+        if cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
+            raise ValueError(f"cudnn_conv_algo_search={cudnn_conv_algo_search!r}; expected one of "
+                             f"{list(CUDNN_CONV_ALGO_SEARCH)}")
+        out["cudnn_conv_algo_search"] = cudnn_conv_algo_search
+    return out
+
+
+def _with_cuda_options(providers: list, options: dict[str, str]) -> list:
+    return [("CUDAExecutionProvider", options) if p == "CUDAExecutionProvider" and options else p for p in providers]
+
+
 class OrtRunner(Runner):
-    """Runs an ONNX model with ONNX Runtime. The session is created on activate()."""
+    """Runs an ONNX model with ONNX Runtime. The session is created on activate().
+
+    ``cuda_options`` (device="cuda"): CUDAExecutionProvider options, see :func:`cuda_provider_options`.
+    ``io_binding``: run through an ``IOBinding`` (input bound from host memory, output allocated by ORT on
+    the session's device and copied back once) instead of ``session.run``.
+    """
 
     backend = "onnxruntime"
 
     def __init__(self, model_path: str | Path, output_dim: int, *, device: str = "cpu",
-                 threads: int | None = None, providers: Sequence[str] | None = None, name: str | None = None):
+                 threads: int | None = None, providers: Sequence[str] | None = None, name: str | None = None,
+                 cuda_options: dict | None = None, io_binding: bool = False):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ArtifactError(f"ONNX model {self.model_path} does not exist")
         self.device = device
         self.providers = list(providers) if providers else resolve_providers(device)
+        self.providers = _with_cuda_options(self.providers, cuda_provider_options(**(cuda_options or {})))
+        self.io_binding = io_binding
         self.threads = threads
         self.session = None
         super().__init__(InputSpec("pixel_values", "float32", (None, None, None, None)), output_dim,
@@ -56,6 +85,9 @@ class OrtRunner(Runner):
     def _activate_impl(self) -> None:
         import onnxruntime as ort
 
+        from ..artifact import check_external_data
+
+        check_external_data(self.model_path)  # refuse data outside the directory before ORT reads it
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
@@ -71,7 +103,14 @@ class OrtRunner(Runner):
         self._output_name = self.session.get_outputs()[0].name
 
     def _infer_impl(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self._output_name], {self.input_spec.name: x})[0]
+        if not self.io_binding:
+            return self.session.run([self._output_name], {self.input_spec.name: x})[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_spec.name, x)
+        on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
+        binding.bind_output(self._output_name, "cuda" if on_gpu else "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def _deactivate_impl(self) -> None:
         self.session = None

@@ -7,7 +7,9 @@ first -- runs ``infer`` once, and answers every submission with its own rows. In
 event loop: ``await batcher.infer(pixels)`` only enqueues and waits on a future.
 
 Bounded: :meth:`Batcher.admit` counts a request's images from admission to answer and raises
-:class:`QueueFullError` beyond ``max_queue``, so decode work, queue and memory stay bounded under overload.
+:class:`QueueFullError` beyond ``max_queue`` -- and, with ``max_wait_s``, when the pending images would
+take longer than that to infer at the measured speed -- so decode work, queue, memory and queueing time
+stay bounded under overload (the excess gets 429 at once instead of a 504 later).
 A submission whose caller gave up (timeout, disconnect) is cancelled and skipped if not yet running.
 """
 from __future__ import annotations
@@ -54,7 +56,8 @@ class Batcher:
     """Groups submissions for one model into batches of at most ``max_batch`` rows; one worker thread."""
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_delay_s: float,
-                 max_queue: int, name: str = "model", on_batch: Callable[[BatchStats], None] | None = None):
+                 max_queue: int, max_wait_s: float | None = None, name: str = "model",
+                 on_batch: Callable[[BatchStats], None] | None = None):
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be >= 1, "
                              f"max_delay_s={max_delay_s} >= 0")
@@ -62,7 +65,10 @@ class Batcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
         self._infer = infer
+        self._sec_per_image = 0.0  # moving average of inference seconds per image (0 before the first batch)
+        self._pre_sec_per_image = 0.0  # moving average of decode + preprocess seconds per image
         self._on_batch = on_batch
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
@@ -102,16 +108,54 @@ class Batcher:
         """Images waiting in the queue (not yet running)."""
         return self._queued_rows
 
+    @property
+    def seconds_per_image(self) -> float:
+        """Recent inference + decode/preprocess seconds per image (both share the CPU on a CPU server)."""
+        return self._sec_per_image + self._pre_sec_per_image
+
+    @property
+    def estimated_wait_s(self) -> float:
+        """Seconds the images pending now will take, at the recent seconds per image."""
+        return self._pending * self.seconds_per_image
+
+    def record_preprocess(self, seconds: float, n: int) -> None:
+        """Report that decoding + preprocessing ``n`` images took ``seconds`` (feeds the wait estimate)."""
+        if n > 0:
+            per_image = seconds / n
+            old = self._pre_sec_per_image
+            self._pre_sec_per_image = per_image if not old else 0.7 * old + 0.3 * per_image
+
+    def _refusal(self, n: int) -> str | None:
+        """Why ``n`` more images cannot be admitted now (caller holds the lock), or None."""
+        if self._pending + n > self.max_queue:
+            return f"queue full ({self._pending} of {self.max_queue} images pending, this request has {n})"
+        per_image = self.seconds_per_image
+        wait = (self._pending + n) * per_image
+        if self.max_wait_s is not None and self._pending and wait > self.max_wait_s:
+            return (f"queue too slow: {self._pending} images pending at {per_image * 1e3:.0f} ms each "
+                    f"= {wait:.2f} s estimated wait with this request > max_wait_s={self.max_wait_s:g}")
+        return None
+
+    def check_capacity(self, n: int = 1) -> None:
+        """QueueFullError if ``n`` more images could not be admitted now (nothing is reserved): lets a
+        server refuse a request before spending time on reading its body."""
+        with self._cond:
+            reason = self._refusal(n)
+        if reason:
+            raise QueueFullError(f"model {self.name!r}: {reason}; retry later")
+
     @contextlib.contextmanager
     def admit(self, n: int) -> Iterator[None]:
-        """Hold ``n`` images of capacity for the duration of the block; QueueFullError if it is not there."""
+        """Hold ``n`` images of capacity for the duration of the block; QueueFullError if the queue is full
+        or (with ``max_wait_s``) if the pending images would take longer than that to infer."""
         if not 1 <= n <= self.max_queue:
             raise ValueError(f"cannot admit {n} images: expected 1..max_queue={self.max_queue}")
         with self._cond:
-            if self._pending + n > self.max_queue:
-                raise QueueFullError(f"model {self.name!r}: queue full ({self._pending} of {self.max_queue} "
-                                     f"images pending, this request has {n}); retry later")
-            self._pending += n
+            reason = self._refusal(n)
+            if reason is None:
+                self._pending += n
+        if reason:
+            raise QueueFullError(f"model {self.name!r}: {reason}; retry later")
         try:
             yield
         finally:
@@ -197,6 +241,8 @@ class Batcher:
                 item.future.set_exception(e)
             return
         elapsed = time.monotonic() - started
+        per_image = elapsed / len(x)
+        self._sec_per_image = per_image if not self._sec_per_image else 0.7 * self._sec_per_image + 0.3 * per_image
         offset = 0
         for item in items:
             item.future.set_result(out[offset:offset + item.rows])

@@ -31,11 +31,17 @@ class ServeConfig:
     decode_workers: int = 2              # threads decoding + preprocessing uploads
     retry_after_s: int = 1               # Retry-After header of 429 and 503 answers
     drain_timeout_s: float = 30.0        # graceful shutdown: how long in-flight requests may take
+    max_connections: int = 512           # concurrent connections + requests (uvicorn answers 503 beyond)
+    max_wait_s: float | None = None      # 429 when the pending images would take longer than this to decode
+                                         # and infer (measured speed); None: 0.8 x timeout_s
+    batch_invariant: bool = False        # dynamic-INT8 artifacts (which quantize per batch): run each image
+                                         # alone, so a vector never depends on the other images of a batch
 
     def __post_init__(self) -> None:
         _check_int("port", self.port, 0, 65535)
         for name, low in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024), ("max_images", 1),
-                          ("max_pixels", 1), ("decode_workers", 1), ("retry_after_s", 0)):
+                          ("max_pixels", 1), ("decode_workers", 1), ("retry_after_s", 0),
+                          ("max_connections", 1)):
             _check_int(name, getattr(self, name), low, None)
         if self.threads is not None:
             _check_int("threads", self.threads, 1, None)
@@ -43,6 +49,8 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
                 raise ServeConfigError(f"{name}={value!r}: expected a number >= {low}")
+        if self.max_wait_s is not None and not (isinstance(self.max_wait_s, (int, float)) and self.max_wait_s > 0):
+            raise ServeConfigError(f"max_wait_s={self.max_wait_s!r}: expected a number > 0 (or None: 0.8 x timeout_s)")
         if self.max_queue < self.max_images:
             raise ServeConfigError(f"max_queue={self.max_queue} is smaller than max_images={self.max_images}: "
                                    "a full-size request could never be admitted; raise max_queue")
@@ -50,6 +58,11 @@ class ServeConfig:
     @property
     def max_delay_s(self) -> float:
         return self.max_delay_ms / 1000.0
+
+    @property
+    def admission_wait_s(self) -> float:
+        """Estimated queueing time above which a request is refused with 429."""
+        return self.max_wait_s if self.max_wait_s is not None else 0.8 * self.timeout_s
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -70,8 +70,7 @@ class Metrics:
         self.requests.labels(label, str(code)).inc()
         if kind is not None:
             self.errors.labels(label, kind).inc()
-        if code < 500 or code in (503, 504):
-            self.latency.labels(label).observe(seconds)
+        self.latency.labels(label).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,6 +37,21 @@ class ServedModel:
         e = self.embedder
         return {"id": self.id, "aliases": list(self.aliases), "name": e.name, "precision": e.precision,
                 "dim": e.dim, "normalized": e.normalized, "input_size": list(e.preprocess.output_hw)}
+
+    @property
+    def batch_dependent(self) -> bool:
+        """True for dynamically quantized artifacts: activations are quantized with a scale computed over
+        the whole batch, so an image's vector shifts slightly with the other images of its batch."""
+        quant = ((self.embedder.manifest or {}).get("export") or {}).get("quantization") or {}
+        return (quant.get("preset") or {}).get("mode") == "dynamic"
+
+    def infer_fn(self, batch_invariant: bool) -> Callable[[np.ndarray], np.ndarray]:
+        """The batcher's inference function: the runner's, or -- for a batch-dependent artifact served
+        ``batch_invariant`` -- one call per image, so a vector never depends on the other images."""
+        infer = self.embedder.runner.infer
+        if not (batch_invariant and self.batch_dependent):
+            return infer
+        return lambda x: np.concatenate([infer(x[i:i + 1]) for i in range(len(x))])
 
     def warm_up(self, max_batch: int) -> None:
         """Run batches of 1 and ``max_batch`` zero images so the first real request pays no set-up cost."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
 
@@ -27,6 +28,9 @@ from ..preprocess import PreprocessSpec, load_image, preprocess_batch
 from .config import ServeConfig
 from .errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
 
+from ..decode_guard import decode_formats
+
+PROBE_FORMATS = decode_formats()  # the plugins load_image itself allows: header probes use no others
 FORM_LIMIT = 10_000  # parts per multipart body; the body-size limit is what really bounds a request
 
 
@@ -55,6 +59,7 @@ class Prepared:
     pixels: np.ndarray | None                     # (len(ok), 3, H, W) float32, or None if none decoded
     ok: list[int] = field(default_factory=list)   # request index of each pixels row
     failures: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (kind, message)
+    seconds: float = 0.0                          # wall time of decoding + preprocessing
 
 
 # ---------------------------------------------------------------------------------- reading the body
@@ -151,8 +156,8 @@ async def _read_multipart(request) -> tuple[list[Upload], str | None]:
 def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Encoded bytes -> RGB image; PixelLimitError (from the declared size, before decoding) or
     ImageDecodeError naming ``name`` and the problem."""
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
+    try:  # header only, and only with the plugins load_image itself allows
+        with Image.open(io.BytesIO(data), formats=PROBE_FORMATS) as probe:
             w, h = probe.size
     except Image.DecompressionBombError as e:
         raise PixelLimitError(f"{name}: too many pixels ({e}); server limit max_pixels={max_pixels}") from None
@@ -178,6 +183,7 @@ def _raw_bytes(upload: Upload) -> bytes:
 
 def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int) -> Prepared:
     """Decode and preprocess every upload; a bad one becomes a failure and never drops the good ones."""
+    started = time.perf_counter()
     images, result = [], Prepared(None)
     for i, up in enumerate(uploads):
         try:
@@ -189,4 +195,5 @@ def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int) ->
             result.failures[i] = ("decode", str(e))
     if images:
         result.pixels = preprocess_batch(images, spec)
+    result.seconds = time.perf_counter() - started
     return result

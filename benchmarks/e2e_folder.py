@@ -1,0 +1,198 @@
+"""End-to-end embedding of a folder of 1-3 MP JPEGs: the seed pipeline vs imgembed's, in one run.
+
+    python benchmarks/e2e_folder.py                                  # clip-vit-b32 INT8, random init, offline
+    python benchmarks/e2e_folder.py --images 96 --rounds 5 --json reports/e2e_folder.json
+    python benchmarks/e2e_folder.py --artifact A --uint8-artifact B  # your own INT8 artifacts (same original)
+
+Builds (once, cached in --folder) ``--images`` JPEGs (quality 90) from scikit-image's sample photos upscaled
+(bicubic) to 1, 1.5, 2, 2.5 and 3 MP, then measures, interleaved in ``--rounds`` rounds over the whole folder:
+
+  seed            PIL decode + the transformers slow image processor + PyTorch eager FP32 (sdpa), batch 8
+  model-only      ONNX Runtime INT8 (float-input artifact) on float32 tensors preprocessed beforehand, batch B
+  fast-uint8      imgembed: fast decode, decode threads overlapped with inference, uint8-input INT8 artifact
+  fast-float      the same with the float-input INT8 artifact
+  exact-float     exact (HF-identical) decode, pipelined, float-input INT8 artifact
+  exact-serial    exact decode in the caller's thread (the Embedder's default before the pipeline)
+
+Prints throughput (median over rounds) and the ratios the targets are stated in: fast-uint8 / seed (>= 2.5x)
+and fast-uint8 / model-only (>= 0.8); also uint8 vs float input and fast vs exact decoding, plus the cosine
+between fast- and exact-decoded embeddings of every image. Artifacts are exported once into the bench cache
+(``$IMGEMBED_BENCH_CACHE``) with random weights unless given. Measure on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+import imgembed
+from imgembed.bench.host import host_info
+from imgembed.bench.targets import ensure_artifact
+from imgembed.families import load_original, source_record
+from imgembed.fastdecode import crops_of, crops_to_pixels
+from imgembed.registry import get_spec
+from imgembed.samples import parity_images
+
+MEGAPIXELS = (1.0, 1.5, 2.0, 2.5, 3.0)
+SEED_BATCH = 8
+
+
+def build_folder(folder: Path, n: int) -> list[Path]:
+    """``n`` JPEGs (q90) of the parity photos upscaled to 1-3 MP; reused when already there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [(name, img.convert("RGB")) for name, img in parity_images()[:18]]
+    files = []
+    for i in range(n):
+        name, img = photos[i % len(photos)]
+        mp = MEGAPIXELS[(i // len(photos) + i) % len(MEGAPIXELS)]
+        path = folder / f"{i:04d}-{name}-{mp:g}mp.jpg"
+        if not path.exists():
+            s = (mp * 1e6 / (img.width * img.height)) ** 0.5
+            img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC).save(path, quality=90)
+        files.append(path)
+    return files
+
+
+def seed_pipeline(spec, threads: int) -> Callable[[list[Path]], int]:
+    """PIL + transformers slow processor + PyTorch FP32 eager (sdpa), batch 8: the pipeline to beat."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    processor = getattr(transformers, spec.preprocess.processor)(**spec.preprocess.hf_kwargs())
+    head = load_original(spec, random_init=True, attn="sdpa").eval()
+
+    def run(files: list[Path]) -> int:
+        for i in range(0, len(files), SEED_BATCH):
+            images = [Image.open(f).convert("RGB") for f in files[i:i + SEED_BATCH]]
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            with torch.inference_mode():
+                head(pixels)
+        return len(files)
+    return run
+
+
+def model_only(emb, files: list[Path], batch: int) -> Callable[[list[Path]], int]:
+    """Inference alone (``Runner.infer``) on float32 tensors preprocessed beforehand from the same images."""
+    crops = crops_of([Image.open(f).convert("RGB") for f in files], emb.preprocess)
+    batches = [crops_to_pixels(crops[i:i + batch], emb.preprocess) for i in range(0, len(crops), batch)]
+
+    def run(_files: list[Path]) -> int:
+        for pixels in batches:
+            emb.runner.infer(pixels)
+        return len(crops)
+    return run
+
+
+def imgembed_pipeline(emb, batch: int, workers: int, decode: str) -> Callable[[list[Path]], int]:
+    def run(files: list[Path]) -> int:
+        return emb.embed(files, batch_size=batch, workers=workers, decode=decode).shape[0]
+    return run
+
+
+def measure(configs: dict[str, Callable], files: list[Path], rounds: int) -> dict[str, list[float]]:
+    """Images/s of every config per round; forward order on even rounds, reverse on odd ones."""
+    out: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(rounds):
+        for key in (list(configs) if r % 2 == 0 else list(configs)[::-1]):
+            t0 = time.perf_counter()
+            n = configs[key](files)
+            out[key].append(n / (time.perf_counter() - t0))
+            print(f"  round {r + 1}: {key:<13} {out[key][-1]:7.2f} img/s", file=sys.stderr)
+    return out
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def artifacts(args, spec) -> tuple[Path, Path]:
+    if args.artifact and args.uint8_artifact:
+        return Path(args.artifact), Path(args.uint8_artifact)
+    source = source_record(spec, None, True, 0)
+    step = lambda s: print(f"  {s}", file=sys.stderr)  # noqa: E731
+    return (ensure_artifact(spec, "int8", source, step=step),
+            ensure_artifact(spec, "int8", source, step=step, input_format="uint8"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="clip-vit-b32")
+    ap.add_argument("--artifact", help="float-input INT8 artifact (default: exported into the bench cache)")
+    ap.add_argument("--uint8-artifact", help="uint8-input INT8 artifact of the same original")
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16, help="imgembed batch size (the seed uses 8)")
+    ap.add_argument("--workers", type=int, default=None, help="decode threads (default: one per core)")
+    ap.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    ap.add_argument("--folder", type=Path, default=Path("/tmp/imgembed-e2e-folder"))
+    ap.add_argument("--skip", default="", help="comma-separated configs to leave out, e.g. exact-serial")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    from imgembed.bench.host import default_threads
+    from imgembed.jobs.pipeline import default_workers
+
+    spec = get_spec(args.model)
+    threads, workers = args.threads or default_threads(), args.workers if args.workers is not None else default_workers()
+    files = build_folder(args.folder, args.images)
+    art_f, art_u = artifacts(args, spec)
+    emb_f = imgembed.load(art_f, threads=threads)
+    emb_u = imgembed.load(art_u, threads=threads)
+    configs = {"seed": seed_pipeline(spec, threads), "model-only": model_only(emb_f, files, args.batch),
+               "fast-uint8": imgembed_pipeline(emb_u, args.batch, workers, "fast"),
+               "fast-float": imgembed_pipeline(emb_f, args.batch, workers, "fast"),
+               "exact-float": imgembed_pipeline(emb_f, args.batch, workers, "exact"),
+               "exact-serial": imgembed_pipeline(emb_f, args.batch, 0, "exact")}
+    configs = {k: v for k, v in configs.items() if k not in args.skip.split(",")}
+    print(f"{len(files)} JPEGs (1-3 MP) in {args.folder}; {spec.name} INT8; threads {threads}, decode workers "
+          f"{workers}, batch {args.batch}", file=sys.stderr)
+    ips = measure(configs, files, args.rounds)
+    report = summarize(ips, emb_f, emb_u, files, args)
+    report.update(host=host_info(), model=spec.name, images=len(files), threads=threads, workers=workers,
+                  batch=args.batch, artifacts={"float": str(art_f), "uint8": str(art_u)})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summarize(ips: dict[str, list[float]], emb_f, emb_u, files: list[Path], args) -> dict:
+    """Median throughputs, the target ratios, and fast-vs-exact / uint8-vs-float embedding agreement."""
+    med = {k: statistics.median(v) for k, v in ips.items()}
+    ratio = lambda a, b: med[a] / med[b] if a in med and b in med else None  # noqa: E731
+    exact = emb_f.embed(files, batch_size=args.batch, decode="exact")
+    fast = emb_f.embed(files, batch_size=args.batch, decode="fast")
+    cos = cosines(exact, fast)
+    u8 = emb_u.embed(files, batch_size=args.batch, decode="exact")
+    ratios = {"fast-uint8 / seed (target >= 2.5)": ratio("fast-uint8", "seed"),
+              "fast-uint8 / model-only (target >= 0.8)": ratio("fast-uint8", "model-only"),
+              "fast-float / model-only": ratio("fast-float", "model-only"),
+              "fast-uint8 / fast-float": ratio("fast-uint8", "fast-float"),
+              "fast-float / exact-float": ratio("fast-float", "exact-float"),
+              "exact-float / exact-serial": ratio("exact-float", "exact-serial")}
+    report = {"throughput_ips": {k: round(v, 3) for k, v in med.items()},
+              "rounds_ips": {k: [round(x, 3) for x in v] for k, v in ips.items()},
+              "ratios": {k: (None if v is None else round(v, 3)) for k, v in ratios.items()},
+              "fast_vs_exact_cosine": {"min": float(cos.min()), "mean": float(cos.mean())},
+              "uint8_vs_float_max_abs": float(np.abs(u8 - exact).max())}
+    print("\nthroughput (img/s, median of rounds):")
+    for k, v in med.items():
+        print(f"  {k:<13} {v:8.2f}")
+    print("ratios:")
+    for k, v in ratios.items():
+        print(f"  {k:<42} {'n/a' if v is None else f'{v:.2f}x'}")
+    print(f"fast vs exact decode, cosine per image: min {cos.min():.5f}, mean {cos.mean():.5f}")
+    print(f"uint8 vs float input artifact (exact decode): max |diff| {report['uint8_vs_float_max_abs']:.2e}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

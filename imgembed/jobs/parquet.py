@@ -1,0 +1,170 @@
+"""The Parquet layout of embedding jobs, and atomic reads/writes of it (pyarrow; the ``data`` extra).
+
+One row per input image::
+
+    path    string                          the input path as listed
+    vector  fixed_size_list<float32>[dim]   the embedding; null when the image failed
+    error   string                          null when embedded; else why the image failed (names the file)
+
+File-level metadata (schema metadata key ``imgembed``, a JSON object): model name, precision, dim,
+normalized, input_format, decode mode, the artifact's manifest sha256 (null for a PyTorch original),
+imgembed version, created time, row and failure counts. Read it back with :func:`read_embeddings`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from . import JobError
+
+META_KEY = b"imgembed"
+
+
+def _pa():
+    """pyarrow, or a typed error saying how to install it."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BackendUnavailableError("Parquet output needs pyarrow: pip install 'imgembed[data]'") from None
+    return pa, pq
+
+
+@dataclass
+class Rows:
+    """A chunk of job output: one entry per input; ``vectors`` rows of failed inputs are ignored."""
+
+    paths: list[str]
+    vectors: np.ndarray            # (n, dim) float32
+    errors: list[str | None]       # None where embedded
+
+    def __post_init__(self) -> None:
+        n = len(self.paths)
+        if self.vectors.shape[0] != n or len(self.errors) != n:
+            raise ValueError(f"Rows: {n} paths, {self.vectors.shape[0]} vectors, {len(self.errors)} errors; "
+                             "expected one of each per input")
+
+
+def schema(dim: int):
+    """The Arrow schema of job output for ``dim``-dimensional embeddings."""
+    pa, _ = _pa()
+    return pa.schema([("path", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("error", pa.string())])
+
+
+def rows_table(rows: Rows, dim: int):
+    """An Arrow table of ``rows`` in :func:`schema` layout."""
+    pa, _ = _pa()
+    vectors = np.ascontiguousarray(rows.vectors, dtype=np.float32).reshape(-1)
+    mask = pa.array([e is not None for e in rows.errors], pa.bool_())
+    vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors, pa.float32()), type=pa.list_(pa.float32(), dim),
+                                               mask=mask)
+    return pa.Table.from_arrays([pa.array(rows.paths, pa.string()), vector, pa.array(rows.errors, pa.string())],
+                                schema=schema(dim))
+
+
+def write_atomic(table, path: Path, metadata: dict | None = None) -> Path:
+    """Write ``table`` to ``path`` through a temporary sibling and ``os.replace`` (never half a file)."""
+    _, pq = _pa()
+    if metadata is not None:
+        table = table.replace_schema_metadata({META_KEY: json.dumps(metadata).encode()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``imgembed`` metadata of a job output file ({} when it has none)."""
+    _, pq = _pa()
+    try:
+        meta = pq.read_schema(str(path)).metadata or {}
+    except Exception as e:
+        raise JobError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return json.loads(meta[META_KEY]) if META_KEY in meta else {}
+
+
+def read_table(path: str | Path, columns: Sequence[str] | None = None):
+    """The table (or some ``columns``) of a Parquet file, with a typed error if it cannot be read."""
+    _, pq = _pa()
+    try:
+        return pq.read_table(str(path), columns=list(columns) if columns else None)
+    except Exception as e:
+        raise JobError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def iter_batches(path: str | Path, rows: int = 8192) -> Iterator:
+    """Record batches of a Parquet file, ``rows`` at a time (bounded memory)."""
+    _, pq = _pa()
+    try:
+        yield from pq.ParquetFile(str(path)).iter_batches(batch_size=rows)
+    except Exception as e:
+        raise JobError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def write_batches_atomic(path: Path, dim: int, batches: Iterable, metadata: dict) -> Path:
+    """Stream record batches (:func:`schema` layout) into ``path`` with ``metadata``, through a temporary
+    sibling and ``os.replace``: bounded memory, and never half a file at ``path``."""
+    pa, pq = _pa()
+    target = schema(dim).with_metadata({META_KEY: json.dumps(metadata).encode()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, target) as writer:
+            for batch in batches:
+                writer.write_table(pa.Table.from_batches([batch]).cast(target))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@dataclass
+class EmbeddingTable:
+    """A job output in numpy form: the embedded rows, and the failures."""
+
+    paths: list[str]                 # embedded paths, in file order
+    vectors: np.ndarray              # (len(paths), dim) float32
+    failures: list[tuple[str, str]]  # (path, error)
+    metadata: dict
+
+
+def read_embeddings(path: str | Path) -> EmbeddingTable:
+    """Load a job's Parquet output: vectors of the good rows as one float32 matrix, failures apart."""
+    table = read_table(path)
+    errors = table.column("error").to_pylist()
+    paths = table.column("path").to_pylist()
+    ok = np.array([e is None for e in errors], bool)
+    dim = table.schema.field("vector").type.list_size
+    good = table.filter(ok) if len(ok) else table
+    flat = good.column("vector").combine_chunks().flatten() if good.num_rows else None
+    vectors = (np.asarray(flat.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim) if flat is not None
+               else np.zeros((0, dim), np.float32))
+    return EmbeddingTable([p for p, k in zip(paths, ok) if k], vectors,
+                          [(p, e) for p, e in zip(paths, errors) if e is not None], read_metadata(path))
+
+
+def concat(tables: Sequence, dim: int):
+    """One table from several in :func:`schema` layout (an empty table when there are none)."""
+    pa, _ = _pa()
+    tables = [t.replace_schema_metadata(None) for t in tables]
+    return pa.concat_tables(tables) if tables else schema(dim).empty_table()

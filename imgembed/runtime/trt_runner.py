@@ -1,0 +1,163 @@
+"""TensorRT backend: runs a serialized engine on a CUDA GPU, buffers held in torch CUDA tensors.
+
+Written against TensorRT's name-based tensor API (TensorRT >= 8.6: ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``), which TensorRT 10 and 11 keep. ``tensorrt`` and ``torch``
+are imported on activation only, so this module imports on any machine.
+
+UNVERIFIED on hardware: no machine of this project has an NVIDIA GPU; the pure-Python parts (profiles,
+keys, compatibility, chunking) are tested, the CUDA path is written to the documented API only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ImgembedError
+from .base import InputSpec, Runner
+from .gpu import current_gpu
+from .trt_engines import BatchProfile, EngineEnv, plan_chunks, select_engine
+
+INSTALL_HINT = ("install TensorRT from NVIDIA's index (pip install tensorrt-cu12, or tensorrt-cu13 for CUDA 13) "
+                "on a machine with an NVIDIA GPU and a CUDA build of torch")
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or BackendUnavailableError saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise BackendUnavailableError(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from None
+    return tensorrt
+
+
+def tensorrt_unavailable(device: str = "cuda") -> str | None:
+    """Why TensorRT cannot run on ``device`` here, or None (no GPU work is done to find out)."""
+    if device != "cuda":
+        return f"TensorRT runs on CUDA GPUs only, not on {device!r}"
+    try:
+        import_tensorrt()
+        import torch
+    except (BackendUnavailableError, ImportError) as e:
+        return str(e)
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def current_env() -> EngineEnv:
+    """This machine's GPU and TensorRT version (what engines are keyed by)."""
+    trt = import_tensorrt()
+    return EngineEnv(current_gpu(), str(trt.__version__))
+
+
+def _torch_dtype(trt, torch, dtype):
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32}
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    if dtype not in table:
+        raise ArtifactError(f"engine I/O tensor of TensorRT type {dtype}; expected one of {sorted(map(str, table))}")
+    return table[dtype]
+
+
+class TrtRunner(Runner):
+    """Runs a TensorRT engine file mapping (N, 3, H, W) float32 -> (N, dim) float32 on CUDA device 0.
+
+    Batches beyond the engine's profile are split (larger than max) or zero-padded (smaller than min).
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, output_dim: int, *, name: str | None = None):
+        self.engine_path = Path(engine_path)
+        if not self.engine_path.is_file():
+            raise ArtifactError(f"TensorRT engine {self.engine_path} does not exist")
+        self.profile: BatchProfile | None = None
+        self._engine = self._context = self._runtime = None
+        super().__init__(InputSpec("pixel_values", "float32", (None, None, None, None)), output_dim,
+                         name or f"tensorrt[{self.engine_path.name}]")
+
+    def _activate_impl(self) -> None:
+        trt = import_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("TensorRT needs a CUDA device; torch.cuda.is_available() is False")
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if engine is None:
+            raise EngineMismatchError(
+                f"TensorRT {trt.__version__} could not deserialize {self.engine_path} on "
+                f"{torch.cuda.get_device_name(0)}: engines only load with the TensorRT version and GPU model "
+                "that built them; rebuild with `imgembed export NAME --trt`")
+        self._engine, self._context = engine, engine.create_execution_context()
+        self._bind_io(trt, torch)
+
+    def _bind_io(self, trt, torch) -> None:
+        engine = self._engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ArtifactError(f"{self.engine_path}: expected one input and one output, got {inputs} -> {outputs}")
+        self._in, self._out = inputs[0], outputs[0]
+        self._in_dtype = _torch_dtype(trt, torch, engine.get_tensor_dtype(self._in))
+        self._out_dtype = _torch_dtype(trt, torch, engine.get_tensor_dtype(self._out))
+        lo, opt, hi = engine.get_tensor_profile_shape(self._in, 0)
+        self.profile = BatchProfile(int(lo[0]), int(opt[0]), int(hi[0]))
+        shape = tuple(engine.get_tensor_shape(self._in))
+        self.input_spec = InputSpec(self._in, "float32", (None, *(d if d > 0 else None for d in shape[1:])))
+
+    def _infer_impl(self, x: np.ndarray) -> np.ndarray:
+        parts = [self._run(x[start:stop], size) for start, stop, size in plan_chunks(len(x), self.profile)]
+        return np.concatenate(parts)
+
+    def _run(self, x: np.ndarray, size: int) -> np.ndarray:
+        import torch
+
+        n = len(x)
+        if size > n:  # below the profile's min batch: zero-pad, drop the padding's outputs
+            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+        stream = torch.cuda.current_stream()
+        inp = torch.from_numpy(np.ascontiguousarray(x)).to("cuda", dtype=self._in_dtype)
+        ctx = self._context
+        if not ctx.set_input_shape(self._in, tuple(inp.shape)):
+            raise ImgembedError(f"{self.name}: TensorRT rejected input shape {tuple(inp.shape)} "
+                                f"(profile {self.profile})")
+        out = torch.empty(tuple(ctx.get_tensor_shape(self._out)), dtype=self._out_dtype, device="cuda")
+        ctx.set_tensor_address(self._in, inp.data_ptr())
+        ctx.set_tensor_address(self._out, out.data_ptr())
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise ImgembedError(f"{self.name}: TensorRT execute_async_v3 failed for a batch of {size}")
+        stream.synchronize()
+        return out[:n].float().cpu().numpy()
+
+    def _deactivate_impl(self) -> None:
+        self._context = self._engine = self._runtime = None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "engine": str(self.engine_path),
+                "profile": None if self.profile is None else self.profile.to_dict()}
+
+
+def engine_records(manifest: dict) -> list[dict]:
+    return list((manifest.get("tensorrt") or {}).get("engines") or [])
+
+
+def artifact_engine(artifact: str | Path, precision: str | None = None, env: EngineEnv | None = None) -> tuple[Path, dict]:
+    """The engine file (and its record) of ``artifact`` that runs on this machine; checksums verified."""
+    from ..artifact import read_manifest, verify
+
+    artifact = Path(artifact)
+    manifest = verify(artifact, read_manifest(artifact))
+    record = select_engine(engine_records(manifest), env or current_env(), precision, where=str(artifact))
+    return artifact / record["file"], record
+
+
+def load_trt_runner(artifact: str | Path, precision: str | None = None) -> TrtRunner:
+    """A TrtRunner over the engine of ``artifact`` built for this GPU and TensorRT version."""
+    from ..artifact import read_manifest
+
+    path, record = artifact_engine(artifact, precision)
+    dim = int(read_manifest(artifact)["output"]["dim"])
+    return TrtRunner(path, dim, name=f"tensorrt[{Path(artifact).name}-{record['precision']}]")

@@ -1,0 +1,31 @@
+"""``imgembed serve``: an HTTP embedding server with dynamic batching and bounded queues.
+
+    from imgembed.serve import ServeConfig, create_app, load_models
+    app = create_app(load_models(["artifacts/clip-vit-b32-int8"], ServeConfig()), ServeConfig())
+
+Needs the ``serve`` extra (fastapi, uvicorn, python-multipart, prometheus-client); importing this package
+does not import them -- :func:`create_app` does.
+"""
+from __future__ import annotations
+
+from .config import ServeConfig, ServeConfigError
+
+
+def create_app(models, config=None):
+    """The FastAPI app over loaded models; see :func:`imgembed.serve.app.create_app`."""
+    from .server import require_serve_extra
+
+    require_serve_extra()
+    from .app import create_app as _create
+
+    return _create(models, config)
+
+
+def load_models(artifacts, config):
+    """Verify and load artifact directories (``PATH`` or ``ID=PATH``) into served models."""
+    from .models import load_models as _load
+
+    return _load(artifacts, config)
+
+
+__all__ = ["ServeConfig", "ServeConfigError", "create_app", "load_models"]

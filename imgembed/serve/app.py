@@ -1,0 +1,349 @@
+"""The ASGI app (FastAPI): embeddings, model list, health, readiness, Prometheus metrics.
+
+``create_app(models, config)`` builds one app over already-loaded :class:`ServedModel` s. Its lifespan
+starts one :class:`Batcher` per model and a decode thread pool, then warms every model up in a background
+thread: ``/healthz`` answers at once, ``/readyz`` (and embedding requests) only once warm-up is done. On
+shutdown the app drains: new embedding requests get 503, in-flight ones finish, then the batchers stop.
+
+Status codes of ``POST /v1/embeddings``: 200 (at least one image embedded; bad images are reported per
+item), 400 (malformed request, or no image could be decoded), 404 (unknown model), 413 (body, image count,
+or every image's pixel count over the limit), 415 (content type), 429 (queue full, or its estimated wait
+over max_wait_s; Retry-After), 503 (warming up or draining, Retry-After), 504 (not finished within the
+per-request timeout).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from .batcher import Batcher
+from .config import ServeConfig
+from .errors import (BadRequestError, ModelNotFoundError, PayloadTooLargeError, RequestTimeoutError, ServeError,
+                     UnavailableError, UndecodableImageError)
+from .metrics import Metrics
+from .models import ServedModel
+from .schemas import EmbeddingResponse, ErrorResponse, Health, ModelInfo, ModelList, Readiness
+from .uploads import Prepared, parse_json_body, prepare, read_uploads
+
+log = logging.getLogger("imgembed.serve")
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share: models, limits, metrics, the decode pool, readiness and draining."""
+
+    config: ServeConfig
+    models: list[ServedModel]
+    metrics: Metrics = field(default_factory=Metrics)
+    pool: ThreadPoolExecutor | None = None
+    ready: bool = False
+    draining: bool = False
+    inflight: int = 0
+    warmup_error: str | None = None
+    warmed: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.lookup = {alias: m for m in self.models for alias in m.aliases}
+        self.lookup.update({m.id: m for m in self.models})
+
+    @property
+    def ids(self) -> list[str]:
+        return [m.id for m in self.models]
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The served model for ``name`` (id or alias); None is fine when exactly one model is served."""
+        if name is None:
+            if len(self.models) == 1:
+                return self.models[0]
+            raise BadRequestError(f"several models are served, name one with ?model=ID (or the 'model' field): "
+                                  f"{self.ids}", extra={"models": self.ids})
+        if name not in self.lookup:
+            raise ModelNotFoundError(f"model {name!r} is not served; served models: {self.ids}",
+                                     extra={"models": self.ids})
+        return self.lookup[name]
+
+    def check_accepting(self) -> None:
+        """503 while warming up, after a failed warm-up, or while draining."""
+        if self.draining:
+            raise UnavailableError("server is shutting down and accepts no new requests")
+        if not self.ready:
+            raise UnavailableError(f"models are not ready yet ({self.status()}); retry shortly")
+
+    def status(self) -> str:
+        if self.draining:
+            return "draining"
+        if self.warmup_error:
+            return "failed"
+        return "ready" if self.ready else "warming_up"
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block (in a non-loop thread) until no embedding request is in flight; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.inflight > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.inflight == 0
+
+
+# ------------------------------------------------------------------------------------------- lifecycle
+def _start(state: ServerState) -> None:
+    """Decode pool, one batcher per model, and warm-up in a background thread."""
+    cfg = state.config
+    state.pool = ThreadPoolExecutor(cfg.decode_workers, thread_name_prefix="imgembed-decode")
+    for m in state.models:
+        if m.batch_dependent and not cfg.batch_invariant:
+            log.warning("%s is dynamically quantized: its vectors vary slightly with the other images of a batch "
+                        "(within its INT8 parity tolerance); --batch-invariant makes them reproducible", m.id)
+        m.batcher = Batcher(m.infer_fn(cfg.batch_invariant), max_batch=cfg.max_batch,
+                            max_delay_s=cfg.max_delay_s, max_queue=cfg.max_queue,
+                            max_wait_s=cfg.admission_wait_s, name=m.id,
+                            on_batch=state.metrics.batch_observer(m.id)).start()
+        state.metrics.track_queue(m.id, lambda b=m.batcher: b.pending)
+    threading.Thread(target=_warm_up, args=(state,), name="imgembed-warmup", daemon=True).start()
+
+
+def _warm_up(state: ServerState) -> None:
+    try:
+        for m in state.models:
+            m.warm_up(state.config.max_batch)
+            state.warmed.add(m.id)
+    except Exception as e:  # reported by /readyz; the server stays unready
+        log.exception("warm-up failed")
+        state.warmup_error = f"{type(e).__name__}: {e}"
+        return
+    state.ready = True
+    state.metrics.ready.set(1)
+    log.info("imgembed serve: ready (%s)", ", ".join(state.ids))
+
+
+def _stop(state: ServerState) -> None:
+    """Refuse new work, let queued batches finish, stop the batchers and the decode pool."""
+    state.begin_drain()
+    for m in state.models:
+        if m.batcher is not None and not m.batcher.stop(timeout=state.config.drain_timeout_s):
+            log.warning("batcher of %s did not finish within %.1f s", m.id, state.config.drain_timeout_s)
+    if state.pool is not None:
+        state.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------ embedding
+@dataclass
+class _Call:
+    """Book-keeping of one embedding request, for metrics."""
+
+    started: float = field(default_factory=time.perf_counter)
+    model: str | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+async def _embed(state: ServerState, request, model_param: str | None, call: _Call):
+    """Read, resolve, admit, decode (thread pool), infer (batcher), answer per item."""
+    loop = asyncio.get_running_loop()
+
+    async def parse_json(body: bytes):
+        return await loop.run_in_executor(state.pool, parse_json_body, body)
+
+    if model_param is not None or len(state.models) == 1:  # 404 / 429 before reading the body
+        early = state.resolve(model_param)
+        call.model = early.id
+        early.batcher.check_capacity()
+    uploads, body_model = await read_uploads(request, state.config, parse_json)
+    served = state.resolve(body_model or model_param)
+    if model_param is not None and served.id != call.model:
+        raise BadRequestError(f"two different models named: query {model_param!r}, body {body_model!r}")
+    call.model = served.id
+    with served.batcher.admit(len(uploads)):
+        prepared = await loop.run_in_executor(state.pool, prepare, uploads, served.embedder.preprocess,
+                                              state.config.max_pixels)
+        served.batcher.record_preprocess(prepared.seconds, len(uploads))
+        state.metrics.images.labels(served.id, "error").inc(len(prepared.failures))
+        if prepared.pixels is None:
+            raise _nothing_embedded(prepared, len(uploads))
+        vectors = await served.batcher.infer(prepared.pixels)
+    state.metrics.images.labels(served.id, "ok").inc(len(prepared.ok))
+    return Response(_response_json(served, prepared, vectors, len(uploads)), media_type="application/json")
+
+
+def _nothing_embedded(prepared: Prepared, n: int) -> ServeError:
+    """413 if every image was over the pixel limit, else 400; the message quotes the per-image errors."""
+    messages = [msg for _, (_, msg) in sorted(prepared.failures.items())]
+    text = messages[0] if n == 1 else (f"none of the {n} images could be embedded: " + "; ".join(messages[:3])
+                                       + (f"; ... ({n - 3} more)" if n > 3 else ""))
+    kinds = {kind for kind, _ in prepared.failures.values()}
+    return PayloadTooLargeError(text) if kinds == {"too_large"} else UndecodableImageError(text)
+
+
+def _response_json(served: ServedModel, prepared: Prepared, vectors, n: int) -> bytes:
+    """EmbeddingResponse as JSON bytes (built directly: validating thousands of floats would cost more)."""
+    rows = {index: row for row, index in enumerate(prepared.ok)}
+    values = vectors.tolist()
+    data = []
+    for i in range(n):
+        if i in rows:
+            data.append({"index": i, "embedding": values[rows[i]], "error": None})
+        else:
+            kind, message = prepared.failures[i]
+            data.append({"index": i, "embedding": None, "error": {"kind": kind, "message": message}})
+    e = served.embedder
+    body = {"model": served.id, "precision": e.precision, "dim": e.dim, "normalized": e.normalized, "data": data,
+            "embedded": len(prepared.ok), "failed": len(prepared.failures)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _embeddings_endpoint(state: ServerState, request, model: str | None):
+    """Run one embedding request under the per-request timeout; count it in the metrics."""
+    call = _Call()
+    state.inflight += 1
+    try:
+        state.check_accepting()
+        response = await asyncio.wait_for(_embed(state, request, model, call), state.config.timeout_s)
+    except asyncio.TimeoutError:
+        state.metrics.record(call.model, 504, call.elapsed, "timeout")
+        model = f" (model {call.model})" if call.model else ""
+        raise RequestTimeoutError(f"request not finished within timeout_s={state.config.timeout_s:g} s{model}; "
+                                  "the server is overloaded or the upload too slow, retry later") from None
+    except ServeError as e:
+        state.metrics.record(call.model, e.status, call.elapsed, e.kind)
+        raise
+    except Exception:
+        state.metrics.record(call.model, 500, call.elapsed, "internal")
+        raise
+    finally:
+        state.inflight -= 1
+    state.metrics.record(call.model, 200, call.elapsed)
+    return response
+
+
+# ------------------------------------------------------------------------------------------------ app
+_ERRORS = {
+    400: "Malformed request, model not named while several are served, or no image of the request could be "
+         "decoded (the message is the decoder's, naming the image).",
+    404: "Unknown model; the body lists the served ones.",
+    413: "Body over max_body_bytes, more than max_images images, or every image over max_pixels.",
+    415: "Content-Type is neither multipart/form-data nor application/json.",
+    429: "The model's queue is full (or would take longer than max_wait_s); retry after Retry-After seconds.",
+    503: "Warming up or shutting down; retry after Retry-After seconds.",
+    504: "Not finished within the per-request timeout.",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+
+def _error_responses() -> dict:
+    return {code: {"model": ErrorResponse, "description": text, **({"headers": _RETRY_AFTER}
+                                                                   if code in (429, 503) else {})}
+            for code, text in _ERRORS.items()}
+
+
+def _request_body_schema(config: ServeConfig, names: list[str]) -> dict:
+    """OpenAPI requestBody of POST /v1/embeddings: multipart uploads or JSON base64."""
+    model = {"type": "string", "enum": names, "description": "Model id or alias (optional with one model)."}
+    images = {"type": "array", "minItems": 1, "maxItems": config.max_images}
+    multipart = {"type": "object", "required": ["image"], "properties": {
+        "image": {**images, "items": {"type": "string", "format": "binary"},
+                  "description": "One part per image (JPEG, PNG, WebP, BMP, GIF, TIFF)."}, "model": model}}
+    as_json = {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
+        "images": {**images, "items": {"type": "string", "format": "byte"},
+                   "description": "Base64-encoded images; a data:image/...;base64, prefix is accepted."},
+        "model": model}}
+    return {"required": True, "content": {"multipart/form-data": {"schema": multipart},
+                                          "application/json": {"schema": as_json}}}
+
+
+def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``models`` (ids must be unique) with the limits of ``config``."""
+    state = ServerState(config or ServeConfig(), list(models))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        _start(state)
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, _stop, state)
+
+    app = FastAPI(title="imgembed", version=__version__, lifespan=lifespan,
+                  description="Image embeddings from ONNX artifacts, with dynamic batching and bounded queues.")
+    app.state.imgembed = state
+    _add_error_handlers(app, state)
+    _add_embedding_route(app, state)
+    _add_info_routes(app, state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
+    """ServeError -> its status and ErrorResponse body (+ Retry-After); anything else -> JSON 500."""
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(_request: Request, exc: ServeError):
+        headers = dict(exc.headers)
+        if exc.status in (429, 503):
+            headers.setdefault("Retry-After", str(state.config.retry_after_s))
+        if state.draining:
+            headers["Connection"] = "close"
+        return JSONResponse({"error": exc.kind, "message": str(exc), **exc.extra}, exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception):  # a bug: JSON body, logged with traceback
+        log.error("internal error", exc_info=exc)
+        return JSONResponse({"error": "internal", "message": f"internal server error ({type(exc).__name__})"}, 500)
+
+
+def _add_embedding_route(app: FastAPI, state: ServerState) -> None:
+    names = sorted(state.lookup)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_error_responses(),
+              openapi_extra={"requestBody": _request_body_schema(state.config, names)}, tags=["embeddings"],
+              summary="Embed one or more images")
+    async def embeddings(request: Request, model: str = Query(  # str, not Optional: no "null" in the schema
+            None, description="Model id or alias; optional when one model is served.",
+            json_schema_extra={"enum": names})):
+        """Embed the images of a multipart upload (``image`` parts) or a JSON body (base64 ``images``).
+
+        Results come back per image in request order; an image that cannot be decoded gets an ``error``
+        instead of an ``embedding`` and never costs the other images theirs. The request fails as a whole
+        (400/413) only when no image could be embedded.
+        """
+        return await _embeddings_endpoint(state, request, model)
+
+
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+    """/v1/models, /healthz, /readyz, /metrics."""
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="List the served models")
+    async def list_models():
+        return ModelList(models=[ModelInfo(**m.describe()) for m in state.models])
+
+    @app.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: the process answers")
+    async def healthz():
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Readiness, tags=["health"], summary="Readiness: models loaded and warm",
+             responses={503: {"model": Readiness, "description": "Warming up, warm-up failed, or draining."}})
+    async def readyz():
+        body = Readiness(ready=state.ready and not state.draining, status=state.status(),
+                         models={m.id: m.id in state.warmed for m in state.models}, message=state.warmup_error)
+        return JSONResponse(body.model_dump(), 200 if body.ready else 503)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format."}})
+    async def metrics():
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)

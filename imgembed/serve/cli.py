@@ -1,0 +1,60 @@
+"""``imgembed serve``: the HTTP embedding server as a sub-command (registered by imgembed.cli).
+
+Only typer is imported here: fastapi/uvicorn are imported when the command runs, so the rest of the CLI
+works without the ``serve`` extra, and ``serve`` itself fails with one line naming the install command.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+
+def serve_cmd(
+    artifacts: List[str] = typer.Argument(..., help="Artifact directories to serve, as PATH or ID=PATH. The id "
+                                          "is the manifest name (NAME-PRECISION when two share a name)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8080, "--port", "-p", min=0, max=65535, help="Port; 0 picks a free one "
+                             "(printed on stdout)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Images per inference call."),
+    max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", min=0, help="How long the oldest queued image "
+                                       "waits for a fuller batch."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Images admitted per model before 429."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="Per-request timeout in seconds (504)."),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Request body limit in MiB (413)."),
+    max_images: int = typer.Option(64, "--max-images", min=1, help="Images per request (413)."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Pixels per image (413 / per item)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime intra-op threads."),
+    decode_workers: int = typer.Option(2, "--decode-workers", min=1, help="Threads decoding uploads."),
+    retry_after: int = typer.Option(1, "--retry-after", min=0, help="Retry-After seconds of 429/503 answers."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0, help="On SIGTERM: seconds in-flight "
+                                        "requests may take before shutdown."),
+    max_wait: Optional[float] = typer.Option(None, "--max-wait", min=0.001, help="429 when a model's pending "
+                                             "images would take longer than this (s) to infer "
+                                             "[default: 0.8 x --timeout]."),
+    max_connections: int = typer.Option(512, "--max-connections", min=1, help="Concurrent connections "
+                                        "(503 beyond)."),
+    batch_invariant: bool = typer.Option(False, "--batch-invariant", help="For dynamically quantized (INT8) "
+                                         "artifacts, which quantize per batch: run each image alone, so a "
+                                         "vector never depends on other requests. Costs throughput."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+) -> None:
+    """Serve ARTIFACTS over HTTP: POST /v1/embeddings, GET /v1/models, /healthz, /readyz, /metrics."""
+    from ..cli import _errors
+    from .config import ServeConfig
+    from .server import run
+
+    with _errors():
+        config = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                             max_queue=max_queue, timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
+                             max_images=max_images, max_pixels=max_pixels, threads=threads,
+                             decode_workers=decode_workers, retry_after_s=retry_after, drain_timeout_s=drain_timeout,
+                             batch_invariant=batch_invariant, max_connections=max_connections,
+                             max_wait_s=max_wait)
+        run(artifacts, config, log_level=log_level, access_log=access_log)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` to the imgembed CLI."""
+    app.command("serve")(serve_cmd)

@@ -1,0 +1,194 @@
+"""Unit tests of the serving pieces that need no server: config, model ids, upload decoding, the client."""
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgembed.errors import BackendUnavailableError, ImageDecodeError, UnknownModelError
+from imgembed.preprocess import load_image, preprocess_batch
+from imgembed.registry import get_spec
+from imgembed.serve.client import EmbeddingClient, encode_multipart
+from imgembed.serve.config import ServeConfig, ServeConfigError
+from imgembed.serve.errors import DuplicateModelError, ModelNotFoundError, PixelLimitError
+from imgembed.serve.models import ArtifactArg, assign_ids
+from imgembed.serve.uploads import Upload, decode_image, prepare
+
+SPEC = get_spec("test-clip-tiny").preprocess
+
+
+def png(w: int, h: int, color=(200, 30, 90)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# -------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_batch=0), r"max_batch=0: expected an integer >= 1"),
+    (dict(port=70000), r"port=70000: expected an integer in \[0, 65535\]"),
+    (dict(max_delay_ms=-1), r"max_delay_ms=-1: expected a number >= 0"),
+    (dict(timeout_s=0), r"timeout_s=0: expected a number >= 0.001"),
+    (dict(threads=0), r"threads=0: expected an integer >= 1"),
+    (dict(max_queue=8, max_images=16), r"max_queue=8 is smaller than max_images=16"),
+    (dict(max_batch=True), r"max_batch=True: expected an integer"),
+])
+def test_config_rejects_bad_values_naming_them(kwargs, message):
+    with pytest.raises(ServeConfigError, match=message):
+        ServeConfig(**kwargs)
+
+
+def test_config_defaults_bind_loopback_and_are_bounded():
+    cfg = ServeConfig()
+    assert cfg.host == "127.0.0.1"
+    assert (cfg.max_queue, cfg.max_images, cfg.max_batch, cfg.max_delay_s) == (256, 64, 16, 0.005)
+
+
+# ------------------------------------------------------------------------------------------ model ids
+def arg(name, precision, explicit=None):
+    return ArtifactArg(Path(f"/a/{name}-{precision}"), name, precision, explicit)
+
+
+def test_unique_names_are_ids_and_name_precision_is_an_alias():
+    assert assign_ids([arg("clip", "int8"), arg("dino", "fp32")]) == [("clip", ("clip-int8",)),
+                                                                       ("dino", ("dino-fp32",))]
+
+
+def test_shared_names_are_disambiguated_by_precision():
+    assert assign_ids([arg("clip", "int8"), arg("clip", "fp32")]) == [("clip-int8", ()), ("clip-fp32", ())]
+
+
+def test_explicit_ids_win_and_true_duplicates_are_refused():
+    assert assign_ids([arg("clip", "int8", "fast"), arg("clip", "int8", "other")]) == [("fast", ()),
+                                                                                     ("other", ())]
+    with pytest.raises(DuplicateModelError, match=r"/a/clip-int8 and /a/clip-int8 both resolve to model id "
+                                                  r"'clip-int8'; name them explicitly with ID=PATH"):
+        assign_ids([arg("clip", "int8"), arg("clip", "int8")])
+
+
+def test_model_not_found_is_an_unknown_model_error():
+    err = ModelNotFoundError("model 'x' is not served; served models: ['a']")
+    assert isinstance(err, UnknownModelError) and err.status == 404
+    assert str(err) == "model 'x' is not served; served models: ['a']"
+
+
+# -------------------------------------------------------------------------------------------- uploads
+def test_prepare_keeps_good_images_and_reports_bad_ones_in_order():
+    good = png(40, 30)
+    uploads = [Upload("image 0", good), Upload("image 1 ('x.jpg')", b"not an image"),
+               Upload("image 2", base64.b64encode(good).decode(), base64=True),
+               Upload("image 3", "data:image/png;base64," + base64.b64encode(png(8, 9)).decode(), base64=True),
+               Upload("image 4", "%%%", base64=True), Upload("image 5", png(200, 100))]
+    out = prepare(uploads, SPEC, max_pixels=10_000)
+    assert out.ok == [0, 2, 3]
+    with pytest.raises(ImageDecodeError) as offline:
+        load_image(b"not an image", name="image 1 ('x.jpg')")
+    assert out.failures[1] == ("decode", str(offline.value))  # the offline decoder's message, verbatim
+    assert out.failures[4][0] == "decode" and out.failures[4][1].startswith("image 4: invalid base64")
+    assert out.failures[5] == ("too_large", "image 5: 200x100 = 20000 pixels is over the server limit "
+                                            "max_pixels=10000")
+    expected = preprocess_batch([load_image(good), load_image(good), load_image(png(8, 9))], SPEC)
+    np.testing.assert_array_equal(out.pixels, expected)  # same pixels as the offline runtime
+
+
+def test_prepare_with_no_good_image_has_no_pixels():
+    out = prepare([Upload("image 0", b"")], SPEC, max_pixels=100)
+    assert out.pixels is None and out.ok == []
+    assert out.failures == {0: ("decode", "image 0: empty input (0 bytes), not an image")}
+
+
+def test_pixel_limit_uses_the_declared_size_before_decoding():
+    # A 5000x5000 PNG header with a truncated body: rejected for its size, never decoded.
+    data = png(5000, 5000)[:200]
+    with pytest.raises(PixelLimitError, match=r"5000x5000 = 25000000 pixels is over the server limit "
+                                              r"max_pixels=1000000"):
+        decode_image(data, "big.png", 1_000_000)
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt"):
+        decode_image(data, "big.png", 30_000_000)
+
+
+# --------------------------------------------------------------------------------------------- client
+def test_multipart_encoding_round_trips_through_the_server_parser():
+    from starlette.formparsers import MultiPartParser
+    from starlette.datastructures import Headers
+    import asyncio
+
+    body, ctype = encode_multipart([("a.png", b"\x00\x01\r\n--x"), ('we"ird.jpg', b"zz")], {"model": "m"})
+
+    async def parse():
+        async def stream():
+            yield body
+        return await MultiPartParser(Headers({"content-type": ctype}), stream()).parse()
+
+    form = asyncio.run(parse())
+    parts = form.getlist("image")
+    assert form["model"] == "m"
+    assert [(p.filename, asyncio.run(p.read())) for p in parts] == [("a.png", b"\x00\x01\r\n--x"),
+                                                                   ("we_ird.jpg", b"zz")]
+
+
+def test_client_rejects_non_http_urls():
+    with pytest.raises(ValueError, match=r"'ftp://x': expected http://HOST:PORT"):
+        EmbeddingClient("ftp://x")
+
+
+def test_missing_serve_extra_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from imgembed.serve import server
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "fastapi" else real(n, *a))
+    with pytest.raises(BackendUnavailableError, match=r"needs fastapi, which is not installed: "
+                                                      r"pip install 'imgembed\[serve\]'"):
+        server.require_serve_extra()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def run_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "imgembed.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def fake_artifact(path: Path, name: str, precision: str) -> Path:
+    """A directory with just a manifest (ids are assigned before any model is loaded)."""
+    import json
+
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"name": name, "precision": precision, "files": {},
+                                                    "model": {}, "input": {}, "output": {"dim": 8},
+                                                    "preprocess": {}}))
+    return path
+
+
+def test_cli_refuses_duplicate_model_ids_before_loading(tmp_path):
+    a, b = fake_artifact(tmp_path / "a", "clip", "int8"), fake_artifact(tmp_path / "b", "clip", "int8")
+    result = run_cli("serve", str(a), str(b), "--port", "0")
+    assert result.returncode == 1
+    assert (f"error (DuplicateModelError): artifacts {a} and {b} both resolve to model id 'clip-int8'; name them "
+            "explicitly with ID=PATH") in " ".join(result.stderr.split())
+
+
+def test_cli_reports_a_missing_artifact_and_a_bad_option(tmp_path):
+    result = run_cli("serve", str(tmp_path / "nope"))
+    assert result.returncode == 1
+    assert f"error (ArtifactError): artifact directory {tmp_path / 'nope'} does not exist" in " ".join(
+        result.stderr.split())
+    result = run_cli("serve", str(tmp_path), "--max-queue", "4", "--max-images", "8")
+    assert result.returncode == 1 and "max_queue=4 is smaller than max_images=8" in result.stderr
+
+
+def test_importing_the_cli_does_not_import_the_serve_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys, imgembed, imgembed.cli, imgembed.serve; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
