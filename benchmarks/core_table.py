@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     report = json.loads(args.bench_json.read_text())
-    records = report["records"]
+    records = report["results"]
     models = sorted({r["model"] for r in records}, key=lambda m: [r["model"] for r in records].index(m))
     print("| model | precision | export | size | parity | img/s (batch %d) | vs PyTorch eager FP32 |" % args.batch)
     print("|---|---|---|---|---|---|---|")

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -191,16 +190,12 @@ def parity_cmd(
 
 def _save_npy(path: Path, vectors: np.ndarray, paths: List[str]) -> Path:
     """Write vectors.npy and a sidecar NAME.paths.txt (row order), each atomically."""
-    import os
+    from .artifact import atomic_path, write_bytes_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = path.with_suffix(".paths.txt")
-    for target, write in ((path, lambda f: np.save(f, vectors)),
-                          (sidecar, lambda f: f.write("".join(p + "\n" for p in paths).encode()))):
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, vectors)
+    write_bytes_atomic(sidecar, "".join(p + "\n" for p in paths).encode())
     return sidecar
 
 

@@ -3,7 +3,6 @@ the failing gate, and atomic writes."""
 from __future__ import annotations
 
 import json
-import textwrap
 import warnings
 
 import numpy as np

@@ -10,7 +10,6 @@ import http.client
 import io
 import json
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +22,7 @@ from imgembed.errors import ImageDecodeError
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.preprocess import load_image
 from imgembed.samples import parity_images
-from imgembed.serve.client import EmbeddingClient, ServerResponseError, encode_multipart
+from imgembed.serve.client import EmbeddingClient, encode_multipart
 from imgembed.serve.testing import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..artifact import MANIFEST, MODEL_FILE, export_lock, file_checksums, read_manifest, staged_directory, verify, \
-    write_json_atomic
+from ..artifact import (MANIFEST, MODEL_FILE, export_lock, file_checksums, read_manifest, staged_directory, verify,
+                        write_bytes_atomic, write_json_atomic)
 from ..errors import ArtifactError, BackendUnavailableError, ExportError, ParityError
 from ..runtime.trt_engines import DEFAULT_PROFILE, BatchProfile, EngineEnv, engine_record, parse_profile, \
     replace_record, slug
@@ -174,14 +174,6 @@ def timing_cache_path(cache_dir: str | Path | None, env: EngineEnv) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"timing-{slug(env.gpu.name)}-trt{env.tensorrt}.cache"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _parse(trt, network, logger, onnx_path: Path) -> None:
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -230,7 +222,7 @@ def build_engine(onnx_path: str | Path, precision: str, profile: BatchProfile, e
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise ExportError(f"TensorRT could not build a {precision} engine from {onnx_path} (see its log above)")
-    _write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    write_bytes_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(blob)), {**record, "build_seconds": round(time.perf_counter() - t0, 1),
                                      "timing_cache": str(cache_path), "workspace_gib": workspace_gib}
 

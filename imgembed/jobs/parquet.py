@@ -12,16 +12,14 @@ imgembed version, created time, row and failure counts. Read it back with :func:
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..artifact import atomic_path
 from ..errors import BackendUnavailableError
 from . import JobError
 
@@ -75,17 +73,8 @@ def write_atomic(table, path: Path, metadata: dict | None = None) -> Path:
     _, pq = _pa()
     if metadata is not None:
         table = table.replace_schema_metadata({META_KEY: json.dumps(metadata).encode()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
     return path
 
 
@@ -122,19 +111,9 @@ def write_batches_atomic(path: Path, dim: int, batches: Iterable, metadata: dict
     sibling and ``os.replace``: bounded memory, and never half a file at ``path``."""
     pa, pq = _pa()
     target = schema(dim).with_metadata({META_KEY: json.dumps(metadata).encode()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with pq.ParquetWriter(tmp, target) as writer:
-            for batch in batches:
-                writer.write_table(pa.Table.from_batches([batch]).cast(target))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, pq.ParquetWriter(str(tmp), target) as writer:
+        for batch in batches:
+            writer.write_table(pa.Table.from_batches([batch]).cast(target))
     return path
 
 
