@@ -95,7 +95,7 @@ def export_cmd(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Directory of images for static "
                                                "INT8 calibration (default: built-in sample set)."),
     int8_preset: Optional[str] = typer.Option(None, "--int8-preset", help="Force one quantization preset "
-                                              "(dynamic, dynamic-per-channel, static-qoperator, static-qdq)."),
+                                              "(dynamic, dynamic-per-channel, static-qoperator, static-qdq, static-qdq-trt)."),
     no_optimize: bool = typer.Option(False, "--no-optimize", help="Skip ONNX Runtime transformer fusion."),
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Write the artifact even if parity fails "
                                      "(manifest status 'failed')."),

@@ -379,3 +379,15 @@ def test_batch_invariant_serving_gives_the_offline_batch_of_one_vectors(artifact
             batches = metric(scrape(c), "imgembed_batch_size_count", model="test-clip-tiny")
     np.testing.assert_allclose(got, alone, rtol=0, atol=1e-6)
     assert batches < len(BYTES)  # requests were still grouped into batches
+
+
+def test_uint8_input_artifact_is_served_with_uint8_crops(tmp_path):
+    """A uint8-input artifact warms up and serves (crops, not float pixels) the offline runtime's vectors."""
+    path = export_model("test-dinov2-tiny", tmp_path / "u8", ExportOptions(
+        random_init=True, speed_check=False, input_format="uint8")).path
+    offline = imgembed.load(path)
+    assert offline.input_format == "uint8"
+    expected = offline.embed(BYTES[:3])
+    with ServerProcess([path], "--max-batch", "4") as s, EmbeddingClient(s.url, timeout=30) as c:
+        got = c.embed(BYTES[:3])
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-5)

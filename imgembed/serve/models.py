@@ -56,8 +56,9 @@ class ServedModel:
     def warm_up(self, max_batch: int) -> None:
         """Run batches of 1 and ``max_batch`` zero images so the first real request pays no set-up cost."""
         h, w = self.embedder.preprocess.output_hw
+        uint8 = self.embedder.input_format == "uint8"
         for n in sorted({1, max_batch}):
-            self.embedder.runner.infer(np.zeros((n, 3, h, w), np.float32))
+            self.embedder.runner.infer(np.zeros((n, h, w, 3), np.uint8) if uint8 else np.zeros((n, 3, h, w), np.float32))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ImageDecodeError
-from ..preprocess import PreprocessSpec, load_image, preprocess_batch
+from ..preprocess import PreprocessSpec, load_image, preprocess_batch, resize_crop
 from .config import ServeConfig
 from .errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
 
@@ -181,8 +181,10 @@ def _raw_bytes(upload: Upload) -> bytes:
         raise ImageDecodeError(f"{upload.name}: invalid base64 ({e})") from None
 
 
-def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int) -> Prepared:
-    """Decode and preprocess every upload; a bad one becomes a failure and never drops the good ones."""
+def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int,
+            input_format: str = "float32") -> Prepared:
+    """Decode and preprocess every upload; a bad one becomes a failure and never drops the good ones.
+    ``input_format="uint8"`` (uint8 artifacts) yields uint8 NHWC crops instead of float NCHW pixels."""
     started = time.perf_counter()
     images, result = [], Prepared(None)
     for i, up in enumerate(uploads):
@@ -193,7 +195,9 @@ def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int) ->
             result.failures[i] = ("too_large", str(e))
         except ImageDecodeError as e:
             result.failures[i] = ("decode", str(e))
-    if images:
+    if images and input_format == "uint8":
+        result.pixels = np.stack([resize_crop(img, spec) for img in images])
+    elif images:
         result.pixels = preprocess_batch(images, spec)
     result.seconds = time.perf_counter() - started
     return result
