@@ -31,8 +31,8 @@ from PIL import Image
 
 from .decode_guard import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SECONDS, DeadlineReader, DecodeTimeout
 from .errors import ImageDecodeError
-from .preprocess import (RESAMPLE_CODES, PreprocessSpec, _center_crop, _check_pixels, _describe, _lut, _resize_plan,
-                         load_image, resize_crop, to_rgb)
+from .preprocess import (RESAMPLE_CODES, PreprocessSpec, _center_crop, _check_pixels, _describe, _resize_plan,
+                         load_image, normalize_into, resize_crop, to_rgb)
 
 DECODE_MODES = ("exact", "fast")
 DRAFT_FACTOR = 2.0     # drafted short edge >= DRAFT_FACTOR x the resize target's short edge
@@ -136,10 +136,8 @@ def crops_to_pixels(crops: np.ndarray | Sequence[np.ndarray], spec: PreprocessSp
     crops = np.asarray(crops) if not isinstance(crops, np.ndarray) else crops
     if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
         raise ValueError(f"crops must be uint8 (N, H, W, 3), got {crops.dtype} {crops.shape}")
-    lut = _lut(spec.rescale_factor, spec.image_mean, spec.image_std)
     out = np.empty((crops.shape[0], 3, *crops.shape[1:3]), np.float32)
-    for c in range(3):
-        np.take(lut[c], crops[..., c], out=out[:, c], mode="clip")
+    normalize_into(crops, spec, out)
     return out
 
 

@@ -558,12 +558,16 @@ def resize_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return arr
 
 
-def _preprocess_into(image: Image.Image, spec: PreprocessSpec, out: np.ndarray) -> None:
-    """Write the CHW float32 tensor for ``image`` into ``out`` (shape (3, H, W))."""
-    arr = resize_crop(image, spec)
+def normalize_into(crops: np.ndarray, spec: PreprocessSpec, out: np.ndarray) -> None:
+    """HF rescale + normalize of uint8 ``(..., H, W, 3)`` crops into float32 ``out`` ``(..., 3, H, W)``."""
     lut = _lut(spec.rescale_factor, spec.image_mean, spec.image_std)
     for c in range(3):
-        np.take(lut[c], arr[:, :, c], out=out[c], mode="clip")  # indices are uint8: always valid
+        np.take(lut[c], crops[..., c], out=out[..., c, :, :], mode="clip")  # uint8 indices: always valid
+
+
+def _preprocess_into(image: Image.Image, spec: PreprocessSpec, out: np.ndarray) -> None:
+    """Write the CHW float32 tensor for ``image`` into ``out`` (shape (3, H, W))."""
+    normalize_into(resize_crop(image, spec), spec, out)
 
 
 def preprocess(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:

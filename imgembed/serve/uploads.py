@@ -24,7 +24,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ImageDecodeError
-from ..preprocess import PreprocessSpec, load_image, preprocess_batch, resize_crop
+from ..fastdecode import crops_of
+from ..preprocess import PreprocessSpec, load_image, preprocess_batch
 from .config import ServeConfig
 from .errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
 
@@ -56,7 +57,7 @@ class Upload:
 class Prepared:
     """A request's images after decoding: pixels of the good ones, and one failure per bad one."""
 
-    pixels: np.ndarray | None                     # (len(ok), 3, H, W) float32, or None if none decoded
+    pixels: np.ndarray | None    # float32 (n_ok, 3, H, W); uint8 (n_ok, H, W, 3) for uint8 artifacts; None: none
     ok: list[int] = field(default_factory=list)   # request index of each pixels row
     failures: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (kind, message)
     seconds: float = 0.0                          # wall time of decoding + preprocessing
@@ -196,7 +197,7 @@ def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int,
         except ImageDecodeError as e:
             result.failures[i] = ("decode", str(e))
     if images and input_format == "uint8":
-        result.pixels = np.stack([resize_crop(img, spec) for img in images])
+        result.pixels = crops_of(images, spec)
     elif images:
         result.pixels = preprocess_batch(images, spec)
     result.seconds = time.perf_counter() - started
