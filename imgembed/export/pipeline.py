@@ -22,7 +22,7 @@ from .. import __version__
 from ..artifact import (FORMAT_VERSION, MANIFEST, MODEL_FILE, export_lock, file_checksums, staged_directory,
                         write_json_atomic)
 from ..errors import ExportError, ImageDecodeError, ParityError
-from ..fastdecode import crops_of
+from ..fastdecode import crops_of, crops_to_pixels
 from ..families import (DEFAULT_SEED, FAMILY, fold_layer_scale, freeze_position_embeddings, load_original,
                         source_record)
 from ..parity import format_report, parity_report
@@ -157,13 +157,27 @@ def _quantize_best(spec: ModelSpec, fp32: Path, work: Path, ref: np.ndarray, pix
     return best["path"], record, best["report"]
 
 
-def _reference(head, spec: ModelSpec, threads: int | None) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-    """Parity image names, their preprocessed pixels, and the original's embeddings of them."""
+@dataclass(frozen=True)
+class ParitySet:
+    """The parity images, prepared once: names, uint8 crops, float pixels, and the original's embeddings."""
+
+    names: tuple[str, ...]
+    crops: np.ndarray       # (N, H, W, 3) uint8: input of uint8 artifacts
+    pixels: np.ndarray      # (N, 3, H, W) float32: the same crops normalised (identical to preprocess_batch)
+    reference: np.ndarray   # (N, dim) float32: the PyTorch original's embeddings of ``pixels``
+
+    def inputs(self, input_format: str) -> np.ndarray:
+        return self.crops if input_format == "uint8" else self.pixels
+
+
+def _reference(head, spec: ModelSpec, threads: int | None) -> ParitySet:
+    """Prepare the parity images once and embed them with the original."""
     names, images = zip(*parity_images())
-    pixels = preprocess_batch(images, spec.preprocess)
+    crops = crops_of(images, spec.preprocess)
+    pixels = crops_to_pixels(crops, spec.preprocess)
     with TorchRunner(head, spec.input_hw, spec.embedding.dim, threads=threads) as runner:
         reference = np.concatenate([runner.infer(pixels[i:i + 8]) for i in range(0, len(pixels), 8)])
-    return names, pixels, reference
+    return ParitySet(names, crops, pixels, reference)
 
 
 def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, threads: int | None = None,
@@ -184,13 +198,12 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     else:
         head = load_original(spec)
     step("computing PyTorch reference embeddings")
-    names, pixels, reference = _reference(head, spec, threads)
+    ps = _reference(head, spec, threads)
     step("running the artifact at batch sizes 1, 3, 8")
     precision = manifest["precision"]
-    if manifest.get("input", {}).get("dtype") == "uint8":
-        pixels = crops_of([img for _, img in parity_images()], spec.preprocess)
+    inputs = ps.inputs("uint8" if manifest.get("input", {}).get("dtype") == "uint8" else "float32")
     with OrtRunner(artifact / MODEL_FILE, spec.embedding.dim, threads=threads) as runner:
-        return parity_report(reference, runner, pixels, spec.thresholds(precision), precision, names)
+        return parity_report(ps.reference, runner, inputs, spec.thresholds(precision), precision, ps.names)
 
 
 def _write_artifact(out: Path, model: Path, manifest: dict) -> None:
@@ -200,14 +213,13 @@ def _write_artifact(out: Path, model: Path, manifest: dict) -> None:
         write_json_atomic(stage / MANIFEST, manifest)
 
 
-def _finish_graph(spec: ModelSpec, opts: ExportOptions, model: Path, work: Path, parity_set: tuple,
+def _finish_graph(spec: ModelSpec, opts: ExportOptions, model: Path, work: Path, ps: ParitySet,
                   optimizations: list[str], step: Step) -> tuple[Path, dict | None, dict]:
     """Precision (INT8 / FP16), then the uint8 input if asked, then the parity gate on the final graph.
     Returns (model path, quantization record, parity report); uint8 graphs are fed the uint8 parity crops."""
-    names, pixels, reference = parity_set
     quant, report = None, None
     if opts.precision == "int8":
-        model, quant, report = _quantize_best(spec, model, work, reference, pixels, names, opts, step)
+        model, quant, report = _quantize_best(spec, model, work, ps.reference, ps.pixels, ps.names, opts, step)
     elif opts.precision == "fp16":
         step("converting to FP16 (normalisations and softmax kept in FP32)")
         model = convert_fp16(model, work / "fp16.onnx")
@@ -215,12 +227,13 @@ def _finish_graph(spec: ModelSpec, opts: ExportOptions, model: Path, work: Path,
     if opts.input_format == "uint8":
         step("adding the uint8 NHWC input (normalisation inside the graph)")
         model = add_uint8_input(model, work / "uint8.onnx", spec.preprocess)
-        pixels, report = crops_of([img for _, img in parity_images()], spec.preprocess), None
+        report = None  # the INT8 candidates were judged on float input: gate the final graph again
         optimizations.append("uint8-input")
     if report is None:
         step("checking parity" + (" (uint8 crops of the parity images)" if opts.input_format == "uint8" else ""))
         with OrtRunner(model, spec.embedding.dim, threads=opts.threads) as r:
-            report = parity_report(reference, r, pixels, spec.thresholds(opts.precision), opts.precision, names)
+            report = parity_report(ps.reference, r, ps.inputs(opts.input_format), spec.thresholds(opts.precision),
+                                   opts.precision, ps.names)
     return model, quant, report
 
 
@@ -247,7 +260,7 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
     step(f"loading {spec.name} ({'random init' if opts.random_init else opts.weights or 'hub'})")
     head = load_original(spec, weights=opts.weights, random_init=opts.random_init, seed=opts.seed)
     step("computing PyTorch reference embeddings")
-    names, pixels, reference = _reference(head, spec, opts.threads)
+    parity_set = _reference(head, spec, opts.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         work = Path(tmp)
@@ -264,8 +277,7 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
             fused = optimize_transformer(model, work / "fused.onnx", spec)
             model = work / "fused.onnx"
             optimizations.append("ort-transformer-fusion")
-        model, quant, report = _finish_graph(spec, opts, model, work, (names, pixels, reference), optimizations,
-                                             step)
+        model, quant, report = _finish_graph(spec, opts, model, work, parity_set, optimizations, step)
         manifest, notes = _manifest(spec, opts, model, report, quant, optimizations, fused,
                                     time.perf_counter() - t0)
         if not report["passed"] and not opts.keep_failed:
