@@ -31,8 +31,11 @@ from PIL import Image
 
 from .decode_guard import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SECONDS, DeadlineReader, DecodeTimeout
 from .errors import ImageDecodeError
-from .preprocess import (RESAMPLE_CODES, PreprocessSpec, _center_crop, _check_pixels, _describe, _resize_plan,
-                         load_image, normalize_into, resize_crop, to_rgb)
+from .preprocess import RESAMPLE_CODES, PreprocessSpec, load_image, normalize_into, resize_crop, to_rgb
+from .preprocess import center_crop as _center_crop
+from .preprocess import check_pixels as _check_pixels
+from .preprocess import describe as _describe
+from .preprocess import resize_plan as _resize_plan
 
 DECODE_MODES = ("exact", "fast")
 DRAFT_FACTOR = 2.0     # drafted short edge >= DRAFT_FACTOR x the resize target's short edge

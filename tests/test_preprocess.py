@@ -85,7 +85,7 @@ def _hf_input(spec: PreprocessSpec, img: Image.Image) -> Image.Image:
 
 def _assert_close(ours: np.ndarray, ref: np.ndarray, names: list[str]) -> None:
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    diffs = {n: float(np.abs(o - r).max()) for n, o, r in zip(names, ours, ref)}
+    diffs = {n: float(np.abs(o - r).max()) for n, o, r in zip(names, ours, ref, strict=True)}
     assert max(diffs.values()) <= TOL, diffs
 
 
@@ -175,8 +175,8 @@ def test_from_hf_config_legacy_hub_files():
         assert PreprocessSpec.from_hf_config(cfg) == FAMILY_SPECS[fam], fam
     fast = dict(dino, image_processor_type="BitImageProcessorFast")
     assert PreprocessSpec.from_hf_config(fast) == FAMILY_SPECS["dinov2"]
-    with pytest.raises(RegistryError, match="SiglipImageProcessor"):
-        PreprocessSpec.from_hf_config(dict(dino, image_processor_type="SiglipImageProcessor"))
+    with pytest.raises(RegistryError, match=r"'Siglip2ImageProcessor' is not supported \(it is NaFlex"):
+        PreprocessSpec.from_hf_config(dict(dino, image_processor_type="Siglip2ImageProcessor"))
     with pytest.raises(RegistryError, match="resample=4"):
         PreprocessSpec.from_hf_config(dict(dino, resample=4))
 
@@ -193,7 +193,7 @@ def _spec_dict(**overrides) -> dict:
     ({"crop_size": {"height": 224}}, r"'crop_size'.*expected"),
     ({"crop_size": None}, r"'crop_size'.*variable output shape"),
     ({"crop_pct": 0.9}, r"'crop_pct'.*ConvNextImageProcessor"),
-    ({"processor": "SiglipImageProcessor"}, r"'processor'.*SiglipImageProcessor"),
+    ({"processor": "Siglip2ImageProcessor"}, r"'processor'.*'Siglip2ImageProcessor' \(it is NaFlex"),
     ({"rescale_factor": 0}, r"'rescale_factor'"),
     ({"interpolation": "bicubic"}, r"unknown key.*interpolation"),
 ])

@@ -24,7 +24,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ExportError
-from ..preprocess import PreprocessSpec, _lut
+from ..preprocess import PreprocessSpec
+from ..preprocess import normalize_table as _lut
 from .onnx_export import INPUT_NAME, check_onnx
 
 FLOAT_INPUT = "pixel_values_float"   # the float graph's input, renamed; fed by the prefix
