@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny exported artifacts (built once per session), and helpers.
+"""Shared fixtures: tiny exported artifacts (built once per session). Helper functions: tests/helpers.py.
 
 Tier 0: tiny random-init models (test-*-tiny in models.yaml), seconds each.
 Tier 1 (marker `slow`, still in the default run): full-size architectures with random weights.
@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import gpu_available  # noqa: F401 - re-exported: `from .conftest import gpu_available`
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,12 +39,3 @@ def artifact_dir(tmp_path_factory):
         return cache[key]
 
     return get
-
-
-def gpu_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False

@@ -1,6 +1,7 @@
-"""Shared helpers of the hardening suite (tests/test_hardening_*.py); holds no tests itself.
+"""Shared test helpers (fixtures live in conftest.py); holds no tests itself.
 
-Subprocess helpers for the CLI, leftover inspection, cosine similarity, and an exporter for script use.
+The CLI through subprocesses (:func:`run_cli`, :func:`start_cli`, :func:`cli_env`), one cosine similarity,
+leftover inspection of artifact writers, GPU detection, and an exporter for script use.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -22,24 +25,34 @@ def exported(name: str, precision: str = "fp32") -> Path:
     removed at exit (for scripts; tests use conftest's ``artifact_dir`` fixture)."""
     from imgembed.export.pipeline import ExportOptions, export_model
 
-    work = Path(tempfile.mkdtemp(prefix="imgembed-hardening-"))
+    work = Path(tempfile.mkdtemp(prefix="imgembed-tests-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     out = work / f"{name}-{precision}"
     export_model(name, out, ExportOptions(precision=precision, random_init=True, speed_check=False))
     return out
 
 
-def cli_env() -> dict[str, str]:
-    """Environment for ``python -m imgembed.cli`` subprocesses: the repo importable, few threads."""
-    env = dict(os.environ)
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for ``python -m imgembed.cli`` subprocesses: offline, the repo importable, help text
+    200 columns wide (no wrapping inside asserted phrases); ``extra`` overrides (e.g. OMP_NUM_THREADS)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200", PYTHONDONTWRITEBYTECODE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra)
     return env
 
 
-def start_cli(*args: str, **kw) -> subprocess.Popen:
-    """Start ``python -m imgembed.cli ARGS`` with stderr piped (step lines are read from it)."""
-    return subprocess.Popen([sys.executable, "-m", "imgembed.cli", *args], cwd=REPO, env=cli_env(),
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m imgembed.cli ARGS`` to completion, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "imgembed.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env or cli_env(), timeout=timeout)
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """Start ``python -m imgembed.cli ARGS`` (one thread by default) with stdout and stderr piped (step lines
+    are read from stderr)."""
+    return subprocess.Popen([sys.executable, "-m", "imgembed.cli", *args], cwd=REPO,
+                            env=env or cli_env(OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -49,9 +62,39 @@ def hidden_leftovers(out: Path) -> list[str]:
                   if p.name.startswith(f".{out.name}.") and p.name != f".{out.name}.lock")
 
 
-def cosine(a, b) -> float:
-    """Cosine similarity of two vectors."""
-    import numpy as np
+def external_data_model(directory: Path, location: str) -> Path:
+    """``directory/model.onnx``: a one-node ONNX model (y = x + w) whose initializer ``w`` lives in external
+    data at ``location``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 4), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": location, "offset": "0", "length": "16"}.items():
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    path = directory / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def cosine(a, b):
+    """Cosine similarity along the last axis, in float64: a float for two vectors, one value per row for
+    two matrices."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return float(cos) if cos.ndim == 0 else cos
+
+
+def gpu_available() -> bool:
+    """True when torch sees a CUDA device (GPU tests skip otherwise)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False

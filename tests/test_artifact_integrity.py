@@ -1,31 +1,28 @@
-"""Artifact integrity and safe loading: checksums on load, paths that escape the artifact (manifest
-entries, ONNX external data), atomic writes under SIGKILL, and no pickle anywhere."""
+"""Artifact integrity through the loader: checksums on load, paths that escape the artifact (manifest
+entries, ONNX external data), artifacts are ONNX + JSON only, atomic writes under SIGKILL and racing exports.
+(Unit tests of imgembed/artifact.py: test_artifact.py; safe weights loading: test_export_safe_weights.py.)"""
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
-import os
-import pickle
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.test_hardening_support import REPO, cli_env, hidden_leftovers, start_cli  # noqa: E402
+import imgembed
+from imgembed import artifact as A
+from imgembed.errors import ArtifactError, IntegrityError
 
-import imgembed  # noqa: E402
-from imgembed import artifact as A  # noqa: E402
-from imgembed.errors import ArtifactError, IntegrityError, WeightsError  # noqa: E402
+from .helpers import REPO, cli_env, external_data_model, hidden_leftovers, start_cli
 
 MODEL = "test-vit-tiny"
 
@@ -100,22 +97,6 @@ def test_malformed_files_mapping_is_refused(art, files):
 
 
 # -------------------------------------------------------------------------------------- external data
-def _external_model(directory: Path, location: str) -> Path:
-    """A one-node ONNX model (y = x + w) whose initializer ``w`` lives in external data at ``location``."""
-    w = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 4), "w")
-    w.ClearField("raw_data")
-    w.data_location = TensorProto.EXTERNAL
-    for key, value in {"location": location, "offset": "0", "length": "16"}.items():
-        entry = w.external_data.add()
-        entry.key, entry.value = key, value
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [w])
-    path = directory / A.MODEL_FILE
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
 def _forbid_ort_sessions(monkeypatch) -> None:
     """Make any ONNX Runtime session creation fail the test (refusals must come first)."""
     import onnxruntime
@@ -138,7 +119,7 @@ def test_external_data_outside_the_directory_is_refused_before_ort(tmp_path, mon
         location = str(evil)
     if location == "link.bin":
         (art / "link.bin").symlink_to(evil)
-    model = _external_model(art, location)
+    model = external_data_model(art, location)
     _forbid_ort_sessions(monkeypatch)
     with pytest.raises(IntegrityError, match=re.escape(f"external data location {location!r}")) as ei:
         OrtRunner(model, 4).activate()
@@ -150,7 +131,7 @@ def test_external_data_inside_the_directory_runs(tmp_path):
     from imgembed.runtime.ort_runner import OrtRunner
 
     (tmp_path / "weights.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
-    model = _external_model(tmp_path, "weights.bin")
+    model = external_data_model(tmp_path, "weights.bin")
     assert A.check_external_data(model) == ["weights.bin"]
     with OrtRunner(model, 4) as runner:
         np.testing.assert_array_equal(runner.infer(np.ones((1, 4), np.float32)), [[1, 2, 3, 4]])
@@ -160,7 +141,7 @@ def test_checksum_valid_artifact_with_escaping_external_data_is_refused(art, mon
     """An attacker who rewrites the whole directory (manifest included) still cannot make the loader read
     a file outside it: the checksums pass, the external-data check refuses."""
     (art.parent / "evil.bin").write_bytes(np.zeros(4, np.float32).tobytes())
-    _external_model(art, "../evil.bin")
+    external_data_model(art, "../evil.bin")
     _rewrite_manifest(art)
     A.verify(art)  # the checksums are consistent
     _forbid_ort_sessions(monkeypatch)
@@ -183,106 +164,6 @@ def test_artifact_is_onnx_plus_json_only(artifact_dir):
         blob = (art / "model.onnx").read_bytes()
         assert not blob.startswith(b"\x80") and b"PK\x03\x04" not in blob[:4]  # neither pickle nor torch zip
         assert onnx.load_from_string(blob).graph.output[0].name == "embedding"
-
-
-DANGEROUS_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
-
-
-def _dangerous_calls(tree: ast.AST) -> list[str]:
-    """pickle-like imports, torch.save, torch.load without weights_only=True, allow_pickle=True,
-    trust_remote_code=True."""
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-            found += [f"import {n}" for n in names if n and n.split(".")[0] in DANGEROUS_MODULES]
-        if isinstance(node, ast.Call):
-            func = ast.unparse(node.func)
-            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
-            if func.endswith("torch.save") or (func.endswith("torch.load") and kw.get("weights_only") != "True"):
-                found.append(f"{func}(...) at line {node.lineno}")
-            found += [f"{k}={v} at line {node.lineno}" for k, v in kw.items()
-                      if k in ("allow_pickle", "trust_remote_code") and v == "True"]
-    return found
-
-
-def test_package_never_pickles_or_trusts_remote_code():
-    """No pickle / torch.save / unsafe torch.load / allow_pickle / trust_remote_code anywhere in imgembed."""
-    offenders = {}
-    for path in sorted((REPO / "imgembed").rglob("*.py")):
-        bad = _dangerous_calls(ast.parse(path.read_text(encoding="utf-8")))
-        if bad:
-            offenders[str(path.relative_to(REPO))] = bad
-    assert offenders == {}
-    assert _dangerous_calls(ast.parse("import pickle\ntorch.load(f)\nnp.load(f, allow_pickle=True)")) == [
-        "import pickle", "torch.load(...) at line 2", "allow_pickle=True at line 3"]  # the scanner works
-
-
-# ------------------------------------------------------------------------------------------ safe loading
-class _Payload:
-    """Pickles to a call of os.system: what a malicious pytorch_model.bin carries."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    """(spec, seeded random-init transformers model) of the tiny ViT."""
-    from imgembed.families import _build
-    from imgembed.registry import get_spec
-
-    spec = get_spec(MODEL)
-    return spec, _build(spec, None, True, 3, "eager")
-
-
-def _same_weights(a, b) -> bool:
-    """Identical state dicts (same keys, bitwise-equal tensors)."""
-    import torch
-
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_safetensors_weights_load(tiny_model, tmp_path):
-    from imgembed.families import load_original
-
-    spec, model = tiny_model
-    model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
-    assert _same_weights(load_original(spec, weights=tmp_path).model, model)
-
-
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_pickle_checkpoint_loads_only_through_weights_only(tiny_model, tmp_path):
-    """A plain state-dict .bin loads (torch.load weights_only=True); one carrying code is refused with a
-    typed error and the code never runs."""
-    from imgembed.families import load_original
-
-    spec, model = tiny_model
-    model.save_pretrained(tmp_path / "plain", safe_serialization=False)
-    assert _same_weights(load_original(spec, weights=tmp_path / "plain").model, model)
-    evil, marker = tmp_path / "evil", tmp_path / "PWNED"
-    evil.mkdir()
-    shutil.copy(tmp_path / "plain" / "config.json", evil)
-    (evil / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload(marker)}))
-    with pytest.raises(WeightsError, match=r"evil: cannot load weights .*weights_only=True"):
-        load_original(spec, weights=evil)
-    assert not marker.exists()
-
-
-def test_safetensors_wins_over_a_malicious_bin_beside_it(tiny_model, tmp_path):
-    from imgembed.families import load_original
-
-    spec, model = tiny_model
-    model.save_pretrained(tmp_path)
-    marker = tmp_path / "PWNED"
-    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload(marker)}))
-    assert _same_weights(load_original(spec, weights=tmp_path).model, model)
-    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------------- atomic writes / kill
@@ -377,7 +258,8 @@ def test_kill_at_each_point_of_the_swap(artifact_dir, tmp_path, point, expect):
     leftover."""
     src, out = artifact_dir(MODEL), tmp_path / "D"
     shutil.copytree(src, out)
-    proc = subprocess.run([sys.executable, "-c", INJECT, str(src), str(out), point], env=cli_env(), cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", INJECT, str(src), str(out), point], env=cli_env(OMP_NUM_THREADS="1"),
+                          cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     if expect == "restored":
@@ -412,3 +294,26 @@ def test_symlinked_output_is_replaced_without_touching_its_target(artifact_dir, 
         A.write_json_atomic(stage / A.MANIFEST, {**before["manifest"], "files": A.file_checksums(stage)})
     assert not out.is_symlink() and A.verify(out)
     assert _fingerprint(target) == before
+
+
+def _ops(model: Path) -> Counter:
+    """Node count per op type of an ONNX file."""
+    return Counter(n.op_type for n in onnx.load(str(model)).graph.node)
+
+
+def test_two_exports_to_one_directory_at_once(tmp_path):
+    """fp32 and int8 exports of one model race to the same directory: both succeed and the result is one
+    complete, verified artifact whose manifest describes the model file beside it."""
+    out = tmp_path / "D"
+    procs = [start_cli("export", "test-clip-tiny", "--random-init", "--out", str(out), *extra)
+             for extra in ([], ["--int8", "--no-speed-check"])]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    manifest = A.verify(out)
+    ops = _ops(out / A.MODEL_FILE)
+    assert dict(ops) == manifest["export"]["op_counts"]
+    quantized = ops["DynamicQuantizeLinear"] + ops["MatMulInteger"] > 0
+    assert quantized == (manifest["precision"] == "int8")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+    assert not [n for n in hidden_leftovers(out) if ".staging-" in n or ".old-" in n]
+    assert imgembed.load(out).embed([np.zeros((64, 64, 3), np.uint8)]).shape == (1, 24)

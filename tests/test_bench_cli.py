@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,7 @@ from typer.testing import CliRunner
 from imgembed.bench.cli import parse_batch_sizes, resolve_device
 from imgembed.cli import app
 
-from .conftest import gpu_available
-
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, cli_env, gpu_available, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +23,17 @@ def bench_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench-cache")
 
 
-def _env(**extra: str) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "160", **extra}
-
-
 @pytest.mark.timeout(300)
 def test_bench_cli_writes_json_markdown_and_plot_with_the_original_and_ratios(tmp_path, bench_cache):
     out = tmp_path / "report"
-    cmd = [sys.executable, "-m", "imgembed.cli", "bench", "test-resnet-tiny", "--random-init", "--int8",
-           "--batch-sizes", "1,2", "--max-seconds", "0.3", "--threads", "1", "--out", str(out),
-           "--cache-dir", str(bench_cache)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    proc = run_cli("bench", "test-resnet-tiny", "--random-init", "--int8", "--batch-sizes", "1,2", "--max-seconds",
+                   "0.3", "--threads", "1", "--out", str(out), "--cache-dir", str(bench_cache),
+                   cwd=tmp_path, timeout=300, env=cli_env(COLUMNS="160"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     rows = {(r["variant"], r["batch_size"]): r for r in data["results"]}
     assert set(rows) == {(v, b) for v in ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8") for b in (1, 2)}
-    for (variant, bs), r in rows.items():
+    for (_, bs), r in rows.items():
         base = rows[("torch-fp32", bs)]
         assert base["original"] is True and base["speedup_vs_original"] == 1.0
         assert r["speedup_vs_original"] == pytest.approx(r["throughput_ips"] / base["throughput_ips"], rel=1e-3)
@@ -61,7 +53,7 @@ def test_bench_cli_writes_json_markdown_and_plot_with_the_original_and_ratios(tm
 @pytest.mark.timeout(300)
 def test_pytest_benchmark_suites_run_on_the_shared_runners(bench_cache):
     """`pytest benchmarks/` collects and runs (benchmarking disabled: one call each) on a tiny model."""
-    env = _env(IMGEMBED_BENCH_MODELS="test-resnet-tiny", IMGEMBED_BENCH_BATCH_SIZES="2",
+    env = cli_env(IMGEMBED_BENCH_MODELS="test-resnet-tiny", IMGEMBED_BENCH_BATCH_SIZES="2",
                IMGEMBED_BENCH_CACHE=str(bench_cache), IMGEMBED_BENCH_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "--benchmark-disable",
                            "-p", "no:cacheprovider"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)

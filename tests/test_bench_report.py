@@ -11,7 +11,7 @@ from imgembed.bench import host, report
 from imgembed.bench.backends import Variant
 from imgembed.bench.measure import Measurement
 from imgembed.bench.stats import summarize_latencies
-from imgembed.bench.suite import BenchConfig, SCHEMA, add_speedups, make_record
+from imgembed.bench.suite import SCHEMA, BenchConfig, add_speedups, make_record
 from imgembed.bench.targets import ArtifactRef, BenchModel
 from imgembed.registry import get_spec
 
@@ -59,7 +59,7 @@ def test_records_carry_speedups_against_the_original_and_gflops(bench_report):
 
 def test_records_without_a_baseline_get_no_ratio(bench_report):
     orphans = add_speedups([dict(r) for r in bench_report["results"] if not r["original"]])
-    assert all(r["speedup_vs_original"] is None for r in orphans)
+    assert orphans and all(r["speedup_vs_original"] is None for r in orphans)
 
 
 def test_write_all_writes_json_markdown_and_a_valid_png(bench_report, tmp_path):

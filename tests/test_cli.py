@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,53 +10,49 @@ import pytest
 import imgembed
 from imgembed.samples import parity_images
 
+from .helpers import run_cli
+
 CMDS = ("models", "export", "parity", "embed")
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "imgembed.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
 
 
 @pytest.mark.parametrize("cmd", CMDS)
 def test_help_for_every_command(cmd):
-    res = run(cmd, "--help")
+    res = run_cli(cmd, "--help")
     assert res.returncode == 0, res.stderr
     assert "Usage:" in res.stdout and cmd in res.stdout
 
 
 def test_models_table_and_json():
-    res = run("models")
+    res = run_cli("models")
     assert res.returncode == 0
     for name in ("clip-vit-b32", "vit-b16", "dinov2-small", "resnet50", "openai/clip-vit-base-patch32"):
         assert name in res.stdout
     assert "test-clip-tiny" not in res.stdout
-    data = json.loads(run("models", "--json", "--all").stdout)
+    data = json.loads(run_cli("models", "--json", "--all").stdout)
     by_name = {d["name"]: d for d in data}
     assert by_name["clip-vit-b32"]["embedding"]["dim"] == 512 and "test-clip-tiny" in by_name
 
 
 def test_export_parity_embed_end_to_end(tmp_path):
     out = tmp_path / "art"
-    res = run("export", "test-clip-tiny", "--random-init", "--int8", "--out", str(out))
+    res = run_cli("export", "test-clip-tiny", "--random-init", "--int8", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert "parity (int8) over 26 images at batch sizes 1, 3, 8: PASS" in res.stdout
     assert f"artifact {out}" in res.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["status"] == "passed"
 
-    res = run("parity", str(out))
+    res = run_cli("parity", str(out))
     assert res.returncode == 0, res.stderr
     assert "PASS" in res.stdout and "min_cosine" in res.stdout
-    report = json.loads(run("parity", str(out), "--json").stdout)
+    report = json.loads(run_cli("parity", str(out), "--json").stdout)
     assert report["metrics"] == pytest.approx(manifest["parity"]["metrics"], abs=1e-6)  # same original rebuilt
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i, (_, img) in enumerate(parity_images()[:4]):
         img.convert("RGB").save(imgs / f"{i}.jpg" if i % 2 else imgs / f"{i}.png")
-    res = run("embed", str(out), str(imgs / "0.png"), str(imgs / "1.jpg"), "--out", str(tmp_path / "v.npy"))
+    res = run_cli("embed", str(out), str(imgs / "0.png"), str(imgs / "1.jpg"), "--out", str(tmp_path / "v.npy"))
     assert res.returncode == 0, res.stderr
     vecs = np.load(tmp_path / "v.npy")
     assert vecs.shape == (2, 24)
@@ -74,7 +67,7 @@ def test_embed_directory_with_a_bad_file_keeps_the_good_ones(tmp_path):
     for i, (_, img) in enumerate(parity_images()[:3]):
         img.convert("RGB").save(imgs / f"{i}.png")
     (imgs / "1b-broken.jpg").write_bytes(b"\x00garbage")
-    res = run("embed", "test-vit-tiny", "--random-init", str(imgs), "--out", str(tmp_path / "o.npy"))
+    res = run_cli("embed", "test-vit-tiny", "--random-init", str(imgs), "--out", str(tmp_path / "o.npy"))
     assert res.returncode == 3
     assert "1b-broken.jpg" in res.stderr and "1 failed" in res.stdout
     assert np.load(tmp_path / "o.npy").shape == (3, 32)
@@ -89,7 +82,7 @@ def test_embed_directory_with_a_bad_file_keeps_the_good_ones(tmp_path):
     (("export", "test-vit-tiny", "--random-init", "--weights", "w"), 1, "either weights=DIR or random_init"),
 ])
 def test_errors_exit_nonzero_with_a_message_not_a_traceback(args, code, message, tmp_path):
-    res = run(*args, cwd=tmp_path)
+    res = run_cli(*args, cwd=tmp_path)
     assert res.returncode == code, (res.stdout, res.stderr)
     assert message in res.stderr.replace("\n", " ") or message in res.stdout
     assert "Traceback" not in res.stderr
@@ -101,5 +94,5 @@ def test_tampered_artifact_parity_exits_1(tmp_path, artifact_dir):
     dst = tmp_path / "a"
     shutil.copytree(artifact_dir("test-vit-tiny", "fp32"), dst)
     (dst / "model.onnx").write_bytes((dst / "model.onnx").read_bytes()[:-10])
-    res = run("parity", str(dst))
+    res = run_cli("parity", str(dst))
     assert res.returncode == 1 and "IntegrityError" in res.stderr and "sha256 mismatch" in res.stderr

@@ -7,7 +7,7 @@ the input and the reason. No other exception, no hang (each input is timed), bou
 whole battery runs in a subprocess whose peak RSS is checked, which also turns a native crash into a
 counted crash instead of a dead test run).
 
-Counts for the closing note:  python tests/test_hardening_battery.py [--artifact DIR] [--json]
+Counts for the closing note:  python tests/test_decode_battery.py [--artifact DIR] [--json]
 """
 from __future__ import annotations
 
@@ -30,10 +30,9 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also when run as a script
-from tests.test_hardening_support import REPO, cli_env, cosine, exported  # noqa: E402
-
 from imgembed.errors import ImageDecodeError  # noqa: E402
 from imgembed.preprocess import load_image  # noqa: E402
+from tests.helpers import REPO, cli_env, cosine, exported  # noqa: E402
 
 MODEL = "test-clip-tiny"  # shortest-edge resize + center crop: the path extreme aspect ratios stress
 PER_INPUT_SECONDS = 10.0
@@ -388,7 +387,7 @@ def test_battery_subprocess_counts_no_crash_bounded_memory(artifact_dir):
     peak RSS under 1 GB. Prints the counts table."""
     artifact = artifact_dir(MODEL)
     proc = subprocess.run([sys.executable, __file__, "--artifact", str(artifact), "--json"], cwd=REPO,
-                          env=cli_env(), capture_output=True, text=True, timeout=300)
+                          env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, 1), f"battery process died (rc {proc.returncode}): {proc.stderr[-2000:]}"
     summary = json.loads(proc.stdout)
     print("\n" + format_summary(summary))
@@ -441,15 +440,13 @@ def test_extreme_aspect_ratio_matches_full_resize_within_2_levels():
 
 def test_extreme_aspect_ratio_memory_is_bounded():
     """1 x 1,000,000 px: HF's resize would need 64 x 64,000,000 px (12 GB); ours stays small and exact in
-    shape, and the line's content shows in the crop."""
+    shape, and the line's content shows in the crop. (Its time bound: benchmarks/speed_bounds.py.)"""
     import imgembed.preprocess as P
     from imgembed.registry import get_spec
 
     line = np.zeros((1, 1_000_000, 3), np.uint8)
     line[:, 500_000 - 8:500_000 + 8] = 255  # a white segment in the middle, inside the center crop
-    t0 = time.perf_counter()
     out = P.preprocess(load_image(line), get_spec(MODEL).preprocess)
-    assert time.perf_counter() - t0 < 5
     assert out.shape == (3, 64, 64) and np.isfinite(out).all()
     spec = get_spec(MODEL).preprocess
     white = (1.0 - spec.image_mean[0]) / spec.image_std[0]

@@ -21,11 +21,26 @@ from typer.testing import CliRunner
 from imgembed.artifact import MANIFEST, MODEL_FILE, read_manifest, verify
 from imgembed.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ExportError, ParityError
 from imgembed.export import tensorrt as trt_export
-from imgembed.export.tensorrt import (TRT_INT8_PRESET, check_trt_onnx, configure_precision, network_creation_flags,
-                                      prepare_trt_export, trt_export_overrides)
+from imgembed.export.tensorrt import (
+    TRT_INT8_PRESET,
+    check_trt_onnx,
+    configure_precision,
+    network_creation_flags,
+    prepare_trt_export,
+    trt_export_overrides,
+)
 from imgembed.runtime.gpu import GpuIdentity
-from imgembed.runtime.trt_engines import (DEFAULT_PROFILE, BatchProfile, EngineEnv, engine_key, engine_record,
-                                          incompatibilities, parse_profile, plan_chunks, select_engine)
+from imgembed.runtime.trt_engines import (
+    DEFAULT_PROFILE,
+    BatchProfile,
+    EngineEnv,
+    engine_key,
+    engine_record,
+    incompatibilities,
+    parse_profile,
+    plan_chunks,
+    select_engine,
+)
 from imgembed.runtime.trt_runner import TrtRunner, artifact_engine, tensorrt_unavailable
 
 H100 = EngineEnv(GpuIdentity("NVIDIA H100 80GB HBM3", "9.0"), "10.5.0")
@@ -62,7 +77,8 @@ def test_engine_key_names_gpu_capability_version_precision_and_profile():
 def test_incompatibilities_name_both_sides():
     rec = engine_record(H100, "fp16", DEFAULT_PROFILE)
     assert incompatibilities(rec, H100) == []
-    assert incompatibilities(rec, A100) == ["built for GPU 'NVIDIA H100 80GB HBM3', this GPU is 'NVIDIA A100-SXM4-40GB'"]
+    assert incompatibilities(rec, A100) == [
+        "built for GPU 'NVIDIA H100 80GB HBM3', this GPU is 'NVIDIA A100-SXM4-40GB'"]
     newer = EngineEnv(H100.gpu, "10.6.0")
     assert incompatibilities(rec, newer) == ["built with TensorRT 10.5.0, this machine has TensorRT 10.6.0"]
     same_name_other_cc = EngineEnv(GpuIdentity(H100.gpu.name, "9.1"), "10.6.0")
@@ -147,7 +163,7 @@ def test_strongly_typed_builds_take_precision_from_the_graph_and_keep_fp32_exact
         config = FakeConfig()
         assert configure_precision(trt, config, net, precision, True) == {"typing": "strong", "fp32_pinned_layers": 0}
         assert config.set == [] and config.cleared == ["TF32"]
-    assert all(layer.precision is None for layer in net.layers)
+    assert net.layers and all(layer.precision is None for layer in net.layers)
 
 
 def test_weakly_typed_fp16_pins_normalisation_softmax_reduce_and_unary_layers_to_fp32():

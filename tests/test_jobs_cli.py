@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,11 +10,7 @@ import imgembed
 from imgembed.jobs.parquet import read_embeddings, read_table
 from imgembed.samples import parity_images
 
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "imgembed.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+from .helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +24,7 @@ def photos(tmp_path_factory):
 
 def test_uint8_export_then_resumable_parquet_job(photos, tmp_path):
     art = tmp_path / "art"
-    res = run("export", "test-dinov2-tiny", "--random-init", "--uint8-input", "--out", str(art), "--no-speed-check")
+    res = run_cli("export", "test-dinov2-tiny", "--random-init", "--uint8-input", "--out", str(art), "--no-speed-check")
     assert res.returncode == 0, res.stderr
     assert "adding the uint8 NHWC input" in res.stderr and "PASS" in res.stdout
     manifest = json.loads((art / "manifest.json").read_text())
@@ -39,10 +32,10 @@ def test_uint8_export_then_resumable_parquet_job(photos, tmp_path):
 
     out = tmp_path / "e.parquet"
     args = ("embed", str(art), str(photos), "--out", str(out), "--part-rows", "3", "-b", "3", "--decode", "fast")
-    res = run(*args, "--max-parts", "1")
+    res = run_cli(*args, "--max-parts", "1")
     assert res.returncode == 0, res.stderr
     assert "stopped after 1 part(s), 3 rows checkpointed" in res.stdout and not out.exists()
-    res = run(*args)
+    res = run_cli(*args)
     assert res.returncode == 3, res.stderr  # one unreadable file: recorded, reported, exit code 3
     assert "resumed: 3 of 8 images were already done" in res.stdout
     assert "wrote 7 x 32 embeddings (test-dinov2-tiny, fp32, decode fast)" in res.stdout and "1 failed" in res.stdout
@@ -58,14 +51,14 @@ def test_uint8_export_then_resumable_parquet_job(photos, tmp_path):
 def test_glob_to_npy_with_sidecar_and_usage_errors(photos, artifact_dir, tmp_path):
     art = artifact_dir("test-vit-tiny")
     out = tmp_path / "v.npy"
-    res = run("embed", str(art), str(photos / "[0-4].jpg"), "--out", str(out), "--workers", "2")
+    res = run_cli("embed", str(art), str(photos / "[0-4].jpg"), "--out", str(out), "--workers", "2")
     assert res.returncode == 0, res.stderr
     paths = (tmp_path / "v.paths.txt").read_text().splitlines()
     assert [p.rsplit("/", 1)[1] for p in paths] == [f"{i}.jpg" for i in range(5)]
     np.testing.assert_allclose(np.load(out), imgembed.load(art).embed(paths), rtol=0, atol=1e-6)
-    res = run("embed", str(art), str(photos), "--decode", "quick")
+    res = run_cli("embed", str(art), str(photos), "--decode", "quick")
     assert res.returncode == 2 and "'quick'" in res.stderr
-    res = run("embed", str(art), str(photos), "--out", str(tmp_path / "v.csv"))
+    res = run_cli("embed", str(art), str(photos), "--out", str(tmp_path / "v.csv"))
     assert res.returncode == 2 and "v.csv" in res.stderr
-    res = run("embed", str(art), str(photos / "*.nothing"))
+    res = run_cli("embed", str(art), str(photos / "*.nothing"))
     assert res.returncode == 2 and "no image files found" in res.stderr

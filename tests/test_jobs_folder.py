@@ -1,10 +1,7 @@
 """Folder jobs: listing, Parquet rows and metadata, resume after an interruption, incremental reruns."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +14,8 @@ from imgembed.jobs import JobError
 from imgembed.jobs.folder import FolderJob, job_metadata, list_images, local_batches
 from imgembed.jobs.parquet import read_embeddings, read_table
 from imgembed.samples import parity_images
+
+from .helpers import cli_env, start_cli
 
 MODEL = "test-clip-tiny"
 
@@ -108,12 +107,6 @@ def test_resuming_with_another_model_is_refused(folder, emb, artifact_dir, tmp_p
         FolderJob(out, files, job_metadata(other)).run(local_batches(other))
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    return subprocess.Popen([sys.executable, "-m", "imgembed.cli", "embed", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def test_killed_cli_job_resumes(artifact_dir, tmp_path):
     """SIGKILL a running `imgembed embed ... --out x.parquet`, rerun it: every image once, as the API does."""
     src = tmp_path / "big"
@@ -124,7 +117,7 @@ def test_killed_cli_job_resumes(artifact_dir, tmp_path):
     out = tmp_path / "emb.parquet"
     work = tmp_path / ".emb.parquet.work"
     args = (str(artifact_dir(MODEL)), str(src), "--out", str(out), "--part-rows", "8", "-b", "4", "--workers", "0")
-    proc = _cli(*args)
+    proc = start_cli("embed", *args, env=cli_env())
     deadline = time.monotonic() + 120
     while not list(work.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -134,7 +127,7 @@ def test_killed_cli_job_resumes(artifact_dir, tmp_path):
         pytest.skip("the job finished before it could be killed (machine too fast for 240 images)")
     done = sum(read_table(p).num_rows for p in work.glob("part-*.parquet"))
     assert 0 < done < 240
-    proc = _cli(*args)
+    proc = start_cli("embed", *args, env=cli_env())
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert f"resumed: {done} of 240 images were already done" in stdout

@@ -9,6 +9,8 @@ from imgembed.jobs.folder import FolderJob, job_metadata, list_images, local_bat
 from imgembed.jobs.parquet import read_embeddings
 from imgembed.samples import parity_images
 
+from .helpers import run_cli
+
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'imgembed[ray]')")
 
 
@@ -58,20 +60,12 @@ def test_ray_engine_runs_a_resumable_folder_job(local_ray, photos, artifact_dir,
 
 def test_cli_ray_flag(photos, artifact_dir, tmp_path):
     """`imgembed embed ARTIFACT DIR --ray` starts a local Ray instance in the subprocess; same vectors."""
-    import os
-    import subprocess
-    import sys
-
     art = artifact_dir("test-clip-tiny")
     out = tmp_path / "r.npy"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    res = subprocess.run([sys.executable, "-m", "imgembed.cli", "embed", str(art), str(photos), "--out", str(out),
-                          "--ray", "-b", "4"], capture_output=True, text=True, env=env, timeout=600)
+    res = run_cli("embed", str(art), str(photos), "--out", str(out), "--ray", "-b", "4")
     assert res.returncode == 3, res.stderr[-2000:]  # the broken file is reported
     assert "04b-broken.jpg" in res.stderr and "wrote 10 x 24 embeddings" in res.stdout
     paths = (tmp_path / "r.paths.txt").read_text().splitlines()
     np.testing.assert_allclose(np.load(out), imgembed.load(art).embed(paths), rtol=0, atol=1e-6)
-    res = subprocess.run([sys.executable, "-m", "imgembed.cli", "embed", "test-clip-tiny", "--random-init",
-                          str(photos), "--out", str(out), "--ray"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = run_cli("embed", "test-clip-tiny", "--random-init", str(photos), "--out", str(out), "--ray")
     assert res.returncode == 2 and "--ray runs exported artifacts" in res.stderr

@@ -61,7 +61,7 @@ def test_api_report_keeps_every_good_item(embedder, tmp_path):
     assert [i for i, _ in res.errors] == [1, 3, 5, 7, 8]
     patterns = [r"notes\.jpg.*not an image", r"item 3: empty input", r"item 5: truncated",
                 r"item 7: too many pixels", r"missing\.png.*file not found"]
-    for (_, message), pattern in zip(res.errors, patterns):
+    for (_, message), pattern in zip(res.errors, patterns, strict=True):
         assert re.search(pattern, message), (pattern, message)
 
 

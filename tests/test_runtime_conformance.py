@@ -19,7 +19,7 @@ from imgembed.runtime.ort_runner import OrtRunner, available_providers, resolve_
 from imgembed.runtime.torch_runner import TorchRunner
 from imgembed.samples import parity_images
 
-from .conftest import gpu_available
+from .helpers import gpu_available
 
 MODEL = "test-clip-tiny"
 RUNNERS = ["torch-cpu", "torch-cpu-bf16", "torch-cuda", "torch-cuda-fp16", "torch-cuda-bf16", "ort-cpu-fp32",

@@ -18,6 +18,8 @@ from imgembed.serve.errors import DuplicateModelError, ModelNotFoundError, Pixel
 from imgembed.serve.models import ArtifactArg, assign_ids
 from imgembed.serve.uploads import Upload, decode_image, prepare
 
+from .helpers import run_cli
+
 SPEC = get_spec("test-clip-tiny").preprocess
 
 
@@ -113,9 +115,10 @@ def test_pixel_limit_uses_the_declared_size_before_decoding():
 
 # --------------------------------------------------------------------------------------------- client
 def test_multipart_encoding_round_trips_through_the_server_parser():
-    from starlette.formparsers import MultiPartParser
-    from starlette.datastructures import Headers
     import asyncio
+
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartParser
 
     body, ctype = encode_multipart([("a.png", b"\x00\x01\r\n--x"), ('we"ird.jpg', b"zz")], {"model": "m"})
 
@@ -149,13 +152,6 @@ def test_missing_serve_extra_names_the_install_command(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def run_cli(*args: str):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "imgembed.cli", *args], capture_output=True, text=True, timeout=60)
-
-
 def fake_artifact(path: Path, name: str, precision: str) -> Path:
     """A directory with just a manifest (ids are assigned before any model is loaded)."""
     import json
@@ -169,18 +165,18 @@ def fake_artifact(path: Path, name: str, precision: str) -> Path:
 
 def test_cli_refuses_duplicate_model_ids_before_loading(tmp_path):
     a, b = fake_artifact(tmp_path / "a", "clip", "int8"), fake_artifact(tmp_path / "b", "clip", "int8")
-    result = run_cli("serve", str(a), str(b), "--port", "0")
+    result = run_cli("serve", str(a), str(b), "--port", "0", timeout=60)
     assert result.returncode == 1
     assert (f"error (DuplicateModelError): artifacts {a} and {b} both resolve to model id 'clip-int8'; name them "
             "explicitly with ID=PATH") in " ".join(result.stderr.split())
 
 
 def test_cli_reports_a_missing_artifact_and_a_bad_option(tmp_path):
-    result = run_cli("serve", str(tmp_path / "nope"))
+    result = run_cli("serve", str(tmp_path / "nope"), timeout=60)
     assert result.returncode == 1
     assert f"error (ArtifactError): artifact directory {tmp_path / 'nope'} does not exist" in " ".join(
         result.stderr.split())
-    result = run_cli("serve", str(tmp_path), "--max-queue", "4", "--max-images", "8")
+    result = run_cli("serve", str(tmp_path), "--max-queue", "4", "--max-images", "8", timeout=60)
     assert result.returncode == 1 and "max_queue=4 is smaller than max_images=8" in result.stderr
 
 

@@ -19,11 +19,8 @@ from imgembed.registry import get_spec
 from imgembed.runtime.torch_runner import TorchRunner
 from imgembed.samples import parity_images
 
-from .conftest import TINY, gpu_available
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+from .conftest import TINY
+from .helpers import cosine, gpu_available
 
 
 def _setup(name: str, n: int = 12):
@@ -45,7 +42,7 @@ def test_bf16_and_fp16_stay_close_to_fp32_and_leave_the_original_alone(name):
             assert r.describe()["dtype"] == dtype
         assert out.dtype == np.float32 and out.shape == ref.shape
         assert not np.array_equal(out, ref)                # really ran in reduced precision
-        assert _cosine(out, ref).min() >= min_cos, (dtype, _cosine(out, ref).min())
+        assert cosine(out, ref).min() >= min_cos, (dtype, cosine(out, ref).min())
     assert {p.dtype for p in head.parameters()} == {torch.float32}   # the caller's module was not cast
 
 
@@ -113,7 +110,7 @@ def test_cuda_precisions_match_the_cpu_original(dtype, min_cos):  # pragma: no c
     import copy
 
     with TorchRunner(copy.deepcopy(head), spec.input_hw, spec.embedding.dim, device="cuda", dtype=dtype) as gpu:
-        assert _cosine(gpu.infer(pixels), ref).min() >= min_cos
+        assert cosine(gpu.infer(pixels), ref).min() >= min_cos
 
 
 @pytest.mark.gpu
