@@ -52,7 +52,8 @@ def main() -> None:
             rec = _cell(records, model, f"onnxruntime-{precision}", args.batch)
             ips = f"{rec['throughput_ips']:.1f}" if rec else "–"
             ratio = f"{rec['speedup_vs_original']:.2f}x" if rec and rec.get("speedup_vs_original") else "–"
-            print(f"| {model} | ORT {precision.upper()} {_artifact_summary(records, model, precision)} {ips} | {ratio} |")
+            summary = _artifact_summary(records, model, precision)
+            print(f"| {model} | ORT {precision.upper()} {summary} {ips} | {ratio} |")
 
 
 if __name__ == "__main__":

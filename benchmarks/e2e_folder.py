@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     from imgembed.jobs.pipeline import default_workers
 
     spec = get_spec(args.model)
-    threads, workers = args.threads or default_threads(), args.workers if args.workers is not None else default_workers()
+    threads = args.threads or default_threads()
+    workers = args.workers if args.workers is not None else default_workers()
     files = build_folder(args.folder, args.images)
     art_f, art_u = artifacts(args, spec)
     emb_f = imgembed.load(art_f, threads=threads)

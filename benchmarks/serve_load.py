@@ -97,7 +97,7 @@ def interleaved(emb, url: str, images: list[bytes], batch: int, clients: int, n:
         served.append(rate)
         latencies += lat
         statuses += st
-    ratios = [s / o for s, o in zip(served, offline)]
+    ratios = [s / o for s, o in zip(served, offline, strict=True)]
     return {"offline_images_per_s": statistics.median(offline), "server_images_per_s": statistics.median(served),
             "ratio": statistics.median(ratios), "round_ratios": ratios, "offline_rounds": offline,
             "server_rounds": served, "p50_ms": percentile(latencies, 50) * 1e3,

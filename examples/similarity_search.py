@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         vectors, query = pca.transform(vectors, normalize=True), pca.transform(query[None], normalize=True)[0]
         print(f"PCA to {args.pca} dims keeps {pca.explained_variance_ratio.sum():.1%} of the variance")
     scores, ids = top_k(vectors, query, min(args.k, len(vectors)))
-    for score, i in zip(scores, ids):
+    for score, i in zip(scores, ids, strict=True):
         print(f"{score:.4f}  {table.paths[i]}")
     return 0
 
