@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from imgembed.fastdecode import load_crop
-from imgembed.runtime.pipeline import pipelined_batches
 from imgembed.preprocess import load_image, preprocess
 from imgembed.registry import get_spec
+from imgembed.runtime.pipeline import pipelined_batches
 from imgembed.samples import parity_images
 
 
