@@ -1,46 +1,207 @@
-"""Per-family facts and the PyTorch originals.
+"""Model families: one :class:`Family` record each, and the PyTorch originals built from them.
 
 A family is a flat record (Optimum's per-architecture spec, without the inheritance): which transformers
-classes build it, and which ONNX Runtime transformer optimizer applies. :func:`load_original` builds the
-PyTorch original of a registry entry from one of three sources:
+classes build it, how a full image-text checkpoint yields its vision tower, which export-time surgery its
+graph needs, and which ONNX Runtime transformer fusion applies. :data:`FAMILIES` is the only list of
+families; the registry validates ``family:`` against it, and no other code branches on a family name.
+
+:func:`load_original` builds the PyTorch original of a registry entry from one of three sources:
 
 * the Hugging Face hub (``spec.source``; real code path for users with internet),
 * a local directory written by ``save_pretrained`` (``weights=DIR``),
 * the real architecture with random weights from the registry's ``arch`` (``random_init=True``), seeded
-  so that the same original can be rebuilt later (``imgembed parity`` re-runs need it).
+  so that the same original can be rebuilt later from a manifest (:func:`original_from_source`).
 
-:class:`EmbeddingHead` wraps the model so that its single output *is* the embedding (output selection,
-pooling and L2 normalisation are inside the exported graph, so every backend returns the same vector).
+This module imports torch only inside the functions that need it, so the registry (and ``import imgembed``)
+can use the records without it. The original is an :class:`~imgembed.embedding_head.EmbeddingHead`.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import WeightsError
-from .registry import ModelSpec
+
+if TYPE_CHECKING:
+    from .embedding_head import EmbeddingHead
+    from .registry import ModelSpec
 
 DEFAULT_SEED = 0
 
 
+# ------------------------------------------------------------------------------- vision-tower hooks
+def encoder_only(raw: Mapping[str, Any]) -> dict | None:
+    """The checkpoint is the image encoder itself: its config.json is read as is."""
+    return None
+
+
+def clip_vision_tower(raw: Mapping[str, Any]) -> dict | None:
+    """A full CLIPModel checkpoint yields its vision config (the top-level projection_dim sizes
+    visual_projection; vision_config's copy may be a stale default)."""
+    if raw.get("model_type") != "clip":
+        return None
+    vision = dict(raw.get("vision_config") or {})
+    vision["projection_dim"] = raw.get("projection_dim", vision.get("projection_dim", 512))
+    return vision
+
+
+def siglip_vision_tower(raw: Mapping[str, Any]) -> dict | None:
+    """A full SiglipModel checkpoint (image + text) yields its vision config; its ``vision_model.*``
+    weights load into SiglipVisionModel under the same names, the text tower is left out."""
+    if raw.get("model_type") != "siglip":
+        return None
+    return dict(raw.get("vision_config") or {})
+
+
+# ---------------------------------------------------------------------------- export-surgery hooks
+def freeze_position_embeddings(head: "EmbeddingHead", spec: "ModelSpec") -> bool:
+    """Precompute DINOv2's interpolated position embeddings for the fixed input size.
+
+    DINOv2 checkpoints carry a 37x37 (518 px) grid that is bicubically interpolated on every forward; traced,
+    that is a Resize node run at every inference, and ONNX's cubic resize is a known source of mismatch
+    (antialias, border handling). PyTorch computes the table once here, with its own kernel, and the graph
+    gets a constant. Valid because artifacts have a fixed input size. Returns True if applied.
+    """
+    import torch
+
+    emb = getattr(head.model, "embeddings", None)
+    if emb is None or not hasattr(emb, "interpolate_pos_encoding"):
+        return False
+    h, w = spec.input_hw
+    patches = (h // emb.patch_size) * (w // emb.patch_size)
+    with torch.no_grad():
+        dummy = torch.zeros(1, patches + 1, emb.position_embeddings.shape[-1])
+        table = emb.interpolate_pos_encoding(dummy, h, w).detach().clone()
+
+    def frozen(embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if (height, width) != (h, w):  # internal invariant: artifacts have one input size
+            raise ValueError(f"position embeddings were frozen for {h}x{w}, got {height}x{width}")
+        return table.to(embeddings.dtype)
+
+    emb.interpolate_pos_encoding = frozen
+    return True
+
+
+def freeze_rope(head: "EmbeddingHead", spec: "ModelSpec") -> bool:
+    """Precompute DINOv3's rotary (cos, sin) tables for the fixed input size.
+
+    DINOv3 derives its RoPE angles from the patch grid of every input (arange, cos, sin on the traced
+    shape). The artifact has one input size, so PyTorch computes the tables once and the graph gets
+    constants. Returns True if applied.
+    """
+    import torch
+
+    rope = getattr(head.model, "rope_embeddings", None)
+    if rope is None:
+        return False
+    h, w = spec.input_hw
+    with torch.no_grad():
+        cos, sin = (t.detach().clone() for t in rope(torch.zeros(1, 3, h, w)))
+
+    def frozen(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tuple(pixel_values.shape[-2:]) != (h, w):  # internal invariant: artifacts have one input size
+            raise ValueError(f"RoPE tables were frozen for {h}x{w}, got {tuple(pixel_values.shape[-2:])}")
+        return cos.to(pixel_values.dtype), sin.to(pixel_values.dtype)
+
+    rope.forward = frozen
+    return True
+
+
+def fold_layer_scale(head: "EmbeddingHead", spec: "ModelSpec | None" = None) -> int:
+    """Fold DINOv2's LayerScale into the preceding Linear (lambda*(xW+b) = x(lambda*W) + lambda*b).
+
+    Exact up to float rounding; it lets ONNX Runtime's attention/skip-layernorm fusion match DINOv2 like
+    ViT. Changes ``head`` in place; returns the number of folded scales. Only used on export copies.
+    """
+    import torch
+
+    folded = 0
+    layers = list(getattr(getattr(head.model, "encoder", None), "layer", []))
+    with torch.no_grad():
+        for layer in layers:
+            pairs = [(getattr(layer, "layer_scale1", None), layer.attention.output.dense),
+                     (getattr(layer, "layer_scale2", None), getattr(layer.mlp, "fc2", None))]
+            for scale, linear in pairs:
+                if scale is None or linear is None or not hasattr(scale, "lambda1"):
+                    continue
+                lam = scale.lambda1.detach()
+                linear.weight.mul_(lam[:, None])
+                if linear.bias is not None:
+                    linear.bias.mul_(lam)
+                scale.lambda1.fill_(1.0)
+                folded += 1
+    for layer in layers:
+        for attr in ("layer_scale1", "layer_scale2"):
+            if hasattr(getattr(layer, attr, None), "lambda1") and bool((getattr(layer, attr).lambda1 == 1).all()):
+                setattr(layer, attr, torch.nn.Identity())
+    return folded
+
+
+@dataclass(frozen=True)
+class Surgery:
+    """One export-time change to a copy of the original; ``apply`` returns whether it changed anything."""
+
+    name: str
+    apply: Callable[["EmbeddingHead", "ModelSpec"], Any]
+    only_when_optimizing: bool = False  # exists to let ORT's fusion match, so skipped without it
+
+
+FROZEN_POSITIONS = Surgery("frozen-position-embeddings", freeze_position_embeddings)
+FROZEN_ROPE = Surgery("frozen-rope-tables", freeze_rope)
+FOLDED_LAYER_SCALE = Surgery("folded-layer-scale", fold_layer_scale, only_when_optimizing=True)
+
+
+# ------------------------------------------------------------------------------------------ records
 @dataclass(frozen=True)
 class Family:
-    config_class: str      # transformers config class of the image encoder
-    model_class: str       # transformers model class whose outputs hold the embedding
+    """What differs between model families, as data and small hooks."""
+
+    name: str
+    config_class: str           # transformers config class of the image encoder
+    model_class: str            # transformers model class whose outputs hold the embedding
     ort_model_type: str | None  # onnxruntime.transformers.optimizer model_type, None = no transformer fusion
-    is_transformer: bool
+    is_transformer: bool = True
+    vision_tower: Callable[[Mapping[str, Any]], dict | None] = encoder_only  # full checkpoint -> vision config
+    surgery: tuple[Surgery, ...] = ()
+
+    def prepare_export(self, head: "EmbeddingHead", spec: "ModelSpec", optimize: bool) -> list[str]:
+        """Export-time surgery on a copy of the original; returns the names of what was applied."""
+        return [s.name for s in self.surgery if (optimize or not s.only_when_optimizing) and s.apply(head, spec)]
+
+    def config_from_raw(self, raw: Mapping[str, Any], weights: Path) -> Any:
+        """The encoder config of a local checkpoint: the vision tower of a full checkpoint, else its own."""
+        cfg_cls = _transformers_attr(self.config_class)
+        vision = self.vision_tower(raw)
+        return cfg_cls(**vision) if vision is not None else cfg_cls.from_pretrained(str(weights))
 
 
-FAMILY = {
-    "clip": Family("CLIPVisionConfig", "CLIPVisionModelWithProjection", "clip", True),
-    "vit": Family("ViTConfig", "ViTModel", "vit", True),
-    "dinov2": Family("Dinov2Config", "Dinov2Model", "vit", True),
-    "resnet": Family("ResNetConfig", "ResNetModel", None, False),
-}
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("clip", "CLIPVisionConfig", "CLIPVisionModelWithProjection", "clip", vision_tower=clip_vision_tower),
+    Family("vit", "ViTConfig", "ViTModel", "vit"),
+    Family("dinov2", "Dinov2Config", "Dinov2Model", "vit", surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE)),
+    Family("dinov2-reg", "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", "vit",
+           surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE)),
+    Family("dinov3", "DINOv3ViTConfig", "DINOv3ViTModel", "vit", surgery=(FROZEN_ROPE,)),
+    Family("siglip", "SiglipVisionConfig", "SiglipVisionModel", "clip", vision_tower=siglip_vision_tower),
+    Family("resnet", "ResNetConfig", "ResNetModel", None, is_transformer=False),
+)}
+
+
+def family_of(spec: "ModelSpec") -> Family:
+    """The :class:`Family` record of a registry entry."""
+    return FAMILIES[spec.family]
+
+
+# -------------------------------------------------------------------------------------- originals
+def __getattr__(name: str) -> Any:
+    """``EmbeddingHead`` is importable from here without importing torch with this module."""
+    if name == "EmbeddingHead":
+        from .embedding_head import EmbeddingHead
+
+        return EmbeddingHead
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _transformers_attr(name: str) -> Any:
@@ -49,8 +210,8 @@ def _transformers_attr(name: str) -> Any:
     return getattr(transformers, name)
 
 
-def _config_from_dir(spec: ModelSpec, weights: Path) -> Any:
-    """Read ``config.json`` of a local checkpoint; a full CLIP checkpoint yields its vision config."""
+def _config_from_dir(spec: "ModelSpec", weights: Path) -> Any:
+    """Read ``config.json`` of a local checkpoint; a full image-text checkpoint yields its vision config."""
     cfg_path = weights / "config.json"
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -58,13 +219,7 @@ def _config_from_dir(spec: ModelSpec, weights: Path) -> Any:
         raise WeightsError(f"{weights}: no config.json; expected a directory written by save_pretrained") from None
     except (OSError, ValueError) as e:
         raise WeightsError(f"{cfg_path}: unreadable config ({e})") from None
-    cfg_cls = _transformers_attr(FAMILY[spec.family].config_class)
-    if spec.family == "clip" and raw.get("model_type") == "clip":
-        vision = dict(raw.get("vision_config") or {})
-        # the top-level projection_dim sizes visual_projection; vision_config's copy may be a stale default
-        vision["projection_dim"] = raw.get("projection_dim", vision.get("projection_dim", 512))
-        return cfg_cls(**vision)
-    return cfg_cls.from_pretrained(str(weights))
+    return family_of(spec).config_from_raw(raw, weights)
 
 
 def _from_pretrained(model_cls: Any, source: str, **kw: Any) -> Any:
@@ -78,9 +233,27 @@ def _from_pretrained(model_cls: Any, source: str, **kw: Any) -> Any:
     return model_cls.from_pretrained(source, weights_only=True, from_tf=False, from_flax=False, **kw)
 
 
-def _build(spec: ModelSpec, weights: str | Path | None, random_init: bool, seed: int, attn: str) -> Any:
+def _from_dir(model_cls: Any, spec: "ModelSpec", path: Path, attn: str, extra: dict) -> Any:
+    """The encoder from a local save_pretrained directory (a full image-text checkpoint gives its tower)."""
+    if not path.is_dir():
+        raise WeightsError(f"weights directory {path} does not exist (expected a save_pretrained directory)")
+    config = _config_from_dir(spec, path)
+    if family_of(spec).is_transformer:
+        config._attn_implementation = attn
+    # With a safetensors file present, never look at a .bin beside it.
+    safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+    try:
+        return _from_pretrained(model_cls, str(path), config=config, use_safetensors=safetensors or None, **extra)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"{path}: cannot load weights ({type(e).__name__}: {e}); expected model.safetensors "
+                           "or a pytorch_model.bin loadable with torch.load(weights_only=True)") from None
+
+
+def _build(spec: "ModelSpec", weights: str | Path | None, random_init: bool, seed: int, attn: str) -> Any:
     """The transformers model of ``spec``: seeded random init, a local save_pretrained dir, or the hub."""
-    fam = FAMILY[spec.family]
+    import torch
+
+    fam = family_of(spec)
     model_cls = _transformers_attr(fam.model_class)
     extra = {"attn_implementation": attn} if fam.is_transformer else {}
     if random_init:
@@ -88,20 +261,7 @@ def _build(spec: ModelSpec, weights: str | Path | None, random_init: bool, seed:
         torch.manual_seed(seed)
         return model_cls(config)
     if weights is not None:
-        path = Path(weights)
-        if not path.is_dir():
-            raise WeightsError(f"weights directory {path} does not exist (expected a save_pretrained directory)")
-        config = _config_from_dir(spec, path)
-        if fam.is_transformer:
-            config._attn_implementation = attn
-        # With a safetensors file present, never look at a .bin beside it.
-        safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
-        try:
-            return _from_pretrained(model_cls, str(path), config=config, use_safetensors=safetensors or None,
-                                    **extra)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise WeightsError(f"{path}: cannot load weights ({type(e).__name__}: {e}); expected model.safetensors "
-                               "or a pytorch_model.bin loadable with torch.load(weights_only=True)") from None
+        return _from_dir(model_cls, spec, Path(weights), attn, extra)
     if spec.source is None:
         raise WeightsError(f"model {spec.name!r} has no weight source; pass --random-init or --weights DIR")
     try:
@@ -113,21 +273,23 @@ def _build(spec: ModelSpec, weights: str | Path | None, random_init: bool, seed:
         ) from None
 
 
-def load_original(spec: ModelSpec, weights: str | Path | None = None, random_init: bool = False,
-                  seed: int = DEFAULT_SEED, attn: str = "eager") -> EmbeddingHead:
+def load_original(spec: "ModelSpec", weights: str | Path | None = None, random_init: bool = False,
+                  seed: int = DEFAULT_SEED, attn: str = "eager") -> "EmbeddingHead":
     """The PyTorch original of ``spec`` as an :class:`EmbeddingHead` in eval mode (CPU, float32).
 
     ``attn="eager"`` keeps attention as plain MatMul/Softmax so ONNX Runtime can fuse it after export.
     """
+    from .embedding_head import EmbeddingHead
+
     if weights is not None and random_init:
         raise WeightsError("pass either weights=DIR or random_init=True, not both")
     model = _build(spec, weights, random_init, seed, attn)
     return EmbeddingHead(model.eval(), spec).eval()
 
 
-def source_record(spec: ModelSpec, weights: str | Path | None, random_init: bool,
+def source_record(spec: "ModelSpec", weights: str | Path | None, random_init: bool,
                   seed: int = DEFAULT_SEED) -> dict[str, Any]:
-    """How the original was obtained, for the manifest and for rebuilding it in ``imgembed parity``."""
+    """How the original was obtained, for the manifest and for :func:`original_from_source`."""
     if random_init:
         return {"kind": "random-init", "seed": seed, "arch": dict(spec.arch)}
     if weights is not None:
@@ -136,78 +298,26 @@ def source_record(spec: ModelSpec, weights: str | Path | None, random_init: bool
     return {"kind": "hub", "repo": spec.source.hub, "revision": spec.source.revision}
 
 
-@torch.no_grad()
-def fold_layer_scale(head: "EmbeddingHead") -> int:
-    """Fold DINOv2's LayerScale into the preceding Linear (lambda*(xW+b) = x(lambda*W) + lambda*b).
+def original_from_source(spec: "ModelSpec", source: Mapping[str, Any], weights_override: str | Path | None = None,
+                         attn: str = "eager") -> "EmbeddingHead":
+    """Rebuild the PyTorch original recorded by :func:`source_record` (a manifest's ``source``).
 
-    Exact up to float rounding; it lets ONNX Runtime's attention/skip-layernorm fusion match DINOv2 like
-    ViT. Changes ``head`` in place; returns the number of folded scales. Only used on export copies.
+    ``random-init`` reuses the seed (``spec.arch`` is the architecture); ``local`` loads the recorded
+    directory, or ``weights_override`` when given (the directory moved); ``hub`` loads the recorded repo at
+    the recorded revision, or ``weights_override`` when given (offline re-checks). Unknown kinds raise
+    :class:`~imgembed.errors.WeightsError`.
     """
-    folded = 0
-    for layer in getattr(getattr(head.model, "encoder", None), "layer", []):
-        pairs = [(getattr(layer, "layer_scale1", None), layer.attention.output.dense),
-                 (getattr(layer, "layer_scale2", None), getattr(layer.mlp, "fc2", None))]
-        for scale, linear in pairs:
-            if scale is None or linear is None or not hasattr(scale, "lambda1"):
-                continue
-            lam = scale.lambda1.detach()
-            linear.weight.mul_(lam[:, None])
-            if linear.bias is not None:
-                linear.bias.mul_(lam)
-            scale.lambda1.fill_(1.0)
-            folded += 1
-    for layer in getattr(getattr(head.model, "encoder", None), "layer", []):
-        for attr in ("layer_scale1", "layer_scale2"):
-            if hasattr(getattr(layer, attr, None), "lambda1") and bool((getattr(layer, attr).lambda1 == 1).all()):
-                setattr(layer, attr, torch.nn.Identity())
-    return folded
+    kind = source.get("kind") if isinstance(source, Mapping) else None
+    if kind == "random-init":
+        return load_original(spec, random_init=True, seed=int(source["seed"]), attn=attn)
+    if kind in ("local", "hub") and weights_override is not None:
+        return load_original(spec, weights=weights_override, attn=attn)
+    if kind == "local":
+        return load_original(spec, weights=source["path"], attn=attn)
+    if kind == "hub":
+        from .registry import Source
 
-
-@torch.no_grad()
-def freeze_position_embeddings(head: "EmbeddingHead", input_hw: tuple[int, int]) -> bool:
-    """Precompute DINOv2's interpolated position embeddings for the fixed input size.
-
-    DINOv2 checkpoints carry a 37x37 (518 px) grid that is bicubically interpolated on every forward; traced,
-    that is a Resize node run at every inference, and ONNX's cubic resize is a known source of mismatch
-    (antialias, border handling). PyTorch computes the table once here, with its own kernel, and the graph
-    gets a constant. Valid because artifacts have a fixed input size. Returns True if applied.
-    """
-    emb = getattr(head.model, "embeddings", None)
-    if emb is None or not hasattr(emb, "interpolate_pos_encoding"):
-        return False
-    h, w = input_hw
-    patches = (h // emb.patch_size) * (w // emb.patch_size)
-    dummy = torch.zeros(1, patches + 1, emb.position_embeddings.shape[-1])
-    table = emb.interpolate_pos_encoding(dummy, h, w).detach().clone()
-
-    def frozen(embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if (height, width) != (h, w):  # internal invariant: artifacts have one input size
-            raise ValueError(f"position embeddings were frozen for {h}x{w}, got {height}x{width}")
-        return table.to(embeddings.dtype)
-
-    emb.interpolate_pos_encoding = frozen
-    return True
-
-
-class EmbeddingHead(torch.nn.Module):
-    """Wrap a transformers model so that ``forward(pixel_values) -> (N, dim)`` is the embedding."""
-
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec):
-        super().__init__()
-        self.model = model
-        self.output = spec.embedding.output
-        self.pooling = spec.embedding.pooling
-        self.normalize = spec.embedding.normalize
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = getattr(self.model(pixel_values=pixel_values), self.output)
-        if self.pooling == "cls":
-            x = x[:, 0]
-        elif self.pooling == "mean":
-            x = x[:, 1:].mean(dim=1)
-        elif self.pooling == "gap":
-            x = x.mean(dim=(2, 3))
-        x = x.flatten(1)
-        if self.normalize:
-            x = torch.nn.functional.normalize(x, p=2.0, dim=-1)
-        return x
+        pinned = replace(spec, source=Source(hub=str(source["repo"]), revision=str(source.get("revision", "main"))))
+        return load_original(pinned, attn=attn)
+    raise WeightsError(f"unknown source kind {kind!r} in {dict(source) if isinstance(source, Mapping) else source!r}; "
+                       "expected 'random-init', 'local' or 'hub'")

@@ -17,19 +17,20 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import RegistryError, UnknownModelError
+from .families import FAMILIES
 from .preprocess import PreprocessSpec
 
-FAMILIES = ("clip", "vit", "dinov2", "resnet")
 POOLINGS = ("none", "cls", "mean", "gap")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 # Default parity thresholds (see README "Parity gate"). A registry entry may override any of them.
 DEFAULT_PARITY: dict[str, dict[str, float]] = {
     "fp32": {"min_cosine": 0.99999},
+    "bf16": {"min_cosine": 0.9999},
     "fp16": {"min_cosine": 0.999},
     "int8": {"mean_cosine": 0.995, "min_cosine": 0.99, "knn_agreement": 0.9},
 }
-PARITY_METRICS = ("min_cosine", "mean_cosine", "knn_agreement", "max_abs")
+PARITY_METRICS = ("min_cosine", "mean_cosine", "knn_agreement", "max_abs", "batch_variation")
 
 
 def _registry_paths() -> list[Path]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ExportError
-from ..families import FAMILY
+from ..families import family_of
 from ..registry import ModelSpec
 
 DEFAULT_OPSET = 17
@@ -114,7 +114,7 @@ def optimize_transformer(src: str | Path, dst: str | Path, spec: ModelSpec) -> d
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    fam = FAMILY[spec.family]
+    fam = family_of(spec)
     if fam.ort_model_type is None:
         raise ExportError(f"family {spec.family!r} has no transformer optimizer")
     heads = int(spec.arch.get("num_attention_heads", 0))
