@@ -238,7 +238,8 @@ def test_full_size_fp32_export_passes_the_gate(tmp_path, name):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = export_model(name, tmp_path / name, ExportOptions(precision="fp32", random_init=True, speed_check=False))
+        res = export_model(name, tmp_path / name, ExportOptions(precision="fp32", random_init=True, speed_check=False,
+                                                                  engine="onnxruntime"))
     m = read_manifest(res.path)
     assert m["status"] == "passed" and m["output"]["dim"] == get_spec(name).embedding.dim
     assert m["parity"]["metrics"]["min_cosine"] >= 0.99999, m["parity"]["metrics"]

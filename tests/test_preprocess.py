@@ -26,7 +26,10 @@ FAMILY_SPECS = {
     "dinov2": PreprocessSpec("BitImageProcessor", {"shortest_edge": 256}, "bicubic", {"height": 224, "width": 224},
                              None, *IMAGENET),
     "resnet": PreprocessSpec("ConvNextImageProcessor", {"shortest_edge": 224}, "bicubic", None, 0.875, *IMAGENET),
+    "siglip": PreprocessSpec("SiglipImageProcessor", {"height": 224, "width": 224}, "bicubic", None, None,
+                             (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+DINOV3 = PreprocessSpec("DINOv3ViTImageProcessor", {"height": 224, "width": 224}, "bilinear", None, None, *IMAGENET)
 # Other corners of the HF logic: ConvNext >= 384 (warp, no crop), a crop larger than the resized image
 # (HF zero-pads), fixed-size resize without crop, nearest / lanczos, no rescale/normalize.
 EXTRA_SPECS = {
@@ -36,6 +39,8 @@ EXTRA_SPECS = {
                                None, *IMAGENET),
     "clip_hw_nocrop": PreprocessSpec("CLIPImageProcessor", {"height": 120, "width": 200}, "nearest", None, None,
                                      *IMAGENET),
+    "siglip2_bilinear": PreprocessSpec("SiglipImageProcessor", {"height": 96, "width": 160}, "bilinear", None, None,
+                                       (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "bit_odd_crop": PreprocessSpec("BitImageProcessor", {"shortest_edge": 101}, "bilinear", {"height": 77, "width": 99},
                                    None, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), rescale_factor=1.0),
 }
@@ -75,7 +80,7 @@ def raw_images() -> dict[str, Image.Image]:
 
 
 def _hf(spec: PreprocessSpec):
-    return getattr(transformers, spec.processor)(**spec.hf_kwargs())
+    return getattr(transformers, spec.record.hf_class)(**spec.hf_kwargs())
 
 
 def _hf_input(spec: PreprocessSpec, img: Image.Image) -> Image.Image:
@@ -110,6 +115,51 @@ def test_matches_hf_processor_on_other_spec_corners(key, raw_images):
     assert ours.shape[2:] == spec.output_hw
     _assert_close(ours, ref, names)
 
+
+
+def _torch_antialiased_bilinear(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """DINOv3ViTImageProcessorFast's order: rescale the uint8 image to float, resize it with
+    ``interpolate(bilinear, antialias=True)``, normalize."""
+    import torch
+
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() * spec.rescale_factor
+    x = torch.nn.functional.interpolate(x, size=spec.output_hw, mode="bilinear", antialias=True, align_corners=False)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (spec.image_mean, spec.image_std))
+    return ((x[0] - mean) / std).numpy()
+
+
+def test_dinov3_matches_torch_antialiased_bilinear_within_one_level(raw_images):
+    """Ours resizes the uint8 image with PIL (two passes, each rounded to uint8) before the rescale; the
+    residual against the float resize is at most one uint8 level, about a quarter level on average."""
+    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera", "rand_37x501",
+             "rand_300x17", "rand_100x100"]
+    one_level = 1 / 255 / np.asarray(DINOV3.image_std)[:, None, None]
+    for name in names:
+        img = load_image(raw_images[name])
+        diff = np.abs(preprocess(img, DINOV3) - _torch_antialiased_bilinear(img, DINOV3)) / one_level
+        assert diff.max() <= 1.0 + 1e-3 and diff.mean() <= 0.35, (name, diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("key", ["siglip", "siglip2_bilinear"])
+def test_siglip_is_bit_identical_to_the_slow_hf_processor(key, raw_images):
+    spec = {**FAMILY_SPECS, **EXTRA_SPECS}[key]
+    names = list(raw_images)
+    ours = preprocess_batch([load_image(raw_images[n]) for n in names], spec)
+    ref = _hf(spec)(images=[raw_images[n] for n in names], return_tensors="np")["pixel_values"]
+    assert ours.shape == ref.shape == (len(names), 3, *spec.output_hw)
+    np.testing.assert_array_equal(ours, ref)
+
+def test_dinov3_and_siglip_hub_configs_map_to_specs():
+    dinov3 = {"image_processor_type": "DINOv3ViTImageProcessorFast", "do_resize": True, "resample": 2,
+              "size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 0.00392156862745098,
+              "do_normalize": True, "image_mean": list(IMAGENET[0]), "image_std": list(IMAGENET[1])}
+    assert PreprocessSpec.from_hf_config(dinov3) == DINOV3
+    assert PreprocessSpec.from_hf_config({"image_processor_type": "DINOv3ViTImageProcessorFast"}) == DINOV3
+    siglip = {"image_processor_type": "SiglipImageProcessor", "resample": 3, "size": {"height": 224, "width": 224},
+              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 0.00392156862745098}
+    assert PreprocessSpec.from_hf_config(siglip) == FAMILY_SPECS["siglip"]
+    assert PreprocessSpec.from_hf_config({"image_processor_type": "SiglipImageProcessor"}) == FAMILY_SPECS["siglip"]
+    assert DINOV3.record.hf_class is None and FAMILY_SPECS["siglip"].record.hf_class == "SiglipImageProcessor"
 
 @pytest.mark.parametrize("hw", [(1, 1), (3, 50), (1, 40), (50, 3)])
 def test_height_1_or_3_images(hw):
