@@ -50,7 +50,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def bench_threads() -> int:
-    from imgembed.bench.host import default_threads
+    from imgembed.runtime.host import default_threads
 
     return int(os.environ.get("IMGEMBED_BENCH_THREADS", default_threads()))
 
@@ -71,7 +71,7 @@ def bench_runner(bench_threads):
             notes[model_name] = []  # exports that failed their parity gate are left out, with a note
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Int8SlowerWarning is a finding, not a failure, here
-                models[model_name] = model_from_registry(model_name, int8=True, random_init=True, weights=None,
+                models[model_name] = model_from_registry(model_name, precisions=("fp32", "int8"), random_init=True, weights=None,
                                                          threads=bench_threads, notes=notes[model_name])
             originals[model_name] = OriginalCache(models[model_name])
         model = models[model_name]

@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
@@ -79,13 +80,40 @@ def models_cmd(all_: bool = typer.Option(False, "--all", help="Include tiny test
     out_console.print(table)
 
 
+@app.command("backends")
+def backends_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the runtime's backends: what each runs, on which device and precisions, and whether it is usable
+    here (with the reason when not)."""
+    from .runtime.backends import backend_table
+    from .runtime.host import cpu_summary
+
+    rows = backend_table()
+    if as_json:
+        print(json.dumps({"cpu": cpu_summary(), "backends": rows}, indent=2))
+        return
+    cpu = cpu_summary()
+    table = Table(title=f"imgembed backends (CPU {cpu['model']}: {' '.join(cpu['flags'])})")
+    for col in ("backend", "device", "runs", "precisions", "usable here"):
+        table.add_column(col)
+    for r in rows:
+        usable = "[green]yes[/]" if r["available"] else f"[red]no[/]: {escape(r['reason'])}"
+        table.add_row(r["backend"], r["device"], r["runs"], ", ".join(r["precisions"]), usable)
+    out_console.print(table)
+
+
 @app.command("export")
 def export_cmd(
     name: str = typer.Argument(..., help="Registry model name (see `imgembed models`)."),
-    int8: bool = typer.Option(False, "--int8", help="INT8 quantization (dynamic for transformers, "
-                              "measured static presets for CNNs)."),
+    int8: bool = typer.Option(False, "--int8", help="INT8: static (batch-invariant) ONNX Runtime presets and "
+                              "OpenVINO + NNCF raced; the fastest that passes the gate becomes the default."),
+    bf16: bool = typer.Option(False, "--bf16", help="BF16 compute on CPUs with AVX512_BF16 or AMX (OpenVINO); "
+                              "gated at min cosine >= 0.9999."),
     fp16: bool = typer.Option(False, "--fp16", help="FP16 weights and compute (for GPUs; LayerNorm/softmax "
                               "kept in FP32; gated at cosine >= 0.999 vs the FP32 original)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Build only this engine (onnxruntime, "
+                                         "openvino) instead of racing every installed one."),
+    keep_candidates: bool = typer.Option(False, "--keep-candidates", help="Keep every engine that passes the "
+                                         "gate, so `load(backend='auto')` can choose per host."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory "
                                        "(default: artifacts/NAME-PRECISION)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local save_pretrained directory "
@@ -94,13 +122,15 @@ def export_cmd(
                                      "(seeded; works offline)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Directory of images for static "
                                                "INT8 calibration (default: built-in sample set)."),
-    int8_preset: Optional[str] = typer.Option(None, "--int8-preset", help="Force one quantization preset "
-                                              "(dynamic, dynamic-per-channel, static-qoperator, static-qdq, static-qdq-trt)."),
+    int8_preset: Optional[str] = typer.Option(None, "--int8-preset", help="Force one ONNX Runtime preset "
+                                              "(static-qdq-matmul, static-qoperator, static-qdq, static-qdq-trt; "
+                                              "dynamic and dynamic-per-channel are not batch-invariant)."),
     no_optimize: bool = typer.Option(False, "--no-optimize", help="Skip ONNX Runtime transformer fusion."),
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Write the artifact even if parity fails "
                                      "(manifest status 'failed')."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for checks."),
-    no_speed_check: bool = typer.Option(False, "--no-speed-check", help="Skip timing INT8 against FP32."),
+    no_speed_check: bool = typer.Option(False, "--no-speed-check", help="Skip timing the engines (the first "
+                                        "passing one wins)."),
     uint8_input: bool = typer.Option(False, "--uint8-input", help="The graph takes uint8 NHWC pixels (resized "
                                      "and center-cropped, 0-255) and normalises them itself; gated on the uint8 "
                                      "crops of the parity images."),
@@ -109,36 +139,64 @@ def export_cmd(
                              "and an NVIDIA GPU."),
     trt_batch: str = typer.Option("1,32,256", "--trt-batch", help="TensorRT batch profile min,opt,max."),
 ) -> None:
-    """Export NAME to ONNX (optionally INT8), check parity against PyTorch, write an artifact."""
+    """Export NAME, race the installed engines, gate each on parity against PyTorch, write an artifact whose
+    default engine is the fastest that passed on this machine."""
     from .export.pipeline import ExportOptions, export_model
     from .parity import format_report
 
-    if int8 and fp16:
-        err_console.print("[bold red]error[/]: choose one of --int8 and --fp16")
+    if int8 + fp16 + bf16 > 1:
+        err_console.print("[bold red]error[/]: choose one of --int8, --bf16 and --fp16")
         raise typer.Exit(2)
-    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    precision = "int8" if int8 else "fp16" if fp16 else "bf16" if bf16 else "fp32"
     trt_opts, trt_overrides = _trt_prepare(trt, precision, int8_preset, trt_batch, uint8_input)
     out = out or (Path("artifacts") / f"{name}-{precision}-trt" if trt else None)
     out = out or Path("artifacts") / f"{name}-{precision}{'-uint8' if uint8_input else ''}"
     opts = ExportOptions(precision=precision, weights=weights, random_init=random_init, calibration=calibration,
-                         int8_preset=int8_preset, optimize=not no_optimize, keep_failed=keep_failed,
+                         int8_preset=int8_preset, engine=engine, keep_candidates=keep_candidates,
+                         optimize=not no_optimize, keep_failed=keep_failed,
                          threads=threads, speed_check=not no_speed_check,
                          input_format="uint8" if uint8_input else "float32")
     opts = dataclasses.replace(opts, **trt_overrides)
     with _errors(), _steps(f"exporting {name}") as step, warnings.catch_warnings(record=True):
         result = export_model(name, out, opts, step=step)
     m = result.manifest
+    print_candidates(m)
     out_console.print(format_report(m["parity"]), highlight=False)
     for note in result.warnings:
         err_console.print(f"[bold yellow]WARNING[/]: {note}", highlight=False)
     size_mb = m["export"]["model_bytes"] / 1e6
     status = "[green]passed[/]" if m["status"] == "passed" else "[red]FAILED (kept by --keep-failed)[/]"
-    out_console.print(f"artifact {out} ({size_mb:.1f} MB, {precision}, {m['export']['seconds']:.1f} s): {status}",
-                      highlight=False)
+    out_console.print(f"artifact {out} ({size_mb:.1f} MB, {precision}, default engine {m['default_engine']}, "
+                      f"{m['export']['seconds']:.1f} s): {status}", highlight=False)
     if m["status"] != "passed":
         raise typer.Exit(2)
     if trt_opts is not None:
         _trt_engine(out, trt_opts, weights, threads)
+
+
+def print_candidates(manifest: dict) -> None:
+    """The engine race of an export: each candidate, passed or why not, its metrics and speed here."""
+    sel = manifest.get("selection") or {}
+    rows = sel.get("candidates") or []
+    if not rows:
+        return
+    cpu = sel.get("cpu") or {}
+    table = Table(title=f"engines ({manifest['precision']}, batch {sel.get('batch_size')}, threads "
+                        f"{sel.get('threads') or 'all'}; CPU {cpu.get('model')}: {' '.join(cpu.get('flags', []))})")
+    for col in ("engine", "gate", "min cos", "mean cos", "batch var", "img/s", "kept"):
+        table.add_column(col)
+    kept = {e["id"]: e for e in manifest.get("engines", [])}
+    for r in rows:
+        met = r.get("metrics") or {}
+        gate = "[green]pass[/]" if r["passed"] else f"[red]{escape(r['why_not'] or 'fail')}[/]"
+        mark = "default" if r["id"] == manifest.get("default_engine") else ("yes" if r["id"] in kept else "")
+        table.add_row(r["id"], gate, _fmt(met.get("min_cosine"), ".6f"), _fmt(met.get("mean_cosine"), ".6f"),
+                      _fmt(met.get("batch_variation"), ".2g"), _fmt(r.get("img_per_s"), ".1f"), mark)
+    out_console.print(table)
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def _trt_prepare(trt: bool, precision: str, int8_preset: Optional[str], batch: str, uint8_input: bool):
@@ -174,13 +232,15 @@ def parity_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Original weights directory, if the "
                                            "artifact was exported from one that has moved."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    backend: str = typer.Option("auto", "--backend", help="Engine of the artifact to check: auto (the one "
+                                "`load` would run here) or a backend name."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Re-run the parity check of ARTIFACT against its PyTorch original."""
+    """Re-run the parity check of ARTIFACT's engine against its PyTorch original."""
     from .export.pipeline import recheck_artifact
 
     with _errors(), _steps("checking parity") as step:
-        report = recheck_artifact(artifact, weights=weights, threads=threads, step=step)
+        report = recheck_artifact(artifact, weights=weights, threads=threads, step=step, backend=backend)
     from .parity import format_report
 
     print(json.dumps(report, indent=2)) if as_json else out_console.print(format_report(report), highlight=False)
@@ -219,7 +279,7 @@ def _embed_progress(total: int) -> Iterator:
 
 
 def _engine(model: str, emb, *, batch_size: int, workers: Optional[int], decode: str, threads: Optional[int],
-            ray: bool, ray_address: Optional[str]):
+            ray: bool, ray_address: Optional[str], backend: str = "auto"):
     """The local pipeline, or Ray Data actors (artifact directories only)."""
     from .jobs.folder import local_batches
 
@@ -230,7 +290,7 @@ def _engine(model: str, emb, *, batch_size: int, workers: Optional[int], decode:
     from .distributed import ray_batches
 
     return ray_batches(emb.artifact_path, batch_size=batch_size, decode=decode, threads_per_actor=threads or 1,
-                       address=ray_address)
+                       address=ray_address, backend=backend)
 
 
 def _run_npy(out: Path, files: List[str], engine, emb) -> tuple[int, list[tuple[str, str]]]:
@@ -268,12 +328,15 @@ def embed_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (implies --ray)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="With a registry name: local weights."),
     random_init: bool = typer.Option(False, "--random-init", help="With a registry name: random weights."),
+    backend: str = typer.Option("auto", "--backend", help="Engine to run: auto (the artifact's best engine "
+                                "usable here) or a backend name (see `imgembed backends`)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     max_parts: Optional[int] = typer.Option(None, "--max-parts", hidden=True, help="Test hook: stop after N parts."),
 ) -> None:
     """Embed images into .npy or .parquet. Unreadable inputs are reported (exit code 3), never fatal."""
     import imgembed
     from .jobs.folder import job_metadata, list_images
-    from .jobs.pipeline import default_workers
+    from .runtime.pipeline import default_workers
 
     files = list_images(inputs)
     if not files:
@@ -283,14 +346,15 @@ def embed_cmd(
         raise typer.BadParameter(f"--decode {decode!r}; expected 'exact' or 'fast'")
     if out.suffix not in (".npy", ".parquet"):
         raise typer.BadParameter(f"--out {str(out)!r}: expected a .npy or .parquet file name")
-    kwargs = {"threads": threads, "batch_size": batch_size, "decode": decode}
+    kwargs = {"threads": threads, "batch_size": batch_size, "decode": decode, "backend": backend,
+              "device": device}
     if weights or random_init:
         kwargs.update(weights=weights, random_init=random_init)
     workers = default_workers() if workers is None else workers
     with _errors():
         emb = imgembed.load(model, **kwargs)
         engine = _engine(model, emb, batch_size=batch_size, workers=workers, decode=decode, threads=threads,
-                         ray=ray, ray_address=ray_address)
+                         ray=ray, ray_address=ray_address, backend=backend)
         if out.suffix == ".npy":
             rows, failures = _run_npy(out, files, engine, emb)
         else:

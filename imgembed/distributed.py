@@ -50,10 +50,11 @@ class EmbedActor:
     """Ray Data callable class: loads the artifact once, embeds batches of ``{"path": [...]}`` rows into
     ``{"path", "vector" (n, dim) float32, "error" ("" when embedded)}``."""
 
-    def __init__(self, artifact: str, decode: str = "exact", threads: int = 1, workers: int = 0):
+    def __init__(self, artifact: str, decode: str = "exact", threads: int = 1, workers: int = 0,
+                 backend: str = "auto"):
         from .runtime.embedder import load_artifact
 
-        self.embedder = load_artifact(artifact, threads=threads, decode=decode, workers=workers)
+        self.embedder = load_artifact(artifact, backend=backend, threads=threads, decode=decode, workers=workers)
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
@@ -78,7 +79,7 @@ def _default_concurrency(threads_per_actor: int) -> int:
 
 def embedding_dataset(artifact: str | Path, paths: Sequence[str], *, batch_size: int = 16,
                       concurrency: int | None = None, threads_per_actor: int = 1, decode: str = "exact",
-                      address: str | None = None, num_cpus: int | None = None):
+                      address: str | None = None, num_cpus: int | None = None, backend: str = "auto"):
     """A lazy ``ray.data.Dataset`` of rows ``path, vector, error`` for ``paths`` (see module doc)."""
     ray = _ray()
     init_ray(address, num_cpus)
@@ -86,7 +87,8 @@ def embedding_dataset(artifact: str | Path, paths: Sequence[str], *, batch_size:
     blocks = max(1, min(len(paths), actors * 4, -(-len(paths) // batch_size)))
     ds = ray.data.from_items([{"path": str(p)} for p in paths], override_num_blocks=blocks)
     return ds.map_batches(EmbedActor, fn_constructor_kwargs={"artifact": str(Path(artifact).resolve()),
-                                                             "decode": decode, "threads": threads_per_actor},
+                                                             "decode": decode, "threads": threads_per_actor,
+                                                             "backend": backend},
                           batch_size=batch_size, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads_per_actor)
 
@@ -105,7 +107,7 @@ def ray_batches(artifact: str | Path, **kwargs) -> Engine:
 def embed_with_ray(artifact: str | Path, inputs: str | Iterable[str], **kwargs) -> EmbeddingTable:
     """Embed files / directories / globs on Ray; returns the rows in listing order (see module doc).
 
-    ``kwargs``: batch_size, concurrency, threads_per_actor, decode, address, num_cpus.
+    ``kwargs``: batch_size, concurrency, threads_per_actor, decode, address, num_cpus, backend.
     """
     paths = list_images([inputs] if isinstance(inputs, (str, Path)) else [str(i) for i in inputs])
     order = {p: i for i, p in enumerate(paths)}

@@ -6,6 +6,9 @@ Metrics (per batch size, then the worst over batch sizes):
   mean_cosine    mean of the per-image cosine similarities
   knn_agreement  mean over images of |top-5 neighbours (reference) ∩ top-5 neighbours (candidate)| / 5,
                  neighbours ranked by cosine similarity within the set, excluding the image itself
+  batch_variation  max |v(batch 1) - v(batch 8)| / max |v(batch 1)|: how much an image's vector depends on
+                 its batch-mates (0 up to float rounding for static quantization; dynamic INT8 quantizes
+                 activations per batch). Gated for engines that claim batch invariance.
 Thresholds come from the registry (``ModelSpec.thresholds(precision)``); ``max_abs`` is reported and only
 gated when a threshold is given for it. Every failing metric is collected before one ParityError is raised.
 """
@@ -21,7 +24,9 @@ from .runtime.base import Runner
 BATCH_SIZES = (1, 3, 8)
 KNN_K = 5
 # A metric passes when value >= threshold, except max_abs where value <= threshold.
-_LOWER_IS_BETTER = {"max_abs"}
+_LOWER_IS_BETTER = {"max_abs", "batch_variation"}
+# Engines that claim batch invariance are gated at this batch_variation (float rounding of batched kernels).
+BATCH_INVARIANCE_LIMIT = 1e-4
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -71,6 +76,14 @@ def _worst(per_batch: dict[int, dict[str, float]]) -> dict[str, float]:
     return {k: (max if k in _LOWER_IS_BETTER else min)(m[k] for m in per_batch.values()) for k in keys}
 
 
+def batch_variation(outputs: dict[int, np.ndarray]) -> float:
+    """max |v(smallest batch) - v(largest batch)| / max |v(smallest batch)| over the images (0 for one size)."""
+    small, large = outputs[min(outputs)], outputs[max(outputs)]
+    if not (np.all(np.isfinite(small)) and np.all(np.isfinite(large))):
+        return float("inf")
+    return float(np.max(np.abs(small.astype(np.float64) - large)) / max(float(np.max(np.abs(small))), 1e-12))
+
+
 def check(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
     """Failure lines ("metric value vs threshold") for every metric outside its threshold."""
     failures = []
@@ -86,8 +99,9 @@ def check(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
 def parity_report(reference: np.ndarray, runner: Runner, pixels: np.ndarray, thresholds: dict[str, float],
                   precision: str, image_names: Sequence[str], batch_sizes: Sequence[int] = BATCH_SIZES) -> dict:
     """Run ``runner`` over ``pixels`` at each batch size, compare with ``reference`` and judge the result."""
-    per_batch = {int(b): compare(reference, run_batched(runner, pixels, b)) for b in batch_sizes}
-    worst = _worst(per_batch)
+    outputs = {int(b): run_batched(runner, pixels, b) for b in batch_sizes}
+    per_batch = {b: compare(reference, out) for b, out in outputs.items()}
+    worst = {**_worst(per_batch), "batch_variation": batch_variation(outputs)}
     failures = check(worst, thresholds)
     return {
         "precision": precision,

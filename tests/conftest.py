@@ -22,19 +22,21 @@ TINY = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny", "test-resnet-tiny
 
 @pytest.fixture(scope="session")
 def artifact_dir(tmp_path_factory):
-    """``artifact_dir(name, precision)`` -> path of a random-init artifact, exported once per session."""
+    """``artifact_dir(name, precision, engine=None)`` -> path of a random-init artifact, exported once per
+    session (``engine``: only that backend's candidates, e.g. "openvino")."""
     from imgembed.export.pipeline import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("artifacts")
-    cache: dict[tuple[str, str], Path] = {}
+    cache: dict[tuple[str, str, str | None], Path] = {}
 
-    def get(name: str, precision: str = "fp32") -> Path:
-        key = (name, precision)
+    def get(name: str, precision: str = "fp32", engine: str | None = None) -> Path:
+        key = (name, precision, engine)
         if key not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Int8SlowerWarning is expected on toy models
-                res = export_model(name, root / f"{name}-{precision}",
-                                   ExportOptions(precision=precision, random_init=True, speed_check=False))
+                res = export_model(name, root / f"{name}-{precision}{'-' + engine if engine else ''}",
+                                   ExportOptions(precision=precision, random_init=True, speed_check=False,
+                                                 engine=engine))
             cache[key] = res.path
         return cache[key]
 

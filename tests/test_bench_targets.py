@@ -186,9 +186,9 @@ def test_an_export_failing_parity_is_left_out_with_a_note(monkeypatch, tmp_path)
 
     monkeypatch.setattr(targets, "ensure_artifact", fake_export)
     notes: list[str] = []
-    model = targets.model_from_registry("test-resnet-tiny", int8=True, random_init=True, weights=None, notes=notes)
+    model = targets.model_from_registry("test-resnet-tiny", precisions=("fp32", "int8"), random_init=True, weights=None, notes=notes)
     assert [(a.path, a.precision) for a in model.artifacts] == [(tmp_path / "fp32", "fp32")]
     assert notes == ["test-resnet-tiny int8: export failed its parity gate, not benchmarked: "
                      "test-resnet-tiny int8 export failed the parity gate; no artifact written"]
     with pytest.raises(ParityError):  # without a notes list the error is the caller's
-        targets.model_from_registry("test-resnet-tiny", int8=True, random_init=True, weights=None)
+        targets.model_from_registry("test-resnet-tiny", precisions=("fp32", "int8"), random_init=True, weights=None)

@@ -72,7 +72,7 @@ def test_describe_gpu_line_for_reports():
 
 
 def test_gpu_report_matches_what_torch_sees():
-    from imgembed.bench.host import gpu_info
+    from imgembed.runtime.host import gpu_info
 
     report = gpu_info()
     if not gpu_available():

@@ -1,32 +1,32 @@
-"""Benchmark backends: a small table of backend name -> how to build a Runner, and what it can run.
+"""What a benchmark runs: variants planned from the runtime's backend table.
 
-Each :class:`Backend` says which devices it runs on, whether it runs the PyTorch *original* or an exported
-*artifact*, which precisions it runs per device, whether it is available here, and a ``build`` function
-returning a :class:`~imgembed.runtime.base.Runner`. Benchmarks and the pytest-benchmark suites go through
-:func:`plan_variants` and :func:`build_runner` only, so adding a backend (TensorRT, OpenVINO...) is one module
-defining a ``Backend`` plus a call to :func:`register_backend`.
+A :class:`Variant` is one backend at one precision, on the PyTorch original or on one engine of one
+artifact. :func:`plan_variants` walks :data:`imgembed.runtime.backends.BACKENDS` (the one backend table:
+nothing is registered here), skipping unusable backends with a note; :func:`build_runner` opens the runner
+through the same table. Benchmarks and the pytest-benchmark suites go through these two functions only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Sequence
 
 from ..errors import BackendUnavailableError
+from ..runtime.backends import BACKENDS, DEVICES, Backend, EngineRef, OriginalRef, get_backend
 from ..runtime.base import Runner
 from .targets import ArtifactRef, BenchModel
 
 BASELINE = ("torch", "fp32")  # every ratio is against the PyTorch original in FP32
-DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One thing to benchmark: a backend at a precision, on the original or on one artifact."""
+    """One thing to benchmark: a backend at a precision, on the original or on one artifact engine."""
 
     label: str
     backend: str
     precision: str
     artifact: ArtifactRef | None = None
+    engine: dict | None = None       # the artifact engine's manifest record
 
     @property
     def is_original(self) -> bool:
@@ -35,6 +35,10 @@ class Variant:
     @property
     def is_baseline(self) -> bool:
         return (self.backend, self.precision) == BASELINE and self.is_original
+
+    def __hash__(self) -> int:
+        return hash((self.label, self.backend, self.precision, self.artifact,
+                     None if self.engine is None else self.engine.get("id")))
 
 
 class OriginalCache:
@@ -49,125 +53,84 @@ class OriginalCache:
         return self._module
 
 
-Build = Callable[[BenchModel, Variant, str, int, OriginalCache], Runner]
+def _engine_label(backend: Backend, engine: dict) -> str:
+    label = f"{backend.name}-{engine['precision']}"
+    if engine.get("inference_precision", "fp32") != "fp32" and engine["precision"] != engine["inference_precision"]:
+        label += f"+{engine['inference_precision']}"
+    return label
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    runs: str                                   # "original" | "artifact"
-    precisions: Callable[[str], tuple[str, ...]]  # device -> precisions this backend runs there
-    build: Build
-    unavailable: Callable[[str], str | None] = lambda device: None  # device -> reason, None if available
-
-
-def _build_torch(model: BenchModel, variant: Variant, device: str, threads: int, original: OriginalCache) -> Runner:
-    """The PyTorch original (shared, FP32) or a copy of it cast to FP16 / BF16 (TorchRunner's ``dtype``)."""
-    from ..runtime.torch_runner import TorchRunner
-
-    return TorchRunner(original.get(), model.spec.input_hw, model.spec.embedding.dim, device=device,
-                       threads=threads, dtype=variant.precision, name=f"torch[{model.spec.name}-{variant.precision}]")
-
-
-def _build_ort(model: BenchModel, variant: Variant, device: str, threads: int, original: OriginalCache) -> Runner:
-    """An ONNX Runtime session over the variant's artifact (CPU or CUDA provider)."""
-    from ..artifact import MODEL_FILE
-    from ..runtime.ort_runner import OrtRunner
-
-    assert variant.artifact is not None
-    return OrtRunner(variant.artifact.path / MODEL_FILE, model.spec.embedding.dim, device=device, threads=threads,
-                     name=f"onnxruntime[{variant.artifact.path.name}]")
-
-
-def _ort_unavailable(device: str) -> str | None:
-    """Why ONNX Runtime cannot run on ``device`` here, or None."""
-    from ..runtime.ort_runner import available_providers
-
-    if device == "cuda" and "CUDAExecutionProvider" not in available_providers():
-        return (f"ONNX Runtime has no CUDAExecutionProvider (providers: {available_providers()}); "
-                "install onnxruntime-gpu to benchmark artifacts on the GPU")
-    return None
-
-
-BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", "original", lambda d: ("fp32", "fp16", "bf16") if d == "cuda" else ("fp32",),
-                     _build_torch),
-    # ORT's CUDA provider has no integer MatMul/Conv kernels: INT8 artifacts are CPU artifacts; FP16 ones
-    # (export --fp16) are GPU artifacts (they run on the CPU, slowly).
-    "onnxruntime": Backend("onnxruntime", "artifact",
-                           lambda d: ("fp32", "fp16") if d == "cuda" else ("fp32", "int8"), _build_ort,
-                           _ort_unavailable),
-}
-
-
-def register_backend(backend: Backend) -> None:
-    """Add (or replace) a backend; e.g. a ``tensorrt`` module registering itself on import."""
-    BACKENDS[backend.name] = backend
-
-
-def _variants_of(backend: Backend, model: BenchModel, device: str, notes: list[str]) -> list[Variant]:
+def _variants_of(backend: Backend, model: BenchModel, device: str, notes: list[str],
+                 precisions: Sequence[str] | None) -> list[Variant]:
     """The variants one backend contributes for ``model`` on ``device``."""
-    precisions = backend.precisions(device)
-    if not precisions:  # a backend of another device (tensorrt on the CPU): nothing to run, nothing to explain
+    runs = [p for p in backend.precisions(device) if precisions is None or p in precisions]
+    if not runs:
         return []
     if backend.runs == "original":
-        return [Variant(f"{backend.name}-{p}", backend.name, p) for p in precisions]
+        return [Variant(f"{backend.name}-{p}", backend.name, p) for p in runs]
     out = []
     for art in model.artifacts:
-        if art.precision not in precisions:
-            notes.append(f"{model.spec.name}: {backend.name} does not run {art.precision} artifacts on {device}; "
-                         f"skipped {art.path}")
-            continue
-        out.append(Variant(f"{backend.name}-{art.precision}", backend.name, art.precision, art))
+        for engine in art.engine_records():
+            if engine["backend"] != backend.name:
+                continue
+            if engine["precision"] not in runs:
+                notes.append(f"{model.spec.name}: {backend.name} does not run {engine['precision']} engines on "
+                             f"{device}; skipped {art.path}")
+                continue
+            out.append(Variant(_engine_label(backend, engine), backend.name, engine["precision"], art, engine))
     return out
 
 
 def plan_variants(model: BenchModel, device: str, *, compare_original: bool = True,
-                  notes: list[str] | None = None) -> list[Variant]:
-    """Every (backend, precision, artifact) to run for ``model`` on ``device``; the baseline comes first.
+                  notes: list[str] | None = None, engines: Sequence[str] | None = None,
+                  precisions: Sequence[str] | None = None) -> list[Variant]:
+    """Every (backend, precision, artifact engine) to run for ``model`` on ``device``; the baseline first.
 
-    Unavailable backends and unsupported precisions are skipped with a line appended to ``notes``.
+    ``engines`` restricts the backends (the baseline stays when ``compare_original``); ``precisions``
+    restricts the precisions of originals. Unusable backends are skipped with a line in ``notes``.
     """
     if device not in DEVICES:
         raise BackendUnavailableError(f"unknown device {device!r}; expected one of {list(DEVICES)}")
+    if engines:
+        for name in engines:
+            get_backend(name)
     notes = notes if notes is not None else []
     variants: list[Variant] = []
     for backend in BACKENDS.values():
         if backend.runs == "original" and not compare_original:
             continue
+        wanted = not engines or backend.name in engines
+        if not wanted and not (compare_original and backend.name == BASELINE[0]):
+            continue
+        if not backend.precisions(device):
+            continue  # a backend of another device (tensorrt on the CPU): nothing to run, nothing to explain
         reason = backend.unavailable(device)
         if reason:
             notes.append(f"{backend.name} skipped on {device}: {reason}")
             continue
-        variants += _variants_of(backend, model, device, notes)
+        if not wanted:  # only the baseline of the torch backend
+            variants.append(Variant(f"{BASELINE[0]}-{BASELINE[1]}", *BASELINE))
+            continue
+        only = precisions if backend.runs == "original" else None
+        variants += _variants_of(backend, model, device, notes, only)
     return _unique_labels(sorted(variants, key=lambda v: not v.is_baseline))
 
 
 def _unique_labels(variants: list[Variant]) -> list[Variant]:
     """Two artifacts at one precision (e.g. two INT8 presets) get their directory name in the label."""
     labels = [v.label for v in variants]
-    return [Variant(f"{v.label}[{v.artifact.path.name}]", v.backend, v.precision, v.artifact)
+    return [Variant(f"{v.label}[{v.artifact.path.name}]", v.backend, v.precision, v.artifact, v.engine)
             if labels.count(v.label) > 1 and v.artifact is not None else v for v in variants]
 
 
 def build_runner(model: BenchModel, variant: Variant, device: str, threads: int, original: OriginalCache) -> Runner:
-    """The Runner for ``variant`` (not yet activated)."""
-    backend = BACKENDS.get(variant.backend)
-    if backend is None:
-        raise BackendUnavailableError(f"unknown benchmark backend {variant.backend!r}; "
-                                      f"expected one of {sorted(BACKENDS)}")
-    return backend.build(model, variant, device, threads, original)
-
-
-# Backends defined in their own modules; each registers itself on import (GPU libraries load lazily).
-OPTIONAL_BACKEND_MODULES: tuple[str, ...] = ("imgembed.bench.backend_torch_compile", "imgembed.bench.backend_tensorrt")
-
-
-def _register_optional_backends() -> None:
-    import importlib
-
-    for module in OPTIONAL_BACKEND_MODULES:
-        importlib.import_module(module)
-
-
-_register_optional_backends()
+    """The Runner for ``variant`` (not yet activated), opened through the runtime's backend table."""
+    backend = get_backend(variant.backend)
+    if variant.is_original:
+        target = OriginalRef(original.get(), model.spec.input_hw, model.spec.embedding.dim, model.spec.name)
+    else:
+        assert variant.artifact is not None
+        engine = variant.engine or variant.artifact.engine_records()[0]
+        target = EngineRef(variant.artifact.path, engine, model.spec.embedding.dim,
+                           f"{variant.artifact.path.name}-{engine['precision']}")
+    return backend.open(target, device, threads, variant.precision)

@@ -31,18 +31,17 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(sizes))
 
 
-def resolve_device(device: str, warn) -> str:
-    """``cuda`` without a usable GPU falls back to ``cpu`` with a warning on stderr."""
-    if device not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"device {device!r}; expected 'cpu' or 'cuda'")
-    if device == "cuda":
-        import torch
+def parse_engines(text: Optional[str]) -> tuple[str, ...] | None:
+    """``"onnxruntime,openvino"`` -> the backend names, each checked against the backend table."""
+    from ..runtime.backends import BACKENDS
 
-        if not torch.cuda.is_available():
-            warn("--device cuda requested but no CUDA GPU is available (torch.cuda.is_available() is False); "
-                 "benchmarking on the CPU instead")
-            return "cpu"
-    return device
+    if not text:
+        return None
+    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names:
+        raise typer.BadParameter(f"--engines {text!r}: unknown backend(s) {bad}; expected some of {sorted(BACKENDS)}")
+    return names
 
 
 class RichProgress:
@@ -73,7 +72,7 @@ class RichProgress:
         self.progress.update(self.task, description=text)
 
 
-def _prepare(targets: List[str], int8: bool, random_init: bool, weights: Optional[Path],
+def _prepare(targets: List[str], precisions: tuple[str, ...], random_init: bool, weights: Optional[Path],
              cache_dir: Optional[Path], threads: int, steps) -> tuple[list, list[str]]:
     """Resolve the targets (exporting registry models into the cache) under a spinner; returns the models and
     notes: exports left out after failing parity, and INT8-slower-than-FP32 findings of fresh exports."""
@@ -83,7 +82,7 @@ def _prepare(targets: List[str], int8: bool, random_init: bool, weights: Optiona
     notes: list[str] = []
     with steps("preparing artifacts") as step, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        models = resolve_targets(targets, int8=int8, random_init=random_init, weights=weights,
+        models = resolve_targets(targets, precisions=precisions, random_init=random_init, weights=weights,
                                  cache_dir=cache_dir, threads=threads, step=step, notes=notes)
     notes += [str(w.message) for w in caught if issubclass(w.category, Int8SlowerWarning)]
     return models, list(dict.fromkeys(notes))
@@ -92,6 +91,10 @@ def _prepare(targets: List[str], int8: bool, random_init: bool, weights: Optiona
 def bench_cmd(
     targets: List[str] = typer.Argument(..., help="Registry names (exported into the cache) and/or artifact dirs."),
     int8: bool = typer.Option(False, "--int8", help="Registry names: also export and benchmark INT8."),
+    bf16: bool = typer.Option(False, "--bf16", help="Registry names: also export and benchmark BF16 (CPUs "
+                              "with AVX512_BF16 or AMX)."),
+    engines: Optional[str] = typer.Option(None, "--engines", help="Comma-separated backends to benchmark "
+                                          "(default: every usable one; see `imgembed backends`)."),
     random_init: bool = typer.Option(False, "--random-init", help="Registry names: random weights (offline)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local save_pretrained directory of the original."),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", "-b", help="Comma-separated batch sizes."),
@@ -130,14 +133,18 @@ def bench_cmd(
     if torch_attn not in ("sdpa", "eager"):
         raise typer.BadParameter(f"--torch-attn {torch_attn!r}; expected 'sdpa' or 'eager'")
     warn = lambda msg: err_console.print(f"[bold yellow]WARNING[/]: {msg}", highlight=False)  # noqa: E731
-    sizes, device = parse_batch_sizes(batch_sizes), resolve_device(device, warn)
+    sizes, backends = parse_batch_sizes(batch_sizes), parse_engines(engines)
     with _errors():
+        from ..runtime.backends import require_device
+
+        require_device(device)
         settings = MeasureSettings(warmup=warmup, window_seconds=window_seconds, max_seconds=max_seconds)
         config = BenchConfig(batch_sizes=sizes, modes=MODE_CHOICES[mode], device=device, measure=settings,
                              compare_original=compare_original, torch_attn=torch_attn, decode=decode,
-                             workers=workers, e2e_megapixels=e2e_megapixels,
+                             workers=workers, e2e_megapixels=e2e_megapixels, engines=backends,
                              **({"threads": threads} if threads else {}))
-        models, notes = _prepare(targets, int8, random_init, weights, cache_dir, config.threads, _steps)
+        precisions = ("fp32",) + (("int8",) if int8 else ()) + (("bf16",) if bf16 else ())
+        models, notes = _prepare(targets, precisions, random_init, weights, cache_dir, config.threads, _steps)
         for note in notes:
             warn(note)
         total = len(models) * len(config.modes) * len(sizes)

@@ -29,7 +29,7 @@ from ..runtime.base import Runner
 from ..runtime.embedder import Embedder
 from ..samples import parity_images
 from .backends import OriginalCache, Variant, build_runner, plan_variants
-from .host import default_threads, host_info
+from ..runtime.host import default_threads, host_info
 from .measure import BatchFn, Measurement, MeasureSettings, Window, measure_interleaved
 from .stats import achieved_gflops, speedup
 from .targets import BenchModel, source_tag
@@ -51,6 +51,7 @@ class BenchConfig:
     decode: str = "exact"                 # pipeline mode: "exact" | "fast"
     workers: int | None = None            # pipeline mode: decode threads (None: one per core)
     e2e_megapixels: float | None = None   # upscale the end-to-end sample photos to about this size
+    engines: tuple[str, ...] | None = None  # backends to run (None: every usable one); the baseline stays
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -65,6 +66,7 @@ class BenchConfig:
     def to_dict(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "modes": [MODES[m] for m in self.modes],
                 "threads": self.threads, "device": self.device, "compare_original": self.compare_original,
+                "engines": None if self.engines is None else list(self.engines),
                 "torch_attention": self.torch_attn, "baseline": BASELINE_LABEL, "decode": self.decode,
                 "workers": self.workers, "e2e_megapixels": self.e2e_megapixels, **self.measure.to_dict()}
 
@@ -117,7 +119,7 @@ def batch_function(runner: Runner, model: BenchModel, variant: Variant, mode: st
                    normalized=spec.embedding.normalize, batch_size=batch_size)
     paths = [str(p) for p in tile(files, batch_size)]
     if mode == "pipeline":
-        from ..jobs.pipeline import default_workers
+        from ..runtime.pipeline import default_workers
 
         w = default_workers() if workers is None else workers
         return lambda: emb.embed(paths, batch_size=batch_size, workers=w, decode=decode).shape[0]
@@ -160,7 +162,8 @@ def _build_runners(model: BenchModel, config: BenchConfig, progress: Progress,
     """Active runners for every planned variant of ``model``; one that cannot be built is noted and skipped."""
     original = OriginalCache(model, config.torch_attn)
     runners: dict[Variant, Runner] = {}
-    for variant in plan_variants(model, config.device, compare_original=config.compare_original, notes=notes):
+    for variant in plan_variants(model, config.device, compare_original=config.compare_original, notes=notes,
+                                 engines=config.engines):
         progress.note(f"{model.spec.name}: preparing {variant.label}")
         try:
             runners[variant] = build_runner(model, variant, config.device, config.threads, original).activate()

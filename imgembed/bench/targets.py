@@ -1,7 +1,7 @@
 """What to benchmark: registry names or artifact directories, resolved into :class:`BenchModel` records.
 
 A :class:`BenchModel` is one original model (spec + how to rebuild its PyTorch original) and the artifacts
-exported from it. A registry name exports FP32 (and INT8 with ``int8=True``) artifacts through
+exported from it. A registry name exports artifacts at the requested precisions (FP32 by default) through
 :func:`ensure_artifact`, cached by name, precision and weight source; artifact directories are verified and
 grouped by the original they came from, which is rebuilt from the manifest's ``source`` record.
 :func:`ensure_artifact` is also what the pytest-benchmark suites in ``benchmarks/`` use.
@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from ..artifact import read_manifest, verify
 from ..errors import ArtifactError, ParityError, UnknownModelError
@@ -21,7 +21,7 @@ from ..registry import ModelSpec, get_spec, registry
 
 Step = Callable[[str], None]
 CACHE_ENV = "IMGEMBED_BENCH_CACHE"
-ARTIFACT_PRECISIONS = ("fp32", "int8")
+ARTIFACT_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,18 @@ class ArtifactRef:
     path: Path
     precision: str
     status: str          # the manifest's parity status: "passed" | "failed"
+    engines: tuple = ()  # the manifest's engine records (runtime.backends.engines_of); () = one ONNX Runtime
+
+    def engine_records(self) -> list[dict]:
+        from ..runtime.backends import engines_of
+
+        return list(self.engines) or engines_of({"precision": self.precision})
+
+    @classmethod
+    def from_manifest(cls, path: Path, manifest: dict) -> "ArtifactRef":
+        from ..runtime.backends import engines_of
+
+        return cls(path, manifest["precision"], manifest.get("status", "unknown"), tuple(engines_of(manifest)))
 
 
 @dataclass
@@ -86,7 +98,7 @@ def _cached(out: Path, spec: ModelSpec, precision: str, source: dict, input_form
         m = verify(out)
     except ArtifactError:
         return False
-    return (m.get("status") == "passed" and m.get("precision") == precision
+    return (m.get("status") == "passed" and m.get("precision") == precision and bool(m.get("engines"))
             and m.get("input", {}).get("dtype", "float32") == input_format
             and _normalized(m.get("model")) == _normalized(spec.to_dict())
             and _normalized(m.get("source")) == _normalized(source))
@@ -97,7 +109,8 @@ def ensure_artifact(spec: ModelSpec | str, precision: str, source: dict, cache_d
     """The cached artifact of ``spec`` at ``precision`` from ``source``; exported (and parity-gated) if absent.
 
     ``source`` is a source record (``families.source_record``): random-init with a seed, local or hub.
-    ``input_format="uint8"``: the uint8 NHWC input variant (cached under a ``-uint8`` suffix).
+    ``input_format="uint8"``: the uint8 NHWC input variant (cached under a ``-uint8`` suffix). Every engine
+    that passes the gate is kept (``keep_candidates``), so a benchmark covers each installed engine.
     """
     from ..export.pipeline import ExportOptions, export_model
 
@@ -113,15 +126,16 @@ def ensure_artifact(spec: ModelSpec | str, precision: str, source: dict, cache_d
     kind = source["kind"]
     opts = ExportOptions(precision=precision, random_init=kind == "random-init", seed=int(source.get("seed", 0)),
                          weights=source["path"] if kind == "local" else None, threads=threads,
-                         input_format=input_format)
+                         input_format=input_format, keep_candidates=True)
     export_model(spec, out, opts, step=step)
     return out
 
 
-def model_from_registry(name: str, *, int8: bool, random_init: bool, weights: Path | None, seed: int = 0,
+def model_from_registry(name: str, *, precisions: Sequence[str] = ("fp32",), random_init: bool,
+                        weights: Path | None, seed: int = 0,
                         cache_dir: Path | None = None, threads: int | None = None, step: Step = lambda s: None,
                         notes: list[str] | None = None) -> BenchModel:
-    """A registry model with its FP32 (and INT8) artifacts, exported into the cache when needed.
+    """A registry model with its artifacts at ``precisions``, exported into the cache when needed.
 
     An export that fails its parity gate is left out with a line in ``notes`` (the original and the other
     precision are still benchmarked); without ``notes`` the ParityError propagates.
@@ -131,7 +145,7 @@ def model_from_registry(name: str, *, int8: bool, random_init: bool, weights: Pa
     spec = get_spec(name)
     source = source_record(spec, weights, random_init, seed)
     model = BenchModel(spec, source)
-    for precision in ("fp32", "int8") if int8 else ("fp32",):
+    for precision in precisions:
         step(f"{name}: {precision} artifact")
         try:
             path = ensure_artifact(spec, precision, source, cache_dir, threads=threads, step=step)
@@ -141,7 +155,7 @@ def model_from_registry(name: str, *, int8: bool, random_init: bool, weights: Pa
             notes.append(f"{name} {precision}: export failed its parity gate, not benchmarked: "
                          f"{str(e).splitlines()[0]}")
             continue
-        model.artifacts.append(ArtifactRef(path, precision, "passed"))
+        model.artifacts.append(ArtifactRef.from_manifest(path, read_manifest(path)))
     return model
 
 
@@ -151,12 +165,12 @@ def add_artifact_dir(models: dict[str, BenchModel], path: Path, weights: Path | 
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
     model = BenchModel(spec, manifest["source"], weights_override=weights)
     model = models.setdefault(model.key, model)
-    ref = ArtifactRef(path, manifest["precision"], manifest.get("status", "unknown"))
+    ref = ArtifactRef.from_manifest(path, manifest)
     if ref not in model.artifacts:
         model.artifacts.append(ref)
 
 
-def resolve_targets(items: Iterable[str], *, int8: bool = False, random_init: bool = False,
+def resolve_targets(items: Iterable[str], *, precisions: Sequence[str] = ("fp32",), random_init: bool = False,
                     weights: Path | None = None, cache_dir: Path | None = None, threads: int | None = None,
                     step: Step = lambda s: None, notes: list[str] | None = None) -> list[BenchModel]:
     """Registry names and artifact directories -> BenchModels, in the order first mentioned.
@@ -169,7 +183,7 @@ def resolve_targets(items: Iterable[str], *, int8: bool = False, random_init: bo
         if path.is_dir():
             add_artifact_dir(models, path, weights)
         elif item in registry():
-            m = model_from_registry(item, int8=int8, random_init=random_init, weights=weights,
+            m = model_from_registry(item, precisions=precisions, random_init=random_init, weights=weights,
                                     cache_dir=cache_dir, threads=threads, step=step, notes=notes)
             known = models.setdefault(m.key, m)
             known.artifacts += [a for a in m.artifacts if a not in known.artifacts]

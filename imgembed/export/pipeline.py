@@ -1,8 +1,10 @@
-"""The export flow: resolve -> build original -> export ONNX -> optimize -> quantize -> parity -> write.
+"""The export flow: resolve -> build original -> export ONNX -> optimize -> engine race -> write.
 
 :func:`export_model` is what ``imgembed export`` calls. Each step lives in its own module and is testable
 alone; this module only sequences them and writes the artifact atomically (no artifact on failure unless
-``keep_failed``, which marks the manifest ``"status": "failed"``).
+``keep_failed``, which marks the manifest ``"status": "failed"``). The engine race (:mod:`.engines`) builds
+every candidate the installed engines offer at the requested precision, gates each on parity, times the
+passing ones side by side and keeps the fastest as the artifact's default engine.
 """
 from __future__ import annotations
 
@@ -14,48 +16,47 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
 from .. import __version__
-from ..artifact import (FORMAT_VERSION, MANIFEST, MODEL_FILE, export_lock, file_checksums, staged_directory,
-                        write_json_atomic)
+from ..artifact import FORMAT_VERSION, MANIFEST, export_lock, file_checksums, staged_directory, write_json_atomic
 from ..errors import ExportError, ImageDecodeError, ParityError
 from ..fastdecode import crops_of, crops_to_pixels
-from ..families import (DEFAULT_SEED, FAMILY, fold_layer_scale, freeze_position_embeddings, load_original,
-                        source_record)
+from ..families import DEFAULT_SEED, family_of, load_original, source_record
 from ..parity import format_report, parity_report
-from ..preprocess import load_image, preprocess_batch
+from ..preprocess import load_image
 from ..registry import ModelSpec, get_spec
-from ..runtime.ort_runner import OrtRunner
-from ..runtime.timing import median_batch_seconds
+from ..runtime.host import cpu_summary
 from ..runtime.torch_runner import TorchRunner
 from ..samples import calibration_images, parity_images
-from .onnx_export import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, convert_fp16, export_onnx, op_counts,
-                          optimize_transformer)
-from .quantize import (CNN_CANDIDATES, PRESETS, TRANSFORMER_DEFAULT, Int8SlowerWarning, QuantConfig, quantize,
-                       quantized_op_counts)
-from .uint8_input import add_uint8_input, input_record
+from . import engines
+from .onnx_export import DEFAULT_OPSET, OUTPUT_NAME, export_onnx, op_counts, optimize_transformer
+from .quantize import Int8SlowerWarning
+from .uint8_input import input_record
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SPEED_BATCH = 8
+SPEED_BATCH = engines.SPEED_BATCH
 INPUT_FORMATS = ("float32", "uint8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 @dataclass
 class ExportOptions:
-    precision: str = "fp32"                 # "fp32" | "fp16" (for GPUs; parity-checked on CPU) | "int8"
+    precision: str = "fp32"                 # "fp32" | "bf16" | "fp16" (for GPUs; parity-checked on CPU) | "int8"
     weights: str | Path | None = None       # save_pretrained directory
     random_init: bool = False
     seed: int = DEFAULT_SEED
     calibration: str | Path | None = None   # directory of images for static INT8
-    int8_preset: str | None = None          # None = pick by family (CNNs: measured)
+    int8_preset: str | None = None          # force one ONNX Runtime preset (None: the batch-invariant defaults)
+    engine: str | None = None               # force one backend ("onnxruntime", "openvino"); None: race them
+    keep_candidates: bool = False           # keep every passing engine, not just the winner + a portable one
     optimize: bool = True                   # ORT transformer fusion for ViT-like families
     opset: int = DEFAULT_OPSET
     keep_failed: bool = False
     threads: int | None = None
-    speed_check: bool = True                # time FP32 vs INT8 on this machine
+    speed_check: bool = True                # time the passing engines side by side on this machine
     input_format: str = "float32"           # "float32" NCHW normalised | "uint8" NHWC resize+crop (see uint8_input)
 
 
@@ -69,92 +70,56 @@ class ExportResult:
 Step = Callable[[str], None]
 
 
-def _versions() -> dict[str, str]:
+def _versions() -> dict[str, str | None]:
     import onnx
     import onnxruntime
     import torch
     import transformers
 
+    from ..runtime.host import library_versions
+
+    libs = library_versions()
     return {"imgembed": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
+            "openvino": libs.get("openvino"), "nncf": libs.get("nncf"), "python": platform.python_version()}
+
+
+def _calibration_images(directory: str | Path | None, limit: int) -> tuple[list, dict]:
+    """Decoded calibration images from ``directory`` (unreadable files skipped and reported) or the
+    built-in sample set."""
+    skipped: list[str] = []
+    if directory is None:
+        return list(calibration_images()), {"source": "built-in (scikit-image sample photos, crops, flips)",
+                                            "skipped": skipped}
+    d = Path(directory)
+    if not d.is_dir():
+        raise ExportError(f"calibration directory {d} does not exist")
+    files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    images = []
+    for p in files:
+        try:
+            images.append(load_image(p))
+        except ImageDecodeError as e:
+            skipped.append(str(e))
+    if not images:
+        raise ExportError(f"calibration directory {d} holds no readable images "
+                          f"(looked for {sorted(IMAGE_SUFFIXES)}; {len(skipped)} unreadable)")
+    return images, {"source": str(d.resolve()), "skipped": skipped}
+
+
+def calibration_set(spec: ModelSpec, directory: str | Path | None,
+                    limit: int = 256) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Calibration inputs for every engine: float pixels, the same images as uint8 crops, and a record."""
+    images, info = _calibration_images(directory, limit)
+    crops = crops_of(images, spec.preprocess)
+    return crops_to_pixels(crops, spec.preprocess), crops, {**info, "images": len(images)}
 
 
 def calibration_batches(spec: ModelSpec, directory: str | Path | None, batch: int = 8,
                         limit: int = 256) -> tuple[list[np.ndarray], dict]:
-    """Preprocessed calibration batches from ``directory`` (unreadable files skipped and reported) or the
-    built-in sample set."""
-    skipped: list[str] = []
-    if directory is None:
-        images, origin = list(calibration_images()), "built-in (scikit-image sample photos, crops, flips)"
-    else:
-        d = Path(directory)
-        if not d.is_dir():
-            raise ExportError(f"calibration directory {d} does not exist")
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-        images = []
-        for p in files:
-            try:
-                images.append(load_image(p))
-            except ImageDecodeError as e:
-                skipped.append(str(e))
-        if not images:
-            raise ExportError(f"calibration directory {d} holds no readable images "
-                              f"(looked for {sorted(IMAGE_SUFFIXES)}; {len(skipped)} unreadable)")
-        origin = str(d.resolve())
-    pixels = preprocess_batch(images, spec.preprocess)
-    batches = [pixels[i:i + batch] for i in range(0, len(pixels), batch)]
-    return batches, {"source": origin, "images": len(images), "skipped": skipped}
-
-
-def _speed(model: Path, pixels: np.ndarray, threads: int | None, dim: int) -> float:
-    with OrtRunner(model, dim, threads=threads) as r:
-        return median_batch_seconds(r, pixels[:SPEED_BATCH], max_seconds=2.0)
-
-
-def _int8_candidates(spec: ModelSpec, opts: ExportOptions) -> list[QuantConfig]:
-    if opts.int8_preset:
-        if opts.int8_preset not in PRESETS:
-            raise ExportError(f"unknown INT8 preset {opts.int8_preset!r}; expected one of {sorted(PRESETS)}")
-        return [PRESETS[opts.int8_preset]]
-    if FAMILY[spec.family].is_transformer:
-        return [PRESETS[TRANSFORMER_DEFAULT]]
-    return [PRESETS[n] for n in CNN_CANDIDATES]
-
-
-def _quantize_best(spec: ModelSpec, fp32: Path, work: Path, ref: np.ndarray, pixels: np.ndarray,
-                   names: Sequence[str], opts: ExportOptions, step: Step) -> tuple[Path, dict, dict]:
-    """Quantize with each candidate preset; keep the fastest that passes parity. Returns
-    (model path, quantization record, parity report)."""
-    candidates = _int8_candidates(spec, opts)
-    calib, calib_info = (None, None)
-    if any(c.mode == "static" for c in candidates):
-        step("preprocessing calibration images")
-        calib, calib_info = calibration_batches(spec, opts.calibration)
-    fp32_s = _speed(fp32, pixels, opts.threads, spec.embedding.dim) if opts.speed_check else None
-    tried = []
-    for cfg in candidates:
-        step(f"quantizing to INT8 ({cfg.name})")
-        path = quantize(fp32, work / f"int8-{cfg.name}.onnx", cfg, calib, INPUT_NAME)
-        with OrtRunner(path, spec.embedding.dim, threads=opts.threads) as r:
-            report = parity_report(ref, r, pixels, spec.thresholds("int8"), "int8", names)
-            secs = median_batch_seconds(r, pixels[:SPEED_BATCH], max_seconds=2.0) if opts.speed_check else None
-        tried.append({"preset": cfg, "path": path, "report": report, "seconds": secs})
-    passing = [t for t in tried if t["report"]["passed"]] or tried
-    best = min(passing, key=lambda t: t["seconds"] if t["seconds"] is not None else 0.0)
-    speedup = (fp32_s / best["seconds"]) if fp32_s and best["seconds"] else None
-    record = {
-        "preset": best["preset"].to_dict(),
-        "calibration": calib_info,
-        "quantized_ops": quantized_op_counts(best["path"]),
-        "speed_check": None if speedup is None else {
-            "batch_size": SPEED_BATCH, "threads": opts.threads, "fp32_ms": fp32_s * 1e3,
-            "int8_ms": best["seconds"] * 1e3, "speedup_vs_fp32": speedup},
-        "candidates": [{"preset": t["preset"].name, "passed": t["report"]["passed"],
-                        "ms": None if t["seconds"] is None else t["seconds"] * 1e3,
-                        "metrics": t["report"]["metrics"]} for t in tried],
-    }
-    return best["path"], record, best["report"]
+    """Preprocessed calibration batches (float pixels) and their record; see :func:`calibration_set`."""
+    pixels, _, info = calibration_set(spec, directory, limit)
+    return [pixels[i:i + batch] for i in range(0, len(pixels), batch)], info
 
 
 @dataclass(frozen=True)
@@ -181,13 +146,16 @@ def _reference(head, spec: ModelSpec, threads: int | None) -> ParitySet:
 
 
 def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, threads: int | None = None,
-                     step: Step = lambda s: None) -> dict:
-    """Re-run the parity gate of an existing artifact against its original, rebuilt from the manifest's
-    source record (hub repo@revision, local directory, or seeded random init)."""
+                     step: Step = lambda s: None, backend: str = "auto") -> dict:
+    """Re-run the parity gate of an existing artifact's engine (the one ``backend`` selects here) against
+    its original, rebuilt from the manifest's source record (hub repo@revision, local directory, or seeded
+    random init)."""
     from ..artifact import read_manifest, verify
+    from ..runtime.backends import open_engine, select_engine
 
     artifact = Path(artifact)
     manifest = verify(artifact, read_manifest(artifact))
+    engine, _ = select_engine(manifest, backend, "cpu", where=str(artifact))
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
     src = manifest["source"]
     step(f"rebuilding the original ({src['kind']})")
@@ -199,42 +167,46 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
         head = load_original(spec)
     step("computing PyTorch reference embeddings")
     ps = _reference(head, spec, threads)
-    step("running the artifact at batch sizes 1, 3, 8")
-    precision = manifest["precision"]
+    step(f"running engine {engine['id']} at batch sizes 1, 3, 8")
     inputs = ps.inputs("uint8" if manifest.get("input", {}).get("dtype") == "uint8" else "float32")
-    with OrtRunner(artifact / MODEL_FILE, spec.embedding.dim, threads=threads) as runner:
-        return parity_report(ps.reference, runner, inputs, spec.thresholds(precision), precision, ps.names)
+    thresholds = spec.thresholds(engine["precision"])
+    if engine.get("batch_invariant"):
+        from ..parity import BATCH_INVARIANCE_LIMIT
+
+        thresholds["batch_variation"] = BATCH_INVARIANCE_LIMIT
+    with open_engine(artifact, manifest, engine, threads=threads) as runner:
+        report = parity_report(ps.reference, runner, inputs, thresholds, engine["precision"], ps.names)
+    return {**report, "engine": engine["id"]}
 
 
-def _write_artifact(out: Path, model: Path, manifest: dict) -> None:
+def _write_artifact(out: Path, kept: list[engines.Outcome], manifest: dict) -> None:
+    """Copy the kept engines' files into the artifact (the first ONNX Runtime engine as ``model.onnx``,
+    every other engine under a directory named by its id) and record them in the manifest."""
+    records, taken = [], set()
     with staged_directory(out) as stage:
-        shutil.copyfile(model, stage / MODEL_FILE)
+        for o in kept:
+            c = o.candidate
+            flat = c.backend == "onnxruntime" and "model.onnx" not in taken
+            files = {}
+            for key, src in o.files.items():
+                rel = src.name if flat else f"{c.id}/{src.name}"
+                (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, stage / rel)
+                files[key] = rel
+                taken.add(rel)
+            records.append(_engine_record(o, files))
+        manifest["engines"] = records
+        manifest["export"]["model_bytes"] = sum((stage / rel).stat().st_size for rel in taken)
         manifest["files"] = file_checksums(stage)
         write_json_atomic(stage / MANIFEST, manifest)
 
 
-def _finish_graph(spec: ModelSpec, opts: ExportOptions, model: Path, work: Path, ps: ParitySet,
-                  optimizations: list[str], step: Step) -> tuple[Path, dict | None, dict]:
-    """Precision (INT8 / FP16), then the uint8 input if asked, then the parity gate on the final graph.
-    Returns (model path, quantization record, parity report); uint8 graphs are fed the uint8 parity crops."""
-    quant, report = None, None
-    if opts.precision == "int8":
-        model, quant, report = _quantize_best(spec, model, work, ps.reference, ps.pixels, ps.names, opts, step)
-    elif opts.precision == "fp16":
-        step("converting to FP16 (normalisations and softmax kept in FP32)")
-        model = convert_fp16(model, work / "fp16.onnx")
-        optimizations.append("fp16")
-    if opts.input_format == "uint8":
-        step("adding the uint8 NHWC input (normalisation inside the graph)")
-        model = add_uint8_input(model, work / "uint8.onnx", spec.preprocess)
-        report = None  # the INT8 candidates were judged on float input: gate the final graph again
-        optimizations.append("uint8-input")
-    if report is None:
-        step("checking parity" + (" (uint8 crops of the parity images)" if opts.input_format == "uint8" else ""))
-        with OrtRunner(model, spec.embedding.dim, threads=opts.threads) as r:
-            report = parity_report(ps.reference, r, ps.inputs(opts.input_format), spec.thresholds(opts.precision),
-                                   opts.precision, ps.names)
-    return model, quant, report
+def _engine_record(o: engines.Outcome, files: dict[str, str]) -> dict:
+    c = o.candidate
+    return {"id": c.id, "backend": c.backend, "precision": c.precision, "inference_precision": c.inference_precision,
+            "batch_invariant": c.batch_invariant, "files": files, "quantization": o.record or None,
+            "img_per_s": None if o.img_per_s is None else round(o.img_per_s, 2),
+            "parity": None if o.report is None else o.report["metrics"]}
 
 
 def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | None = None,
@@ -248,13 +220,41 @@ def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | N
         return _export_locked(name, out, opts, step)
 
 
+def _check_options(opts: ExportOptions) -> None:
+    if opts.precision not in PRECISIONS:
+        raise ExportError(f"precision {opts.precision!r} is not supported; expected one of {list(PRECISIONS)}")
+    if opts.input_format not in INPUT_FORMATS:
+        raise ExportError(f"input_format {opts.input_format!r} is not supported; expected one of {list(INPUT_FORMATS)}")
+    if opts.int8_preset and opts.precision != "int8":
+        raise ExportError(f"--int8-preset {opts.int8_preset} needs --int8 (precision is {opts.precision})")
+
+
+def _graphs(spec: ModelSpec, opts: ExportOptions, head, work: Path, step: Step) -> tuple[Path, Path, dict]:
+    """Export the plain ONNX graph and (for transformer families) ORT's fused graph. Returns
+    (plain, graph for ONNX Runtime, export record)."""
+    step("exporting to ONNX")
+    family = family_of(spec)
+    surgery = family.prepare_export(head, spec, opts.optimize)  # the parity gate checks the result
+    plain = export_onnx(head, spec, work / "exported.onnx", opts.opset)
+    optimizations, fused, ort_graph = list(surgery), {}, plain
+    if opts.optimize and family.ort_model_type:
+        step("fusing transformer ops (ONNX Runtime optimizer)")
+        fused = optimize_transformer(plain, work / "fused.onnx", spec)
+        ort_graph = work / "fused.onnx"
+        optimizations.append("ort-transformer-fusion")
+    if opts.input_format == "uint8":
+        optimizations.append("uint8-input")
+    return plain, ort_graph, {"optimizations": optimizations, "fused_ops": fused}
+
+
 def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions | None, step: Step) -> ExportResult:
     opts = opts or ExportOptions()
     spec = name if isinstance(name, ModelSpec) else get_spec(name)
-    if opts.precision not in ("fp32", "fp16", "int8"):
-        raise ExportError(f"precision {opts.precision!r} is not supported; expected 'fp32', 'fp16' or 'int8'")
-    if opts.input_format not in INPUT_FORMATS:
-        raise ExportError(f"input_format {opts.input_format!r} is not supported; expected one of {list(INPUT_FORMATS)}")
+    _check_options(opts)
+    family = family_of(spec)
+    candidates = engines.plan(opts.precision, transformer=family.is_transformer, int8_preset=opts.int8_preset,
+                              engine=opts.engine)
+    engines.check_available(candidates, opts.precision)
     out = Path(out)
     t0 = time.perf_counter()
     step(f"loading {spec.name} ({'random init' if opts.random_init else opts.weights or 'hub'})")
@@ -264,42 +264,59 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         work = Path(tmp)
-        step("exporting to ONNX")
-        if spec.family == "dinov2":
-            freeze_position_embeddings(head, spec.input_hw)  # a constant instead of a Resize per call
-            if opts.optimize:
-                fold_layer_scale(head)  # lets ORT fuse attention; the parity gate checks the result
-        model = export_onnx(head, spec, work / "exported.onnx", opts.opset)
+        plain, ort_graph, graph_record = _graphs(spec, opts, head, work, step)
         del head
-        optimizations, fused = [], {}
-        if opts.optimize and FAMILY[spec.family].ort_model_type:
-            step("fusing transformer ops (ONNX Runtime optimizer)")
-            fused = optimize_transformer(model, work / "fused.onnx", spec)
-            model = work / "fused.onnx"
-            optimizations.append("ort-transformer-fusion")
-        model, quant, report = _finish_graph(spec, opts, model, work, parity_set, optimizations, step)
-        manifest, notes = _manifest(spec, opts, model, report, quant, optimizations, fused,
-                                    time.perf_counter() - t0)
-        if not report["passed"] and not opts.keep_failed:
-            raise ParityError(f"{spec.name} {opts.precision} export failed the parity gate ("
-                              f"{'; '.join(report['failures'])}); no artifact written (pass --keep-failed to "
-                              f"keep it, marked failed)\n{format_report(report)}", report)
+        calibration: dict = {}
+
+        def calibrate() -> tuple[np.ndarray, np.ndarray, dict]:
+            if not calibration:
+                step("preprocessing calibration images")
+                calibration["set"] = calibration_set(spec, opts.calibration)
+            return calibration["set"]
+
+        inputs = engines.Inputs(spec, work, plain, ort_graph, opts.input_format, parity_set, calibrate,
+                                opts.threads, family.is_transformer)
+        outcomes = engines.run(candidates, inputs, spec.thresholds(opts.precision), step,
+                               speed_check=opts.speed_check)
+        winner, kept = engines.choose(outcomes, opts.keep_candidates)
+        if winner is None:
+            built = [o for o in outcomes if o.report is not None]
+            if not built:
+                raise ExportError(f"{spec.name} {opts.precision}: no engine could be built ("
+                                  + "; ".join(f"{o.candidate.id}: {o.error or o.candidate.unavailable}"
+                                              for o in outcomes) + ")")
+            best = max(built, key=lambda o: o.report["metrics"]["min_cosine"])
+            if not opts.keep_failed:
+                lines = "; ".join(f"{o.candidate.id}: {', '.join(o.report['failures'])}" for o in built)
+                raise ParityError(f"{spec.name} {opts.precision} export failed the parity gate on every engine "
+                                  f"({lines}); no artifact written (pass --keep-failed to keep the closest one, "
+                                  f"marked failed)\n{format_report(best.report)}", best.report)
+            winner, kept = best, [best]
+        manifest, notes = _manifest(spec, opts, winner, outcomes, graph_record, time.perf_counter() - t0)
         step(f"writing artifact to {out}")
-        _write_artifact(out, model, manifest)
+        _write_artifact(out, kept, manifest)
     return ExportResult(out, manifest, notes)
 
 
-def _manifest(spec: ModelSpec, opts: ExportOptions, model: Path, report: dict, quant: dict | None,
-              optimizations: list[str], fused: dict, seconds: float) -> tuple[dict, list[str]]:
-    notes: list[str] = []
-    speed = (quant or {}).get("speed_check")
-    if speed and speed["speedup_vs_fp32"] < 1.0:
-        msg = (f"INT8 {spec.name} measured SLOWER than FP32 on this machine "
-               f"({speed['int8_ms']:.1f} ms vs {speed['fp32_ms']:.1f} ms per batch of {SPEED_BATCH}, "
-               f"{speed['speedup_vs_fp32']:.2f}x). The artifact is written because --int8 was requested; "
-               "prefer the FP32 artifact for speed on this CPU.")
-        warnings.warn(msg, Int8SlowerWarning, stacklevel=3)
-        notes.append(msg)
+def _speed_notes(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome) -> list[str]:
+    """Warn when the winner is not faster than the FP32 graph on ONNX Runtime here."""
+    speed = winner.record.get("speed_check")
+    if not speed or speed["speedup_vs_fp32"] >= 1.0:
+        return []
+    p = opts.precision
+    msg = (f"{p.upper()} {spec.name} measured SLOWER than FP32 on this machine "
+           f"({speed[p + '_ms']:.1f} ms vs {speed['fp32_ms']:.1f} ms per batch of {SPEED_BATCH}, "
+           f"{speed['speedup_vs_fp32']:.2f}x). The artifact is written because --{p} was requested; "
+           "prefer the FP32 artifact for speed on this CPU.")
+    warnings.warn(msg, Int8SlowerWarning, stacklevel=4)
+    return [msg]
+
+
+def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, outcomes: list[engines.Outcome],
+              graph_record: dict, seconds: float) -> tuple[dict, list[str]]:
+    report = winner.report
+    notes = _speed_notes(spec, opts, winner)
+    model_file = winner.files.get("model")
     manifest = {
         "format_version": FORMAT_VERSION,
         "status": "passed" if report["passed"] else "failed",
@@ -312,9 +329,13 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, model: Path, report: dict, q
         "output": {"name": OUTPUT_NAME, "dim": spec.embedding.dim, "normalized": spec.embedding.normalize,
                    "dtype": "float32"},
         "preprocess": spec.preprocess.to_dict(),
-        "export": {"optimizations": optimizations, "fused_ops": fused, "quantization": quant,
-                   "op_counts": op_counts(model), "seconds": round(seconds, 2),
-                   "model_bytes": model.stat().st_size},
+        "default_engine": winner.candidate.id,
+        "batch_invariant": winner.candidate.batch_invariant,
+        "selection": {"cpu": cpu_summary(), "threads": opts.threads, "batch_size": SPEED_BATCH,
+                      "forced_engine": opts.engine, "candidates": [o.row() for o in outcomes]},
+        "export": {**graph_record, "quantization": winner.record or None,
+                   "op_counts": op_counts(model_file) if model_file and model_file.suffix == ".onnx" else {},
+                   "seconds": round(seconds, 2)},
         "parity": report,
         "warnings": notes,
         "versions": _versions(),

@@ -1,11 +1,15 @@
 """INT8 quantization with ONNX Runtime, as named presets (a dataclass each, saved into the manifest).
 
-Why these presets (measured on the reference CPU: 2 cores, AVX2, no VNNI — see README "Performance"):
-* transformer families: *dynamic* quantization of MatMul (and fused Attention) weights to int8, activations
-  quantized at run time to uint8 (U8S8, the fast path of MLAS on AVX2). Needs no calibration data.
-* CNNs: *static* quantization with calibration. Static QDQ ResNet-50 measured slower than FP32 on this
-  CPU, so CNN export tries the candidates in ``CNN_CANDIDATES`` and keeps the fastest that passes parity;
-  if none beats FP32 the export says so loudly (``Int8SlowerWarning``) and records it in the manifest.
+The default presets are *static*: activation scales are calibrated once, so an image's vector does not
+depend on what else is in its batch (batch invariance, gated at export). *Dynamic* presets quantize
+activations per batch at run time (no calibration, often fast on transformers, but a vector moves slightly
+with its batch-mates); they run only when asked for by name (``--int8-preset dynamic``).
+
+* transformer families (``TRANSFORMER_CANDIDATES``): static QDQ on the MatMuls only (per-channel weights;
+  residual adds, softmax and LayerNorm stay float: quantizing them is what breaks transformer INT8).
+* CNNs (``CNN_CANDIDATES``): static QOperator and QDQ with per-channel weights.
+The export races these against the other engines (OpenVINO + NNCF) and keeps the fastest that passes the
+parity gate; an INT8 winner slower than FP32 is reported loudly (``Int8SlowerWarning``).
 """
 from __future__ import annotations
 
@@ -63,6 +67,11 @@ PRESETS: dict[str, QuantConfig] = {
         "static-qdq", "static", quant_format="QDQ", per_channel=True, calibrate_method="minmax",
         op_types=("Conv", "MatMul", "Gemm", "Add", "MaxPool", "GlobalAveragePool"),
         why="CNNs: QDQ graph; measured slower than FP32 on AVX2-only CPUs"),
+    "static-qdq-matmul": QuantConfig(
+        "static-qdq-matmul", "static", quant_format="QDQ", per_channel=True, calibrate_method="minmax",
+        op_types=("MatMul", "Gemm"),
+        why="transformers: static activation scales (batch invariant) on the MatMuls only, per-channel weights; "
+            "residual adds, softmax and LayerNorm stay float"),
     "static-qdq-trt": QuantConfig(
         "static-qdq-trt", "static", quant_format="QDQ", weight_type="int8", activation_type="int8",
         per_channel=False, symmetric=True, quantize_bias=False, calibrate_method="minmax",
@@ -70,7 +79,7 @@ PRESETS: dict[str, QuantConfig] = {
         why="TensorRT explicit quantization (export --trt --int8): symmetric int8 Q/DQ (TensorRT rejects "
             "non-zero zero points) on the compute-heavy ops, per-tensor scales; unfused graph"),
 }
-TRANSFORMER_DEFAULT = "dynamic"
+TRANSFORMER_CANDIDATES = ("static-qdq-matmul",)
 CNN_CANDIDATES = ("static-qoperator", "static-qdq")
 
 

@@ -86,7 +86,7 @@ def job_metadata(embedder) -> dict:
 
 
 def local_batches(embedder, *, batch_size: int | None = None, workers: int | None = None) -> Engine:
-    """An engine running ``embedder`` in this process (pipelined decode threads, see jobs.pipeline)."""
+    """An engine running ``embedder`` in this process (pipelined decode threads, see runtime.pipeline)."""
     def run(paths: Sequence[str]) -> Iterator[Rows]:
         for res in embedder.iter_batches(paths, batch_size=batch_size, workers=workers, catch=(Exception,)):
             idx = res.indices + [i for i, _ in res.errors]

@@ -1,11 +1,13 @@
 """The Embedder: inputs -> decode -> preprocess -> runner -> vectors, in bounded batches.
 
-``load()`` picks the backend: an artifact directory runs on ONNX Runtime (after its checksums are
-verified), a registry name runs the PyTorch original. Whatever the backend, decoding and preprocessing are
+``load()`` picks the runner: an artifact directory runs on the engine that
+:func:`~imgembed.runtime.backends.select_engine` picks for this host (after its checksums are verified), a
+registry name runs the PyTorch original. Whatever the backend, decoding and preprocessing are
 the one implementation in :mod:`imgembed.preprocess` (``decode="exact"``, the default, HF-identical) or its
 fast variant in :mod:`imgembed.fastdecode` (``decode="fast"``). Each item becomes a uint8 model-size crop;
 a uint8-input artifact takes the crops as they are, every other runner gets them normalised to float32
-NCHW. ``workers=N`` decodes in N threads overlapped with inference (:mod:`imgembed.jobs.pipeline`).
+NCHW. ``workers=N`` decodes in N threads overlapped with inference (:mod:`imgembed.runtime.pipeline`);
+``load()`` pipelines by default (one decode thread per core), ``workers=0`` decodes inline.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 from ..artifact import MODEL_FILE, read_manifest, verify
 from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
 from ..fastdecode import check_mode, crops_to_pixels, load_crop
-from ..jobs.pipeline import BatchResult, pipelined_batches
+from .pipeline import BatchResult, default_workers, pipelined_batches
 from ..preprocess import PreprocessSpec
 from ..registry import ModelSpec, get_spec, registry
 from .base import Runner
@@ -54,6 +56,7 @@ class Embedder:
         self.decode = check_mode(decode)
         self.workers = workers
         self.artifact_path: Path | None = None   # set by load_artifact
+        self.engine: dict | None = None          # the artifact engine that runs (set by load_artifact)
 
     @property
     def dim(self) -> int:
@@ -107,7 +110,7 @@ class Embedder:
 
     def iter_batches(self, items: Iterable[Any], *, batch_size: int | None = None, workers: int | None = None,
                      decode: str | None = None, catch: tuple = (ImageDecodeError,)) -> Iterator[BatchResult]:
-        """Stream :class:`~imgembed.jobs.pipeline.BatchResult` s over ``items`` (consumed lazily, in order,
+        """Stream :class:`~imgembed.runtime.pipeline.BatchResult` s over ``items`` (consumed lazily, in order,
         bounded memory); failures of the types in ``catch`` are reported in the batches, never raised."""
         bs = self.batch_size if batch_size is None else batch_size
         if bs < 1:
@@ -142,50 +145,65 @@ class Embedder:
         return None if isinstance(item, (str, os.PathLike)) else f"item {index}"
 
 
-def load_artifact(path: str | Path, *, device: str = "cpu", threads: int | None = None,
+def load_artifact(path: str | Path, *, backend: str = "auto", device: str = "cpu", threads: int | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, verify_checksums: bool = True,
-                  allow_failed: bool = False, decode: str = "exact", workers: int = 0) -> Embedder:
-    """An Embedder over an exported artifact (ONNX Runtime); ``decode``/``workers``: see :class:`Embedder`."""
-    from .ort_runner import OrtRunner
+                  allow_failed: bool = False, decode: str = "exact", workers: int | None = None) -> Embedder:
+    """An Embedder over an exported artifact, on the engine :func:`~imgembed.runtime.backends.select_engine`
+    picks for ``backend`` ("auto" or a backend name) and ``device``; ``decode``/``workers``: see
+    :class:`Embedder`."""
+    from .backends import open_engine, require_device, select_engine
 
     path = Path(path)
+    require_device(device)
     manifest = read_manifest(path)
     if verify_checksums:
         verify(path, manifest)
     if manifest.get("status") != "passed" and not allow_failed:
         raise ArtifactError(f"{path} failed its parity gate at export ({manifest.get('parity', {}).get('failures')}); "
                             "pass allow_failed=True to load it anyway")
-    runner = OrtRunner(path / MODEL_FILE, int(manifest["output"]["dim"]), device=device, threads=threads,
-                       name=f"onnxruntime[{manifest['name']}-{manifest['precision']}]")
+    engine, _ = select_engine(manifest, backend, device, where=str(path))
+    runner = open_engine(path, manifest, engine, device=device, threads=threads)
     emb = Embedder(runner, PreprocessSpec.from_dict(manifest["preprocess"]), name=manifest["name"],
-                   precision=manifest["precision"], normalized=bool(manifest["output"]["normalized"]),
-                   manifest=manifest, batch_size=batch_size, decode=decode, workers=workers)
+                   precision=engine["precision"], normalized=bool(manifest["output"]["normalized"]),
+                   manifest=manifest, batch_size=batch_size, decode=decode, workers=_workers(workers))
     emb.artifact_path = path
+    emb.engine = engine
     return emb
 
 
 def load_original(spec: ModelSpec | str, *, weights: str | Path | None = None, random_init: bool = False,
-                  device: str = "cpu", threads: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                  attn: str = "sdpa", decode: str = "exact", workers: int = 0) -> Embedder:
-    """An Embedder over the PyTorch original of a registry model."""
+                  backend: str = "torch", device: str = "cpu", threads: int | None = None,
+                  precision: str = "fp32", batch_size: int = DEFAULT_BATCH_SIZE, attn: str = "sdpa",
+                  decode: str = "exact", workers: int | None = None) -> Embedder:
+    """An Embedder over the PyTorch original of a registry model (backend "torch" or "torch-compile")."""
     from ..families import load_original as build
-    from .torch_runner import TorchRunner
+    from .backends import open_original, require_device
 
     spec = get_spec(spec) if isinstance(spec, str) else spec
+    backend = "torch" if backend == "auto" else backend
+    require_device(device)
     head = build(spec, weights=weights, random_init=random_init, attn=attn)
-    runner = TorchRunner(head, spec.input_hw, spec.embedding.dim, device=device, threads=threads,
-                         name=f"torch[{spec.name}]")
-    return Embedder(runner, spec.preprocess, name=spec.name, precision="fp32",
-                    normalized=spec.embedding.normalize, batch_size=batch_size, decode=decode, workers=workers)
+    runner = open_original(head, spec.input_hw, spec.embedding.dim, spec.name, backend=backend, device=device,
+                           threads=threads, precision=precision)
+    return Embedder(runner, spec.preprocess, name=spec.name, precision=precision,
+                    normalized=spec.embedding.normalize, batch_size=batch_size, decode=decode,
+                    workers=_workers(workers))
+
+
+def _workers(workers: int | None) -> int:
+    """Decode threads: ``None`` means the default, decoding pipelined with inference on every core."""
+    return default_workers() if workers is None else int(workers)
 
 
 def load(name_or_path: str | Path, **kwargs: Any) -> Embedder:
-    """Load an artifact directory (ONNX Runtime) or a registry name (PyTorch original).
+    """Load an artifact directory (its best engine for this host) or a registry name (PyTorch original).
 
-    Artifact keywords: device, threads, batch_size, verify_checksums, allow_failed, decode, workers.
-    Registry keywords: weights (save_pretrained dir), random_init, device, threads, batch_size, decode, workers.
+    Artifact keywords: backend ("auto" or a name of :mod:`imgembed.runtime.backends`), device, threads,
+    batch_size, verify_checksums, allow_failed, decode, workers.
+    Registry keywords: weights (save_pretrained dir), random_init, backend ("torch" | "torch-compile"),
+    device, threads, precision, batch_size, decode, workers.
     ``decode="fast"`` decodes large JPEGs at reduced size (see :mod:`imgembed.fastdecode`); ``workers=N``
-    decodes in N threads overlapped with inference.
+    decodes in N threads overlapped with inference (default: one per core; 0 decodes inline).
     """
     p = Path(name_or_path)
     if p.is_dir():

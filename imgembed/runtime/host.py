@@ -1,4 +1,7 @@
-"""What machine a benchmark ran on: CPU model, cores, SIMD features, GPU, library versions.
+"""What machine this is: CPU model, cores, SIMD features, GPU, library versions.
+
+Exports record it next to every measured number, engine choices that depend on the CPU (BF16, INT8 kernels)
+are probed with it, and benchmark reports carry it in their ``host`` block.
 
 SIMD features decide what INT8 can gain on a CPU: VNNI (AVX512_VNNI or AVX-VNNI) gives ONNX Runtime's
 integer kernels a fused multiply-add on int8, AMX gives tile matrix units; without them INT8 often gains
@@ -29,8 +32,11 @@ SIMD_FLAGS: dict[str, tuple[str, ...]] = {
     "arm_i8mm": ("i8mm",),
     "sve": ("sve",),
 }
-LIBRARIES = ("imgembed", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "transformers", "numpy", "pillow",
-             "tensorrt", "tensorrt-cu12", "tensorrt-cu13")
+LIBRARIES = ("imgembed", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "openvino", "nncf", "transformers",
+             "numpy", "pillow", "tensorrt", "tensorrt-cu12", "tensorrt-cu13")
+CPU_FLAGS_ENV = "IMGEMBED_CPU_FLAGS"
+# Instructions that make BF16 inference fast on a CPU (AVX512_BF16 or AMX-BF16).
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 
 
 def parse_cpuinfo(text: str) -> dict:
@@ -61,11 +67,18 @@ def simd_features(flags: set[str]) -> dict[str, bool]:
 
 
 def _cpu_flags() -> dict:
-    """Model, flags and physical cores from /proc/cpuinfo, else py-cpuinfo, else what platform knows."""
+    """Model, flags and physical cores from /proc/cpuinfo, else py-cpuinfo, else what platform knows.
+
+    ``IMGEMBED_CPU_FLAGS`` (comma-separated flags) replaces the detected flag set: it makes imgembed choose
+    engines as on another CPU (for example ``avx2,fma`` for an AVX2-only host)."""
     path = Path("/proc/cpuinfo")
+    override = os.environ.get(CPU_FLAGS_ENV)
     if path.is_file():
         info = parse_cpuinfo(path.read_text(encoding="utf-8", errors="replace"))
         info["flags_source"] = "/proc/cpuinfo"
+        if override is not None:
+            return {**info, "flags": {f.strip() for f in override.split(",") if f.strip()},
+                    "flags_source": CPU_FLAGS_ENV}
         if info["flags"]:
             return info
     try:
@@ -88,6 +101,21 @@ def cpu_info() -> dict:
             "simd": simd_features(info["flags"]), "flags_source": info["flags_source"]}
 
 
+def missing_bf16_instructions() -> str | None:
+    """None when this CPU has native BF16 instructions, else a sentence naming what is missing."""
+    simd = cpu_info()["simd"]
+    if any(simd.get(f) for f in BF16_FEATURES):
+        return None
+    return (f"this CPU ({cpu_info()['model'] or 'unknown model'}) lacks native BF16 instructions "
+            f"(needs AVX512_BF16 or AMX-BF16; has {', '.join(k for k, v in simd.items() if v) or 'none detected'})")
+
+
+def cpu_summary() -> dict:
+    """Model and the SIMD features present, for manifests and export tables."""
+    info = cpu_info()
+    return {"model": info["model"], "arch": info["arch"], "flags": sorted(k for k, v in info["simd"].items() if v)}
+
+
 def library_versions() -> dict[str, str | None]:
     """Installed versions of the libraries that decide the speed (None when not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
@@ -102,7 +130,7 @@ def library_versions() -> dict[str, str | None]:
 def gpu_info() -> dict | None:
     """The CUDA GPU torch sees (name, memory, compute capability, CUDA version, count) plus the driver,
     memory and clocks of every GPU from ``nvidia-smi`` when present; None without a CUDA device."""
-    from ..runtime.gpu import gpu_report
+    from .gpu import gpu_report
 
     return gpu_report()
 
@@ -110,7 +138,7 @@ def gpu_info() -> dict | None:
 def host_info() -> dict:
     """Everything above, plus OS, ONNX Runtime execution providers and the 1/5/15-minute load average (other
     work on the machine skews timings): the report's ``host`` block."""
-    from ..runtime.ort_runner import available_providers
+    from .ort_runner import available_providers
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"hostname": platform.node(), "os": f"{platform.system()} {platform.release()}",

@@ -24,7 +24,10 @@ def serve_cmd(
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Request body limit in MiB (413)."),
     max_images: int = typer.Option(64, "--max-images", min=1, help="Images per request (413)."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Pixels per image (413 / per item)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime intra-op threads."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads per model."),
+    backend: str = typer.Option("auto", "--backend", help="Engine of each artifact: auto (its best engine "
+                                "usable here) or a backend name (see `imgembed backends`)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (fails at start without a usable GPU)."),
     decode_workers: int = typer.Option(2, "--decode-workers", min=1, help="Threads decoding uploads."),
     retry_after: int = typer.Option(1, "--retry-after", min=0, help="Retry-After seconds of 429/503 answers."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0, help="On SIGTERM: seconds in-flight "
@@ -34,9 +37,9 @@ def serve_cmd(
                                              "[default: 0.8 x --timeout]."),
     max_connections: int = typer.Option(512, "--max-connections", min=1, help="Concurrent connections "
                                         "(503 beyond)."),
-    batch_invariant: bool = typer.Option(False, "--batch-invariant", help="For dynamically quantized (INT8) "
-                                         "artifacts, which quantize per batch: run each image alone, so a "
-                                         "vector never depends on other requests. Costs throughput."),
+    batch_invariant: bool = typer.Option(False, "--batch-invariant", help="For artifacts whose engine is not "
+                                         "batch-invariant (dynamic INT8, opt-in at export): run each image "
+                                         "alone, so a vector never depends on other requests. Costs throughput."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
 ) -> None:
@@ -48,7 +51,8 @@ def serve_cmd(
     with _errors():
         config = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms,
                              max_queue=max_queue, timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
-                             max_images=max_images, max_pixels=max_pixels, threads=threads,
+                             max_images=max_images, max_pixels=max_pixels, threads=threads, backend=backend,
+                             device=device,
                              decode_workers=decode_workers, retry_after_s=retry_after, drain_timeout_s=drain_timeout,
                              batch_invariant=batch_invariant, max_connections=max_connections,
                              max_wait_s=max_wait)

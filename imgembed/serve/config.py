@@ -27,7 +27,9 @@ class ServeConfig:
     max_body_bytes: int = 32 * 1024 * 1024   # request body -> 413
     max_images: int = 64                 # images per request -> 413
     max_pixels: int = 40_000_000         # declared width x height per image -> 413 for that image
-    threads: int | None = None           # ONNX Runtime intra-op threads (None: ORT's default)
+    threads: int | None = None           # inference threads per model (None: the engine's default)
+    backend: str = "auto"                # engine of each artifact: auto or a backend name (runtime.backends)
+    device: str = "cpu"                  # cpu | cuda
     decode_workers: int = 2              # threads decoding + preprocessing uploads
     retry_after_s: int = 1               # Retry-After header of 429 and 503 answers
     drain_timeout_s: float = 30.0        # graceful shutdown: how long in-flight requests may take

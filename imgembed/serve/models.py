@@ -35,14 +35,21 @@ class ServedModel:
 
     def describe(self) -> dict:
         e = self.embedder
+        engine = e.engine or {}
         return {"id": self.id, "aliases": list(self.aliases), "name": e.name, "precision": e.precision,
-                "dim": e.dim, "normalized": e.normalized, "input_size": list(e.preprocess.output_hw)}
+                "dim": e.dim, "normalized": e.normalized, "input_size": list(e.preprocess.output_hw),
+                "backend": e.runner.backend, "engine": engine.get("id"),
+                "batch_invariant": not self.batch_dependent}
 
     @property
     def batch_dependent(self) -> bool:
-        """True for dynamically quantized artifacts: activations are quantized with a scale computed over
-        the whole batch, so an image's vector shifts slightly with the other images of its batch."""
-        quant = ((self.embedder.manifest or {}).get("export") or {}).get("quantization") or {}
+        """True for an engine that quantizes activations per batch (dynamic INT8): an image's vector shifts
+        slightly with the other images of its batch."""
+        engine = self.embedder.engine
+        if engine is not None and "batch_invariant" in engine:
+            return not engine["batch_invariant"]
+        quant = (engine or {}).get("quantization") or \
+            ((self.embedder.manifest or {}).get("export") or {}).get("quantization") or {}
         return (quant.get("preset") or {}).get("mode") == "dynamic"
 
     def infer_fn(self, batch_invariant: bool) -> Callable[[np.ndarray], np.ndarray]:
@@ -101,12 +108,14 @@ def assign_ids(args: Sequence[ArtifactArg]) -> list[tuple[str, tuple[str, ...]]]
 
 
 def load_models(args: Sequence[str], config: ServeConfig) -> list[ServedModel]:
-    """Verify and load every artifact (ONNX Runtime on CPU); errors name the bad argument."""
+    """Verify and load every artifact on the engine ``config.backend`` selects on ``config.device``; errors
+    name the bad argument."""
     if not args:
         raise ServeConfigError("no artifacts to serve: pass at least one artifact directory")
     parsed = [parse_artifact_arg(a) for a in args]
     models = []
     for a, (model_id, aliases) in zip(parsed, assign_ids(parsed)):
-        emb = load_artifact(a.path, threads=config.threads, batch_size=config.max_batch)
+        emb = load_artifact(a.path, backend=config.backend, device=config.device, threads=config.threads,
+                            batch_size=config.max_batch, workers=0)
         models.append(ServedModel(model_id, aliases, a.path, emb))
     return models

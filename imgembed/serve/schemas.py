@@ -51,6 +51,9 @@ class ModelInfo(BaseModel):
     dim: int
     normalized: bool
     input_size: list[int] = Field(..., description="[height, width] the images are preprocessed to.")
+    backend: str = Field(..., description="Backend running the model (onnxruntime, openvino, ...).")
+    engine: str | None = Field(None, description="The artifact engine that runs (manifest engine id).")
+    batch_invariant: bool = Field(..., description="Whether a vector is independent of its batch-mates.")
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,315 @@
+"""The engine race of an export: build every candidate the installed engines offer, gate each, time the
+passing ones side by side on this machine, keep the fastest as the artifact's default engine.
+
+A :class:`Candidate` is one way to run the model at the requested precision: ONNX Runtime with a graph
+(FP32/FP16, or INT8 with a quantization preset), or OpenVINO with an IR (FP32, BF16 as an inference hint,
+INT8 through NNCF, optionally with BF16 for the float remainder). Every candidate passes the same parity gate
+at batch sizes 1, 3 and 8; candidates that claim batch invariance (static activation scales) are also gated on
+``batch_variation``. Passing candidates are timed in interleaved rounds (same threads, same batch), so the
+ratios hold even on a busy machine. Candidates that cannot be built here (OpenVINO not installed, no BF16
+instructions) are listed with the reason and never silently dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ExportError, ImgembedError
+from ..parity import BATCH_INVARIANCE_LIMIT, parity_report
+from ..registry import ModelSpec
+from ..runtime.backends import EngineRef, get_backend
+from ..runtime.timing import interleaved_medians
+from .quantize import PRESETS, QuantConfig, quantize, quantized_op_counts
+
+SPEED_BATCH = 8
+Step = Callable[[str], None]
+
+
+@dataclass
+class Inputs:
+    """What candidates are built from: the exported graphs, the parity set, calibration data (lazy)."""
+
+    spec: ModelSpec
+    work: Path
+    plain: Path                     # the exported ONNX graph (no com.microsoft ops)
+    ort_graph: Path                 # the graph ONNX Runtime runs in float (fused when optimized)
+    input_format: str               # "float32" | "uint8"
+    parity: object                  # pipeline.ParitySet
+    calibration: Callable[[], tuple[list[np.ndarray], list[np.ndarray], dict]]  # () -> (pixels, crops, info)
+    threads: int | None
+    transformer: bool
+    built: dict = field(default_factory=dict)   # files shared between candidates, by builder
+    _uint8_plain: Path | None = None
+
+    def plain_in_format(self) -> Path:
+        """The plain graph with the artifact's input (uint8 prefix added when asked)."""
+        if self.input_format != "uint8":
+            return self.plain
+        if self._uint8_plain is None:
+            from .uint8_input import add_uint8_input
+
+            self._uint8_plain = add_uint8_input(self.plain, self.work / "plain-uint8.onnx", self.spec.preprocess)
+        return self._uint8_plain
+
+
+@dataclass
+class Candidate:
+    """One engine to try. ``build(inputs, directory)`` writes its files and returns (files, record)."""
+
+    id: str
+    backend: str
+    precision: str
+    build: Callable[[Inputs, Path], tuple[dict[str, Path], dict]]
+    batch_invariant: bool
+    inference_precision: str = "fp32"
+    unavailable: str | None = None   # why it cannot be built here
+    portable: bool = False           # kept as the fallback engine when another backend wins
+
+
+@dataclass
+class Outcome:
+    """What happened to one candidate."""
+
+    candidate: Candidate
+    files: dict[str, Path] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+    report: dict | None = None
+    error: str | None = None
+    seconds: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.report is not None and bool(self.report["passed"])
+
+    @property
+    def img_per_s(self) -> float | None:
+        return None if not self.seconds else SPEED_BATCH / self.seconds
+
+    def row(self) -> dict:
+        """The candidate's line of the export table (manifest ``selection.candidates``)."""
+        c = self.candidate
+        why = self.error or c.unavailable or (None if self.passed else "; ".join((self.report or {}).get("failures", [])))
+        return {"id": c.id, "backend": c.backend, "precision": c.precision,
+                "inference_precision": c.inference_precision, "batch_invariant": c.batch_invariant,
+                "passed": self.passed, "why_not": why,
+                "metrics": None if self.report is None else self.report["metrics"],
+                "img_per_s": None if self.img_per_s is None else round(self.img_per_s, 2)}
+
+
+# ------------------------------------------------------------------------------------------ builders
+def _ort_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+    path = _with_input_format(inputs, inputs.ort_graph, directory / "model.onnx")
+    return {"model": path}, {}
+
+
+def _ort_fp16(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+    from .onnx_export import convert_fp16
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = convert_fp16(inputs.ort_graph, directory / "fp16.onnx")
+    return {"model": _with_input_format(inputs, path, directory / "model.onnx")}, {"fp16": "onnxruntime float16 "
+                                                                                   "converter, norms in fp32"}
+
+
+def _ort_int8(config: QuantConfig) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
+    def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+        directory.mkdir(parents=True, exist_ok=True)
+        pixels, _, info = inputs.calibration() if config.mode == "static" else (None, None, None)
+        batches = None if pixels is None else [pixels[i:i + 8] for i in range(0, len(pixels), 8)]
+        # static Q/DQ goes on the plain graph (ORT fuses Q/DQ pairs into integer kernels when it loads it;
+        # on the fused graph the Attention ops stay float); dynamic presets use the fused graph's QAttention
+        graph = inputs.plain if config.mode == "static" else inputs.ort_graph
+        q = quantize(graph, directory / "int8.onnx", config, batches)
+        path = _with_input_format(inputs, q, directory / "model.onnx")
+        return {"model": path}, {"preset": config.to_dict(), "calibration": info,
+                                 "quantized_ops": quantized_op_counts(q)}
+    return build
+
+
+def _with_input_format(inputs: Inputs, src: Path, dst: Path) -> Path:
+    """``src`` as the artifact's input format: copied for float32, prefixed with the uint8 input otherwise."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if inputs.input_format == "uint8":
+        from .uint8_input import add_uint8_input
+
+        return add_uint8_input(src, dst, inputs.spec.preprocess)
+    if Path(src) != dst:
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def _ov_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+    from .openvino import convert_onnx, ir_files
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return ir_files(convert_onnx(inputs.plain_in_format(), directory / "model.xml")), {}
+
+
+def _ov_int8(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+    """NNCF INT8 IR; built once per export and shared by the candidates that differ only in their hint."""
+    from .openvino import convert_onnx, ir_files, quantize_nncf
+
+    if "openvino-int8" in inputs.built:
+        files, record = inputs.built["openvino-int8"]
+        return files, dict(record)
+    directory.mkdir(parents=True, exist_ok=True)
+    pixels, crops, info = inputs.calibration()
+    data = crops if inputs.input_format == "uint8" else pixels
+    fp32 = convert_onnx(inputs.plain_in_format(), directory / "fp32.xml")
+    record = quantize_nncf(fp32, directory / "model.xml", [data[i:i + 8] for i in range(0, len(data), 8)],
+                           transformer=inputs.transformer)
+    for p in ir_files(fp32).values():
+        p.unlink()
+    inputs.built["openvino-int8"] = ir_files(directory / "model.xml"), {**record, "calibration": info}
+    return ir_files(directory / "model.xml"), {**record, "calibration": info}
+
+
+# ------------------------------------------------------------------------------------------ candidates
+def _openvino_reason() -> str | None:
+    return get_backend("openvino").unavailable("cpu")
+
+
+def _bf16_reason() -> str | None:
+    from ..runtime.host import missing_bf16_instructions
+
+    return _openvino_reason() or missing_bf16_instructions()
+
+
+def int8_presets(spec_is_transformer: bool, forced: str | None) -> list[QuantConfig]:
+    """The ONNX Runtime INT8 presets to try: the forced one, or the batch-invariant (static) defaults."""
+    from .quantize import CNN_CANDIDATES, TRANSFORMER_CANDIDATES
+
+    if forced:
+        if forced not in PRESETS:
+            raise ExportError(f"unknown INT8 preset {forced!r}; expected one of {sorted(PRESETS)}")
+        return [PRESETS[forced]]
+    return [PRESETS[n] for n in (TRANSFORMER_CANDIDATES if spec_is_transformer else CNN_CANDIDATES)]
+
+
+def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
+         engine: str | None = None) -> list[Candidate]:
+    """Every candidate for ``precision``, ONNX Runtime first; ``engine`` keeps one backend only."""
+    ov, bf16 = _openvino_reason(), _bf16_reason()
+    if precision == "fp32":
+        out = [Candidate("onnxruntime-fp32", "onnxruntime", "fp32", _ort_float, True, portable=True),
+               Candidate("openvino-fp32", "openvino", "fp32", _ov_float, True, unavailable=ov)]
+    elif precision == "bf16":
+        # ONNX Runtime has no fast BF16 CPU path: its FP32 graph is the portable fallback of a BF16 artifact
+        out = [Candidate("openvino-bf16", "openvino", "bf16", _ov_float, True, "bf16", unavailable=bf16),
+               Candidate("onnxruntime-fp32", "onnxruntime", "fp32", _ort_float, True, portable=True)]
+    elif precision == "fp16":
+        out = [Candidate("onnxruntime-fp16", "onnxruntime", "fp16", _ort_fp16, True, portable=True)]
+    elif precision == "int8":
+        out = [Candidate(f"onnxruntime-int8-{c.name}", "onnxruntime", "int8", _ort_int8(c), c.mode == "static",
+                         portable=True) for c in int8_presets(transformer, int8_preset)]
+        if int8_preset is None:
+            out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8, True, unavailable=ov),
+                    Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8, True, "bf16", unavailable=bf16)]
+    else:
+        raise ExportError(f"precision {precision!r} is not supported; expected one of fp32, bf16, fp16, int8")
+    if engine is not None:
+        get_backend(engine)
+        out = [c for c in out if c.backend == engine]
+        if not out:
+            raise ExportError(f"engine {engine!r} offers no {precision} candidate"
+                              + (f" with --int8-preset {int8_preset}" if int8_preset else ""))
+    return out
+
+
+def check_available(candidates: Sequence[Candidate], precision: str) -> None:
+    """Raise when no candidate computing at ``precision`` can be built here, naming each reason (e.g. the
+    missing BF16 instructions); portable fallbacks at another precision do not count."""
+    own = [c for c in candidates if c.precision == precision]
+    if not own or all(c.unavailable for c in own):
+        reasons = "; ".join(f"{c.id}: {c.unavailable}" for c in own) or "no candidate"
+        raise BackendUnavailableError(f"no engine can build a {precision} artifact on this machine ({reasons})")
+
+
+# ------------------------------------------------------------------------------------------ the race
+def _gate(outcome: Outcome, inputs: Inputs, thresholds: dict[str, float], step: Step) -> None:
+    c = outcome.candidate
+    if c.batch_invariant:
+        thresholds = {**thresholds, "batch_variation": BATCH_INVARIANCE_LIMIT}
+    step(f"checking parity of {c.id}")
+    runner = _runner(inputs, outcome)
+    with runner:
+        outcome.report = parity_report(inputs.parity.reference, runner, inputs.parity.inputs(inputs.input_format),
+                                       thresholds, c.precision, inputs.parity.names)
+
+
+def _runner(inputs: Inputs, outcome: Outcome):
+    c = outcome.candidate
+    record = {"id": c.id, "backend": c.backend, "precision": c.precision,
+              "inference_precision": c.inference_precision,
+              "files": {k: str(p.relative_to(inputs.work)) for k, p in outcome.files.items()}}
+    ref = EngineRef(inputs.work, record, inputs.spec.embedding.dim, f"{inputs.spec.name}-{c.id}")
+    return get_backend(c.backend).open(ref, "cpu", inputs.threads, c.precision)
+
+
+def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, float], step: Step, *,
+        speed_check: bool = True) -> list[Outcome]:
+    """Build and gate every available candidate, then time the passing ones side by side (with ONNX
+    Runtime's FP32 graph as the reference when the precision is not FP32: ``record["speed_check"]``)."""
+    outcomes = []
+    for c in candidates:
+        outcome = Outcome(c)
+        outcomes.append(outcome)
+        if c.unavailable:
+            continue
+        step(f"building {c.id}")
+        try:
+            outcome.files, outcome.record = c.build(inputs, inputs.work / c.id)
+            _gate(outcome, inputs, thresholds, step)
+        except ImgembedError as e:
+            outcome.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    passing = [o for o in outcomes if o.passed]
+    if speed_check and passing:
+        _time(passing, inputs, step)
+    return outcomes
+
+
+def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step) -> None:
+    reference = None
+    if passing[0].candidate.precision != "fp32":
+        files, _ = _ort_float(inputs, inputs.work / "fp32-reference")
+        reference = Outcome(Candidate("fp32-reference", "onnxruntime", "fp32", _ort_float, True), files)
+    timed = [*passing, *([reference] if reference else [])]
+    step(f"timing {len(passing)} passing engine(s) side by side (batch {SPEED_BATCH})")
+    runners = {o.candidate.id: _runner(inputs, o).activate() for o in timed}
+    try:
+        medians = interleaved_medians(runners, inputs.parity.inputs(inputs.input_format)[:SPEED_BATCH])
+    finally:
+        for r in runners.values():
+            r.deactivate()
+    for o in passing:
+        o.seconds = medians[o.candidate.id]
+        if reference is not None:
+            fp32 = medians["fp32-reference"]
+            o.record["speed_check"] = {"batch_size": SPEED_BATCH, "threads": inputs.threads,
+                                       "fp32_ms": fp32 * 1e3, f"{o.candidate.precision}_ms": o.seconds * 1e3,
+                                       "speedup_vs_fp32": fp32 / o.seconds}
+
+
+def choose(outcomes: Sequence[Outcome], keep_all: bool) -> tuple[Outcome | None, list[Outcome]]:
+    """The winner (fastest passing at the requested precision, the first candidate's; first passing when
+    untimed) and the outcomes to keep in the artifact: the winner, plus the fastest passing portable (ONNX
+    Runtime) engine as a fallback, or every passing one."""
+    passing = [o for o in outcomes if o.passed]
+    if not passing:
+        return None, []
+    ranked = sorted(passing, key=lambda o: o.seconds if o.seconds else float("inf"))
+    asked = outcomes[0].candidate.precision
+    winner = next((o for o in ranked if o.candidate.precision == asked), ranked[0])
+    ranked.remove(winner)
+    ranked.insert(0, winner)
+    if keep_all:
+        return winner, ranked
+    kept = [winner]
+    if not winner.candidate.portable:
+        kept += [o for o in ranked if o.candidate.portable][:1]
+    return winner, kept

@@ -1,0 +1,316 @@
+"""The backend table: every engine imgembed can run, by name.
+
+A :class:`Backend` row says what it runs (an artifact's engine files, or the PyTorch original), on which
+devices and at which precisions, whether it is usable here (library, device, CPU features) and how to open a
+:class:`~imgembed.runtime.base.Runner`. Every consumer goes through this table: ``imgembed.load``, ``embed``,
+``serve``, ``parity``, the Ray actors, the export's engine race and ``bench``. A new backend is one runner
+module plus one :func:`register_backend` line at the bottom of this file, and it must pass the conformance
+suite (tests/test_runtime_conformance.py).
+
+Artifacts hold one or more *engines* (``manifest["engines"]``: backend, precision, files, measured speed);
+:func:`select_engine` picks the one to run for ``backend="auto"`` or a named backend on this host.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import ArtifactError, BackendUnavailableError
+from .base import Runner
+
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+AUTO = "auto"
+
+
+class DegradedEngineWarning(UserWarning):
+    """An artifact's engine runs here in a slower or higher-precision mode than it was exported for."""
+
+
+@dataclass(frozen=True)
+class EngineRef:
+    """One engine of an artifact directory, as recorded in its manifest."""
+
+    directory: Path
+    record: dict                  # {"id", "backend", "precision", "files": {...}, ...}
+    output_dim: int
+    label: str                    # for runner names: "<artifact>-<precision>"
+
+    def file(self, key: str = "model") -> Path:
+        rel = self.record.get("files", {}).get(key)
+        if not rel:
+            raise ArtifactError(f"{self.directory}: engine {self.record.get('id')!r} records no {key!r} file")
+        return self.directory / rel
+
+
+@dataclass(frozen=True)
+class OriginalRef:
+    """The PyTorch original of a model (an EmbeddingHead), shared by every runner built on it."""
+
+    module: Any
+    input_hw: tuple[int, int]
+    output_dim: int
+    label: str
+
+
+Target = EngineRef | OriginalRef
+Open = Callable[[Target, str, "int | None", str], Runner]   # (target, device, threads, precision) -> Runner
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    runs: str                                       # "artifact" | "original"
+    precisions: Callable[[str], tuple[str, ...]]    # device -> precisions it runs there
+    open: Open
+    unavailable: Callable[[str], str | None]        # device -> why not here, None when usable
+    description: str = ""
+
+    def check(self, device: str) -> None:
+        """Raise BackendUnavailableError (naming the reason) unless this backend runs on ``device`` here."""
+        check_device(device)
+        reason = self.unavailable(device) if self.precisions(device) else f"{self.name} does not run on {device}"
+        if reason:
+            raise BackendUnavailableError(f"backend {self.name!r} cannot run on {device}: {reason}")
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a row of the table."""
+    BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {sorted(BACKENDS)} or 'auto'")
+    return BACKENDS[name]
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise BackendUnavailableError(f"unknown device {device!r}; expected one of {list(DEVICES)}")
+
+
+def require_device(device: str) -> None:
+    """Fail fast (one clear line) when ``device`` cannot be used at all on this machine."""
+    check_device(device)
+    if device == "cuda":
+        reason = cuda_unavailable()
+        if reason:
+            raise BackendUnavailableError(f"--device cuda: {reason}")
+
+
+def cuda_unavailable() -> str | None:
+    """Why no CUDA device can be used here, or None."""
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed, so no CUDA device can be probed"
+    if not torch.cuda.is_available():
+        return "no usable NVIDIA GPU here (torch.cuda.is_available() is False)"
+    return None
+
+
+def backend_table(device: str | None = None) -> list[dict]:
+    """Every backend with what it runs and whether it is usable (for ``imgembed backends`` and reports)."""
+    rows = []
+    for b in BACKENDS.values():
+        for dev in ([device] if device else DEVICES):
+            precisions = b.precisions(dev)
+            if not precisions:
+                continue
+            rows.append({"backend": b.name, "device": dev, "runs": b.runs, "precisions": list(precisions),
+                         "available": b.unavailable(dev) is None, "reason": b.unavailable(dev),
+                         "description": b.description})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- engines
+def engines_of(manifest: dict) -> list[dict]:
+    """The engines an artifact holds, default first, then by measured speed (fastest first).
+
+    Manifests without an ``engines`` list hold one ONNX Runtime engine, ``model.onnx``; TensorRT engines
+    (``manifest["tensorrt"]``) are listed as one ``tensorrt`` engine at the artifact's precision.
+    """
+    engines = [dict(e) for e in manifest.get("engines") or []]
+    if not engines:
+        engines = [{"id": "onnxruntime", "backend": "onnxruntime", "precision": manifest.get("precision", "fp32"),
+                    "files": {"model": "model.onnx"}}]
+    default = manifest.get("default_engine")
+    engines.sort(key=lambda e: (e.get("id") != default, -(e.get("img_per_s") or 0.0)))
+    if (manifest.get("tensorrt") or {}).get("engines"):
+        engines.append({"id": "tensorrt", "backend": "tensorrt", "precision": manifest.get("precision", "fp32"),
+                        "files": {}})
+    return engines
+
+
+def _unmet(engine: dict) -> str | None:
+    """Why this host lacks what ``engine`` needs to run as exported (CPU instructions), or None."""
+    if engine.get("inference_precision") == "bf16":
+        from .host import missing_bf16_instructions
+
+        return missing_bf16_instructions()
+    return None
+
+
+def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
+                  where: str = "artifact") -> tuple[dict, list[str]]:
+    """The engine of ``manifest`` to run on ``device`` here, and notes on what was passed over.
+
+    ``backend="auto"``: the first engine (default first, then fastest) whose backend is usable here and whose
+    CPU needs are met; if only engines with unmet CPU needs remain, the first of those runs in its portable
+    mode (a BF16 engine computes in FP32) with a :class:`DegradedEngineWarning`. A named backend must be
+    one of the artifact's engines and usable here, else BackendUnavailableError says what the artifact holds.
+    """
+    check_device(device)
+    engines = engines_of(manifest)
+    held = ", ".join(f"{e['id']} ({e['backend']}, {e['precision']})" for e in engines)
+    if backend != AUTO:
+        get_backend(backend)
+        engines = [e for e in engines if e["backend"] == backend]
+        if not engines:
+            raise BackendUnavailableError(f"{where} has no {backend!r} engine; it holds: {held}")
+    notes, degraded = [], []
+    for engine in engines:
+        b = BACKENDS.get(engine["backend"])
+        reason = (f"backend {engine['backend']!r} is not known to this imgembed" if b is None
+                  else (b.unavailable(device) if engine["precision"] in b.precisions(device)
+                        else f"{b.name} does not run {engine['precision']} on {device}"))
+        if reason:
+            notes.append(f"{engine['id']}: {reason}")
+            continue
+        unmet = _unmet(engine)
+        if unmet:
+            notes.append(f"{engine['id']}: {unmet}")
+            degraded.append(engine)
+            continue
+        return engine, notes
+    if degraded:
+        engine = {**degraded[0], "inference_precision": "fp32"}
+        warnings.warn(f"{where}: engine {engine['id']} was exported for native BF16 but {notes[-1].split(': ', 1)[1]};"
+                      " it runs in FP32 here (same vectors within the FP32 gate, slower)", DegradedEngineWarning,
+                      stacklevel=2)
+        return engine, notes
+    raise BackendUnavailableError(f"{where}: no engine can run on {device} here ({'; '.join(notes)}); "
+                                  f"the artifact holds: {held}")
+
+
+def open_engine(directory: Path, manifest: dict, engine: dict, *, device: str = "cpu",
+                threads: int | None = None) -> Runner:
+    """A (not yet active) runner over one engine of an artifact."""
+    ref = EngineRef(Path(directory), engine, int(manifest["output"]["dim"]),
+                    f"{manifest['name']}-{engine['precision']}")
+    return get_backend(engine["backend"]).open(ref, device, threads, engine["precision"])
+
+
+def open_original(module: Any, input_hw: tuple[int, int], output_dim: int, label: str, *, backend: str = "torch",
+                  device: str = "cpu", threads: int | None = None, precision: str = "fp32") -> Runner:
+    """A (not yet active) runner over a PyTorch original."""
+    b = get_backend(backend)
+    if b.runs != "original":
+        raise BackendUnavailableError(f"backend {backend!r} runs exported artifacts, not PyTorch originals; "
+                                      f"original backends: {sorted(n for n, x in BACKENDS.items() if x.runs == 'original')}")
+    b.check(device)
+    if precision not in b.precisions(device):
+        raise BackendUnavailableError(f"backend {backend!r} runs {list(b.precisions(device))} on {device}, "
+                                      f"not {precision!r}")
+    return b.open(OriginalRef(module, tuple(input_hw), output_dim, label), device, threads, precision)
+
+
+def original_backends() -> Sequence[str]:
+    return [n for n, b in BACKENDS.items() if b.runs == "original"]
+
+
+# ------------------------------------------------------------------------------------------- the rows
+def _open_torch(target: Target, device: str, threads: int | None, precision: str, compile: bool = False) -> Runner:
+    from .torch_runner import TorchRunner
+
+    assert isinstance(target, OriginalRef)
+    prefix = "torch-compile" if compile else "torch"
+    return TorchRunner(target.module, target.input_hw, target.output_dim, device=device, threads=threads,
+                       dtype=precision, compile=compile, cuda_graphs=compile,
+                       name=f"{prefix}[{target.label}-{precision}]")
+
+
+def _open_torch_compiled(target: Target, device: str, threads: int | None, precision: str) -> Runner:
+    return _open_torch(target, device, threads, precision, compile=True)
+
+
+def _torch_unavailable(device: str) -> str | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "PyTorch is not installed"
+    return cuda_unavailable() if device == "cuda" else None
+
+
+def _open_ort(target: Target, device: str, threads: int | None, precision: str) -> Runner:
+    from .ort_runner import OrtRunner
+
+    assert isinstance(target, EngineRef)
+    return OrtRunner(target.file(), target.output_dim, device=device, threads=threads,
+                     name=f"onnxruntime[{target.label}]")
+
+
+def _ort_unavailable(device: str) -> str | None:
+    from .ort_runner import available_providers
+
+    have = available_providers()
+    if not have:
+        return "onnxruntime is not installed: pip install onnxruntime"
+    if device == "cuda" and "CUDAExecutionProvider" not in have:
+        return (f"ONNX Runtime has no CUDAExecutionProvider (providers: {have}); install onnxruntime-gpu "
+                "(pip install 'imgembed[gpu]') on a machine with an NVIDIA GPU")
+    return None
+
+
+def _open_openvino(target: Target, device: str, threads: int | None, precision: str) -> Runner:
+    from .ov_runner import OpenVinoRunner
+
+    assert isinstance(target, EngineRef)
+    return OpenVinoRunner(target.file(), target.output_dim, device=device, threads=threads,
+                          inference_precision=target.record.get("inference_precision", "fp32"),
+                          name=f"openvino[{target.label}]")
+
+
+def _openvino_unavailable(device: str) -> str | None:
+    from .ov_runner import openvino_unavailable
+
+    return openvino_unavailable(device)
+
+
+def _open_tensorrt(target: Target, device: str, threads: int | None, precision: str) -> Runner:
+    from .trt_runner import TrtRunner, artifact_engine
+
+    assert isinstance(target, EngineRef)
+    path, record = artifact_engine(target.directory, precision)
+    return TrtRunner(path, target.output_dim,
+                     name=f"tensorrt[{target.label}-b{record['profile']['max']}]")
+
+
+def _tensorrt_unavailable(device: str) -> str | None:
+    from .trt_runner import tensorrt_unavailable
+
+    return tensorrt_unavailable(device)
+
+
+register_backend(Backend(
+    "torch", "original", lambda d: ("fp32", "fp16", "bf16") if d == "cuda" else ("fp32", "bf16"), _open_torch,
+    _torch_unavailable, "the PyTorch original, eager"))
+register_backend(Backend(
+    "torch-compile", "original", lambda d: ("fp32", "fp16", "bf16") if d == "cuda" else (), _open_torch_compiled,
+    _torch_unavailable, "the PyTorch original under torch.compile with CUDA graphs (CUDA only)"))
+# ORT's CUDA provider has no integer MatMul/Conv kernels: INT8 engines are CPU engines; FP16 ones are GPU ones.
+register_backend(Backend(
+    "onnxruntime", "artifact", lambda d: ("fp32", "fp16") if d == "cuda" else ("fp32", "fp16", "int8"), _open_ort,
+    _ort_unavailable, "ONNX Runtime (CPU; CUDA with onnxruntime-gpu)"))
+register_backend(Backend(
+    "openvino", "artifact", lambda d: ("fp32", "bf16", "int8") if d == "cpu" else (), _open_openvino,
+    _openvino_unavailable, "OpenVINO IR on the CPU (pip install 'imgembed[openvino]')"))
+register_backend(Backend(
+    "tensorrt", "artifact", lambda d: ("fp32", "fp16", "int8") if d == "cuda" else (), _open_tensorrt,
+    _tensorrt_unavailable, "TensorRT engines built by `imgembed export --trt` (CUDA only)"))
