@@ -33,11 +33,11 @@ import numpy as np
 from PIL import Image
 
 import imgembed
-from imgembed.bench.host import host_info
 from imgembed.bench.targets import ensure_artifact
 from imgembed.families import load_original, source_record
 from imgembed.fastdecode import crops_of, crops_to_pixels
 from imgembed.registry import get_spec
+from imgembed.runtime.host import host_info
 from imgembed.samples import parity_images
 
 MEGAPIXELS = (1.0, 1.5, 2.0, 2.5, 3.0)
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from imgembed.bench.host import default_threads
-    from imgembed.jobs.pipeline import default_workers
+    from imgembed.runtime.pipeline import default_workers
+    from imgembed.runtime.host import default_threads
 
     spec = get_spec(args.model)
     threads = args.threads or default_threads()
