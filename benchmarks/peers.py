@@ -31,7 +31,12 @@ Contestants (each one that fails is reported with its reason; the run goes on):
                       The registry's output selection, pooling and L2 normalisation are applied in numpy inside
                       the timed call. Optimum has no vision-only CLIP export *with* projection: for CLIP it
                       exports ``CLIPVisionModel`` (``pooler_output``) and the checkpoint's ``visual_projection``
-                      is applied in numpy (a 768x512 matmul) to get ``image_embeds``.
+                      is applied in numpy (a 768x512 matmul) to get ``image_embeds``; for ResNet (only
+                      ``last_hidden_state`` exported) ``pooler_output`` is its spatial mean, as ResNetModel's
+                      AdaptiveAvgPool2d computes it; for DINOv2 it is the CLS row, as Dinov2Model takes it.
+
+The checkpoint also gets the ``preprocessor_config.json`` a hub checkpoint has (the registry's processor),
+because Optimum's DINOv2 export reads its input size from it.
 """
 from __future__ import annotations
 
@@ -154,6 +159,7 @@ def prepare(name: str, work: Path, batch: int) -> Prepared:
     spec = get_spec(name)
     weights = work / "checkpoint"
     load_original(spec, random_init=True, seed=SEED).model.save_pretrained(str(weights))
+    save_preprocessor(spec, weights)
     head = load_original(spec, weights=weights, attn="sdpa")
     pixels = preprocess_batch([img for _, img in parity_images()], spec.preprocess)
     reps = math.ceil(batch / len(pixels))
@@ -161,6 +167,14 @@ def prepare(name: str, work: Path, batch: int) -> Prepared:
     with torch.inference_mode():
         reference = run_padded(lambda x: head(torch.from_numpy(x)).numpy(), pixels, batch)
     return Prepared(spec, weights, work, head, pixels, timed, reference)
+
+
+def save_preprocessor(spec: Any, weights: Path) -> None:
+    """``preprocessor_config.json`` as a hub checkpoint has it (Optimum reads the input size from it)."""
+    import transformers
+
+    pre = spec.preprocess
+    getattr(transformers, pre.processor)(**pre.hf_kwargs()).save_pretrained(str(weights))
 
 
 def run_padded(infer: Infer, pixels: np.ndarray, batch: int) -> np.ndarray:
@@ -192,6 +206,10 @@ def postprocess(outputs: dict[str, np.ndarray], spec: Any, projection: np.ndarra
         x = outputs[emb.output]
     elif emb.output == "image_embeds" and projection is not None:
         x = outputs["pooler_output"] @ projection.T
+    elif emb.output == "pooler_output" and spec.family == "resnet":  # ResNetModel's AdaptiveAvgPool2d(1)
+        x = outputs["last_hidden_state"].mean(axis=(2, 3), keepdims=True)
+    elif emb.output == "pooler_output" and spec.family == "dinov2":  # Dinov2Model: the CLS token after layernorm
+        x = outputs["last_hidden_state"][:, 0]
     else:
         raise KeyError(f"output {emb.output!r} not among {sorted(outputs)}")
     if emb.pooling == "cls":
@@ -354,6 +372,10 @@ def optimum_all(p: Prepared, threads: int) -> list[Contestant | tuple[str, str]]
     if p.spec.family == "clip":
         projection = p.head.model.visual_projection.weight.detach().numpy().copy()
         note += " = pooler_output @ visual_projection.T (numpy, from the checkpoint)"
+    elif p.spec.family == "resnet":
+        note += " = mean of last_hidden_state over H, W (numpy; Optimum exports no pooler_output for ResNet)"
+    elif p.spec.family == "dinov2":
+        note += " = last_hidden_state[:, 0] (numpy; Optimum exports no pooler_output for DINOv2)"
     note += f", pooling {p.spec.embedding.pooling!r}, normalize {p.spec.embedding.normalize} in numpy"
     out: list[Contestant | tuple[str, str]] = [
         _optimum_contestant("optimum-fp32", fp32_dir / "model.onnx", p, threads, projection, {"what": note})]
@@ -463,6 +485,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def paired_ratio(results: dict, a: str, b: str) -> float | None:
+    """Median over rounds of a's throughput / b's in the same round: robust to load that changes between
+    rounds (both sides of a pair ran back to back)."""
+    ra, rb = (results.get(k, {}).get("round_img_per_s") for k in (a, b))
+    if not ra or not rb:
+        return None
+    return float(np.median([x / y for x, y in zip(ra, rb, strict=True)]))
+
+
 def bench_model(name: str, args: argparse.Namespace, plan: dict) -> dict:
     print(f"{name}: preparing checkpoint and inputs", flush=True)
     with tempfile.TemporaryDirectory(prefix=f"imgembed-peers-{name}-") as tmp:
@@ -487,7 +518,8 @@ def bench_model(name: str, args: argparse.Namespace, plan: dict) -> dict:
     for v in results.values():
         v["ratio_vs_pytorch_fp32"] = ratio(v.get("img_per_s"), ips.get(BASELINE))
         v["ratio_vs_imgembed_int8"] = ratio(v.get("img_per_s"), ips.get(IMGEMBED_INT8))
-    tracked = {f"{a} / {b}": ratio(ips.get(a), ips.get(b)) for a, b in TRACKED_RATIOS}
+    tracked = {f"{a} / {b}": {"of_medians": ratio(ips.get(a), ips.get(b)), "paired": paired_ratio(results, a, b)}
+               for a, b in TRACKED_RATIOS}
     return {"model": name, "family": p.spec.family, "input_hw": list(p.spec.input_hw),
             "parity_images": int(len(p.pixels)), "contestants": results, "tracked_ratios": tracked}
 
@@ -506,7 +538,9 @@ def markdown(report: dict) -> str:
     lines = [f"# imgembed vs peers (model-only, batch {report['batch']}, {report['threads']} threads, "
              f"median of {report['rounds']} interleaved rounds)", "",
              f"CPU: {cpu['model']} ({cpu['usable_cores']} usable cores); flags: {flags}.  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v), "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".  ",
+             f"Load average (1/5/15 min) at start {report['load_average']}, at end {report.get('load_average_end')}; "
+             "imgembed rows name the engine its artifact loaded with.", "",
              "| model | contestant | img/s | ratio vs PyTorch FP32 | ratio vs imgembed INT8 | min cos | mean cos |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for m in report["models"]:
@@ -514,13 +548,15 @@ def markdown(report: dict) -> str:
             if r["status"] != "ok":
                 lines.append(f"| {m['model']} | {key} | failed | – | – | – | – |")
                 continue
-            lines.append(f"| {m['model']} | {key} | {r['img_per_s']:.2f} | {_fmt(r['ratio_vs_pytorch_fp32'], '.2f')} "
+            name = f"{key} ({r['info']['backend']})" if r["info"].get("backend") else key
+            lines.append(f"| {m['model']} | {name} | {r['img_per_s']:.2f} | {_fmt(r['ratio_vs_pytorch_fp32'], '.2f')} "
                          f"| {_fmt(r['ratio_vs_imgembed_int8'], '.2f')} | {r['parity']['min_cosine']:.5f} "
                          f"| {r['parity']['mean_cosine']:.5f} |")
-    lines += ["", "Tracked ratios (throughput):", "", "| model | ratio | value |", "|---|---|---:|"]
+    lines += ["", "Tracked ratios (throughput; paired = median over rounds of the same-round ratio):", "",
+              "| model | ratio | of medians | paired |", "|---|---|---:|---:|"]
     for m in report["models"]:
         for k, v in m["tracked_ratios"].items():
-            lines.append(f"| {m['model']} | {k} | {_fmt(v, '.2f')} |")
+            lines.append(f"| {m['model']} | {k} | {_fmt(v['of_medians'], '.2f')} | {_fmt(v['paired'], '.2f')} |")
     for name, why in report.get("failed_models", {}).items():
         lines.append(f"\nModel {name} failed before any contestant ran: {why}")
     failures = [(m["model"], k, r["reason"]) for m in report["models"] for k, r in m["contestants"].items()
