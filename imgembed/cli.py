@@ -22,40 +22,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.table import Table
 
-from .errors import ImgembedError, ParityError
+from .cli_common import err_console, errors, out_console, steps
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Export image-embedding models to ONNX, quantize them, check parity, embed images.")
-# Wide consoles when piped, so tables are not truncated to 80 columns in logs and CI.
-out_console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Turn typed errors into a one-line message and an exit code instead of a traceback."""
-    try:
-        yield
-    except ParityError as e:
-        err_console.print(f"[bold red]parity gate failed[/]: {e}", highlight=False)
-        raise typer.Exit(2)
-    except ImgembedError as e:
-        err_console.print(f"[bold red]error[/] ({type(e).__name__}): {e}", highlight=False)
-        raise typer.Exit(1)
-
-
-@contextlib.contextmanager
-def _steps(title: str) -> Iterator:
-    """A spinner that shows the current step of a long operation."""
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
-        task = progress.add_task(title, total=None)
-
-        def step(text: str) -> None:
-            progress.update(task, description=text)
-            err_console.print(f"  [dim]·[/] {text}", highlight=False)
-
-        yield step
+                  help="Export image-embedding models to ONNX Runtime / OpenVINO engines, check parity, "
+                       "embed images.")
 
 
 @app.command("models")
@@ -64,7 +35,7 @@ def models_cmd(all_: bool = typer.Option(False, "--all", help="Include tiny test
     """List the named models of the registry (models.yaml)."""
     from .registry import list_models
 
-    with _errors():
+    with errors():
         specs = list_models(include_test=all_)
     if as_json:
         print(json.dumps([s.to_dict() for s in specs], indent=2))
@@ -157,7 +128,7 @@ def export_cmd(
                          threads=threads, speed_check=not no_speed_check,
                          input_format="uint8" if uint8_input else "float32")
     opts = dataclasses.replace(opts, **trt_overrides)
-    with _errors(), _steps(f"exporting {name}") as step, warnings.catch_warnings(record=True):
+    with errors(), steps(f"exporting {name}") as step, warnings.catch_warnings(record=True):
         result = export_model(name, out, opts, step=step)
     m = result.manifest
     print_candidates(m)
@@ -207,7 +178,7 @@ def _trt_prepare(trt: bool, precision: str, int8_preset: Optional[str], batch: s
     from .export.tensorrt import prepare_trt_export
 
     try:
-        with _errors():
+        with errors():
             return prepare_trt_export(precision, int8_preset, batch, "uint8" if uint8_input else "float32")
     except ValueError as e:
         err_console.print(f"[bold red]error[/]: {e}", highlight=False)
@@ -219,7 +190,7 @@ def _trt_engine(out: Path, trt_opts, weights: Optional[Path], threads: Optional[
     from .export.tensorrt import add_engine
 
     trt_opts.weights, trt_opts.threads = weights, threads
-    with _errors(), _steps("building the TensorRT engine") as step:
+    with errors(), steps("building the TensorRT engine") as step:
         record = add_engine(out, trt_opts, step=step)
     out_console.print(f"TensorRT engine {out / record['file']} ({record['precision']}, batch "
                       f"{record['profile']['min']}-{record['profile']['max']}, TensorRT {record['tensorrt']}): "
@@ -239,7 +210,7 @@ def parity_cmd(
     """Re-run the parity check of ARTIFACT's engine against its PyTorch original."""
     from .export.pipeline import recheck_artifact
 
-    with _errors(), _steps("checking parity") as step:
+    with errors(), steps("checking parity") as step:
         report = recheck_artifact(artifact, weights=weights, threads=threads, step=step, backend=backend)
     from .parity import format_report
 
@@ -351,7 +322,7 @@ def embed_cmd(
     if weights or random_init:
         kwargs.update(weights=weights, random_init=random_init)
     workers = default_workers() if workers is None else workers
-    with _errors():
+    with errors():
         emb = imgembed.load(model, **kwargs)
         engine = _engine(model, emb, batch_size=batch_size, workers=workers, decode=decode, threads=threads,
                          ray=ray, ray_address=ray_address, backend=backend)

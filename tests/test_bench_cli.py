@@ -11,7 +11,8 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from imgembed.bench.cli import parse_batch_sizes, resolve_device
+from imgembed.bench.cli import parse_batch_sizes, parse_engines
+from imgembed.artifact import read_manifest
 from imgembed.cli import app
 
 from .helpers import REPO, cli_env, gpu_available, run_cli
@@ -32,7 +33,12 @@ def test_bench_cli_writes_json_markdown_and_plot_with_the_original_and_ratios(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     rows = {(r["variant"], r["batch_size"]): r for r in data["results"]}
-    assert set(rows) == {(v, b) for v in ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8") for b in (1, 2)}
+    cached = {p.name: read_manifest(p) for p in bench_cache.iterdir() if not p.name.startswith(".")}
+    engines = [e for m in cached.values() for e in m["engines"]]     # every engine that passed its gate
+    assert {"onnxruntime-fp32", "openvino-fp32"} <= {e["id"] for e in engines}
+    variants = {v for v, _ in rows}
+    assert {"torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32"} <= variants
+    assert len(variants) == 2 + len(engines) and set(rows) == {(v, b) for v in variants for b in (1, 2)}
     for (_, bs), r in rows.items():
         base = rows[("torch-fp32", bs)]
         assert base["original"] is True and base["speedup_vs_original"] == 1.0
@@ -44,7 +50,8 @@ def test_bench_cli_writes_json_markdown_and_plot_with_the_original_and_ratios(tm
     assert sorted(p.name for p in bench_cache.iterdir() if not p.name.startswith(".")) == [
         "test-resnet-tiny-fp32-random-s0", "test-resnet-tiny-int8-random-s0"]
     md = (out / "bench.md").read_text()
-    assert md.count("| test-resnet-tiny | model-only |") == 6 + 2 and "torch-fp32 (original)" in md
+    assert md.count("| test-resnet-tiny | model-only |") == len(rows) + len(variants) - 1  # + the ratio table
+    assert "torch-fp32 (original)" in md
     with Image.open(out / "bench.png") as im:
         assert im.format == "PNG"
     assert "bench.json" in proc.stdout and "test-resnet-tiny model-only b=2" in proc.stderr
@@ -69,12 +76,19 @@ def test_batch_sizes_are_parsed_and_validated():
             parse_batch_sizes(bad)
 
 
-@pytest.mark.skipif(gpu_available(), reason="checks the no-GPU fallback")
-def test_cuda_without_a_gpu_falls_back_to_cpu_with_a_warning():
-    warned: list[str] = []
-    assert resolve_device("cuda", warned.append) == "cpu"
-    assert len(warned) == 1 and "no CUDA GPU" in warned[0] and "CPU instead" in warned[0]
-    assert resolve_device("cpu", warned.append) == "cpu" and len(warned) == 1
+@pytest.mark.skipif(gpu_available(), reason="checks the no-GPU error")
+def test_cuda_without_a_gpu_is_an_error_not_a_cpu_report(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "test-resnet-tiny", "--random-init", "--device", "cuda",
+                                   "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "no usable NVIDIA GPU" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_engines_are_checked_against_the_backend_table():
+    assert parse_engines("openvino, onnxruntime,openvino") == ("openvino", "onnxruntime")
+    assert parse_engines(None) is None
+    with pytest.raises(typer.BadParameter, match=r"unknown backend\(s\) \['tvm'\]"):
+        parse_engines("onnxruntime,tvm")
 
 
 def test_bad_options_are_usage_errors_naming_the_value():

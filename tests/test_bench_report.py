@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgembed.bench import host, report
+from imgembed.bench import report
+from imgembed.runtime import host
 from imgembed.bench.backends import Variant
 from imgembed.bench.measure import Measurement
 from imgembed.bench.stats import summarize_latencies

@@ -39,7 +39,7 @@ def test_source_tags_name_the_weight_source():
 
 def test_cpu_plan_runs_the_original_first_then_every_artifact():
     labels = [v.label for v in plan_variants(tiny_model("int8", "fp32"), "cpu")]
-    assert labels == ["torch-fp32", "onnxruntime-int8", "onnxruntime-fp32"]
+    assert labels == ["torch-fp32", "torch-bf16", "onnxruntime-int8", "onnxruntime-fp32"]
     assert [v.label for v in plan_variants(tiny_model("fp32"), "cpu", compare_original=False)] == ["onnxruntime-fp32"]
 
 
@@ -47,10 +47,30 @@ def test_two_artifacts_at_one_precision_get_distinct_labels():
     model = BenchModel(get_spec("test-resnet-tiny"), RANDOM0,
                        [ArtifactRef(Path("/x/qdq"), "int8", "passed"), ArtifactRef(Path("/x/qop"), "int8", "passed")])
     labels = [v.label for v in plan_variants(model, "cpu")]
-    assert labels == ["torch-fp32", "onnxruntime-int8[qdq]", "onnxruntime-int8[qop]"]
+    assert labels == ["torch-fp32", "torch-bf16", "onnxruntime-int8[qdq]", "onnxruntime-int8[qop]"]
 
 
-def test_cuda_plan_adds_fp16_original_and_explains_what_it_skips():
+def test_every_engine_of_an_artifact_is_a_variant_and_engines_restrict_the_plan():
+    engines = ({"id": "openvino-int8", "backend": "openvino", "precision": "int8", "files": {}},
+               {"id": "openvino-int8-bf16", "backend": "openvino", "precision": "int8",
+                "inference_precision": "bf16", "files": {}},
+               {"id": "onnxruntime-int8-static-qoperator", "backend": "onnxruntime", "precision": "int8", "files": {}},
+               {"id": "onnxruntime-int8-static-qdq", "backend": "onnxruntime", "precision": "int8", "files": {}})
+    model = BenchModel(get_spec("test-resnet-tiny"), RANDOM0, [ArtifactRef(Path("/x/a"), "int8", "passed", engines)])
+    variants = plan_variants(model, "cpu")
+    labels = [v.label for v in variants]
+    assert labels == ["torch-fp32", "torch-bf16", "onnxruntime-int8", "onnxruntime-int8[static-qdq]",
+                      "openvino-int8", "openvino-int8+bf16"]
+    assert [v.engine["id"] for v in variants if v.engine] == [
+        "onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq", "openvino-int8", "openvino-int8-bf16"]
+    only = [v.label for v in plan_variants(model, "cpu", engines=("openvino",))]
+    assert only == ["torch-fp32", "openvino-int8", "openvino-int8+bf16"]       # the baseline stays
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'tvm'"):
+        plan_variants(model, "cpu", engines=("tvm",))
+
+
+def test_cuda_plan_adds_fp16_original_and_explains_what_it_skips(monkeypatch):
+    monkeypatch.setattr("imgembed.runtime.backends.cuda_unavailable", lambda: None)  # plan as on a GPU host
     notes: list[str] = []
     labels = [v.label for v in plan_variants(tiny_model("fp32", "int8"), "cuda", notes=notes)]
     assert labels[:3] == ["torch-fp32", "torch-fp16", "torch-bf16"]  # GPU backends: tests/test_gpu_backends.py
@@ -67,12 +87,15 @@ def test_cuda_plan_adds_fp16_original_and_explains_what_it_skips():
 def test_a_new_backend_is_one_registration(monkeypatch):
     built = []
 
-    def build(model, variant, device, threads, original):
-        built.append((variant.label, device, threads))
-        return OrtRunner(variant.artifact.path / MODEL_FILE, model.spec.embedding.dim, threads=threads)
+    def open_(target, device, threads, precision):
+        built.append((target.record["id"], device, threads))
+        return OrtRunner(target.file(), target.output_dim, threads=threads)
 
-    monkeypatch.setitem(backends.BACKENDS, "fake", Backend("fake", "artifact", lambda d: ("fp32",), build))
-    model = tiny_model("fp32", "int8")
+    fake = Backend("fake", "artifact", lambda d: ("fp32",), open_, lambda d: None)
+    monkeypatch.setitem(backends.BACKENDS, "fake", fake)
+    engines = ({"id": "fake-fp32", "backend": "fake", "precision": "fp32", "files": {"model": "model.onnx"}},)
+    model = BenchModel(get_spec("test-resnet-tiny"), RANDOM0, [ArtifactRef(Path("/x/fp32"), "fp32", "passed", engines),
+                                                                ArtifactRef(Path("/x/int8"), "int8", "passed")])
     variants = {v.label: v for v in plan_variants(model, "cpu")}
     assert "fake-fp32" in variants and "fake-int8" not in variants
     with pytest.raises(ArtifactError):  # the factory ran: /x/fp32/model.onnx does not exist
@@ -152,8 +175,8 @@ def test_run_benchmark_end_to_end_mode_in_process(artifact_dir):
         rep = run_benchmark(models, config)
     rows = rep["results"]
     assert [(r["variant"], r["batch_size"]) for r in rows] == [
-        ("torch-fp32", 1), ("onnxruntime-fp32", 1), ("onnxruntime-int8", 1),
-        ("torch-fp32", 3), ("onnxruntime-fp32", 3), ("onnxruntime-int8", 3)]
+        ("torch-fp32", 1), ("torch-bf16", 1), ("onnxruntime-fp32", 1), ("onnxruntime-int8", 1),
+        ("torch-fp32", 3), ("torch-bf16", 3), ("onnxruntime-fp32", 3), ("onnxruntime-int8", 3)]
     for r in rows:
         assert r["mode"] == "end-to-end" and r["threads"] == 1 and r["samples"]["images"] % r["batch_size"] == 0
         assert r["samples"]["calls"] == r["latency_ms"]["samples"] >= 1
@@ -175,20 +198,22 @@ def test_fp16_original_is_a_half_precision_copy_close_to_fp32():
         str(next(original.get().parameters()).dtype) == "torch.float32"  # the shared original is untouched
 
 
-def test_an_export_failing_parity_is_left_out_with_a_note(monkeypatch, tmp_path):
+def test_an_export_failing_parity_is_left_out_with_a_note(monkeypatch, artifact_dir):
     from imgembed.bench import targets
     from imgembed.errors import ParityError
 
     def fake_export(spec, precision, source, cache_dir=None, **kw):
         if precision == "int8":
             raise ParityError("test-resnet-tiny int8 export failed the parity gate; no artifact written\ndetails")
-        return tmp_path / precision
+        return artifact_dir("test-resnet-tiny", precision)
 
     monkeypatch.setattr(targets, "ensure_artifact", fake_export)
     notes: list[str] = []
-    model = targets.model_from_registry("test-resnet-tiny", precisions=("fp32", "int8"), random_init=True, weights=None, notes=notes)
-    assert [(a.path, a.precision) for a in model.artifacts] == [(tmp_path / "fp32", "fp32")]
+    model = targets.model_from_registry("test-resnet-tiny", precisions=("fp32", "int8"), random_init=True,
+                                        weights=None, notes=notes)
+    assert [(a.path, a.precision) for a in model.artifacts] == [(artifact_dir("test-resnet-tiny"), "fp32")]
     assert notes == ["test-resnet-tiny int8: export failed its parity gate, not benchmarked: "
                      "test-resnet-tiny int8 export failed the parity gate; no artifact written"]
     with pytest.raises(ParityError):  # without a notes list the error is the caller's
-        targets.model_from_registry("test-resnet-tiny", precisions=("fp32", "int8"), random_init=True, weights=None)
+        targets.model_from_registry("test-resnet-tiny", precisions=("fp32", "int8"), random_init=True,
+                                    weights=None)

@@ -113,7 +113,8 @@ def _model(*precisions: str) -> BenchModel:
                       [ArtifactRef(Path(f"/x/{p}"), p, "passed") for p in precisions])
 
 
-def test_cuda_plan_covers_every_gpu_backend_and_precision():
+def test_cuda_plan_covers_every_gpu_backend_and_precision(monkeypatch):
+    monkeypatch.setattr("imgembed.runtime.backends.cuda_unavailable", lambda: None)  # plan as on a GPU host
     notes: list[str] = []
     labels = [v.label for v in plan_variants(_model("fp32", "fp16", "int8"), "cuda", notes=notes)]
     assert labels[:6] == ["torch-fp32", "torch-fp16", "torch-bf16", "torch-compile-fp32", "torch-compile-fp16",
@@ -135,7 +136,7 @@ def test_cuda_plan_covers_every_gpu_backend_and_precision():
 def test_cpu_plan_has_no_gpu_only_variants():
     notes: list[str] = []
     labels = [v.label for v in plan_variants(_model("fp32", "fp16", "int8"), "cpu", notes=notes)]
-    assert labels == ["torch-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
+    assert labels == ["torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"]
     assert not any("tensorrt" in n or "torch-compile" in n for n in notes)
 
 

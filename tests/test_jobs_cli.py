@@ -26,7 +26,7 @@ def test_uint8_export_then_resumable_parquet_job(photos, tmp_path):
     art = tmp_path / "art"
     res = run_cli("export", "test-dinov2-tiny", "--random-init", "--uint8-input", "--out", str(art), "--no-speed-check")
     assert res.returncode == 0, res.stderr
-    assert "adding the uint8 NHWC input" in res.stderr and "PASS" in res.stdout
+    assert "PASS" in res.stdout
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["input"]["dtype"] == "uint8" and manifest["input"]["shape"] == [None, 56, 56, 3]
 

@@ -7,7 +7,7 @@ through the same table. Benchmarks and the pytest-benchmark suites go through th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import BackendUnavailableError
@@ -26,7 +26,7 @@ class Variant:
     backend: str
     precision: str
     artifact: ArtifactRef | None = None
-    engine: dict | None = None       # the artifact engine's manifest record
+    engine: dict | None = field(default=None, compare=False)   # the artifact engine's manifest record
 
     @property
     def is_original(self) -> bool:
@@ -35,10 +35,6 @@ class Variant:
     @property
     def is_baseline(self) -> bool:
         return (self.backend, self.precision) == BASELINE and self.is_original
-
-    def __hash__(self) -> int:
-        return hash((self.label, self.backend, self.precision, self.artifact,
-                     None if self.engine is None else self.engine.get("id")))
 
 
 class OriginalCache:
@@ -70,6 +66,7 @@ def _variants_of(backend: Backend, model: BenchModel, device: str, notes: list[s
         return [Variant(f"{backend.name}-{p}", backend.name, p) for p in runs]
     out = []
     for art in model.artifacts:
+        seen: set[str] = set()   # an artifact's first engine of a kind (its default or fastest) gets the plain label
         for engine in art.engine_records():
             if engine["backend"] != backend.name:
                 continue
@@ -77,7 +74,12 @@ def _variants_of(backend: Backend, model: BenchModel, device: str, notes: list[s
                 notes.append(f"{model.spec.name}: {backend.name} does not run {engine['precision']} engines on "
                              f"{device}; skipped {art.path}")
                 continue
-            out.append(Variant(_engine_label(backend, engine), backend.name, engine["precision"], art, engine))
+            label = _engine_label(backend, engine)
+            if label in seen:
+                prefix = f"{backend.name}-{engine['precision']}-"
+                label += f"[{engine['id'].removeprefix(prefix)}]"
+            seen.add(label)
+            out.append(Variant(label, backend.name, engine["precision"], art, engine))
     return out
 
 

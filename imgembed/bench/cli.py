@@ -122,7 +122,7 @@ def bench_cmd(
                                              "(default: $IMGEMBED_BENCH_CACHE or ~/.cache/imgembed/bench)."),
 ) -> None:
     """Benchmark models against their PyTorch original: latency percentiles, throughput, speed-up."""
-    from ..cli import _errors, _steps, err_console, out_console
+    from ..cli_common import err_console, errors, out_console, steps
     from .report import write_all
     from .suite import BenchConfig, run_benchmark
 
@@ -134,7 +134,7 @@ def bench_cmd(
         raise typer.BadParameter(f"--torch-attn {torch_attn!r}; expected 'sdpa' or 'eager'")
     warn = lambda msg: err_console.print(f"[bold yellow]WARNING[/]: {msg}", highlight=False)  # noqa: E731
     sizes, backends = parse_batch_sizes(batch_sizes), parse_engines(engines)
-    with _errors():
+    with errors():
         from ..runtime.backends import require_device
 
         require_device(device)
@@ -144,7 +144,7 @@ def bench_cmd(
                              workers=workers, e2e_megapixels=e2e_megapixels, engines=backends,
                              **({"threads": threads} if threads else {}))
         precisions = ("fp32",) + (("int8",) if int8 else ()) + (("bf16",) if bf16 else ())
-        models, notes = _prepare(targets, precisions, random_init, weights, cache_dir, config.threads, _steps)
+        models, notes = _prepare(targets, precisions, random_init, weights, cache_dir, config.threads, steps)
         for note in notes:
             warn(note)
         total = len(models) * len(config.modes) * len(sizes)

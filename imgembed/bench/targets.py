@@ -31,7 +31,7 @@ class ArtifactRef:
     path: Path
     precision: str
     status: str          # the manifest's parity status: "passed" | "failed"
-    engines: tuple = ()  # the manifest's engine records (runtime.backends.engines_of); () = one ONNX Runtime
+    engines: tuple = field(default=(), compare=False)  # manifest engine records; () = one ONNX Runtime engine
 
     def engine_records(self) -> list[dict]:
         from ..runtime.backends import engines_of
@@ -60,14 +60,9 @@ class BenchModel:
 
     def build_original(self, attn: str = "sdpa"):
         """The PyTorch original (an EmbeddingHead), rebuilt from the source record."""
-        from ..families import load_original
+        from ..families import original_from_source
 
-        kind = self.source["kind"]
-        if kind == "random-init":
-            return load_original(self.spec, random_init=True, seed=int(self.source["seed"]), attn=attn)
-        if kind == "local" or self.weights_override is not None:
-            return load_original(self.spec, weights=self.weights_override or self.source["path"], attn=attn)
-        return load_original(self.spec, attn=attn)
+        return original_from_source(self.spec, self.source, self.weights_override, attn=attn)
 
 
 def source_tag(source: dict) -> str:

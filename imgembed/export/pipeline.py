@@ -24,7 +24,7 @@ from .. import __version__
 from ..artifact import FORMAT_VERSION, MANIFEST, export_lock, file_checksums, staged_directory, write_json_atomic
 from ..errors import ExportError, ImageDecodeError, ParityError
 from ..fastdecode import crops_of, crops_to_pixels
-from ..families import DEFAULT_SEED, family_of, load_original, source_record
+from ..families import DEFAULT_SEED, family_of, load_original, original_from_source, source_record
 from ..parity import format_report, parity_report
 from ..preprocess import load_image
 from ..registry import ModelSpec, get_spec
@@ -157,14 +157,8 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     manifest = verify(artifact, read_manifest(artifact))
     engine, _ = select_engine(manifest, backend, "cpu", where=str(artifact))
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
-    src = manifest["source"]
-    step(f"rebuilding the original ({src['kind']})")
-    if src["kind"] == "random-init":
-        head = load_original(spec, random_init=True, seed=int(src["seed"]))
-    elif src["kind"] == "local" or weights is not None:
-        head = load_original(spec, weights=weights or src["path"])
-    else:
-        head = load_original(spec)
+    step(f"rebuilding the original ({manifest['source']['kind']})")
+    head = original_from_source(spec, manifest["source"], weights_override=weights)
     step("computing PyTorch reference embeddings")
     ps = _reference(head, spec, threads)
     step(f"running engine {engine['id']} at batch sizes 1, 3, 8")

@@ -229,7 +229,7 @@ def build_engine(onnx_path: str | Path, precision: str, profile: BatchProfile, e
 
 def engine_parity(manifest: dict, engine_path: Path, options: TrtOptions) -> dict:
     """The parity report of an engine against the PyTorch original rebuilt from the manifest's source."""
-    from ..bench.targets import BenchModel
+    from ..families import original_from_source
     from ..parity import parity_report, run_batched
     from ..preprocess import preprocess_batch
     from ..registry import ModelSpec
@@ -239,7 +239,7 @@ def engine_parity(manifest: dict, engine_path: Path, options: TrtOptions) -> dic
 
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
     weights = Path(options.weights) if options.weights else None
-    head = BenchModel(spec, manifest["source"], weights_override=weights).build_original()
+    head = original_from_source(spec, manifest["source"], weights_override=weights)
     names, images = zip(*parity_images())
     pixels = preprocess_batch(images, spec.preprocess)
     with TorchRunner(head, spec.input_hw, spec.embedding.dim, threads=options.threads) as ref_runner:

@@ -44,11 +44,11 @@ def serve_cmd(
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
 ) -> None:
     """Serve ARTIFACTS over HTTP: POST /v1/embeddings, GET /v1/models, /healthz, /readyz, /metrics."""
-    from ..cli import _errors
+    from ..cli_common import errors
     from .config import ServeConfig
     from .server import run
 
-    with _errors():
+    with errors():
         config = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms,
                              max_queue=max_queue, timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
                              max_images=max_images, max_pixels=max_pixels, threads=threads, backend=backend,
