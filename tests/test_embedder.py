@@ -154,3 +154,14 @@ def test_full_clip_checkpoint_yields_its_vision_tower_with_projection(tmp_path, 
     with torch.inference_mode():
         expected = torch.nn.functional.normalize(full.get_image_features(pixel_values=pixels), dim=-1).numpy()
     np.testing.assert_allclose(emb.embed(photos), expected, atol=1e-5)
+
+
+def test_load_pipelines_decoding_by_default_with_the_same_vectors(artifact_dir):
+    from imgembed.runtime.pipeline import default_workers
+
+    photos = [img for _, img in parity_images()[:9]]
+    default = imgembed.load(artifact_dir("test-clip-tiny", "int8"))
+    assert default.workers == default_workers() >= 1
+    inline = imgembed.load(artifact_dir("test-clip-tiny", "int8"), workers=0)
+    assert inline.workers == 0
+    np.testing.assert_array_equal(default.embed(photos, batch_size=4), inline.embed(photos, batch_size=4))
