@@ -93,8 +93,8 @@ def bench_cmd(
     int8: bool = typer.Option(False, "--int8", help="Registry names: also export and benchmark INT8."),
     bf16: bool = typer.Option(False, "--bf16", help="Registry names: also export and benchmark BF16 (CPUs "
                               "with AVX512_BF16 or AMX)."),
-    engines: Optional[str] = typer.Option(None, "--engines", help="Comma-separated backends to benchmark "
-                                          "(default: every usable one; see `imgembed backends`)."),
+    engines: Optional[str] = typer.Option(None, "--engines", "--backend", help="Comma-separated backends to "
+                                          "benchmark (default: every usable one; see `imgembed backends`)."),
     random_init: bool = typer.Option(False, "--random-init", help="Registry names: random weights (offline)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local save_pretrained directory of the original."),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", "-b", help="Comma-separated batch sizes."),
