@@ -52,3 +52,15 @@ class EngineMismatchError(ArtifactError):
 
 class WeightsError(ImgembedError):
     """Model weights could not be loaded (missing directory, bad config, network unavailable...)."""
+
+
+class CheckpointPreprocessError(WeightsError):
+    """A checkpoint's preprocessor_config.json asks for a setting imgembed cannot reproduce; ``key`` names it."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class ImageSetError(ImgembedError, ValueError):
+    """A directory of user images (``parity --images DIR``) is missing or holds no readable image."""

@@ -165,6 +165,7 @@ class Family:
     is_transformer: bool = True
     vision_tower: Callable[[Mapping[str, Any]], dict | None] = encoder_only  # full checkpoint -> vision config
     surgery: tuple[Surgery, ...] = ()
+    config_input_size: str | None = "image_size"  # config.json key that is the input size (None: it is not)
 
     def prepare_export(self, head: "EmbeddingHead", spec: "ModelSpec", optimize: bool) -> list[str]:
         """Export-time surgery on a copy of the original; returns the names of what was applied."""
@@ -180,12 +181,14 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("clip", "CLIPVisionConfig", "CLIPVisionModelWithProjection", "clip", vision_tower=clip_vision_tower),
     Family("vit", "ViTConfig", "ViTModel", "vit"),
-    Family("dinov2", "Dinov2Config", "Dinov2Model", "vit", surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE)),
+    # DINOv2's image_size is its position-embedding grid (518), not the input size
+    Family("dinov2", "Dinov2Config", "Dinov2Model", "vit", surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE),
+           config_input_size=None),
     Family("dinov2-reg", "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", "vit",
-           surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE)),
+           surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE), config_input_size=None),
     Family("dinov3", "DINOv3ViTConfig", "DINOv3ViTModel", "vit", surgery=(FROZEN_ROPE,)),
     Family("siglip", "SiglipVisionConfig", "SiglipVisionModel", "clip", vision_tower=siglip_vision_tower),
-    Family("resnet", "ResNetConfig", "ResNetModel", None, is_transformer=False),
+    Family("resnet", "ResNetConfig", "ResNetModel", None, is_transformer=False, config_input_size=None),
 )}
 
 
