@@ -132,6 +132,10 @@ def export_cmd(
         result = export_model(name, out, opts, step=step)
     m = result.manifest
     print_candidates(m)
+    if (m.get("preprocess_source") or {}).get("differs_from_registry"):
+        from .checkpoint import describe
+
+        out_console.print(describe(m["preprocess_source"]), highlight=False)
     out_console.print(format_report(m["parity"]), highlight=False)
     for note in result.warnings:
         err_console.print(f"[bold yellow]WARNING[/]: {note}", highlight=False)
@@ -206,15 +210,25 @@ def parity_cmd(
     backend: str = typer.Option("auto", "--backend", help="Engine of the artifact to check: auto (the one "
                                 "`load` would run here) or a backend name."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Directory of your own images to check on "
+                                          "instead of the built-in parity set (unreadable files are skipped "
+                                          "and reported)."),
 ) -> None:
     """Re-run the parity check of ARTIFACT's engine against its PyTorch original."""
     from .export.pipeline import recheck_artifact
+    from .imagedir import load_image_dir
 
     with errors(), steps("checking parity") as step:
-        report = recheck_artifact(artifact, weights=weights, threads=threads, step=step, backend=backend)
+        pairs, skipped = load_image_dir(images) if images is not None else (None, [])
+        report = recheck_artifact(artifact, weights=weights, threads=threads, step=step, backend=backend,
+                                  images=pairs)
     from .parity import format_report
 
-    print(json.dumps(report, indent=2)) if as_json else out_console.print(format_report(report), highlight=False)
+    for why in skipped:
+        err_console.print(f"[bold yellow]skipped[/]: {why}", highlight=False)
+    extra = {} if images is None else {"image_dir": {"path": str(images), "skipped": skipped}}
+    print(json.dumps({**report, **extra}, indent=2)) if as_json else out_console.print(format_report(report),
+                                                                                        highlight=False)
     if not report["passed"]:
         raise typer.Exit(2)
 

@@ -22,9 +22,12 @@ import numpy as np
 
 from .. import __version__
 from ..artifact import FORMAT_VERSION, MANIFEST, export_lock, file_checksums, staged_directory, write_json_atomic
+from ..checkpoint import check_artifact_preprocess, with_checkpoint_preprocess
+from ..checkpoint import describe as describe_preprocess
 from ..errors import ExportError, ImageDecodeError, ParityError
-from ..fastdecode import crops_of, crops_to_pixels
 from ..families import DEFAULT_SEED, family_of, load_original, original_from_source, source_record
+from ..fastdecode import crops_of, crops_to_pixels
+from ..imagedir import load_image_dir
 from ..parity import format_report, parity_report
 from ..preprocess import load_image
 from ..registry import ModelSpec, get_spec
@@ -135,9 +138,10 @@ class ParitySet:
         return self.crops if input_format == "uint8" else self.pixels
 
 
-def _reference(head, spec: ModelSpec, threads: int | None) -> ParitySet:
-    """Prepare the parity images once and embed them with the original."""
-    names, images = zip(*parity_images())
+def _reference(head, spec: ModelSpec, threads: int | None, images=None) -> ParitySet:
+    """Prepare the parity images (or ``images``: (name, PIL image) pairs) once and embed them with the original."""
+    pairs = parity_images() if images is None else tuple(images)
+    names, images = tuple(n for n, _ in pairs), [im for _, im in pairs]
     crops = crops_of(images, spec.preprocess)
     pixels = crops_to_pixels(crops, spec.preprocess)
     with TorchRunner(head, spec.input_hw, spec.embedding.dim, threads=threads) as runner:
@@ -146,10 +150,12 @@ def _reference(head, spec: ModelSpec, threads: int | None) -> ParitySet:
 
 
 def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, threads: int | None = None,
-                     step: Step = lambda s: None, backend: str = "auto") -> dict:
+                     step: Step = lambda s: None, backend: str = "auto", images=None) -> dict:
     """Re-run the parity gate of an existing artifact's engine (the one ``backend`` selects here) against
     its original, rebuilt from the manifest's source record (hub repo@revision, local directory, or seeded
-    random init)."""
+    random init). A checkpoint whose preprocessor_config.json no longer gives the artifact's preprocessing
+    raises ArtifactError. ``images``: a directory of the user's images or (name, PIL image) pairs instead
+    of the built-in parity set (unreadable files in a directory are skipped and reported through ``step``)."""
     from ..artifact import read_manifest, verify
     from ..runtime.backends import open_engine, select_engine
 
@@ -159,8 +165,13 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
     step(f"rebuilding the original ({manifest['source']['kind']})")
     head = original_from_source(spec, manifest["source"], weights_override=weights)
+    check_artifact_preprocess(spec, manifest["source"], weights, str(artifact))
+    if isinstance(images, (str, Path)):
+        images, skipped = load_image_dir(images)
+        for why in skipped:
+            step(f"skipped {why}")
     step("computing PyTorch reference embeddings")
-    ps = _reference(head, spec, threads)
+    ps = _reference(head, spec, threads, images=images)
     step(f"running engine {engine['id']} at batch sizes 1, 3, 8")
     inputs = ps.inputs("uint8" if manifest.get("input", {}).get("dtype") == "uint8" else "float32")
     thresholds = spec.thresholds(engine["precision"])
@@ -251,6 +262,8 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
     engines.check_available(candidates, opts.precision)
     out = Path(out)
     t0 = time.perf_counter()
+    spec, preprocess_source = with_checkpoint_preprocess(spec, opts.weights, opts.random_init)
+    step(describe_preprocess(preprocess_source))
     step(f"loading {spec.name} ({'random init' if opts.random_init else opts.weights or 'hub'})")
     head = load_original(spec, weights=opts.weights, random_init=opts.random_init, seed=opts.seed)
     step("computing PyTorch reference embeddings")
@@ -287,6 +300,7 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
                                   f"marked failed)\n{format_report(best.report)}", best.report)
             winner, kept = best, [best]
         manifest, notes = _manifest(spec, opts, winner, outcomes, graph_record, time.perf_counter() - t0)
+        manifest["preprocess_source"] = preprocess_source
         step(f"writing artifact to {out}")
         _write_artifact(out, kept, manifest)
     return ExportResult(out, manifest, notes)

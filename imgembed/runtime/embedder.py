@@ -175,11 +175,17 @@ def load_original(spec: ModelSpec | str, *, weights: str | Path | None = None, r
                   backend: str = "torch", device: str = "cpu", threads: int | None = None,
                   precision: str = "fp32", batch_size: int = DEFAULT_BATCH_SIZE, attn: str = "sdpa",
                   decode: str = "exact", workers: int | None = None) -> Embedder:
-    """An Embedder over the PyTorch original of a registry model (backend "torch" or "torch-compile")."""
+    """An Embedder over the PyTorch original of a registry model (backend "torch" or "torch-compile").
+
+    With ``weights`` (or the hub), the checkpoint's preprocessor_config.json decides the preprocessing
+    (:func:`imgembed.checkpoint.resolve_preprocess`); the registry's is the default.
+    """
+    from ..checkpoint import with_checkpoint_preprocess
     from ..families import load_original as build
     from .backends import open_original, require_device
 
     spec = get_spec(spec) if isinstance(spec, str) else spec
+    spec, _ = with_checkpoint_preprocess(spec, weights, random_init)
     backend = "torch" if backend == "auto" else backend
     require_device(device)
     head = build(spec, weights=weights, random_init=random_init, attn=attn)
