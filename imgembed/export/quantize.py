@@ -19,7 +19,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -72,6 +72,15 @@ PRESETS: dict[str, QuantConfig] = {
         op_types=("MatMul", "Gemm"),
         why="transformers: static activation scales (batch invariant) on the MatMuls only, per-channel weights; "
             "residual adds, softmax and LayerNorm stay float"),
+    "static-qdq-matmul-percentile": QuantConfig(
+        "static-qdq-matmul-percentile", "static", quant_format="QDQ", per_channel=True,
+        calibrate_method="percentile", op_types=("MatMul", "Gemm"),
+        why="static-qdq-matmul with activation ranges at the 99.999th percentile (histograms): clips rare "
+            "peaks; slower calibration. Hurts when a few channels are consistently large (use smoothquant)"),
+    "static-qdq-matmul-entropy": QuantConfig(
+        "static-qdq-matmul-entropy", "static", quant_format="QDQ", per_channel=True,
+        calibrate_method="entropy", op_types=("MatMul", "Gemm"),
+        why="static-qdq-matmul with KL-divergence (entropy) calibrated ranges; slower calibration"),
     "static-qdq-trt": QuantConfig(
         "static-qdq-trt", "static", quant_format="QDQ", weight_type="int8", activation_type="int8",
         per_channel=False, symmetric=True, quantize_bias=False, calibrate_method="minmax",
@@ -129,8 +138,10 @@ def _qdq_options(config: QuantConfig) -> dict:
 
 
 def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
-             calibration: Iterable[np.ndarray] | None = None, input_name: str = "pixel_values") -> Path:
-    """Quantize ``src`` into ``dst`` according to ``config``; static modes need ``calibration`` batches."""
+             calibration: Iterable[np.ndarray] | None = None, input_name: str = "pixel_values",
+             exclude: Sequence[str] = ()) -> Path:
+    """Quantize ``src`` into ``dst`` according to ``config``; static modes need ``calibration`` batches.
+    ``exclude``: names of nodes kept in float (names of the pre-processed graph, :func:`prepare_static`)."""
     from onnxruntime import quantization as q
 
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # graphs fused by the ORT optimizer lack type info
@@ -148,15 +159,12 @@ def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
                 method = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                           "entropy": q.CalibrationMethod.Entropy}[config.calibrate_method]
                 fmt = {"QOperator": q.QuantFormat.QOperator, "QDQ": q.QuantFormat.QDQ}[config.quant_format]
-                # shape inference + constant folding first: turns Conv biases into initializers
-                prepped = Path(dst).with_suffix(".prep.onnx")
-                from onnxruntime.quantization.shape_inference import quant_pre_process
-                quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
-                src = prepped
+                src = prepare_static(src, Path(dst).with_suffix(".prep.onnx"))
                 q.quantize_static(str(src), str(dst), ArrayCalibrationReader(input_name, calibration),
                                   quant_format=fmt, op_types_to_quantize=ops, per_channel=config.per_channel,
                                   reduce_range=config.reduce_range, activation_type=_qtype(config.activation_type),
                                   weight_type=_qtype(config.weight_type), calibrate_method=method,
+                                  nodes_to_exclude=list(exclude) or None,
                                   extra_options={**extra, **_qdq_options(config)})
             else:
                 raise ExportError(f"unknown quantization mode {config.mode!r}")
@@ -164,6 +172,15 @@ def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
         raise
     except Exception as e:
         raise ExportError(f"INT8 quantization ({config.name}) of {src} failed: {type(e).__name__}: {e}") from e
+    return Path(dst)
+
+
+def prepare_static(src: str | Path, dst: str | Path) -> Path:
+    """ORT's pre-processing of static quantization (shape inference + constant folding: turns Conv biases
+    into initializers); node names of ``exclude`` refer to this graph."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return Path(dst)
 
 
