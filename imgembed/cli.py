@@ -113,7 +113,7 @@ def export_cmd(
     """Export NAME, race the installed engines, gate each on parity against PyTorch, write an artifact whose
     default engine is the fastest that passed on this machine."""
     from .export.pipeline import ExportOptions, export_model
-    from .parity import format_report
+    from .parity import ParityReport, format_report
 
     if int8 + fp16 + bf16 > 1:
         err_console.print("[bold red]error[/]: choose one of --int8, --bf16 and --fp16")
@@ -136,7 +136,7 @@ def export_cmd(
         from .checkpoint import describe
 
         out_console.print(describe(m["preprocess_source"]), highlight=False)
-    out_console.print(format_report(m["parity"]), highlight=False)
+    out_console.print(format_report(ParityReport.from_dict(m["parity"])), highlight=False)
     for note in result.warnings:
         err_console.print(f"[bold yellow]WARNING[/]: {note}", highlight=False)
     size_mb = m["export"]["model_bytes"] / 1e6
@@ -226,10 +226,12 @@ def parity_cmd(
 
     for why in skipped:
         err_console.print(f"[bold yellow]skipped[/]: {why}", highlight=False)
-    extra = {} if images is None else {"image_dir": {"path": str(images), "skipped": skipped}}
-    print(json.dumps({**report, **extra}, indent=2)) if as_json else out_console.print(format_report(report),
-                                                                                        highlight=False)
-    if not report["passed"]:
+    if as_json:
+        extra = {} if images is None else {"image_dir": {"path": str(images), "skipped": skipped}}
+        print(json.dumps({**report.to_dict(), **extra}, indent=2))
+    else:
+        out_console.print(format_report(report), highlight=False)
+    if not report.passed:
         raise typer.Exit(2)
 
 

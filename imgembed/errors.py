@@ -2,6 +2,11 @@
 offending file/value and what was expected, so callers can catch precisely and users can act."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # parity imports this module
+    from .parity import ParityReport
+
 
 class ImgembedError(Exception):
     """Base class of every error imgembed raises on purpose."""
@@ -37,7 +42,7 @@ class ExportError(ImgembedError):
 class ParityError(ExportError):
     """The exported artifact does not match the PyTorch original within the tolerances."""
 
-    def __init__(self, message: str, report: dict | None = None):
+    def __init__(self, message: str, report: ParityReport | None = None):
         super().__init__(message)
         self.report = report
 

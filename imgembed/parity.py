@@ -14,6 +14,7 @@ gated when a threshold is given for it. Every failing metric is collected before
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -96,31 +97,56 @@ def check(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
     return failures
 
 
+@dataclass(frozen=True)
+class ParityReport:
+    """The verdict of one parity gate. Manifests store :meth:`to_dict` under ``"parity"`` (JSON)."""
+
+    precision: str
+    passed: bool
+    failures: list[str]                        # one "metric value, required op limit" line per failing metric
+    thresholds: dict[str, float]
+    metrics: dict[str, float]                  # the worst over batch sizes, plus batch_variation
+    by_batch_size: dict[str, dict[str, float]]  # batch size (as a string, as in JSON) -> metrics
+    images: list[str]
+    knn_k: int = KNN_K
+    engine: str | None = None                  # the artifact engine checked (recheck), when known
+
+    def to_dict(self) -> dict:
+        """The JSON form (the manifest's ``"parity"``); ``engine`` only when set."""
+        out = {"precision": self.precision, "passed": self.passed, "failures": list(self.failures),
+               "thresholds": dict(self.thresholds), "metrics": dict(self.metrics),
+               "by_batch_size": {b: dict(m) for b, m in self.by_batch_size.items()}, "images": list(self.images),
+               "knn_k": self.knn_k}
+        return out if self.engine is None else {**out, "engine": self.engine}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ParityReport":
+        return cls(d["precision"], bool(d["passed"]), list(d["failures"]), dict(d["thresholds"]), dict(d["metrics"]),
+                   {str(b): dict(m) for b, m in d["by_batch_size"].items()}, list(d["images"]),
+                   int(d.get("knn_k", KNN_K)), d.get("engine"))
+
+    def with_engine(self, engine: str) -> "ParityReport":
+        return replace(self, engine=engine)
+
+
 def parity_report(reference: np.ndarray, runner: Runner, pixels: np.ndarray, thresholds: dict[str, float],
-                  precision: str, image_names: Sequence[str], batch_sizes: Sequence[int] = BATCH_SIZES) -> dict:
+                  precision: str, image_names: Sequence[str], batch_sizes: Sequence[int] = BATCH_SIZES
+                  ) -> ParityReport:
     """Run ``runner`` over ``pixels`` at each batch size, compare with ``reference`` and judge the result."""
     outputs = {int(b): run_batched(runner, pixels, b) for b in batch_sizes}
     per_batch = {b: compare(reference, out) for b, out in outputs.items()}
     worst = {**_worst(per_batch), "batch_variation": batch_variation(outputs)}
     failures = check(worst, thresholds)
-    return {
-        "precision": precision,
-        "passed": not failures,
-        "failures": failures,
-        "thresholds": dict(thresholds),
-        "metrics": worst,
-        "by_batch_size": {str(b): m for b, m in per_batch.items()},
-        "images": list(image_names),
-        "knn_k": KNN_K,
-    }
+    return ParityReport(precision, not failures, failures, dict(thresholds), worst,
+                        {str(b): m for b, m in per_batch.items()}, list(image_names), KNN_K)
 
 
-def format_report(report: dict) -> str:
+def format_report(report: ParityReport) -> str:
     """Human-readable lines: each metric against its threshold, PASS/FAIL."""
-    lines = [f"parity ({report['precision']}) over {len(report['images'])} images at batch sizes "
-             f"{', '.join(report['by_batch_size'])}: {'PASS' if report['passed'] else 'FAIL'}"]
-    for key, value in report["metrics"].items():
-        limit = report["thresholds"].get(key)
+    lines = [f"parity ({report.precision}) over {len(report.images)} images at batch sizes "
+             f"{', '.join(report.by_batch_size)}: {'PASS' if report.passed else 'FAIL'}"]
+    for key, value in report.metrics.items():
+        limit = report.thresholds.get(key)
         if limit is None:
             lines.append(f"  {key:<14} {value:.6g}")
         else:

@@ -133,7 +133,7 @@ def test_failing_gate_leaves_no_artifact_and_names_each_metric(tmp_path, strict_
     assert "failed the parity gate on every engine (onnxruntime-fp32: max_abs = " in msg
     assert "no artifact written" in msg
     assert "max_abs = " in msg and "required <= 0.0" in msg
-    assert info.value.report["passed"] is False
+    assert info.value.report.passed is False
     assert not out.exists()
     assert [p for p in out.parent.iterdir() if not p.name.endswith(".lock")] == []  # no staging/work dirs
 

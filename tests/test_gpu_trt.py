@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from imgembed.artifact import MANIFEST, MODEL_FILE, read_manifest, verify
 from imgembed.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ExportError, ParityError
 from imgembed.export import tensorrt as trt_export
+from imgembed.parity import ParityReport
 from imgembed.export.tensorrt import (
     TRT_INT8_PRESET,
     check_trt_onnx,
@@ -289,8 +290,8 @@ def fake_gpu(monkeypatch):
 
     def parity(manifest, engine_path, options):
         assert engine_path.read_bytes().startswith(b"engine ")
-        return {"passed": state["passed"], "failures": [] if state["passed"] else ["min_cosine 0.9 < 0.99999"],
-                "precision": manifest["precision"], "images": [], "by_batch_size": {}, "metrics": {}}
+        return ParityReport(manifest["precision"], state["passed"],
+                            [] if state["passed"] else ["min_cosine 0.9 < 0.99999"], {}, {}, {}, [])
 
     monkeypatch.setattr(trt_export, "build_engine", build)
     monkeypatch.setattr(trt_export, "engine_parity", parity)

@@ -80,9 +80,9 @@ def test_report_is_worst_over_batch_sizes_and_judged():
     pixels = np.arange(16, dtype=np.float32).reshape(16, 1, 1, 1)
     with _NoisyRunner(ref) as r:
         rep = parity_report(ref, r, pixels, {"max_abs": 0.01}, "fp32", [str(i) for i in range(16)])
-    assert rep["by_batch_size"]["1"]["max_abs"] == 0.0
-    assert rep["by_batch_size"]["8"]["max_abs"] == pytest.approx(0.05, abs=1e-6)
-    assert rep["metrics"]["max_abs"] == pytest.approx(0.05, abs=1e-6)
-    assert not rep["passed"] and rep["failures"][0].startswith("max_abs = 0.05")
+    assert rep.by_batch_size["1"]["max_abs"] == 0.0
+    assert rep.by_batch_size["8"]["max_abs"] == pytest.approx(0.05, abs=1e-6)
+    assert rep.metrics["max_abs"] == pytest.approx(0.05, abs=1e-6)
+    assert not rep.passed and rep.failures[0].startswith("max_abs = 0.05")
     text = format_report(rep)
     assert "FAIL" in text and "required <= 0.01" in text

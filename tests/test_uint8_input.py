@@ -130,7 +130,7 @@ def test_embedder_picks_the_uint8_path_and_matches_float(uint8_artifact, artifac
 
 def test_parity_recheck_feeds_uint8_crops(uint8_artifact):
     report = recheck_artifact(uint8_artifact("test-resnet-tiny").path)
-    assert report["passed"] and report["metrics"]["min_cosine"] >= 0.99999
+    assert report.passed and report.metrics["min_cosine"] >= 0.99999
 
 
 def test_unknown_input_format_is_a_typed_error(tmp_path):

@@ -27,6 +27,7 @@ from ..fastdecode import check_mode, crops_of
 from ..preprocess import preprocess_batch
 from ..runtime.base import Runner
 from ..runtime.embedder import Embedder
+from ..runtime.inputs import model_input
 from ..samples import parity_images
 from .backends import OriginalCache, Variant, build_runner, plan_variants
 from ..runtime.host import default_threads, host_info
@@ -109,9 +110,10 @@ def batch_function(runner: Runner, model: BenchModel, variant: Variant, mode: st
                    decode: str = "exact", workers: int | None = None) -> BatchFn:
     """A zero-argument function running one batch of ``batch_size`` images; returns the image count.
 
-    Model mode feeds ``crops`` (uint8 NHWC) to uint8-input artifacts and ``pixels`` to every other runner."""
+    Model mode feeds the runner :func:`~imgembed.runtime.inputs.model_input` of ``crops`` (uint8 NHWC), or
+    ``pixels`` when no crops are given."""
     if mode == "model":
-        source = crops if runner.input_spec.dtype == "uint8" and crops is not None else pixels
+        source = pixels if crops is None else model_input(runner, crops, model.spec.preprocess)
         batch = np.ascontiguousarray(source[tile(range(len(source)), batch_size)])
         return lambda: runner.infer(batch).shape[0]
     spec = model.spec

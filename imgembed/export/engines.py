@@ -18,11 +18,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import BackendUnavailableError, ExportError, ImgembedError
-from ..parity import BATCH_INVARIANCE_LIMIT, parity_report
+from ..parity import BATCH_INVARIANCE_LIMIT, ParityReport, parity_report
 from ..registry import ModelSpec
 from ..runtime.backends import EngineRef, get_backend
 from ..runtime.timing import interleaved_medians
 from .quantize import PRESETS, QuantConfig, quantize, quantized_op_counts
+from .reference import ParitySet
 
 SPEED_BATCH = 8
 Step = Callable[[str], None]
@@ -37,7 +38,7 @@ class Inputs:
     plain: Path                     # the exported ONNX graph (no com.microsoft ops)
     ort_graph: Path                 # the graph ONNX Runtime runs in float (fused when optimized)
     input_format: str               # "float32" | "uint8"
-    parity: object                  # pipeline.ParitySet
+    parity: ParitySet
     calibration: Callable[[], tuple[list[np.ndarray], list[np.ndarray], dict]]  # () -> (pixels, crops, info)
     threads: int | None
     transformer: bool
@@ -76,13 +77,13 @@ class Outcome:
     candidate: Candidate
     files: dict[str, Path] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
-    report: dict | None = None
+    report: ParityReport | None = None
     error: str | None = None
     seconds: float | None = None
 
     @property
     def passed(self) -> bool:
-        return self.report is not None and bool(self.report["passed"])
+        return self.report is not None and self.report.passed
 
     @property
     def img_per_s(self) -> float | None:
@@ -91,11 +92,12 @@ class Outcome:
     def row(self) -> dict:
         """The candidate's line of the export table (manifest ``selection.candidates``)."""
         c = self.candidate
-        why = self.error or c.unavailable or (None if self.passed else "; ".join((self.report or {}).get("failures", [])))
+        failures = [] if self.report is None else self.report.failures
+        why = self.error or c.unavailable or (None if self.passed else "; ".join(failures))
         return {"id": c.id, "backend": c.backend, "precision": c.precision,
                 "inference_precision": c.inference_precision, "batch_invariant": c.batch_invariant,
                 "passed": self.passed, "why_not": why,
-                "metrics": None if self.report is None else self.report["metrics"],
+                "metrics": None if self.report is None else self.report.metrics,
                 "img_per_s": None if self.img_per_s is None else round(self.img_per_s, 2)}
 
 
@@ -238,8 +240,8 @@ def _gate(outcome: Outcome, inputs: Inputs, thresholds: dict[str, float], step: 
     step(f"checking parity of {c.id}")
     runner = _runner(inputs, outcome)
     with runner:
-        outcome.report = parity_report(inputs.parity.reference, runner, inputs.parity.inputs(inputs.input_format),
-                                       thresholds, c.precision, inputs.parity.names)
+        outcome.report = parity_report(inputs.parity.reference, runner, inputs.parity.inputs(runner), thresholds,
+                                       c.precision, inputs.parity.names)
 
 
 def _runner(inputs: Inputs, outcome: Outcome):
@@ -282,7 +284,8 @@ def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step) -> None:
     step(f"timing {len(passing)} passing engine(s) side by side (batch {SPEED_BATCH})")
     runners = {o.candidate.id: _runner(inputs, o).activate() for o in timed}
     try:
-        medians = interleaved_medians(runners, inputs.parity.inputs(inputs.input_format)[:SPEED_BATCH])
+        first = next(iter(runners.values()))  # every engine of one export takes the same input
+        medians = interleaved_medians(runners, inputs.parity.inputs(first)[:SPEED_BATCH])
     finally:
         for r in runners.values():
             r.deactivate()

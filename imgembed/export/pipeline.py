@@ -28,15 +28,15 @@ from ..errors import ExportError, ImageDecodeError, ParityError
 from ..families import DEFAULT_SEED, family_of, load_original, original_from_source, source_record
 from ..fastdecode import crops_of, crops_to_pixels
 from ..imagedir import load_image_dir
-from ..parity import format_report, parity_report
+from ..parity import ParityReport, format_report, parity_report
 from ..preprocess import load_image
 from ..registry import ModelSpec, get_spec
 from ..runtime.host import cpu_summary
-from ..runtime.torch_runner import TorchRunner
-from ..samples import calibration_images, parity_images
+from ..samples import calibration_images
 from . import engines
 from .onnx_export import DEFAULT_OPSET, OUTPUT_NAME, export_onnx, op_counts, optimize_transformer
 from .quantize import Int8SlowerWarning
+from .reference import reference_set
 from .uint8_input import input_record
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -125,32 +125,8 @@ def calibration_batches(spec: ModelSpec, directory: str | Path | None, batch: in
     return [pixels[i:i + batch] for i in range(0, len(pixels), batch)], info
 
 
-@dataclass(frozen=True)
-class ParitySet:
-    """The parity images, prepared once: names, uint8 crops, float pixels, and the original's embeddings."""
-
-    names: tuple[str, ...]
-    crops: np.ndarray       # (N, H, W, 3) uint8: input of uint8 artifacts
-    pixels: np.ndarray      # (N, 3, H, W) float32: the same crops normalised (identical to preprocess_batch)
-    reference: np.ndarray   # (N, dim) float32: the PyTorch original's embeddings of ``pixels``
-
-    def inputs(self, input_format: str) -> np.ndarray:
-        return self.crops if input_format == "uint8" else self.pixels
-
-
-def _reference(head, spec: ModelSpec, threads: int | None, images=None) -> ParitySet:
-    """Prepare the parity images (or ``images``: (name, PIL image) pairs) once and embed them with the original."""
-    pairs = parity_images() if images is None else tuple(images)
-    names, images = tuple(n for n, _ in pairs), [im for _, im in pairs]
-    crops = crops_of(images, spec.preprocess)
-    pixels = crops_to_pixels(crops, spec.preprocess)
-    with TorchRunner(head, spec.input_hw, spec.embedding.dim, threads=threads) as runner:
-        reference = np.concatenate([runner.infer(pixels[i:i + 8]) for i in range(0, len(pixels), 8)])
-    return ParitySet(names, crops, pixels, reference)
-
-
 def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, threads: int | None = None,
-                     step: Step = lambda s: None, backend: str = "auto", images=None) -> dict:
+                     step: Step = lambda s: None, backend: str = "auto", images=None) -> ParityReport:
     """Re-run the parity gate of an existing artifact's engine (the one ``backend`` selects here) against
     its original, rebuilt from the manifest's source record (hub repo@revision, local directory, or seeded
     random init). A checkpoint whose preprocessor_config.json no longer gives the artifact's preprocessing
@@ -171,17 +147,16 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
         for why in skipped:
             step(f"skipped {why}")
     step("computing PyTorch reference embeddings")
-    ps = _reference(head, spec, threads, images=images)
+    ps = reference_set(head, spec, threads, images=images)
     step(f"running engine {engine['id']} at batch sizes 1, 3, 8")
-    inputs = ps.inputs("uint8" if manifest.get("input", {}).get("dtype") == "uint8" else "float32")
     thresholds = spec.thresholds(engine["precision"])
     if engine.get("batch_invariant"):
         from ..parity import BATCH_INVARIANCE_LIMIT
 
         thresholds["batch_variation"] = BATCH_INVARIANCE_LIMIT
     with open_engine(artifact, manifest, engine, threads=threads) as runner:
-        report = parity_report(ps.reference, runner, inputs, thresholds, engine["precision"], ps.names)
-    return {**report, "engine": engine["id"]}
+        report = parity_report(ps.reference, runner, ps.inputs(runner), thresholds, engine["precision"], ps.names)
+    return report.with_engine(engine["id"])
 
 
 def _write_artifact(out: Path, kept: list[engines.Outcome], manifest: dict) -> None:
@@ -211,7 +186,7 @@ def _engine_record(o: engines.Outcome, files: dict[str, str]) -> dict:
     return {"id": c.id, "backend": c.backend, "precision": c.precision, "inference_precision": c.inference_precision,
             "batch_invariant": c.batch_invariant, "files": files, "quantization": o.record or None,
             "img_per_s": None if o.img_per_s is None else round(o.img_per_s, 2),
-            "parity": None if o.report is None else o.report["metrics"]}
+            "parity": None if o.report is None else o.report.metrics}
 
 
 def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | None = None,
@@ -267,7 +242,7 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
     step(f"loading {spec.name} ({'random init' if opts.random_init else opts.weights or 'hub'})")
     head = load_original(spec, weights=opts.weights, random_init=opts.random_init, seed=opts.seed)
     step("computing PyTorch reference embeddings")
-    parity_set = _reference(head, spec, opts.threads)
+    parity_set = reference_set(head, spec, opts.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         work = Path(tmp)
@@ -292,9 +267,9 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
                 raise ExportError(f"{spec.name} {opts.precision}: no engine could be built ("
                                   + "; ".join(f"{o.candidate.id}: {o.error or o.candidate.unavailable}"
                                               for o in outcomes) + ")")
-            best = max(built, key=lambda o: o.report["metrics"]["min_cosine"])
+            best = max(built, key=lambda o: o.report.metrics["min_cosine"])
             if not opts.keep_failed:
-                lines = "; ".join(f"{o.candidate.id}: {', '.join(o.report['failures'])}" for o in built)
+                lines = "; ".join(f"{o.candidate.id}: {', '.join(o.report.failures)}" for o in built)
                 raise ParityError(f"{spec.name} {opts.precision} export failed the parity gate on every engine "
                                   f"({lines}); no artifact written (pass --keep-failed to keep the closest one, "
                                   f"marked failed)\n{format_report(best.report)}", best.report)
@@ -327,7 +302,7 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, out
     model_file = winner.files.get("model")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "status": "passed" if report["passed"] else "failed",
+        "status": "passed" if report.passed else "failed",
         "name": spec.name,
         "model": spec.to_dict(),
         "source": source_record(spec, opts.weights, opts.random_init, opts.seed),
@@ -344,7 +319,7 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, out
         "export": {**graph_record, "quantization": winner.record or None,
                    "op_counts": op_counts(model_file) if model_file and model_file.suffix == ".onnx" else {},
                    "seconds": round(seconds, 2)},
-        "parity": report,
+        "parity": report.to_dict(),
         "warnings": notes,
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

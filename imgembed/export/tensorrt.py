@@ -34,6 +34,7 @@ from typing import Callable
 from ..artifact import (MANIFEST, MODEL_FILE, export_lock, file_checksums, read_manifest, staged_directory, verify,
                         write_bytes_atomic, write_json_atomic)
 from ..errors import ArtifactError, BackendUnavailableError, ExportError, ParityError
+from ..parity import ParityReport
 from ..runtime.trt_engines import DEFAULT_PROFILE, BatchProfile, EngineEnv, engine_record, parse_profile, \
     replace_record, slug
 from ..runtime.trt_runner import current_env, engine_records, import_tensorrt, tensorrt_unavailable
@@ -227,26 +228,22 @@ def build_engine(onnx_path: str | Path, precision: str, profile: BatchProfile, e
                                      "timing_cache": str(cache_path), "workspace_gib": workspace_gib}
 
 
-def engine_parity(manifest: dict, engine_path: Path, options: TrtOptions) -> dict:
+def engine_parity(manifest: dict, engine_path: Path, options: TrtOptions) -> ParityReport:
     """The parity report of an engine against the PyTorch original rebuilt from the manifest's source."""
     from ..families import original_from_source
-    from ..parity import parity_report, run_batched
-    from ..preprocess import preprocess_batch
+    from ..parity import parity_report
     from ..registry import ModelSpec
-    from ..runtime.torch_runner import TorchRunner
     from ..runtime.trt_runner import TrtRunner
-    from ..samples import parity_images
+    from .reference import reference_set
 
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
     weights = Path(options.weights) if options.weights else None
     head = original_from_source(spec, manifest["source"], weights_override=weights)
-    names, images = zip(*parity_images())
-    pixels = preprocess_batch(images, spec.preprocess)
-    with TorchRunner(head, spec.input_hw, spec.embedding.dim, threads=options.threads) as ref_runner:
-        reference = run_batched(ref_runner, pixels, 8)
+    ps = reference_set(head, spec, options.threads)
     precision = manifest["precision"]
     with TrtRunner(engine_path, spec.embedding.dim) as runner:
-        return parity_report(reference, runner, pixels, spec.thresholds(precision), precision, names)
+        return parity_report(ps.reference, runner, ps.inputs(runner), spec.thresholds(precision), precision,
+                             ps.names)
 
 
 def add_engine(artifact: str | Path, options: TrtOptions | None = None, step: Step = lambda s: None) -> dict:
@@ -271,11 +268,11 @@ def add_engine(artifact: str | Path, options: TrtOptions | None = None, step: St
             engine.write_bytes(blob)
             step("checking the engine's parity against the PyTorch original")
             report = engine_parity(manifest, engine, options)
-            if not report["passed"]:
+            if not report.passed:
                 raise ParityError(f"TensorRT {precision} engine of {artifact} failed the parity gate "
-                                  f"({'; '.join(report['failures'])}); no engine written\n{format_report(report)}",
+                                  f"({'; '.join(report.failures)}); no engine written\n{format_report(report)}",
                                   report)
-            record = engine_record(env, precision, options.profile, build=build, parity=report,
+            record = engine_record(env, precision, options.profile, build=build, parity=report.to_dict(),
                                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             step(f"writing {record['file']} into {artifact}")
             _write_with_engine(artifact, manifest, engine, record)

@@ -20,11 +20,12 @@ import numpy as np
 
 from ..artifact import MODEL_FILE, read_manifest, verify
 from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
-from ..fastdecode import check_mode, crops_to_pixels, load_crop
+from ..fastdecode import check_mode, load_crop
 from .pipeline import BatchResult, default_workers, pipelined_batches
 from ..preprocess import PreprocessSpec
 from ..registry import ModelSpec, get_spec, registry
 from .base import Runner
+from .inputs import model_input, takes_crops
 
 DEFAULT_BATCH_SIZE = 16
 ON_ERROR = ("raise", "report")
@@ -65,7 +66,11 @@ class Embedder:
     @property
     def input_format(self) -> str:
         """``"uint8"`` when the runner takes uint8 NHWC crops (a uint8 artifact), else ``"float32"`` (NCHW)."""
-        return "uint8" if self.runner.input_spec.dtype == "uint8" else "float32"
+        return "uint8" if takes_crops(self.runner) else "float32"
+
+    def model_input(self, crops: np.ndarray) -> np.ndarray:
+        """The runner's input for uint8 ``(N, H, W, 3)`` crops (see :func:`imgembed.runtime.inputs.model_input`)."""
+        return model_input(self.runner, crops, self.preprocess)
 
     def __repr__(self) -> str:
         return f"Embedder({self.name!r}, backend={self.runner.backend}, precision={self.precision}, dim={self.dim})"
@@ -118,14 +123,12 @@ class Embedder:
         mode = check_mode(self.decode if decode is None else decode)
         workers = self.workers if workers is None else workers
 
-        uint8 = self.input_format == "uint8"
-
         def prepare(pair: tuple[int, Any]) -> np.ndarray:
             """One model input, made in a decode thread: the crop, or (float runners) its normalised CHW."""
             index, item = pair
             crop = load_crop(item, self.preprocess, mode, name=self._item_name(item, index),
                              max_pixels=self.max_pixels)
-            return crop if uint8 else crops_to_pixels(crop[None], self.preprocess)[0]
+            return self.model_input(crop[None])[0]
 
         def infer(inputs: list[np.ndarray]) -> np.ndarray:
             return self.runner.infer(np.stack(inputs))
@@ -135,10 +138,7 @@ class Embedder:
 
     def infer_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """Embed uint8 ``(H, W, 3)`` model-size crops (as :func:`imgembed.fastdecode.load_crop` returns)."""
-        batch = np.stack(crops)
-        if self.input_format == "uint8":
-            return self.runner.infer(batch)
-        return self.runner.infer(crops_to_pixels(batch, self.preprocess))
+        return self.runner.infer(self.model_input(np.stack(crops)))
 
     @staticmethod
     def _item_name(item: Any, index: int) -> str | None:

@@ -171,7 +171,7 @@ async def _embed(state: ServerState, request, model_param: str | None, call: _Ca
     call.model = served.id
     with served.batcher.admit(len(uploads)):
         prepared = await loop.run_in_executor(state.pool, prepare, uploads, served.embedder.preprocess,
-                                              state.config.max_pixels, served.embedder.input_format)
+                                              state.config.max_pixels, served.embedder.model_input)
         served.batcher.record_preprocess(prepared.seconds, len(uploads))
         state.metrics.images.labels(served.id, "error").inc(len(prepared.failures))
         if prepared.pixels is None:

@@ -63,9 +63,8 @@ class ServedModel:
     def warm_up(self, max_batch: int) -> None:
         """Run batches of 1 and ``max_batch`` zero images so the first real request pays no set-up cost."""
         h, w = self.embedder.preprocess.output_hw
-        uint8 = self.embedder.input_format == "uint8"
-        for n in sorted({1, max_batch}):
-            self.embedder.runner.infer(np.zeros((n, h, w, 3), np.uint8) if uint8 else np.zeros((n, 3, h, w), np.float32))
+        for n in sorted({1, max_batch}):  # zeros in the runner's input format (crops or pixels)
+            self.embedder.runner.infer(np.zeros_like(self.embedder.model_input(np.zeros((n, h, w, 3), np.uint8))))
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ImageDecodeError
-from ..fastdecode import crops_of
-from ..preprocess import PreprocessSpec, load_image, preprocess_batch
+from ..fastdecode import crops_of, crops_to_pixels
+from ..preprocess import PreprocessSpec, load_image
 from .config import ServeConfig
 from .errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
 
@@ -183,9 +183,10 @@ def _raw_bytes(upload: Upload) -> bytes:
 
 
 def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int,
-            input_format: str = "float32") -> Prepared:
+            model_input: Callable[[np.ndarray], np.ndarray] | None = None) -> Prepared:
     """Decode and preprocess every upload; a bad one becomes a failure and never drops the good ones.
-    ``input_format="uint8"`` (uint8 artifacts) yields uint8 NHWC crops instead of float NCHW pixels."""
+    ``model_input`` (the serving :meth:`~imgembed.runtime.embedder.Embedder.model_input`) turns the uint8
+    NHWC crops into the runner's input; without it they become float32 NCHW pixels."""
     started = time.perf_counter()
     images, result = [], Prepared(None)
     for i, up in enumerate(uploads):
@@ -196,9 +197,8 @@ def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int,
             result.failures[i] = ("too_large", str(e))
         except ImageDecodeError as e:
             result.failures[i] = ("decode", str(e))
-    if images and input_format == "uint8":
-        result.pixels = crops_of(images, spec)
-    elif images:
-        result.pixels = preprocess_batch(images, spec)
+    if images:
+        crops = crops_of(images, spec)
+        result.pixels = model_input(crops) if model_input is not None else crops_to_pixels(crops, spec)
     result.seconds = time.perf_counter() - started
     return result
