@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,6 @@ FULL_MODELS = ("clip-vit-b32", "vit-b16", "dinov2-small", "resnet50")
 QUICK_MODELS = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny", "test-resnet-tiny")
 LIBRARIES = ("imgembed", "torch", "onnxruntime", "onnx", "openvino", "nncf", "optimum", "optimum-onnx",
              "transformers", "numpy")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 SEED = 0
 NNCF_SUBSET = 16
 CALIBRATION_ITEM = 2  # images per nncf.Dataset item: 16 items x 2 = imgembed's 32 built-in calibration images
@@ -102,29 +100,25 @@ class Prepared:
 
 
 def cpu_record() -> dict:
-    """CPU model, core counts and the SIMD flags that decide INT8/BF16 speed, from /proc/cpuinfo."""
-    model, flags = platform.processor() or None, set()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and model in (None, platform.processor()):
-                model = value
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"model": model, "arch": platform.machine(), "logical_cores": os.cpu_count(), "usable_cores": usable,
-            "flags_source": "/proc/cpuinfo" if flags else "unavailable",
-            "flags": {f: f in flags for f in CPU_FLAGS}}
+    """CPU model, core counts and the SIMD features that decide INT8/BF16 speed (imgembed.runtime.host)."""
+    from imgembed.runtime.host import cpu_info
+
+    info = cpu_info()
+    return {**{k: info[k] for k in ("model", "arch", "logical_cores", "usable_cores", "flags_source")},
+            "flags": info["simd"]}
 
 
 def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
+    """imgembed.runtime.host's library versions plus the peers' own packages."""
+    from imgembed.runtime.host import library_versions
+
+    out = library_versions()
     for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
+        if name not in out:
+            try:
+                out[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                out[name] = None
     return out
 
 
