@@ -282,19 +282,17 @@ def _engine(model: str, emb, *, batch_size: int, workers: Optional[int], decode:
 
 def _run_npy(out: Path, files: List[str], engine, emb) -> tuple[int, list[tuple[str, str]]]:
     """Embed into OUT.npy + OUT.paths.txt (not resumable); returns (rows written, failures)."""
-    order = {p: i for i, p in enumerate(files)}
-    paths, vectors, failures = [], [], []
+    from .runtime.results import Embeddings
+
+    chunks, done, failed = [], 0, 0
     with _embed_progress(len(files)) as update:
-        for rows in engine(files):
-            ok = [i for i, e in enumerate(rows.errors) if e is None]
-            paths += [rows.paths[i] for i in ok]
-            vectors.append(rows.vectors[ok])
-            failures += [(p, e) for p, e in zip(rows.paths, rows.errors) if e is not None]
-            update(len(paths) + len(failures), len(files), len(failures))
-    idx = sorted(range(len(paths)), key=lambda i: order[paths[i]])
-    matrix = np.concatenate(vectors)[idx] if paths else np.zeros((0, emb.dim), np.float32)
-    _save_npy(out, matrix, [paths[i] for i in idx])
-    return matrix.shape[0], failures
+        for chunk in engine(files):
+            chunks.append(chunk)
+            done, failed = done + chunk.inputs, failed + len(chunk.errors)
+            update(done, len(files), failed)
+    result = Embeddings.concat(chunks, emb.dim, files)  # listing order
+    _save_npy(out, result.vectors, result.paths)
+    return len(result.indices), result.failures
 
 
 @app.command("embed")

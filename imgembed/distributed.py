@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import BackendUnavailableError
 from .jobs.folder import Engine, list_images, local_batches
-from .jobs.parquet import EmbeddingTable, Rows
+from .runtime.results import Embeddings
 
 
 def _ray():
@@ -58,18 +58,11 @@ class EmbedActor:
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
+        dim = self.embedder.dim
         chunks = list(local_batches(self.embedder, batch_size=max(1, len(paths)))(paths))
-        rows = _merge(chunks, self.embedder.dim)
-        return {"path": np.asarray(rows.paths, dtype=object), "vector": rows.vectors,
-                "error": np.asarray(["" if e is None else e for e in rows.errors], dtype=object)}
-
-
-def _merge(chunks: Sequence[Rows], dim: int) -> Rows:
-    """One Rows from several."""
-    if not chunks:
-        return Rows([], np.zeros((0, dim), np.float32), [])
-    return Rows([p for c in chunks for p in c.paths], np.concatenate([c.vectors for c in chunks]),
-                [e for c in chunks for e in c.errors])
+        order, vectors, errors = Embeddings.concat(chunks, dim, paths).rows(dim)
+        return {"path": np.asarray([paths[i] for i in order], dtype=object), "vector": vectors,
+                "error": np.asarray(["" if e is None else e for e in errors], dtype=object)}
 
 
 def _default_concurrency(threads_per_actor: int) -> int:
@@ -96,27 +89,24 @@ def embedding_dataset(artifact: str | Path, paths: Sequence[str], *, batch_size:
 def ray_batches(artifact: str | Path, **kwargs) -> Engine:
     """A folder-job engine (:class:`imgembed.jobs.folder.FolderJob`) running on Ray; ``kwargs`` as for
     :func:`embedding_dataset`."""
-    def run(paths: Sequence[str]) -> Iterator[Rows]:
+    def run(paths: Sequence[str]) -> Iterator[Embeddings]:
+        position = {p: i for i, p in reversed(list(enumerate(paths)))}  # rows come back by path, in any order
         ds = embedding_dataset(artifact, paths, **kwargs)
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             vectors = np.asarray(b["vector"], np.float32).reshape(len(b["path"]), -1)
-            yield Rows([str(p) for p in b["path"]], vectors, [str(e) if e else None for e in b["error"]])
+            index = [position[str(p)] for p in b["path"]]
+            ok = [k for k, e in enumerate(b["error"]) if not e]
+            yield Embeddings([index[k] for k in ok], vectors[ok],
+                             [(index[k], str(e)) for k, e in enumerate(b["error"]) if e], paths)
     return run
 
 
-def embed_with_ray(artifact: str | Path, inputs: str | Iterable[str], **kwargs) -> EmbeddingTable:
+def embed_with_ray(artifact: str | Path, inputs: str | Iterable[str], **kwargs) -> Embeddings:
     """Embed files / directories / globs on Ray; returns the rows in listing order (see module doc).
 
     ``kwargs``: batch_size, concurrency, threads_per_actor, decode, address, num_cpus, backend.
     """
     paths = list_images([inputs] if isinstance(inputs, (str, Path)) else [str(i) for i in inputs])
-    order = {p: i for i, p in enumerate(paths)}
-    rows = list(ray_batches(artifact, **kwargs)(paths)) if paths else []
-    merged = _merge(rows, 0) if rows else Rows([], np.zeros((0, 0), np.float32), [])
-    idx = sorted(range(len(merged.paths)), key=lambda i: order.get(merged.paths[i], len(order)))
-    ok = [i for i in idx if merged.errors[i] is None]
-    dim = merged.vectors.shape[1] if merged.vectors.ndim == 2 else 0
-    vectors = merged.vectors[ok] if ok else np.zeros((0, dim), np.float32)
-    return EmbeddingTable([merged.paths[i] for i in ok], vectors,
-                          [(merged.paths[i], merged.errors[i]) for i in idx if merged.errors[i] is not None],
-                          {"artifact": str(artifact), "decode": kwargs.get("decode", "exact")})
+    chunks = list(ray_batches(artifact, **kwargs)(paths)) if paths else []
+    dim = next((c.vectors.shape[1] for c in chunks if c.indices), 0)
+    return Embeddings.concat(chunks, dim, paths, {"artifact": str(artifact), "decode": kwargs.get("decode", "exact")})

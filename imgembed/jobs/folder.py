@@ -36,13 +36,14 @@ import numpy as np
 
 from .. import __version__
 from ..artifact import MANIFEST, sha256_file, write_json_atomic
+from ..runtime.results import Embeddings
 from . import JobError
-from .parquet import (Rows, concat, iter_batches, read_metadata, read_table, rows_table, write_atomic,
-                      write_batches_atomic)
+from .parquet import concat, iter_batches, read_metadata, read_table, rows_table, write_atomic, write_batches_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IDENTITY_KEYS = ("model", "precision", "dim", "manifest_sha256", "decode", "input_format")
-Engine = Callable[[Sequence[str]], Iterator[Rows]]   # pending paths -> chunks of rows (any order)
+# pending paths -> chunks (any order) whose indices point into the paths given and whose names are those paths
+Engine = Callable[[Sequence[str]], Iterator[Embeddings]]
 
 
 @contextlib.contextmanager
@@ -87,14 +88,9 @@ def job_metadata(embedder) -> dict:
 
 def local_batches(embedder, *, batch_size: int | None = None, workers: int | None = None) -> Engine:
     """An engine running ``embedder`` in this process (pipelined decode threads, see runtime.pipeline)."""
-    def run(paths: Sequence[str]) -> Iterator[Rows]:
+    def run(paths: Sequence[str]) -> Iterator[Embeddings]:
         for res in embedder.iter_batches(paths, batch_size=batch_size, workers=workers, catch=(Exception,)):
-            idx = res.indices + [i for i, _ in res.errors]
-            vectors = np.zeros((len(idx), embedder.dim), np.float32)
-            vectors[:len(res.indices)] = res.vectors
-            errors = [None] * len(res.indices) + [_message(e) for _, e in res.errors]
-            order = np.argsort(idx, kind="stable")  # input order within the chunk
-            yield Rows([paths[idx[k]] for k in order], vectors[order], [errors[k] for k in order])
+            yield Embeddings(res.indices, res.vectors, [(i, _message(e)) for i, e in res.errors], paths)
     return run
 
 
@@ -211,13 +207,13 @@ class FolderJob:
         written, processed, failed, buffer, last = 0, 0, 0, [], time.monotonic()
         stream = engine(pending) if pending else iter(())
         try:
-            for rows in stream:
-                buffer.append(rows)
-                processed += len(rows.paths)
-                failed += sum(e is not None for e in rows.errors)
+            for chunk in stream:
+                buffer.append(chunk)
+                processed += chunk.inputs
+                failed += len(chunk.errors)
                 if progress is not None:
                     progress(n_done + processed, len(self.paths), failed)
-                if sum(len(r.paths) for r in buffer) >= self.part_rows or time.monotonic() - last >= self.part_seconds:
+                if sum(c.inputs for c in buffer) >= self.part_rows or time.monotonic() - last >= self.part_seconds:
                     self._write_part(seq, buffer)
                     seq, written, buffer, last = seq + 1, written + 1, [], time.monotonic()
                     if max_parts is not None and written >= max_parts:
@@ -230,7 +226,7 @@ class FolderJob:
                 close()
         return False, processed
 
-    def _write_part(self, seq: int, chunks: list[Rows]) -> None:
+    def _write_part(self, seq: int, chunks: list[Embeddings]) -> None:
         dim = int(self.meta["dim"])
         table = concat([rows_table(r, dim) for r in chunks], dim)
         write_atomic(table, self.work / f"part-{seq:06d}.parquet")

@@ -13,7 +13,6 @@ imgembed version, created time, row and failure counts. Read it back with :func:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from ..artifact import atomic_path
 from ..errors import BackendUnavailableError
+from ..runtime.results import Embeddings
 from . import JobError
 
 META_KEY = b"imgembed"
@@ -36,35 +36,23 @@ def _pa():
     return pa, pq
 
 
-@dataclass
-class Rows:
-    """A chunk of job output: one entry per input; ``vectors`` rows of failed inputs are ignored."""
-
-    paths: list[str]
-    vectors: np.ndarray            # (n, dim) float32
-    errors: list[str | None]       # None where embedded
-
-    def __post_init__(self) -> None:
-        n = len(self.paths)
-        if self.vectors.shape[0] != n or len(self.errors) != n:
-            raise ValueError(f"Rows: {n} paths, {self.vectors.shape[0]} vectors, {len(self.errors)} errors; "
-                             "expected one of each per input")
-
-
 def schema(dim: int):
     """The Arrow schema of job output for ``dim``-dimensional embeddings."""
     pa, _ = _pa()
     return pa.schema([("path", pa.string()), ("vector", pa.list_(pa.float32(), dim)), ("error", pa.string())])
 
 
-def rows_table(rows: Rows, dim: int):
-    """An Arrow table of ``rows`` in :func:`schema` layout."""
+def rows_table(chunk: Embeddings, dim: int):
+    """An Arrow table in :func:`schema` layout of a chunk of job output (named inputs), one row per input in
+    input order."""
     pa, _ = _pa()
-    vectors = np.ascontiguousarray(rows.vectors, dtype=np.float32).reshape(-1)
-    mask = pa.array([e is not None for e in rows.errors], pa.bool_())
-    vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors, pa.float32()), type=pa.list_(pa.float32(), dim),
+    order, vectors, errors = chunk.rows(dim)
+    flat = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1)
+    mask = pa.array([e is not None for e in errors], pa.bool_())
+    vector = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), type=pa.list_(pa.float32(), dim),
                                                mask=mask)
-    return pa.Table.from_arrays([pa.array(rows.paths, pa.string()), vector, pa.array(rows.errors, pa.string())],
+    paths = [chunk.names[i] for i in order]
+    return pa.Table.from_arrays([pa.array(paths, pa.string()), vector, pa.array(errors, pa.string())],
                                 schema=schema(dim))
 
 
@@ -117,18 +105,9 @@ def write_batches_atomic(path: Path, dim: int, batches: Iterable, metadata: dict
     return path
 
 
-@dataclass
-class EmbeddingTable:
-    """A job output in numpy form: the embedded rows, and the failures."""
-
-    paths: list[str]                 # embedded paths, in file order
-    vectors: np.ndarray              # (len(paths), dim) float32
-    failures: list[tuple[str, str]]  # (path, error)
-    metadata: dict
-
-
-def read_embeddings(path: str | Path) -> EmbeddingTable:
-    """Load a job's Parquet output: vectors of the good rows as one float32 matrix, failures apart."""
+def read_embeddings(path: str | Path) -> Embeddings:
+    """Load a job's Parquet output: vectors of the good rows as one float32 matrix, failures apart
+    (``.paths``, ``.vectors``, ``.failures``, ``.metadata``; indices are row numbers in the file)."""
     table = read_table(path)
     errors = table.column("error").to_pylist()
     paths = table.column("path").to_pylist()
@@ -138,8 +117,8 @@ def read_embeddings(path: str | Path) -> EmbeddingTable:
     flat = good.column("vector").combine_chunks().flatten() if good.num_rows else None
     vectors = (np.asarray(flat.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim) if flat is not None
                else np.zeros((0, dim), np.float32))
-    return EmbeddingTable([p for p, k in zip(paths, ok) if k], vectors,
-                          [(p, e) for p, e in zip(paths, errors) if e is not None], read_metadata(path))
+    return Embeddings([k for k, good in enumerate(ok) if good], vectors,
+                      [(k, e) for k, e in enumerate(errors) if e is not None], paths, read_metadata(path))
 
 
 def concat(tables: Sequence, dim: int):

@@ -12,7 +12,6 @@ NCHW. ``workers=N`` decodes in N threads overlapped with inference (:mod:`imgemb
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -21,23 +20,15 @@ import numpy as np
 from ..artifact import MODEL_FILE, read_manifest, verify
 from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
 from ..fastdecode import check_mode, load_crop
-from .pipeline import BatchResult, default_workers, pipelined_batches
+from .pipeline import default_workers, pipelined_batches
 from ..preprocess import PreprocessSpec
 from ..registry import ModelSpec, get_spec, registry
 from .base import Runner
 from .inputs import model_input, takes_crops
+from .results import Embeddings
 
 DEFAULT_BATCH_SIZE = 16
 ON_ERROR = ("raise", "report")
-
-
-@dataclass
-class EmbedResult:
-    """Outcome of ``embed(..., on_error="report")``: vectors of the good items, and what failed."""
-
-    vectors: np.ndarray                  # (n_ok, dim) float32, in input order
-    indices: list[int]                   # input index of each row of ``vectors``
-    errors: list[tuple[int, str]] = field(default_factory=list)  # (input index, error message)
 
 
 class Embedder:
@@ -95,8 +86,8 @@ class Embedder:
         """Embed images (paths, PIL images, uint8 arrays, encoded bytes).
 
         ``on_error="raise"`` (default): returns float32 ``(N, dim)``; the first undecodable item raises
-        ImageDecodeError naming it. ``on_error="report"``: returns an :class:`EmbedResult` with the vectors
-        of every good item and one error per bad item (the good items are never lost). ``workers`` (decode
+        ImageDecodeError naming it. ``on_error="report"``: returns :class:`~imgembed.runtime.results.Embeddings`,
+        the vectors of every good item and one error per bad item (the good items are never lost). ``workers`` (decode
         threads, default the Embedder's) and ``decode`` ("exact" | "fast") override the Embedder's settings.
         """
         if on_error not in ON_ERROR:
@@ -111,11 +102,11 @@ class Embedder:
             indices += res.indices
             errors += [(i, str(e)) for i, e in res.errors]
         out = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
-        return out if on_error == "raise" else EmbedResult(out, indices, errors)
+        return out if on_error == "raise" else Embeddings(indices, out, errors)
 
     def iter_batches(self, items: Iterable[Any], *, batch_size: int | None = None, workers: int | None = None,
-                     decode: str | None = None, catch: tuple = (ImageDecodeError,)) -> Iterator[BatchResult]:
-        """Stream :class:`~imgembed.runtime.pipeline.BatchResult` s over ``items`` (consumed lazily, in order,
+                     decode: str | None = None, catch: tuple = (ImageDecodeError,)) -> Iterator[Embeddings]:
+        """Stream :class:`~imgembed.runtime.results.Embeddings` batches over ``items`` (consumed lazily, in order,
         bounded memory); failures of the types in ``catch`` are reported in the batches, never raised."""
         bs = self.batch_size if batch_size is None else batch_size
         if bs < 1:

@@ -1,7 +1,7 @@
 """Decode in parallel threads, overlapped with inference, in input order, with bounded memory.
 
     items ──> [decode workers: load_crop] ──> ordered window of at most ``prefetch`` items
-          ──> batch assembly (batch_size crops) ──> runner.infer (the consumer's thread) ──> BatchResult
+          ──> batch assembly (batch_size crops) ──> runner.infer (the consumer's thread) ──> Embeddings
 
 Threads suffice: PIL releases the GIL while it decodes and resizes, and ONNX Runtime / PyTorch release it
 while they compute, so decoding of the next images overlaps inference of the current batch. ``items`` is
@@ -15,21 +15,12 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..errors import ImageDecodeError
-
-
-@dataclass
-class BatchResult:
-    """One inference batch: the input indices embedded (in order), their vectors, and the failed items."""
-
-    indices: list[int]
-    vectors: np.ndarray                                            # (len(indices), dim) float32
-    errors: list[tuple[int, BaseException]] = field(default_factory=list)  # (input index, exception)
+from .results import Embeddings
 
 
 def default_workers() -> int:
@@ -76,8 +67,9 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int,
 
 def pipelined_batches(prepare: Callable[[Any], np.ndarray], infer: Callable[[list[np.ndarray]], np.ndarray],
                       items: Iterable[Any], *, batch_size: int, workers: int, prefetch: int | None = None,
-                      catch: tuple = (ImageDecodeError,), dim: int = 0) -> Iterator[BatchResult]:
-    """Batches of ``batch_size`` successfully prepared items, inferred in order (see module doc).
+                      catch: tuple = (ImageDecodeError,), dim: int = 0) -> Iterator[Embeddings]:
+    """Batches of ``batch_size`` successfully prepared items, inferred in order (see module doc), each an
+    :class:`~imgembed.runtime.results.Embeddings` whose errors are (input index, exception).
 
     ``prepare(item)`` -> one model input (a uint8 crop); ``infer(list of inputs)`` -> (n, dim) vectors.
     Failed items are attached to the batch being assembled when they fail; a final batch may carry only
@@ -97,8 +89,8 @@ def pipelined_batches(prepare: Callable[[Any], np.ndarray], infer: Callable[[lis
         else:
             errors.append((index, value))
         if len(inputs) == batch_size:
-            yield BatchResult(indices, infer(inputs), errors)
+            yield Embeddings(indices, infer(inputs), errors)
             indices, inputs, errors = [], [], []
     if inputs or errors:
         vectors = infer(inputs) if inputs else np.zeros((0, dim), np.float32)
-        yield BatchResult(indices, vectors, errors)
+        yield Embeddings(indices, vectors, errors)

@@ -3,7 +3,7 @@
     from imgembed.serve.client import EmbeddingClient
     with EmbeddingClient("http://127.0.0.1:8080") as client:
         vectors = client.embed(["cat.jpg", jpeg_bytes], model="clip-vit-b32")     # float32 (N, dim)
-        result = client.embed(paths, on_error="report")   # EmbedResult: good vectors + per-image errors
+        result = client.embed(paths, on_error="report")   # Embeddings: good vectors + per-image errors
 
 A client is not thread-safe: use one per thread. Errors answered by the server raise
 :class:`ServerResponseError` carrying the status, kind, message and Retry-After.
@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from ..errors import ImgembedError
-from ..runtime.embedder import EmbedResult
+from ..runtime.results import Embeddings
 
 
 class ServerResponseError(ImgembedError):
@@ -100,7 +100,7 @@ class EmbeddingClient:
         return self.request("POST", path, body, {"Content-Type": ctype})
 
     def embed(self, images: Sequence[Any], model: str | None = None, on_error: str = "raise"):
-        """Embed images (paths or encoded bytes): float32 (N, dim), or an EmbedResult with ``on_error="report"``.
+        """Embed images (paths or encoded bytes): float32 (N, dim), or Embeddings with ``on_error="report"``.
 
         With ``on_error="raise"`` an image the server could not embed raises ServerResponseError.
         """
@@ -117,7 +117,7 @@ class EmbeddingClient:
             if errors:
                 raise ServerResponseError(200, "decode", errors[0][1])
             return vectors
-        return EmbedResult(vectors, [r["index"] for r in rows], errors)
+        return Embeddings([r["index"] for r in rows], vectors, errors)
 
     def models(self) -> list[dict]:
         status, _, body = self.request("GET", "/v1/models")
