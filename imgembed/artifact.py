@@ -71,6 +71,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; an output gets the modes of any new file
     os.close(fd)
     tmp = Path(name)
     try:
@@ -82,6 +83,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -171,6 +185,7 @@ def staged_directory(out: Path) -> Iterator[Path]:
     out = Path(out)
     with export_lock(out):
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+        stage.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; the artifact gets the modes of any new directory
         try:
             yield stage
             _fsync_tree(stage)

@@ -4,7 +4,9 @@ Through the loader and under SIGKILL: test_artifact_integrity.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +234,16 @@ def test_many_processes_writing_one_artifact(tmp_path):
     assert hidden_leftovers(out) == []
     assert json.loads((out / "manifest.json").read_text())["writer"] in {f"{w}-{r}" for w in range(6)
                                                                          for r in range(5)}
+
+
+def test_outputs_get_the_modes_of_new_files_not_private_temp_modes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        A.write_json_atomic(tmp_path / "m.json", {"a": 1})
+        with A.staged_directory(tmp_path / "art") as stage:
+            A.write_json_atomic(stage / "manifest.json", {"files": {}})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "art").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "art" / "manifest.json").stat().st_mode) == 0o644
