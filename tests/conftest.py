@@ -22,19 +22,21 @@ TINY = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny", "test-resnet-tiny
 
 @pytest.fixture(scope="session")
 def artifact_dir(tmp_path_factory):
-    """``artifact_dir(name, precision, engine=None)`` -> path of a random-init artifact, exported once per
-    session (``engine``: only that backend's candidates, e.g. "openvino")."""
+    """``artifact_dir(name, precision, engine="onnxruntime")`` -> path of a random-init artifact, exported once
+    per session with only that backend's candidates (``engine=None`` races every installed engine; the race
+    itself is tested in tests/test_engines.py)."""
     from imgembed.export.pipeline import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("artifacts")
     cache: dict[tuple[str, str, str | None], Path] = {}
 
-    def get(name: str, precision: str = "fp32", engine: str | None = None) -> Path:
+    def get(name: str, precision: str = "fp32", engine: str | None = "onnxruntime") -> Path:
         key = (name, precision, engine)
         if key not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Int8SlowerWarning is expected on toy models
-                res = export_model(name, root / f"{name}-{precision}{'-' + engine if engine else ''}",
+                suffix = "" if engine == "onnxruntime" else f"-{engine or 'race'}"
+                res = export_model(name, root / f"{name}-{precision}{suffix}",
                                    ExportOptions(precision=precision, random_init=True, speed_check=False,
                                                  engine=engine))
             cache[key] = res.path
