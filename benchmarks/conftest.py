@@ -71,8 +71,8 @@ def bench_runner(bench_threads):
             notes[model_name] = []  # exports that failed their parity gate are left out, with a note
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Int8SlowerWarning is a finding, not a failure, here
-                models[model_name] = model_from_registry(model_name, precisions=("fp32", "int8"), random_init=True, weights=None,
-                                                         threads=bench_threads, notes=notes[model_name])
+                models[model_name] = model_from_registry(model_name, precisions=("fp32", "int8"), random_init=True,
+                                                         weights=None, threads=bench_threads, notes=notes[model_name])
             originals[model_name] = OriginalCache(models[model_name])
         model = models[model_name]
         variants = {v.label: v for v in plan_variants(model, "cpu", notes=notes[model_name])}

@@ -17,9 +17,9 @@ Builds (once, cached in --folder) ``--images`` JPEGs (quality 90) from scikit-im
   exact-serial    exact decode in the caller's thread (the Embedder's default before the pipeline)
 
 Prints throughput (median over rounds) and the ratios the targets are stated in: api-defaults / seed (>= 3x),
-fast-uint8 / seed (>= 2.5x) and fast-uint8 / model-only (>= 0.8); also uint8 vs float input and fast vs exact decoding, plus the cosine
-between fast- and exact-decoded embeddings of every image. Artifacts are exported once into the bench cache
-(``$IMGEMBED_BENCH_CACHE``) with random weights unless given. Measure on an otherwise idle machine.
+fast-uint8 / seed (>= 2.5x) and fast-uint8 / model-only (>= 0.8); also uint8 vs float input and fast vs exact
+decoding, plus the cosine between fast- and exact-decoded embeddings of every image. Artifacts are exported once
+into the bench cache (``$IMGEMBED_BENCH_CACHE``) with random weights unless given. Measure on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from imgembed.runtime.pipeline import default_workers
     from imgembed.runtime.host import default_threads
+    from imgembed.runtime.pipeline import default_workers
 
     spec = get_spec(args.model)
     threads = args.threads or default_threads()

@@ -12,8 +12,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (ArtifactError, BackendUnavailableError, ExportError, ImageDecodeError, ImgembedError,
-                     IntegrityError, ParityError, RegistryError, UnknownModelError, WeightsError)
+from .errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    ExportError,
+    ImageDecodeError,
+    ImgembedError,
+    IntegrityError,
+    ParityError,
+    RegistryError,
+    UnknownModelError,
+    WeightsError,
+)
 from .registry import ModelSpec, get_spec, list_models
 
 

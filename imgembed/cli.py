@@ -16,10 +16,15 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from .cli_common import err_console, errors, out_console, steps
@@ -186,7 +191,7 @@ def _trt_prepare(trt: bool, precision: str, int8_preset: Optional[str], batch: s
             return prepare_trt_export(precision, int8_preset, batch, "uint8" if uint8_input else "float32")
     except ValueError as e:
         err_console.print(f"[bold red]error[/]: {e}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def _trt_engine(out: Path, trt_opts, weights: Optional[Path], threads: Optional[int]) -> None:
@@ -320,6 +325,7 @@ def embed_cmd(
 ) -> None:
     """Embed images into .npy or .parquet. Unreadable inputs are reported (exit code 3), never fatal."""
     import imgembed
+
     from .jobs.folder import job_metadata, list_images
     from .runtime.pipeline import default_workers
 
@@ -344,7 +350,7 @@ def embed_cmd(
             rows, failures = _run_npy(out, files, engine, emb)
         else:
             rows, failures = _run_parquet(out, files, engine, emb, job_metadata(emb), part_rows, max_parts)
-    for path, msg in failures:
+    for _path, msg in failures:
         err_console.print(f"[yellow]skipped[/]: {msg}", highlight=False)
     out_console.print(f"wrote {rows} x {emb.dim} embeddings ({emb.name}, {emb.precision}, decode {decode}) to {out}"
                       + (f" (paths: {out.with_suffix('.paths.txt')})" if out.suffix == ".npy" else "")

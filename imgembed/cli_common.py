@@ -27,10 +27,10 @@ def errors() -> Iterator[None]:
         yield
     except ParityError as e:
         err_console.print(f"[bold red]parity gate failed[/]: {e}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except ImgembedError as e:
         err_console.print(f"[bold red]error[/] ({type(e).__name__}): {e}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 @contextlib.contextmanager

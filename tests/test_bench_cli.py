@@ -11,8 +11,8 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from imgembed.bench.cli import parse_batch_sizes, parse_engines
 from imgembed.artifact import read_manifest
+from imgembed.bench.cli import parse_batch_sizes, parse_engines
 from imgembed.cli import app
 
 from .helpers import REPO, cli_env, gpu_available, run_cli

@@ -8,13 +8,13 @@ import pytest
 from PIL import Image
 
 from imgembed.bench import report
-from imgembed.runtime import host
 from imgembed.bench.backends import Variant
 from imgembed.bench.measure import Measurement
 from imgembed.bench.stats import summarize_latencies
 from imgembed.bench.suite import SCHEMA, BenchConfig, add_speedups, make_record
 from imgembed.bench.targets import ArtifactRef, BenchModel
 from imgembed.registry import get_spec
+from imgembed.runtime import host
 
 RECORD_KEYS = {"model", "family", "source", "mode", "variant", "backend", "precision", "original", "artifact",
                "parity_status", "device", "threads", "batch_size", "latency_ms", "throughput_ips",

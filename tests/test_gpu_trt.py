@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 from imgembed.artifact import MANIFEST, MODEL_FILE, read_manifest, verify
 from imgembed.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ExportError, ParityError
 from imgembed.export import tensorrt as trt_export
-from imgembed.parity import ParityReport
 from imgembed.export.tensorrt import (
     TRT_INT8_PRESET,
     check_trt_onnx,
@@ -30,6 +29,7 @@ from imgembed.export.tensorrt import (
     prepare_trt_export,
     trt_export_overrides,
 )
+from imgembed.parity import ParityReport
 from imgembed.runtime.gpu import GpuIdentity
 from imgembed.runtime.trt_engines import (
     DEFAULT_PROFILE,

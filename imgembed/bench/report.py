@@ -115,7 +115,7 @@ def plot(report: dict, path: Path) -> Path:
     cols = min(len(panels), 3)
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
-    for ax, (model, mode) in zip(axes.flat, panels):
+    for ax, (model, mode) in zip(axes.flat, panels, strict=False):  # the grid may have spare axes
         _plot_panel(ax, [r for r in records if (r["model"], r["mode"]) == (model, mode)], f"{model} ({mode})")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)

@@ -27,10 +27,10 @@ from ..fastdecode import check_mode, crops_of
 from ..preprocess import preprocess_batch
 from ..runtime.base import Runner
 from ..runtime.embedder import Embedder
+from ..runtime.host import default_threads, host_info
 from ..runtime.inputs import model_input
 from ..samples import parity_images
 from .backends import OriginalCache, Variant, build_runner, plan_variants
-from ..runtime.host import default_threads, host_info
 from .measure import BatchFn, Measurement, MeasureSettings, Window, measure_interleaved
 from .stats import achieved_gflops, speedup
 from .targets import BenchModel, source_tag

@@ -31,12 +31,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..artifact import (MANIFEST, MODEL_FILE, export_lock, file_checksums, read_manifest, staged_directory, verify,
-                        write_bytes_atomic, write_json_atomic)
+from ..artifact import (
+    MANIFEST,
+    MODEL_FILE,
+    export_lock,
+    file_checksums,
+    read_manifest,
+    staged_directory,
+    verify,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from ..errors import ArtifactError, BackendUnavailableError, ExportError, ParityError
 from ..parity import ParityReport
-from ..runtime.trt_engines import DEFAULT_PROFILE, BatchProfile, EngineEnv, engine_record, parse_profile, \
-    replace_record, slug
+from ..runtime.trt_engines import (
+    DEFAULT_PROFILE,
+    BatchProfile,
+    EngineEnv,
+    engine_record,
+    parse_profile,
+    replace_record,
+    slug,
+)
 from ..runtime.trt_runner import current_env, engine_records, import_tensorrt, tensorrt_unavailable
 
 Step = Callable[[str], None]

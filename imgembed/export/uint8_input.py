@@ -44,7 +44,8 @@ def input_record(spec: PreprocessSpec, input_format: str) -> dict:
 
 def _arithmetic_constants(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(divisor, mean, std) float32 constants of the arithmetic prefix."""
-    return (np.array(1.0 / spec.rescale_factor, np.float32), np.asarray(spec.image_mean, np.float32).reshape(1, 3, 1, 1),
+    return (np.array(1.0 / spec.rescale_factor, np.float32),
+            np.asarray(spec.image_mean, np.float32).reshape(1, 3, 1, 1),
             np.asarray(spec.image_std, np.float32).reshape(1, 3, 1, 1))
 
 
@@ -59,7 +60,7 @@ def arithmetic_is_exact(spec: PreprocessSpec) -> bool:
 def _arithmetic_nodes(spec: PreprocessSpec) -> tuple[list, list]:
     """Transpose (uint8) -> Cast -> Div -> Sub -> Div."""
     names = [_PREFIX + n for n in ("divisor", "mean", "std")]
-    inits = [numpy_helper.from_array(a, n) for a, n in zip(_arithmetic_constants(spec), names)]
+    inits = [numpy_helper.from_array(a, n) for a, n in zip(_arithmetic_constants(spec), names, strict=True)]
     nodes = [
         helper.make_node("Transpose", [INPUT_NAME], [_PREFIX + "nchw"], perm=[0, 3, 1, 2], name=_PREFIX + "transpose"),
         helper.make_node("Cast", [_PREFIX + "nchw"], [_PREFIX + "float"], to=TensorProto.FLOAT, name=_PREFIX + "cast"),

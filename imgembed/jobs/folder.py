@@ -10,10 +10,10 @@ embeds only the rest, so no image is embedded twice and at most one part's worth
 every path is done the parts (and the rows of a previous output of the same model, so re-running over a
 grown folder embeds only the new files) are streamed into the output (one row per listed path, in processing
 order: listing order for a local run), written atomically with the job's metadata, and the work directory is
-removed. Memory stays bounded whatever the number of images (parts are read back in record batches). Bad files are rows with an ``error`` and never
-stop the job. The work directory records the model (name, precision, manifest sha256, decode mode); resuming
-it with another model is a :class:`~imgembed.jobs.JobError`. Concurrent jobs on one output are serialised
-by a lock file beside it.
+removed. Memory stays bounded whatever the number of images (parts are read back in record batches). Bad
+files are rows with an ``error`` and never stop the job. The work directory records the model (name, precision,
+manifest sha256, decode mode); resuming it with another model is a :class:`~imgembed.jobs.JobError`.
+Concurrent jobs on one output are serialised by a lock file beside it.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import Runner
@@ -212,17 +212,14 @@ def open_original(module: Any, input_hw: tuple[int, int], output_dim: int, label
     """A (not yet active) runner over a PyTorch original."""
     b = get_backend(backend)
     if b.runs != "original":
+        originals = sorted(n for n, x in BACKENDS.items() if x.runs == "original")
         raise BackendUnavailableError(f"backend {backend!r} runs exported artifacts, not PyTorch originals; "
-                                      f"original backends: {sorted(n for n, x in BACKENDS.items() if x.runs == 'original')}")
+                                      f"original backends: {originals}")
     b.check(device)
     if precision not in b.precisions(device):
         raise BackendUnavailableError(f"backend {backend!r} runs {list(b.precisions(device))} on {device}, "
                                       f"not {precision!r}")
     return b.open(OriginalRef(module, tuple(input_hw), output_dim, label), device, threads, precision)
-
-
-def original_backends() -> Sequence[str]:
-    return [n for n, b in BACKENDS.items() if b.runs == "original"]
 
 
 # ------------------------------------------------------------------------------------------- the rows

@@ -78,7 +78,7 @@ class Runner(ABC):
         if x.ndim != len(spec.shape) or x.shape[0] == 0:
             raise ValueError(f"{self.name}: input shape {x.shape} does not match {spec.name!r} {spec.shape} "
                              "(a non-empty batch is required)")
-        for got, want in zip(x.shape[1:], spec.shape[1:]):
+        for got, want in zip(x.shape[1:], spec.shape[1:], strict=True):
             if want is not None and got != want:
                 raise ValueError(f"{self.name}: input shape {x.shape} does not match {spec.name!r} {spec.shape}")
 
@@ -88,7 +88,7 @@ class Runner(ABC):
     @abstractmethod
     def _infer_impl(self, x: np.ndarray) -> np.ndarray: ...
 
-    def _deactivate_impl(self) -> None:
+    def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook: most backends have nothing to release
         pass
 
     def describe(self) -> dict:

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..artifact import MODEL_FILE, read_manifest, verify
+from ..artifact import read_manifest, verify
 from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
 from ..fastdecode import check_mode, load_crop
-from .pipeline import default_workers, pipelined_batches
 from ..preprocess import PreprocessSpec
 from ..registry import ModelSpec, get_spec, registry
 from .base import Runner
 from .inputs import model_input, takes_crops
+from .pipeline import default_workers, pipelined_batches
 from .results import Embeddings
 
 DEFAULT_BATCH_SIZE = 16
@@ -126,10 +126,6 @@ class Embedder:
 
         return pipelined_batches(prepare, infer, enumerate(items), batch_size=bs, workers=workers, catch=catch,
                                  dim=self.dim)
-
-    def infer_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """Embed uint8 ``(H, W, 3)`` model-size crops (as :func:`imgembed.fastdecode.load_crop` returns)."""
-        return self.runner.infer(self.model_input(np.stack(crops)))
 
     @staticmethod
     def _item_name(item: Any, index: int) -> str | None:

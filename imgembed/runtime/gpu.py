@@ -45,7 +45,7 @@ def parse_nvidia_smi_csv(text: str, fields: tuple[str, ...] = NVIDIA_SMI_FIELDS)
         if len(cells) != len(fields):
             raise ValueError(f"nvidia-smi row {line!r} has {len(cells)} cells; expected {len(fields)} "
                              f"({', '.join(fields)})")
-        rows.append({f: _cell(f, c) for f, c in zip(fields, cells)})
+        rows.append({f: _cell(f, c) for f, c in zip(fields, cells, strict=True)})
     return rows
 
 

@@ -144,7 +144,8 @@ def engine_records(manifest: dict) -> list[dict]:
     return list((manifest.get("tensorrt") or {}).get("engines") or [])
 
 
-def artifact_engine(artifact: str | Path, precision: str | None = None, env: EngineEnv | None = None) -> tuple[Path, dict]:
+def artifact_engine(artifact: str | Path, precision: str | None = None,
+                    env: EngineEnv | None = None) -> tuple[Path, dict]:
     """The engine file (and its record) of ``artifact`` that runs on this machine; checksums verified."""
     from ..artifact import read_manifest, verify
 

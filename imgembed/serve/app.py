@@ -29,8 +29,15 @@ from fastapi.responses import JSONResponse, Response
 from .. import __version__
 from .batcher import Batcher
 from .config import ServeConfig
-from .errors import (BadRequestError, ModelNotFoundError, PayloadTooLargeError, RequestTimeoutError, ServeError,
-                     UnavailableError, UndecodableImageError)
+from .errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    ServeError,
+    UnavailableError,
+    UndecodableImageError,
+)
 from .metrics import Metrics
 from .models import ServedModel
 from .schemas import EmbeddingResponse, ErrorResponse, Health, ModelInfo, ModelList, Readiness

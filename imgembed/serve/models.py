@@ -93,14 +93,14 @@ def assign_ids(args: Sequence[ArtifactArg]) -> list[tuple[str, tuple[str, ...]]]
     names = Counter(a.name for a in args if a.explicit_id is None)
     ids = [a.explicit_id or (a.name if names[a.name] == 1 else f"{a.name}-{a.precision}") for a in args]
     seen: dict[str, Path] = {}
-    for model_id, a in zip(ids, args):
+    for model_id, a in zip(ids, args, strict=True):
         if model_id in seen:
             raise DuplicateModelError(f"artifacts {seen[model_id]} and {a.path} both resolve to model id "
                                       f"{model_id!r}; name them explicitly with ID=PATH")
         seen[model_id] = a.path
     alias_count = Counter(f"{a.name}-{a.precision}" for a in args)
     out = []
-    for model_id, a in zip(ids, args):
+    for model_id, a in zip(ids, args, strict=True):
         alias = f"{a.name}-{a.precision}"
         out.append((model_id, (alias,) if alias_count[alias] == 1 and alias not in seen else ()))
     return out
@@ -113,7 +113,7 @@ def load_models(args: Sequence[str], config: ServeConfig) -> list[ServedModel]:
         raise ServeConfigError("no artifacts to serve: pass at least one artifact directory")
     parsed = [parse_artifact_arg(a) for a in args]
     models = []
-    for a, (model_id, aliases) in zip(parsed, assign_ids(parsed)):
+    for a, (model_id, aliases) in zip(parsed, assign_ids(parsed), strict=True):
         emb = load_artifact(a.path, backend=config.backend, device=config.device, threads=config.threads,
                             batch_size=config.max_batch, workers=0)
         models.append(ServedModel(model_id, aliases, a.path, emb))

@@ -23,13 +23,12 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..decode_guard import decode_formats
 from ..errors import ImageDecodeError
 from ..fastdecode import crops_of, crops_to_pixels
 from ..preprocess import PreprocessSpec, load_image
 from .config import ServeConfig
 from .errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
-
-from ..decode_guard import decode_formats
 
 PROBE_FORMATS = decode_formats()  # the plugins load_image itself allows: header probes use no others
 FORM_LIMIT = 10_000  # parts per multipart body; the body-size limit is what really bounds a request
