@@ -15,12 +15,14 @@ gated when a threshold is given for it. Every failing metric is collected before
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .errors import ParityError
-from .runtime.base import Runner
+
+if TYPE_CHECKING:  # core does not import runtime; a runner is only called here
+    from .runtime.base import Runner
 
 BATCH_SIZES = (1, 3, 8)
 KNN_K = 5
