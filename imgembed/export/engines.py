@@ -22,6 +22,7 @@ from ..parity import BATCH_INVARIANCE_LIMIT, ParityReport, parity_report
 from ..registry import ModelSpec
 from ..runtime.backends import EngineRef, get_backend
 from ..runtime.timing import interleaved_medians
+from .onnx_export import DEFAULT_OPSET
 from .quantize import PRESETS, QuantConfig, quantize, quantized_op_counts
 from .reference import ParitySet
 
@@ -44,6 +45,8 @@ class Inputs:
     transformer: bool
     built: dict = field(default_factory=dict)   # files shared between candidates, by builder
     _uint8_plain: Path | None = None
+    head: object | None = None      # the original after export surgery (candidates that re-export it)
+    opset: int = DEFAULT_OPSET
 
     def plain_in_format(self) -> Path:
         """The plain graph with the artifact's input (uint8 prefix added when asked)."""
@@ -131,6 +134,22 @@ def _ort_int8(config: QuantConfig) -> Callable[[Inputs, Path], tuple[dict[str, P
     return build
 
 
+def _ort_int8_smoothquant(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+    """Static Q/DQ on a graph exported from a SmoothQuant-ed copy of the original (alpha searched on the
+    calibration images), with the most sensitive MatMuls kept float if still needed (:mod:`.int8_search`)."""
+    from .int8_search import smoothquant_int8
+
+    if inputs.head is None:
+        raise ExportError("the smoothquant candidate needs the PyTorch original (Inputs.head)")
+    pixels, _, info = inputs.calibration()
+    config = PRESETS["static-qdq-matmul"]
+    q, _, recipe = smoothquant_int8(inputs.head, inputs.spec, pixels, directory, config, inputs.opset,
+                                    inputs.spec.thresholds("int8"), threads=inputs.threads)
+    path = _with_input_format(inputs, q, directory / "model.onnx")
+    return {"model": path}, {"preset": config.to_dict(), "calibration": info, "smoothquant": recipe,
+                             "quantized_ops": quantized_op_counts(q)}
+
+
 def _with_input_format(inputs: Inputs, src: Path, dst: Path) -> Path:
     """``src`` as the artifact's input format: copied for float32, prefixed with the uint8 input otherwise."""
     import shutil
@@ -209,6 +228,9 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
     elif precision == "int8":
         out = [Candidate(f"onnxruntime-int8-{c.name}", "onnxruntime", "int8", _ort_int8(c), c.mode == "static",
                          portable=True) for c in int8_presets(transformer, int8_preset)]
+        if int8_preset is None and transformer:
+            out.append(Candidate("onnxruntime-int8-smoothquant", "onnxruntime", "int8", _ort_int8_smoothquant,
+                                 True, portable=True))
         if int8_preset is None:
             out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8, True, unavailable=ov),
                     Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8, True, "bf16", unavailable=bf16)]

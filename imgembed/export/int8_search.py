@@ -1,9 +1,10 @@
 """Outlier-aware static INT8 for ONNX Runtime: SmoothQuant with a searched alpha, then a bounded fallback.
 
 1. Per-channel activation maxima of every LayerNorm -> Linear pair on the calibration images (PyTorch hooks).
-2. For each alpha of ``alphas``: smooth a copy of the original (:mod:`.smoothquant`, exact in FP32), export
-   it to ONNX, quantize with the static Q/DQ preset, and score the INT8 graph against the original's FP32
-   embeddings of the *calibration* images (the parity images stay unseen). Best: highest min cosine.
+2. For each alpha of ``alphas``: smooth a copy of the original (:mod:`.smoothquant`, exact in FP32) and
+   score its simulated static INT8 (:func:`.smoothquant.simulate_int8`, PyTorch) against the original's FP32
+   embeddings of the *calibration* images (the parity images stay unseen). Best: highest min cosine, then
+   mean. Only that alpha is exported to ONNX, quantized with the static Q/DQ preset and scored for real.
 3. Fallback, only when the best alpha misses the gate's cosine thresholds on the calibration images: keep
    the most sensitive MatMuls in float (``nodes_to_exclude``), one at a time, at most ``max_excluded`` of
    the quantized MatMuls. Sensitivity of a MatMul = the relative error its quantization adds (error of its
@@ -21,7 +22,7 @@ import numpy as np
 
 from .onnx_export import INPUT_NAME, export_onnx
 from .quantize import QuantConfig, prepare_static, quantize
-from .smoothquant import ALPHAS, activation_absmax, norm_linear_pairs, smooth
+from .smoothquant import ALPHAS, activation_absmax, norm_linear_pairs, simulate_int8, smooth
 
 SENSITIVITY_IMAGES = 8
 
@@ -100,22 +101,24 @@ def smoothquant_int8(head, spec, pixels: np.ndarray, directory: Path, config: Qu
         reference = np.concatenate([head(torch.from_numpy(b)).numpy() for b in batches])
     x_absmax = activation_absmax(head, norm_linear_pairs(head), batches)
     tried: dict[float, dict] = {}
-    best = None
     for alpha in alphas:
-        step(f"smoothquant alpha {alpha}")
+        step(f"smoothquant: simulating INT8 at alpha {alpha}")
         smoothed = copy.deepcopy(head)
-        record = smooth(smoothed, x_absmax, alpha)
-        plain = export_onnx(smoothed, spec, directory / f"smoothed-{alpha}.onnx", opset)
+        smooth(smoothed, x_absmax, alpha)
+        cos = _cosines(reference, simulate_int8(smoothed, batches))
+        tried[alpha] = {"min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 6)}
         del smoothed
-        int8 = quantize(plain, directory / f"int8-{alpha}.onnx", config, batches)
-        tried[alpha] = score(int8, batches, reference, threads)
-        key = (tried[alpha]["min_cosine"], tried[alpha]["mean_cosine"])
-        if best is None or key > best[0]:
-            best = key, alpha, plain, int8, record
-    _, alpha, plain, int8, record = best
-    record = {**record, "alphas": {str(a): s for a, s in tried.items()}, "calibration_score": tried[alpha],
+    alpha = max(alphas, key=lambda a: (tried[a]["min_cosine"], tried[a]["mean_cosine"]))
+    smoothed = copy.deepcopy(head)
+    record = smooth(smoothed, x_absmax, alpha)
+    step(f"smoothquant: exporting and quantizing at alpha {alpha}")
+    plain = export_onnx(smoothed, spec, directory / "smoothed.onnx", opset)
+    del smoothed
+    int8 = quantize(plain, directory / "int8.onnx", config, batches)
+    current = score(int8, batches, reference, threads)
+    record = {**record, "simulated_alphas": {str(a): s for a, s in tried.items()}, "calibration_score": current,
               "excluded_nodes": []}
-    if not _meets(tried[alpha], thresholds):
+    if not _meets(current, thresholds):
         int8, record = _exclude_sensitive(plain, int8, config, batches, reference, thresholds, record,
                                           max_excluded, threads, step)
     return int8, plain, record

@@ -247,7 +247,6 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as tmp:
         work = Path(tmp)
         plain, ort_graph, graph_record = _graphs(spec, opts, head, work, step)
-        del head
         calibration: dict = {}
 
         def calibrate() -> tuple[np.ndarray, np.ndarray, dict]:
@@ -257,7 +256,7 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
             return calibration["set"]
 
         inputs = engines.Inputs(spec, work, plain, ort_graph, opts.input_format, parity_set, calibrate,
-                                opts.threads, family.is_transformer)
+                                opts.threads, family.is_transformer, head=head, opset=opts.opset)
         outcomes = engines.run(candidates, inputs, spec.thresholds(opts.precision), step,
                                speed_check=opts.speed_check)
         winner, kept = engines.choose(outcomes, opts.keep_candidates)

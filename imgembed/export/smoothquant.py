@@ -135,3 +135,37 @@ def smooth(model: torch.nn.Module, x_absmax: list[torch.Tensor], alpha: float,
     return {"method": "smoothquant", "alpha": alpha, "pairs": len(pairs),
             "activation_max_over_median": {"before": round(max(spread_before, default=0.0), 2),
                                            "after": round(max(spread_after, default=0.0), 2)}}
+
+
+@torch.no_grad()
+def simulate_int8(model: torch.nn.Module, batches: list[np.ndarray]) -> np.ndarray:
+    """``model``'s outputs with every Linear computed as static Q/DQ would (``static-qdq-matmul``): inputs
+    fake-quantized to uint8 with one min/max range per tensor calibrated on ``batches``, weights to
+    symmetric int8 per output channel. Changes ``model``'s weights: pass a copy. Ranks smoothing alphas
+    without an ONNX export per alpha (activation-activation MatMuls do not depend on alpha)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ranges = {id(m): [0.0, 0.0] for m in linears}
+
+    def observe(module, args):
+        r = ranges[id(module)]
+        r[0], r[1] = min(r[0], float(args[0].min())), max(r[1], float(args[0].max()))
+
+    def fake_quant(module, args):
+        lo, hi = ranges[id(module)]
+        scale = max(hi - lo, 1e-12) / 255.0
+        zero = round(-lo / scale)
+        return (torch.clamp(torch.round(args[0] / scale) + zero, 0, 255) - zero) * scale,
+
+    def run(hook) -> np.ndarray:
+        handles = [m.register_forward_pre_hook(hook) for m in linears]
+        try:
+            return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(b))).numpy() for b in batches])
+        finally:
+            for h in handles:
+                h.remove()
+
+    run(observe)
+    for m in linears:
+        w_scale = m.weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        m.weight.copy_(torch.clamp(torch.round(m.weight / w_scale), -127, 127) * w_scale)
+    return run(fake_quant)
