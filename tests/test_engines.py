@@ -56,6 +56,9 @@ def test_int8_race_records_every_candidate_and_keeps_the_fastest_passing_one(int
     m = int8_all.manifest
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
     assert {"onnxruntime-int8-static-qdq-matmul", "openvino-int8"} <= set(rows)
+    if rows["onnxruntime-int8-static-qdq-matmul"]["passed"]:    # the outlier recipe is built only when needed
+        assert rows["onnxruntime-int8-smoothquant"]["why_not"] == \
+            "not needed: onnxruntime-int8-static-qdq-matmul passed the gate"
     assert m["selection"]["cpu"]["flags"] and m["selection"]["batch_size"] == 8
     passing = [r for r in rows.values() if r["passed"]]
     assert passing, rows

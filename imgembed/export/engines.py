@@ -71,6 +71,7 @@ class Candidate:
     inference_precision: str = "fp32"
     unavailable: str | None = None   # why it cannot be built here
     portable: bool = False           # kept as the fallback engine when another backend wins
+    fallback_for: str | None = None  # built only when this candidate (same graph structure) failed its gate
 
 
 @dataclass
@@ -228,9 +229,9 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
     elif precision == "int8":
         out = [Candidate(f"onnxruntime-int8-{c.name}", "onnxruntime", "int8", _ort_int8(c), c.mode == "static",
                          portable=True) for c in int8_presets(transformer, int8_preset)]
-        if int8_preset is None and transformer:
+        if int8_preset is None and transformer:  # same Q/DQ structure and speed: only needed when outliers
             out.append(Candidate("onnxruntime-int8-smoothquant", "onnxruntime", "int8", _ort_int8_smoothquant,
-                                 True, portable=True))
+                                 True, portable=True, fallback_for="onnxruntime-int8-static-qdq-matmul"))
         if int8_preset is None:
             out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8, True, unavailable=ov),
                     Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8, True, "bf16", unavailable=bf16)]
@@ -284,6 +285,9 @@ def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, f
         outcome = Outcome(c)
         outcomes.append(outcome)
         if c.unavailable:
+            continue
+        if c.fallback_for and any(o.candidate.id == c.fallback_for and o.passed for o in outcomes):
+            outcome.error = f"not needed: {c.fallback_for} passed the gate"
             continue
         step(f"building {c.id}")
         try:
