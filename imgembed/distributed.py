@@ -1,4 +1,4 @@
-"""Scale-out with Ray Data: the same artifact and decode path, one ONNX Runtime session per actor.
+"""Scale-out with Ray Data: the same artifact and decode path, one runner per actor.
 
     import imgembed.distributed as dist
     table = dist.embed_with_ray("artifacts/clip-vit-b32-int8", ["photos/"], decode="fast")

@@ -8,9 +8,8 @@
            input, the resize reads only the center-crop region (``resize(box=...)``, the same filter taps as
            a full resize) with ``reducing_gap=1`` (PIL first box-reduces by the integer part of the scale, so
            a 2x-drafted JPEG is halved by ``Image.reduce`` and the bicubic filter only does the last <2x).
-           Per image on 1-3 MP JPEGs (2 cores, CLIP 224 px): exact ~26 ms, fast ~7 ms; crops differ from
-           exact by ~1 grey level on average; embedding cosine fast vs exact >= 0.9996 (README, and
-           tests/test_fast_decode.py on the tiny models).
+           Crops differ from exact ones by about one grey level on average; speed and agreement are
+           measured in README ("Fast end-to-end embedding") and tests/test_decode_fast.py.
 
 Both modes return the same thing: a uint8 ``(H, W, 3)`` crop of the model's input size. Float inputs are
 made from crops with the HF-identical lookup table (:func:`crops_to_pixels`), uint8 artifacts take the crops

@@ -7,7 +7,7 @@ the input and the reason. No other exception, no hang (each input is timed), bou
 whole battery runs in a subprocess whose peak RSS is checked, which also turns a native crash into a
 counted crash instead of a dead test run).
 
-Counts for the closing note:  python tests/test_decode_battery.py [--artifact DIR] [--json]
+Counts as a report:  python tests/test_decode_battery.py [--artifact DIR] [--json]
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Precision, per TensorRT generation:
 The ONNX for TensorRT is exported unfused (ONNX Runtime's contrib ops such as ``Attention`` are not ONNX
 operators), at opset >= 17 so LayerNormalization is one native op. ``tensorrt`` is imported lazily.
 
-UNVERIFIED on hardware: this project's machines have no NVIDIA GPU. The pure-Python decisions (flags,
+Not yet run on GPU hardware. The pure-Python decisions (flags,
 precision constraints, graph checks, profiles, keys) are unit-tested with fakes; building and running
 engines is written to TensorRT's documented Python API only.
 """

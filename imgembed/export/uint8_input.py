@@ -12,8 +12,8 @@ For every registry model (rescale 1/255) this float32 arithmetic reproduces :mod
 lookup table (HF's float64 rescale cast to float32, then float32 ``(x - mean) / std``) bit for bit -- checked
 for all 256 x 3 values at export -- so the model part receives exactly the float pixels of the float path.
 Where it would not be exact (an unusual rescale factor), the table itself is used instead (Cast int64, add
-channel offset c*256, Gather from the (768,) table), which is exact by construction but ~3x slower than the
-arithmetic (about 3 ms vs 0.8 ms per 224x224 image on 2 cores).
+channel offset c*256, Gather from the (768,) table), which is exact by construction but slower than the
+arithmetic (README, "Fast end-to-end embedding").
 """
 from __future__ import annotations
 

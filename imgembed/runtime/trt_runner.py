@@ -4,7 +4,7 @@ Written against TensorRT's name-based tensor API (TensorRT >= 8.6: ``set_input_s
 ``set_tensor_address``, ``execute_async_v3``), which TensorRT 10 and 11 keep. ``tensorrt`` and ``torch``
 are imported on activation only, so this module imports on any machine.
 
-UNVERIFIED on hardware: no machine of this project has an NVIDIA GPU; the pure-Python parts (profiles,
+Not yet run on GPU hardware; the pure-Python parts (profiles,
 keys, compatibility, chunking) are tested, the CUDA path is written to the documented API only.
 """
 from __future__ import annotations
