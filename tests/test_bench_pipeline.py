@@ -19,7 +19,7 @@ def test_bench_pipeline_mode_with_fast_decode(artifact_dir, tmp_path):
     data = json.loads((out / "bench.json").read_text())
     modes = {(r["mode"], r["variant"]) for r in data["results"]}
     assert modes == {(m, v) for m in ("model-only", "end-to-end", "end-to-end pipelined")
-                     for v in ("torch-fp32", "onnxruntime-fp32")}
+                     for v in ("torch-fp32", "torch-bf16", "onnxruntime-fp32")}
     assert (data["settings"]["decode"], data["settings"]["workers"], data["settings"]["e2e_megapixels"]) == \
         ("fast", 2, 0.5)
     assert data["results"] and all(r["throughput_ips"] > 0 and r["speedup_vs_original"] for r in data["results"])

@@ -125,7 +125,8 @@ def test_health_readiness_and_model_list(client):
     models = {m["id"]: m for m in client.models()}
     assert models["test-clip-tiny"] == {"id": "test-clip-tiny", "aliases": ["test-clip-tiny-int8"],
                                         "name": "test-clip-tiny", "precision": "int8", "dim": 24,
-                                        "normalized": True, "input_size": [64, 64]}
+                                        "normalized": True, "input_size": [64, 64], "backend": "onnxruntime",
+                                        "engine": "onnxruntime-int8-static-qdq-matmul", "batch_invariant": True}
     assert (models["test-dinov2-tiny"]["dim"], models["test-dinov2-tiny"]["precision"]) == (32, "fp32")
 
 
@@ -363,13 +364,18 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(artifacts, refer
         s.stop()
 
 
-def test_batch_invariant_serving_gives_the_offline_batch_of_one_vectors(artifacts):
-    # The per-batch activation scale of dynamic INT8 makes batch composition matter offline too ...
-    offline = imgembed.load(artifacts["test-clip-tiny"])
+def test_batch_invariant_serving_gives_the_offline_batch_of_one_vectors(artifacts, tmp_path):
+    # The default (static) INT8 engine gives an image the same vector whatever its batch-mates ...
+    static = imgembed.load(artifacts["test-clip-tiny"])
+    np.testing.assert_array_equal(static.embed(BYTES, batch_size=1), static.embed(BYTES, batch_size=16))
+    # ... the opt-in dynamic INT8 quantizes activations per batch, so batch composition matters offline ...
+    dynamic = export_model("test-clip-tiny", tmp_path / "dynamic", ExportOptions(
+        precision="int8", int8_preset="dynamic", random_init=True, speed_check=False)).path
+    offline = imgembed.load(dynamic)
     alone, batched = offline.embed(BYTES, batch_size=1), offline.embed(BYTES, batch_size=16)
     assert np.abs(alone - batched).max() > 1e-4
-    # ... --batch-invariant serves exactly the batch-of-one vectors, even for concurrent requests.
-    with ServerProcess([artifacts["test-clip-tiny"]], "--max-batch", "8", "--max-delay-ms", "20",
+    # ... and --batch-invariant serves exactly the batch-of-one vectors, even for concurrent requests.
+    with ServerProcess([dynamic], "--max-batch", "8", "--max-delay-ms", "20",
                        "--batch-invariant") as s:
         def one(i: int) -> np.ndarray:
             with EmbeddingClient(s.url, timeout=30) as c:
