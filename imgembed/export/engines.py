@@ -172,23 +172,28 @@ def _ov_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
     return ir_files(convert_onnx(inputs.plain_in_format(), directory / "model.xml")), {}
 
 
-def _ov_int8(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
-    """NNCF INT8 IR; built once per export and shared by the candidates that differ only in their hint."""
-    from .openvino import convert_onnx, ir_files, quantize_nncf
+def _ov_int8(smooth_quant: bool) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
+    """NNCF INT8 IR (SmoothQuant on or off); built once per export and shared by the candidates that differ
+    only in their inference hint."""
+    key = f"openvino-int8{'-smoothquant' if smooth_quant else ''}"
 
-    if "openvino-int8" in inputs.built:
-        files, record = inputs.built["openvino-int8"]
-        return files, dict(record)
-    directory.mkdir(parents=True, exist_ok=True)
-    pixels, crops, info = inputs.calibration()
-    data = crops if inputs.input_format == "uint8" else pixels
-    fp32 = convert_onnx(inputs.plain_in_format(), directory / "fp32.xml")
-    record = quantize_nncf(fp32, directory / "model.xml", [data[i:i + 8] for i in range(0, len(data), 8)],
-                           transformer=inputs.transformer)
-    for p in ir_files(fp32).values():
-        p.unlink()
-    inputs.built["openvino-int8"] = ir_files(directory / "model.xml"), {**record, "calibration": info}
-    return ir_files(directory / "model.xml"), {**record, "calibration": info}
+    def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+        from .openvino import convert_onnx, ir_files, quantize_nncf
+
+        if key in inputs.built:
+            files, record = inputs.built[key]
+            return files, dict(record)
+        directory.mkdir(parents=True, exist_ok=True)
+        pixels, crops, info = inputs.calibration()
+        data = crops if inputs.input_format == "uint8" else pixels
+        fp32 = convert_onnx(inputs.plain_in_format(), directory / "fp32.xml")
+        record = quantize_nncf(fp32, directory / "model.xml", [data[i:i + 8] for i in range(0, len(data), 8)],
+                               transformer=inputs.transformer, smooth_quant=smooth_quant)
+        for p in ir_files(fp32).values():
+            p.unlink()
+        inputs.built[key] = ir_files(directory / "model.xml"), {**record, "calibration": info}
+        return ir_files(directory / "model.xml"), {**record, "calibration": info}
+    return build
 
 
 # ------------------------------------------------------------------------------------------ candidates
@@ -233,8 +238,16 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
             out.append(Candidate("onnxruntime-int8-smoothquant", "onnxruntime", "int8", _ort_int8_smoothquant,
                                  True, portable=True, fallback_for="onnxruntime-int8-static-qdq-matmul"))
         if int8_preset is None:
-            out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8, True, unavailable=ov),
-                    Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8, True, "bf16", unavailable=bf16)]
+            # NNCF without SmoothQuant first; with it only where that fails the gate (outlier channels), as for
+            # ONNX Runtime. CNNs have no SmoothQuant variant.
+            out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8(False), True, unavailable=ov),
+                    Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8(False), True, "bf16",
+                              unavailable=bf16)]
+            if transformer:
+                out += [Candidate("openvino-int8-smoothquant", "openvino", "int8", _ov_int8(True), True,
+                                  unavailable=ov, fallback_for="openvino-int8"),
+                        Candidate("openvino-int8-smoothquant-bf16", "openvino", "int8", _ov_int8(True), True,
+                                  "bf16", unavailable=bf16, fallback_for="openvino-int8-bf16")]
     else:
         raise ExportError(f"precision {precision!r} is not supported; expected one of fp32, bf16, fp16, int8")
     if engine is not None:

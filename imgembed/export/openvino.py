@@ -3,8 +3,8 @@
 The IR is converted from the *plain* graph (before ONNX Runtime's fusions: the fused graph holds
 ``com.microsoft`` ops OpenVINO cannot read) and saved with FP32 weights (``compress_to_fp16=False``; BF16
 is an inference-time hint, see :mod:`imgembed.runtime.ov_runner`). INT8 uses ``nncf.quantize`` calibrated on
-the same images as the ONNX Runtime static path: with ``model_type=TRANSFORMER`` NNCF applies SmoothQuant
-(activation outliers migrated into the weights) and keeps softmax/LayerNorm paths in float; CNNs get the
+the same images as the ONNX Runtime static path: with ``model_type=TRANSFORMER`` NNCF keeps softmax/LayerNorm
+paths in float and can apply SmoothQuant (activation outliers migrated into the weights); CNNs get the
 default preset with bias correction.
 """
 from __future__ import annotations
@@ -56,9 +56,10 @@ def convert_onnx(src: str | Path, dst_xml: str | Path) -> Path:
 
 
 def quantize_nncf(src_xml: str | Path, dst_xml: str | Path, calibration: Sequence[np.ndarray], *,
-                  transformer: bool, ignored_types: Sequence[str] = ()) -> dict:
+                  transformer: bool, smooth_quant: bool = True, ignored_types: Sequence[str] = ()) -> dict:
     """NNCF post-training INT8 of an IR; ``calibration`` batches are split into single images. Returns the
-    quantization record for the manifest."""
+    quantization record for the manifest. ``smooth_quant=False`` turns NNCF's SmoothQuant off for a
+    transformer (its scale migration costs accuracy on weights without outlier channels)."""
     from ..runtime.ov_runner import import_openvino
 
     ov = import_openvino()
@@ -70,6 +71,9 @@ def quantize_nncf(src_xml: str | Path, dst_xml: str | Path, calibration: Sequenc
     if not items:
         raise ExportError("NNCF quantization needs calibration images")
     kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    if transformer and not smooth_quant:
+        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
     if ignored_types:
         kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(ignored_types), validate=False)
     try:
@@ -83,6 +87,7 @@ def quantize_nncf(src_xml: str | Path, dst_xml: str | Path, calibration: Sequenc
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return {"method": "nncf.quantize", "nncf": getattr(nncf, "__version__", None),
             "model_type": "transformer" if transformer else "default", "calibration_images": len(items),
+            "smooth_quant": bool(transformer and smooth_quant),
             "ignored_types": list(ignored_types), "activations": "static (per-tensor scales)",
             "weights": "per-channel int8"}
 
