@@ -186,14 +186,14 @@ def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
         unmet = _unmet(engine)
         if unmet:
             notes.append(f"{engine['id']}: {unmet}")
-            degraded.append(engine)
+            degraded.append((engine, unmet))
             continue
         return engine, notes
     if degraded:
-        engine = {**degraded[0], "inference_precision": "fp32"}
-        warnings.warn(f"{where}: engine {engine['id']} was exported for native BF16 but {notes[-1].split(': ', 1)[1]};"
-                      " it runs in FP32 here (same vectors within the FP32 gate, slower)", DegradedEngineWarning,
-                      stacklevel=2)
+        first, unmet = degraded[0]
+        engine = {**first, "inference_precision": "fp32"}
+        warnings.warn(f"{where}: engine {engine['id']} was exported for native BF16 but {unmet}; it runs in FP32 "
+                      "here (same vectors within the FP32 gate, slower)", DegradedEngineWarning, stacklevel=2)
         return engine, notes
     raise BackendUnavailableError(f"{where}: no engine can run on {device} here ({'; '.join(notes)}); "
                                   f"the artifact holds: {held}")
