@@ -2,6 +2,7 @@
 test command, ruff is configured, and no large binaries can be committed."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -19,8 +20,11 @@ def _readme_commands() -> list[str]:
 
 def _make_recipe(target: str) -> list[str]:
     """The commands ``make -n TARGET`` would run on a fresh clone (no .venv), as make prints them."""
-    proc = subprocess.run(["make", "-n", "-B", "-f", str(ROOT / "Makefile"), target], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
+    # Under `make test` this runs as a sub-make: drop the parent's variables so make prints no
+    # "Entering directory" lines and inherits no flags.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-B", "-f", str(ROOT / "Makefile"), target],
+                          cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     return proc.stdout.splitlines()
 
 
