@@ -155,6 +155,26 @@ FOLDED_LAYER_SCALE = Surgery("folded-layer-scale", fold_layer_scale, only_when_o
 
 # ------------------------------------------------------------------------------------------ records
 @dataclass(frozen=True)
+class TextTower:
+    """The text side of an image-text family: how its text embeddings are made and scored against images.
+
+    The original is built from the full image-text model (``model_class``; its text tower and projection),
+    so a text vector is what ``model.get_text_features(**tokenizer(texts))`` gives in transformers.
+    ``scores``: "softmax" (CLIP: logit_scale * cosine, softmax over the labels) or "sigmoid" (SigLIP:
+    logit_scale * cosine + logit_bias, an independent probability per label). ``reference_mask``: the
+    reference passes the tokenizer's attention mask (CLIP, as transformers users do; the exported graph
+    takes input_ids only, which the gate proves equivalent under causal attention); SigLIP is run without
+    one, as it was trained.
+    """
+
+    model_class: str
+    config_class: str
+    projection: str | None      # attribute of the full model that projects the pooled text, None: none
+    scores: str
+    reference_mask: bool
+
+
+@dataclass(frozen=True)
 class Family:
     """What differs between model families, as data and small hooks."""
 
@@ -166,6 +186,7 @@ class Family:
     vision_tower: Callable[[Mapping[str, Any]], dict | None] = encoder_only  # full checkpoint -> vision config
     surgery: tuple[Surgery, ...] = ()
     config_input_size: str | None = "image_size"  # config.json key that is the input size (None: it is not)
+    text: TextTower | None = None  # image-text families: the text tower sharing the embedding space
 
     def prepare_export(self, head: "EmbeddingHead", spec: "ModelSpec", optimize: bool) -> list[str]:
         """Export-time surgery on a copy of the original; returns the names of what was applied."""
@@ -179,7 +200,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("clip", "CLIPVisionConfig", "CLIPVisionModelWithProjection", "clip", vision_tower=clip_vision_tower),
+    Family("clip", "CLIPVisionConfig", "CLIPVisionModelWithProjection", "clip", vision_tower=clip_vision_tower,
+           text=TextTower("CLIPModel", "CLIPConfig", "text_projection", "softmax", reference_mask=True)),
     Family("vit", "ViTConfig", "ViTModel", "vit"),
     # DINOv2's image_size is its position-embedding grid (518), not the input size
     Family("dinov2", "Dinov2Config", "Dinov2Model", "vit", surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE),
@@ -187,7 +209,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("dinov2-reg", "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", "vit",
            surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE), config_input_size=None),
     Family("dinov3", "DINOv3ViTConfig", "DINOv3ViTModel", "vit", surgery=(FROZEN_ROPE,)),
-    Family("siglip", "SiglipVisionConfig", "SiglipVisionModel", "clip", vision_tower=siglip_vision_tower),
+    Family("siglip", "SiglipVisionConfig", "SiglipVisionModel", "clip", vision_tower=siglip_vision_tower,
+           text=TextTower("SiglipModel", "SiglipConfig", None, "sigmoid", reference_mask=False)),
     Family("resnet", "ResNetConfig", "ResNetModel", None, is_transformer=False, config_input_size=None),
 )}
 

@@ -81,6 +81,35 @@ class EmbeddingSpec:
             raise RegistryError(f"embedding.normalize must be true or false, got {self.normalize!r}")
 
 
+TEXT_PADDING = ("longest", "max_length")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The text tower of an image-text family (CLIP, SigLIP), in the image embedding space.
+
+    ``padding``: "longest" pads each batch to its longest caption (CLIP: causal attention, pooled at the end
+    token, so padding never changes a vector); "max_length" always pads to ``max_length`` (SigLIP pools the
+    last position and was trained on padded captions).
+    """
+
+    arch: Mapping[str, Any]
+    max_length: int
+    padding: str
+    dim: int
+
+    def __post_init__(self) -> None:
+        if self.padding not in TEXT_PADDING:
+            raise RegistryError(f"text.padding {self.padding!r} is not one of {list(TEXT_PADDING)}")
+        for key in ("max_length", "dim"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise RegistryError(f"text.{key} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": dict(self.arch), "max_length": self.max_length, "padding": self.padding, "dim": self.dim}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One registry entry. Frozen: pass it around freely."""
@@ -95,6 +124,7 @@ class ModelSpec:
     parity: Mapping[str, Mapping[str, float]]
     gflops: float | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    text: TextSpec | None = None
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -123,6 +153,7 @@ class ModelSpec:
             "parity": {k: dict(v) for k, v in self.parity.items()},
             "gflops": self.gflops,
             "tags": list(self.tags),
+            "text": None if self.text is None else self.text.to_dict(),
         }
 
     @classmethod
@@ -131,7 +162,28 @@ class ModelSpec:
 
 
 _ENTRY_KEYS = {"family", "description", "source", "arch", "embedding", "preprocess", "parity", "gflops", "tags",
-               "name"}
+               "name", "text"}
+
+
+def _parse_text(raw: Any, family: str, embedding: EmbeddingSpec, where: str) -> TextSpec | None:
+    if raw is None:
+        return None
+    if FAMILIES[family].text is None:
+        raise RegistryError(f"{where}.text: family {family!r} has no text tower (image-text families: "
+                            f"{[f for f, rec in FAMILIES.items() if rec.text is not None]})")
+    if not isinstance(raw, Mapping):
+        raise RegistryError(f"{where}.text must be a mapping with arch, max_length, padding, dim")
+    _check_keys(raw, {"arch", "max_length", "padding", "dim"}, f"{where}.text")
+    try:
+        text = TextSpec(arch=dict(_require(raw, "arch", f"{where}.text")),
+                        max_length=_require(raw, "max_length", f"{where}.text"),
+                        padding=str(raw.get("padding", "longest")), dim=_require(raw, "dim", f"{where}.text"))
+    except RegistryError as e:
+        raise RegistryError(f"{where}: {e}") from None
+    if text.dim != embedding.dim:
+        raise RegistryError(f"{where}.text.dim {text.dim} differs from embedding.dim {embedding.dim}: both towers "
+                            "must share one embedding space")
+    return text
 
 
 def _parse_parity(raw: Any, where: str) -> dict[str, dict[str, float]]:
@@ -182,6 +234,7 @@ def _parse_entry(name: str, d: Mapping[str, Any]) -> ModelSpec:
         parity=_parse_parity(d.get("parity"), where),
         gflops=None if gflops is None else float(gflops),
         tags=tuple(d.get("tags") or ()),
+        text=_parse_text(d.get("text"), family, embedding, where),
     )
 
 

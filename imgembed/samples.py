@@ -54,3 +54,34 @@ def calibration_images() -> tuple[Image.Image, ...]:
         images.append(Image.fromarray(a[: h * 2 // 3, : w * 2 // 3].copy()))
         images.append(Image.fromarray(a[h // 3:, w // 3:].copy()))
     return tuple(images)
+
+
+# Captions of the text parity gate: ordinary captions for the neighbour metric, plus the edge cases every text
+# tower must survive: empty, punctuation only, non-ASCII scripts and accents, emoji, and one caption longer
+# than any tokenizer's limit (77 CLIP / 64 SigLIP tokens) so truncation is exercised.
+_SUBJECTS = ("a cat", "two dogs", "a red bicycle", "an astronaut", "a cup of coffee", "a rocket", "a coin",
+             "a clock tower", "a grey brick wall", "the moon", "a printed page of text", "a colour wheel")
+_SETTINGS = ("at night", "on a sunny beach", "in the snow", "on a wooden table", "in a busy city street",
+             "under a microscope")
+
+
+def parity_captions() -> tuple[str, ...]:
+    """The fixed caption set of the text parity gate (edge cases first, then 24 ordinary captions)."""
+    long = ("a very long caption that keeps going " + " ".join(f"word{i}" for i in range(120))
+            + " and ends far past the token limit of every text tower")
+    edge = ("", "!!! ??? ... ;-)", "a photo of a cat", "A PHOTO OF A CAT", "Ein Foto einer Katze im Café",
+            "猫の写真", "фотография кошки", "🚲 at night 🌙", "  leading and trailing spaces  ", long)
+    ordinary = tuple(f"a photo of {s} {p}" for i, s in enumerate(_SUBJECTS) for p in _SETTINGS[i % 2::3])
+    return edge + ordinary
+
+
+def calibration_captions() -> tuple[str, ...]:
+    """Captions for static INT8 calibration of a text tower (disjoint wording from the parity set)."""
+    styles = ("a photo of {}", "a blurry photo of {}", "a close-up of {} {}", "a drawing of {} {}",
+              "there is {} {}, seen from above", "{} {}")
+    out = []
+    for i, subject in enumerate(_SUBJECTS):
+        for j, style in enumerate(styles):
+            setting = _SETTINGS[(i + j) % len(_SETTINGS)]
+            out.append(style.format(subject, setting) if style.count("{}") == 2 else style.format(subject))
+    return tuple(out)

@@ -47,6 +47,7 @@ class Inputs:
     _uint8_plain: Path | None = None
     head: object | None = None      # the original after export surgery (candidates that re-export it)
     opset: int = DEFAULT_OPSET
+    input_name: str = "pixel_values"  # the graph's input ("input_ids" for a text tower)
 
     def plain_in_format(self) -> Path:
         """The plain graph with the artifact's input (uint8 prefix added when asked)."""
@@ -128,7 +129,7 @@ def _ort_int8(config: QuantConfig) -> Callable[[Inputs, Path], tuple[dict[str, P
         # static Q/DQ goes on the plain graph (ORT fuses Q/DQ pairs into integer kernels when it loads it;
         # on the fused graph the Attention ops stay float); dynamic presets use the fused graph's QAttention
         graph = inputs.plain if config.mode == "static" else inputs.ort_graph
-        q = quantize(graph, directory / "int8.onnx", config, batches)
+        q = quantize(graph, directory / "int8.onnx", config, batches, input_name=inputs.input_name)
         path = _with_input_format(inputs, q, directory / "model.onnx")
         return {"model": path}, {"preset": config.to_dict(), "calibration": info,
                                  "quantized_ops": quantized_op_counts(q)}
@@ -219,8 +220,10 @@ def int8_presets(spec_is_transformer: bool, forced: str | None) -> list[QuantCon
 
 
 def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
-         engine: str | None = None) -> list[Candidate]:
-    """Every candidate for ``precision``, ONNX Runtime first; ``engine`` keeps one backend only."""
+         engine: str | None = None, reexport: bool = True) -> list[Candidate]:
+    """Every candidate for ``precision``, ONNX Runtime first; ``engine`` keeps one backend only.
+    ``reexport=False``: no candidate that re-exports the image original (ONNX Runtime SmoothQuant), for graphs
+    that are not an image tower."""
     ov, bf16 = _openvino_reason(), _bf16_reason()
     if precision == "fp32":
         out = [Candidate("onnxruntime-fp32", "onnxruntime", "fp32", _ort_float, True, portable=True),
@@ -234,7 +237,7 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
     elif precision == "int8":
         out = [Candidate(f"onnxruntime-int8-{c.name}", "onnxruntime", "int8", _ort_int8(c), c.mode == "static",
                          portable=True) for c in int8_presets(transformer, int8_preset)]
-        if int8_preset is None and transformer:  # same Q/DQ structure and speed: only needed when outliers
+        if int8_preset is None and transformer and reexport:  # same Q/DQ structure and speed: for outliers
             out.append(Candidate("onnxruntime-int8-smoothquant", "onnxruntime", "int8", _ort_int8_smoothquant,
                                  True, portable=True, fallback_for="onnxruntime-int8-static-qdq-matmul"))
         if int8_preset is None:

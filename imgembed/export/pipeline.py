@@ -61,6 +61,8 @@ class ExportOptions:
     threads: int | None = None
     speed_check: bool = True                # time the passing engines side by side on this machine
     input_format: str = "float32"           # "float32" NCHW normalised | "uint8" NHWC resize+crop (see uint8_input)
+    text: bool = False                      # CLIP / SigLIP: add the text tower (text/ in the artifact)
+    tokenizer: str | Path | None = None     # tokenizer directory / tokenizer.json (default: the checkpoint's)
 
 
 @dataclass
@@ -159,26 +161,38 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     return report.with_engine(engine["id"])
 
 
-def _write_artifact(out: Path, kept: list[engines.Outcome], manifest: dict) -> None:
+def _write_artifact(out: Path, kept: list[engines.Outcome], manifest: dict, text=None) -> None:
     """Copy the kept engines' files into the artifact (the first ONNX Runtime engine as ``model.onnx``,
-    every other engine under a directory named by its id) and record them in the manifest."""
-    records, taken = [], set()
+    every other engine under a directory named by its id; the text tower's the same way under ``text/``,
+    with its tokenizer.json) and record them in the manifest."""
+    taken: set[str] = set()
+    manifest["towers"] = ["image", "text"] if text is not None else ["image"]
     with staged_directory(out) as stage:
-        for o in kept:
-            c = o.candidate
-            flat = c.backend == "onnxruntime" and "model.onnx" not in taken
-            files = {}
-            for key, src in o.files.items():
-                rel = src.name if flat else f"{c.id}/{src.name}"
-                (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, stage / rel)
-                files[key] = rel
-                taken.add(rel)
-            records.append(_engine_record(o, files))
-        manifest["engines"] = records
+        manifest["engines"] = _place_engines(stage, kept, "", taken)
+        if text is not None:
+            (stage / "text").mkdir(exist_ok=True)
+            (stage / text.section["tokenizer"]["file"]).write_text(text.tokenizer_json, encoding="utf-8")
+            manifest["text"] = {**text.section, "engines": _place_engines(stage, text.kept, "text/", taken)}
+            manifest["space"] = text.space
         manifest["export"]["model_bytes"] = sum((stage / rel).stat().st_size for rel in taken)
         manifest["files"] = file_checksums(stage)
         write_json_atomic(stage / MANIFEST, manifest)
+
+
+def _place_engines(stage: Path, kept: list[engines.Outcome], prefix: str, taken: set[str]) -> list[dict]:
+    records = []
+    for o in kept:
+        c = o.candidate
+        flat = c.backend == "onnxruntime" and f"{prefix}model.onnx" not in taken
+        files = {}
+        for key, src in o.files.items():
+            rel = f"{prefix}{src.name}" if flat else f"{prefix}{c.id}/{src.name}"
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, stage / rel)
+            files[key] = rel
+            taken.add(rel)
+        records.append(_engine_record(o, files))
+    return records
 
 
 def _engine_record(o: engines.Outcome, files: dict[str, str]) -> dict:
@@ -205,6 +219,10 @@ def _check_options(opts: ExportOptions) -> None:
         raise ExportError(f"precision {opts.precision!r} is not supported; expected one of {list(PRECISIONS)}")
     if opts.input_format not in INPUT_FORMATS:
         raise ExportError(f"input_format {opts.input_format!r} is not supported; expected one of {list(INPUT_FORMATS)}")
+    if opts.text and opts.input_format == "uint8":
+        raise ExportError("--text and --uint8-input cannot be combined: the text tower takes token ids")
+    if opts.tokenizer is not None and not opts.text:
+        raise ExportError("--tokenizer is used by the text tower only; add --text")
     if opts.int8_preset and opts.precision != "int8":
         raise ExportError(f"--int8-preset {opts.int8_preset} needs --int8 (precision is {opts.precision})")
 
@@ -232,6 +250,10 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
     spec = name if isinstance(name, ModelSpec) else get_spec(name)
     _check_options(opts)
     family = family_of(spec)
+    if opts.text:
+        from .text_tower import text_tower
+
+        text_tower(spec)  # fail before any work when the model has no text tower
     candidates = engines.plan(opts.precision, transformer=family.is_transformer, int8_preset=opts.int8_preset,
                               engine=opts.engine)
     engines.check_available(candidates, opts.precision)
@@ -273,10 +295,17 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
                                   f"({lines}); no artifact written (pass --keep-failed to keep the closest one, "
                                   f"marked failed)\n{format_report(best.report)}", best.report)
             winner, kept = best, [best]
+        text = None
+        if opts.text:
+            from .text_tower import export_text
+
+            text = export_text(spec, opts, work, step)
         manifest, notes = _manifest(spec, opts, winner, outcomes, graph_record, time.perf_counter() - t0)
         manifest["preprocess_source"] = preprocess_source
+        if text is not None and text.section["status"] != "passed":
+            manifest["status"] = "failed"
         step(f"writing artifact to {out}")
-        _write_artifact(out, kept, manifest)
+        _write_artifact(out, kept, manifest, text)
     return ExportResult(out, manifest, notes)
 
 

@@ -9,7 +9,8 @@ import numpy as np
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import InputSpec, Runner
 
-_ORT_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
+_ORT_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
+                 "tensor(int64)": "int64"}
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 

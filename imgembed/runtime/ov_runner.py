@@ -20,7 +20,7 @@ from .base import InputSpec, Runner
 
 INSTALL_HINT = "pip install 'imgembed[openvino]' (openvino and nncf)"
 HINTS = {"fp32": "f32", "bf16": "bf16"}
-_OV_TO_NUMPY = {"f32": "float32", "f16": "float16", "u8": "uint8"}
+_OV_TO_NUMPY = {"f32": "float32", "f16": "float16", "u8": "uint8", "i64": "int64"}
 
 
 def import_openvino():
@@ -89,7 +89,7 @@ class OpenVinoRunner(Runner):
         shape = tuple(d.get_length() if d.is_static else None for d in pshape)
         dtype = _OV_TO_NUMPY.get(port.get_element_type().get_type_name(), "float32")
         names = port.get_names()
-        name = "pixel_values" if "pixel_values" in names else port.get_any_name()
+        name = next((n for n in ("pixel_values", "input_ids") if n in names), port.get_any_name())
         self.input_spec = InputSpec(name, dtype, shape)
         self._local = threading.local()
 

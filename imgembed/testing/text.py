@@ -1,0 +1,136 @@
+"""Offline image-text checkpoints for tests and benchmarks: real CLIP / SigLIP architectures with random
+weights, and small byte-level BPE tokenizers trained here with the ``tokenizers`` library in each family's
+format, saved together with ``save_pretrained`` exactly as a hub checkpoint directory is laid out.
+
+* CLIP format: lowercase + whitespace normalisation, byte-level BPE with ``</w>`` word ends, vocab.json +
+  merges.txt read by transformers' ``CLIPTokenizerFast`` (its own conversion writes tokenizer.json);
+  ``<|startoftext|>`` / ``<|endoftext|>`` around every caption, padded with ``<|endoftext|>``.
+* SigLIP format (SigLIP 2's Gemma-style tokenizer.json): SentencePiece-style ``▁`` word starts, BPE with byte
+  fallback, ``</s>`` appended, padded with a separate ``<pad>`` token, loaded as ``PreTrainedTokenizerFast``.
+
+The vocabularies are tiny (a few hundred tokens, from a fixed caption corpus), so the ids differ from the real
+models'; what is tested is that the artifact's tokenizer reproduces the transformers tokenizer of the
+checkpoint and that the towers match their originals.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from ..registry import ModelSpec, get_spec
+
+_WORDS = ("a photo of the cat dog red blue green bicycle car night day beach snow city street table wooden "
+          "astronaut rocket coffee cup moon clock tower brick wall coin page text colour wheel two people "
+          "walking sunset microscope close up drawing blurry seen from above there is very long caption word "
+          "and at in on an one two three four five six seven eight nine ten").split()
+
+
+def _corpus() -> list[str]:
+    lines = [" ".join(_WORDS[(i * 7 + j * 3) % len(_WORDS)] for j in range(3 + i % 6)) for i in range(400)]
+    return lines + ["café naïve résumé", "猫の写真", "фотография кошки", "!!! ??? ... ;-)", "word0 word1 word12"] * 5
+
+
+def write_clip_tokenizer(directory: str | Path, vocab_size: int = 500) -> Path:
+    """A CLIP-format tokenizer (CLIPTokenizerFast: tokenizer.json, vocab.json, merges.txt) in ``directory``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizerFast
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, end_of_word_suffix="</w>", show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.model.save(tmp)
+        vocab = json.loads((Path(tmp) / "vocab.json").read_text(encoding="utf-8"))
+        merges = (Path(tmp) / "merges.txt").read_text(encoding="utf-8")
+    base = list(bytes_to_unicode().values())
+    for token in base + [b + "</w>" for b in base] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(token, len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / "merges.txt").write_text(merges, encoding="utf-8")
+    fast = CLIPTokenizerFast(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def write_siglip_tokenizer(directory: str | Path, vocab_size: int = 400) -> Path:
+    """A SigLIP-2-format tokenizer (Metaspace BPE with byte fallback, ``</s>`` appended, ``<pad>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                           show_progress=False))
+    vocab = tok.get_vocab()
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.model.save(tmp)
+        merges = [tuple(line.split(" ")) for line in (Path(tmp) / "merges.txt").read_text(encoding="utf-8")
+                  .splitlines() if line and not line.startswith("#version")]
+    full = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    full.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    full.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    full.add_special_tokens(specials)
+    full.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=full, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def write_image_text_checkpoint(name: str | ModelSpec, directory: str | Path, seed: int = 0) -> Path:
+    """A full image-text checkpoint directory for registry model ``name`` (its vision arch and text arch from
+    models.yaml, random weights): config.json + model.safetensors + tokenizer + preprocessor_config.json,
+    as ``save_pretrained`` writes them for a hub checkpoint."""
+    import torch
+    import transformers
+
+    spec = get_spec(name) if isinstance(name, str) else spec_or_raise(name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if spec.family == "clip":
+        tok = transformers.CLIPTokenizerFast.from_pretrained(str(write_clip_tokenizer(directory)))
+        text = {**dict(spec.text.arch), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id}
+        cfg = transformers.CLIPConfig(text_config=text, vision_config=dict(spec.arch),
+                                      projection_dim=spec.embedding.dim)
+        model_cls = transformers.CLIPModel
+        processor = transformers.CLIPImageProcessor(**_processor_kwargs(spec))
+    elif spec.family == "siglip":
+        write_siglip_tokenizer(directory)
+        cfg = transformers.SiglipConfig(text_config=dict(spec.text.arch), vision_config=dict(spec.arch))
+        model_cls = transformers.SiglipModel
+        processor = transformers.SiglipImageProcessor(**_processor_kwargs(spec))
+    else:
+        raise ValueError(f"{spec.name}: family {spec.family!r} has no text tower")
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    model.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    return directory
+
+
+def spec_or_raise(spec: ModelSpec) -> ModelSpec:
+    if spec.text is None:
+        raise ValueError(f"{spec.name} has no text tower in the registry")
+    return spec
+
+
+def _processor_kwargs(spec: ModelSpec) -> dict:
+    """The image processor arguments that reproduce the registry's preprocessing."""
+    pp = spec.preprocess.to_dict()
+    kwargs = {"image_mean": pp["image_mean"], "image_std": pp["image_std"], "size": pp["size"]}
+    if pp.get("crop_size"):
+        kwargs["crop_size"] = pp["crop_size"]
+    return kwargs
