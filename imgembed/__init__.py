@@ -4,6 +4,8 @@
     emb = imgembed.load("artifacts/clip-vit-b32-int8")     # an artifact directory (ONNX Runtime)
     emb = imgembed.load("clip-vit-b32", random_init=True)  # or a registry name (PyTorch original)
     vecs = emb.embed(["a.jpg", pil_image, uint8_array, jpeg_bytes])  # float32 (N, D)
+    texts = emb.embed_text(["a red bicycle"])             # artifacts exported with --text (CLIP, SigLIP)
+    imgembed.similarity(texts, vecs)                      # cosine matrix (1, N)
 
 Heavy backends (torch, onnxruntime) are imported only when used, so ``import imgembed`` stays cheap and
 works where an optional backend is missing.
@@ -34,6 +36,13 @@ def load(name_or_path, **kwargs):
     return _load(name_or_path, **kwargs)
 
 
-__all__ = ["load", "get_spec", "list_models", "ModelSpec", "ImgembedError", "UnknownModelError",
+def similarity(a, b):
+    """Cosine similarity matrix of two sets of vectors; see :func:`imgembed.scoring.similarity`."""
+    from .scoring import similarity as _similarity
+
+    return _similarity(a, b)
+
+
+__all__ = ["load", "similarity", "get_spec", "list_models", "ModelSpec", "ImgembedError", "UnknownModelError",
            "RegistryError", "ImageDecodeError", "ArtifactError", "IntegrityError", "ExportError", "ParityError",
            "BackendUnavailableError", "WeightsError", "__version__"]

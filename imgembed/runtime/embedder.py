@@ -49,6 +49,8 @@ class Embedder:
         self.workers = workers
         self.artifact_path: Path | None = None   # set by load_artifact
         self.engine: dict | None = None          # the artifact engine that runs (set by load_artifact)
+        self._text = None                        # the text tower's encoder, opened on first use
+        self._text_options: dict = {}            # backend/device/threads of the text tower (load_artifact)
 
     @property
     def dim(self) -> int:
@@ -68,6 +70,66 @@ class Embedder:
 
     def close(self) -> None:
         self.runner.deactivate()
+        if self._text is not None:
+            self._text.close()
+            self._text = None
+
+    # -- text tower (artifacts exported with --text) ----------------------------------------------------
+    @property
+    def towers(self) -> list[str]:
+        """The towers this embedder can run: ``["image"]``, or ``["image", "text"]``."""
+        from .text import describe_towers
+
+        return describe_towers(self.manifest or {}) if self.artifact_path is not None else ["image"]
+
+    @property
+    def space(self) -> dict | None:
+        """The shared image-text space (dim, normalisation, scoring), or None without a text tower."""
+        return (self.manifest or {}).get("space")
+
+    @property
+    def text(self):
+        """The :class:`~imgembed.runtime.text.TextEncoder` of this artifact (opened on first use)."""
+        if self._text is None:
+            from .text import open_text, text_view
+
+            if self.artifact_path is None:
+                raise ArtifactError(f"{self.name}: text embeddings need an artifact exported with --text "
+                                    f"(imgembed export {self.name} --text); a registry original embeds images only")
+            text_view(self.manifest or {}, str(self.artifact_path))
+            self._text = open_text(self.artifact_path, self.manifest, **self._text_options)
+        return self._text
+
+    def embed_text(self, texts, *, batch_size: int | None = None) -> np.ndarray:
+        """Embed captions into the image embedding space: float32 ``(N, dim)``, in input order."""
+        return self.text.embed(texts, batch_size=batch_size)
+
+    def _vectors(self, images_or_vectors) -> np.ndarray:
+        if isinstance(images_or_vectors, np.ndarray) and images_or_vectors.dtype.kind == "f" \
+                and images_or_vectors.ndim == 2 and images_or_vectors.shape[1] == self.dim:
+            return images_or_vectors
+        return self.embed(images_or_vectors)
+
+    def rank(self, images_or_vectors, texts, k: int | None = None):
+        """For each text, the images best first: a :class:`~imgembed.scoring.Ranking` (indices into the
+        images, cosine scores). Images are anything :meth:`embed` takes, or their (N, dim) vectors."""
+        from ..scoring import rank
+
+        return rank(self.embed_text(texts), self._vectors(images_or_vectors), k)
+
+    def classify(self, images_or_vectors, labels, template: str = "a photo of a {}.") -> np.ndarray:
+        """Zero-shot label probabilities ``(N_images, N_labels)``: each label in ``template``, scored as the
+        model defines (CLIP softmax over the labels, SigLIP sigmoid per label)."""
+        from ..scoring import probabilities
+        from ..tokenizer import check_texts
+
+        labels = check_texts(labels, "labels")
+        if not labels:
+            raise ValueError("labels must hold at least one label")
+        if "{}" not in template:
+            raise ValueError(f"template {template!r} must contain {{}} where the label goes")
+        return probabilities(self._vectors(images_or_vectors), self.embed_text([template.format(x) for x in labels]),
+                             self.space or {})
 
     def __enter__(self) -> "Embedder":
         return self
@@ -155,6 +217,7 @@ def load_artifact(path: str | Path, *, backend: str = "auto", device: str = "cpu
                    manifest=manifest, batch_size=batch_size, decode=decode, workers=_workers(workers))
     emb.artifact_path = path
     emb.engine = engine
+    emb._text_options = {"backend": backend, "device": device, "threads": threads}
     return emb
 
 

@@ -1,0 +1,88 @@
+"""The text tower at inference: captions -> tokenizer.json (tokenizers) -> text engine -> vectors.
+
+An artifact exported with ``--text`` holds ``text/`` (engines + tokenizer.json) and a manifest ``text`` entry.
+:func:`open_text` picks the text engine for this host with the same backend table and rules as the image
+tower (:func:`~imgembed.runtime.backends.select_engine`). Captions are embedded longest-first in batches, so a
+batch pads to similar lengths ("longest" padding), and the vectors come back in input order; the export gate
+proved that padding and batch-mates do not change a vector.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ArtifactError
+from ..tokenizer import TextTokenizer, check_texts
+from .base import Runner
+
+DEFAULT_TEXT_BATCH = 32
+
+
+def text_view(manifest: dict, where: str) -> dict:
+    """The manifest as the backend table sees the text tower (its engines, default engine and dim)."""
+    text = manifest.get("text")
+    if not isinstance(text, dict) or not text.get("engines"):
+        raise ArtifactError(f"{where} has no text tower; export it with `imgembed export {manifest.get('name')} "
+                            "--text` (CLIP and SigLIP models)")
+    return {"name": f"{manifest['name']}-text", "engines": text["engines"], "default_engine": text["default_engine"],
+            "output": {"dim": int(text["dim"])}, "precision": manifest.get("precision", "fp32")}
+
+
+class TextEncoder:
+    """Embeds captions with one text runner. ``embed`` is safe to call from several threads (ONNX Runtime
+    sessions and OpenVINO infer requests are per call / per thread)."""
+
+    def __init__(self, runner: Runner, tokenizer: TextTokenizer, *, name: str, engine: dict,
+                 batch_size: int = DEFAULT_TEXT_BATCH):
+        self.runner = runner.activate()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.engine = engine
+        self.batch_size = batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.runner.output_dim
+
+    def embed(self, texts: Any, batch_size: int | None = None) -> np.ndarray:
+        """float32 ``(N, dim)`` for ``texts`` (a string or a list of strings), in input order."""
+        texts = check_texts(texts)
+        bs = self.batch_size if batch_size is None else int(batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        ids = self.tokenizer.ids(texts)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch
+        for start in range(0, len(order), bs):
+            chunk = order[start:start + bs]
+            out[chunk] = self.runner.infer(self.tokenizer.pad([ids[i] for i in chunk]))
+        return out
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+
+def open_text(path: str | Path, manifest: dict, *, backend: str = "auto", device: str = "cpu",
+              threads: int | None = None, batch_size: int = DEFAULT_TEXT_BATCH) -> TextEncoder:
+    """The text encoder of a verified artifact (checksums are checked by the caller)."""
+    from .backends import open_engine, select_engine
+
+    path = Path(path)
+    view = text_view(manifest, str(path))
+    engine, _ = select_engine(view, backend, device, where=f"{path} (text tower)")
+    record = manifest["text"]["tokenizer"]
+    tokenizer = TextTokenizer(path / record["file"], record)
+    runner = open_engine(path, view, engine, device=device, threads=threads)
+    return TextEncoder(runner, tokenizer, name=view["name"], engine=engine, batch_size=batch_size)
+
+
+def describe_towers(manifest: dict) -> list[str]:
+    """The towers an artifact holds ("image", and "text" when exported with --text)."""
+    return ["image", "text"] if isinstance(manifest.get("text"), dict) else ["image"]
+
+
+def unique(seq: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    return [s for s in seq if not (s in seen or seen.add(s))]
