@@ -114,6 +114,10 @@ def export_cmd(
                              "ONNX (INT8: symmetric Q/DQ), parity-gated, stored in the artifact. Needs TensorRT "
                              "and an NVIDIA GPU."),
     trt_batch: str = typer.Option("1,32,256", "--trt-batch", help="TensorRT batch profile min,opt,max."),
+    text: bool = typer.Option(False, "--text", help="CLIP / SigLIP: add the text tower (text graph + the "
+                              "checkpoint's tokenizer.json) to the artifact, raced and gated like the image tower."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory or tokenizer.json "
+                                             "for --text (default: the checkpoint's; needed with --random-init)."),
 ) -> None:
     """Export NAME, race the installed engines, gate each on parity against PyTorch, write an artifact whose
     default engine is the fastest that passed on this machine."""
@@ -131,7 +135,7 @@ def export_cmd(
                          int8_preset=int8_preset, engine=engine, keep_candidates=keep_candidates,
                          optimize=not no_optimize, keep_failed=keep_failed,
                          threads=threads, speed_check=not no_speed_check,
-                         input_format="uint8" if uint8_input else "float32")
+                         input_format="uint8" if uint8_input else "float32", text=text, tokenizer=tokenizer)
     opts = dataclasses.replace(opts, **trt_overrides)
     with errors(), steps(f"exporting {name}") as step, warnings.catch_warnings(record=True):
         result = export_model(name, out, opts, step=step)
@@ -142,6 +146,14 @@ def export_cmd(
 
         out_console.print(describe(m["preprocess_source"]), highlight=False)
     out_console.print(format_report(ParityReport.from_dict(m["parity"])), highlight=False)
+    if m.get("text"):
+        print_candidates({**m, "selection": m["text"]["selection"], "engines": m["text"]["engines"],
+                          "default_engine": m["text"]["default_engine"]}, tower="text tower")
+        tok = m["text"]["tokenizer_check"]
+        out_console.print(f"text tokenizer: ids identical to transformers {tok['reference']} on {tok['captions']} "
+                          "captions", highlight=False)
+        text_report = format_report(ParityReport.from_dict(m["text"]["parity"]))
+        out_console.print(text_report.replace(" images ", " captions ", 1), highlight=False)
     for note in result.warnings:
         err_console.print(f"[bold yellow]WARNING[/]: {note}", highlight=False)
     size_mb = m["export"]["model_bytes"] / 1e6
@@ -154,14 +166,14 @@ def export_cmd(
         _trt_engine(out, trt_opts, weights, threads)
 
 
-def print_candidates(manifest: dict) -> None:
+def print_candidates(manifest: dict, tower: str = "engines") -> None:
     """The engine race of an export: each candidate, passed or why not, its metrics and speed here."""
     sel = manifest.get("selection") or {}
     rows = sel.get("candidates") or []
     if not rows:
         return
     cpu = sel.get("cpu") or {}
-    table = Table(title=f"engines ({manifest['precision']}, batch {sel.get('batch_size')}, threads "
+    table = Table(title=f"{tower} ({manifest['precision']}, batch {sel.get('batch_size')}, threads "
                         f"{sel.get('threads') or 'all'}; CPU {cpu.get('model')}: {' '.join(cpu.get('flags', []))})")
     for col in ("engine", "gate", "min cos", "mean cos", "batch var", "img/s", "kept"):
         table.add_column(col)
@@ -379,7 +391,7 @@ def _run_parquet(out: Path, files: List[str], engine, emb, meta: dict, part_rows
 
 
 # Sub-commands that live in their own modules; each module exposes ``register(app: typer.Typer)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli", "imgembed.serve.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli", "imgembed.serve.cli", "imgembed.text_cli")
 
 
 def _register_subcommands() -> None:

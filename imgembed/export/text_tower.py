@@ -314,6 +314,7 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
     engine is kept and the artifact is marked failed)."""
     from ..errors import ParityError
     from ..parity import format_report
+    from ..runtime.host import cpu_summary
     from . import engines
 
     text, record = text_tower(spec)
@@ -365,7 +366,8 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
                      f"truncation=True, max_length={tok_record['max_length']}))",
         "default_engine": winner.candidate.id,
         "batch_invariant": winner.candidate.batch_invariant,
-        "selection": {"candidates": [o.row() for o in outcomes], "batch_size": engines.SPEED_BATCH},
+        "selection": {"cpu": cpu_summary(), "threads": opts.threads, "batch_size": engines.SPEED_BATCH,
+                      "candidates": [o.row() for o in outcomes]},
         "quantization": winner.record or None,
         "parity": winner.report.to_dict(),  # its "images" are the parity captions
     }
