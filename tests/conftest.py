@@ -43,3 +43,43 @@ def artifact_dir(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory):
+    """``text_checkpoint(name)`` -> a full image-text checkpoint directory (random weights, a tokenizer trained
+    here in the family's format; imgembed.testing.text), written once per session."""
+    from imgembed.testing.text import write_image_text_checkpoint
+
+    root = tmp_path_factory.mktemp("text-checkpoints")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = write_image_text_checkpoint(name, root / name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def text_artifact(tmp_path_factory, text_checkpoint):
+    """``text_artifact(name, precision="fp32", engine="onnxruntime")`` -> an artifact with image and text
+    towers, exported once per session from :func:`text_checkpoint` (``engine=None`` races every engine)."""
+    from imgembed.export.pipeline import ExportOptions, export_model
+
+    root = tmp_path_factory.mktemp("text-artifacts")
+    cache: dict[tuple[str, str, str | None], Path] = {}
+
+    def get(name: str, precision: str = "fp32", engine: str | None = "onnxruntime") -> Path:
+        key = (name, precision, engine)
+        if key not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Int8SlowerWarning is expected on toy models
+                res = export_model(name, root / f"{name}-{precision}-{engine or 'race'}",
+                                   ExportOptions(precision=precision, weights=text_checkpoint(name), text=True,
+                                                 speed_check=engine is None, engine=engine))
+            cache[key] = res.path
+        return cache[key]
+
+    return get
