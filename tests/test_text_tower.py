@@ -1,0 +1,246 @@
+"""Text towers (``export --text``): tokenizer ids vs transformers, text parity vs the PyTorch original, the
+runtime's embed_text / rank / classify vs transformers' own CLIP and SigLIP models, and the errors.
+
+Checkpoints are full image-text models with random weights and tokenizers trained here in each family's
+format (imgembed.testing.text), saved with save_pretrained and loaded through the same path as hub ones.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import imgembed
+from imgembed.errors import ArtifactError, ExportError, IntegrityError
+from imgembed.export.pipeline import ExportOptions, export_model
+from imgembed.export.text_tower import reference_tokenizer
+from imgembed.samples import calibration_captions, parity_captions
+from imgembed.tokenizer import TextTokenizer
+from tests.helpers import run_cli
+
+FAMILIES = ("test-clip-tiny", "test-siglip-tiny")
+FULL = {"test-clip-tiny": transformers.CLIPModel, "test-siglip-tiny": transformers.SiglipModel}
+EXTRA = ("another caption, never seen by the gate", "", "ÀÉÎÕÜ ñ ç ß", "tab\tand\nnewline", "x" * 3000,
+         "a photo of a cat " * 40)
+
+
+def _hf(name: str, checkpoint):
+    model = FULL[name].from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    return model, tok
+
+
+def _hf_text(name: str, model, tok, texts, max_length: int) -> np.ndarray:
+    """What a transformers user computes: tokenizer -> get_text_features, L2-normalised."""
+    if name == "test-clip-tiny":
+        enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    else:
+        enc = tok(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        enc = {"input_ids": enc["input_ids"]}
+    with torch.no_grad():
+        out = model.get_text_features(**enc)
+    return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_artifact_tokenizer_gives_the_transformers_ids(name, text_artifact, text_checkpoint):
+    art = text_artifact(name)
+    manifest = json.loads((art / "manifest.json").read_text())
+    record = manifest["text"]["tokenizer"]
+    tok = TextTokenizer(art / record["file"], record)
+    ref = transformers.AutoTokenizer.from_pretrained(str(text_checkpoint(name)))
+    texts = list(parity_captions() + calibration_captions() + EXTRA)
+    padding = "max_length" if record["padding"] == "max_length" else "longest"
+    theirs = ref(texts, padding=padding, truncation=True, max_length=record["max_length"])["input_ids"]
+    assert tok(texts).tolist() == theirs
+    assert manifest["text"]["tokenizer_check"] == {"captions": len(parity_captions()), "identical": True,
+                                                   "reference": type(ref).__name__}
+    long_ids = tok.ids(["word " * 500])[0]
+    assert len(long_ids) == record["max_length"] and long_ids[-1] == ref.eos_token_id  # truncated, end kept
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fp32_text_gate_and_space(name, text_artifact, text_checkpoint):
+    art = text_artifact(name)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["towers"] == ["image", "text"] and m["status"] == "passed"
+    text = m["text"]
+    assert text["parity"]["passed"] and text["parity"]["metrics"]["min_cosine"] >= 0.99999
+    assert text["parity"]["by_batch_size"].keys() == {"1", "3", "8"}
+    assert text["parity"]["images"] == list(parity_captions())  # the gate ran on the caption set
+    model, _ = _hf(name, text_checkpoint(name))
+    space = m["space"]
+    assert space["dim"] == m["output"]["dim"] == text["dim"]
+    assert space["logit_scale"] == pytest.approx(float(model.logit_scale.detach().exp()), rel=1e-5)
+    if name == "test-clip-tiny":
+        assert space["scores"] == "softmax" and space["logit_bias"] is None
+    else:
+        assert space["scores"] == "sigmoid"
+        assert space["logit_bias"] == pytest.approx(float(model.logit_bias.detach()), abs=1e-6)
+    assert {f for f in m["files"] if f.startswith("text/")} >= {"text/tokenizer.json", "text/model.onnx"}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_embed_text_equals_transformers_on_unseen_captions(name, text_artifact, text_checkpoint):
+    art = text_artifact(name)
+    model, tok = _hf(name, text_checkpoint(name))
+    max_length = json.loads((art / "manifest.json").read_text())["text"]["tokenizer"]["max_length"]
+    texts = list(EXTRA) + [f"a photo of {i} cats" for i in range(20)]
+    ref = _hf_text(name, model, tok, texts, max_length)
+    with imgembed.load(art) as emb:
+        for bs in (1, 5, 32):
+            got = emb.embed_text(texts, batch_size=bs)
+            cos = (got * ref).sum(1)
+            assert got.shape == ref.shape and cos.min() >= 0.99999, (bs, cos.min())
+        one = emb.embed_text("a photo of 3 cats")
+        assert np.allclose(one[0], emb.embed_text(texts)[texts.index("a photo of 3 cats")], atol=1e-6)
+        assert emb.embed_text([]).shape == (0, emb.dim)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_classify_and_rank_equal_transformers_scores(name, text_artifact, text_checkpoint, tmp_path):
+    """Zero-shot probabilities from the artifact equal transformers' logits_per_image -> softmax (CLIP) or
+    sigmoid (SigLIP) for the same photos and prompts."""
+    from imgembed.bench.suite import write_sample_files
+    from imgembed.preprocess import load_image
+
+    files = sorted(write_sample_files(tmp_path / "photos"))[:6]
+    labels = ["cat", "rocket", "cup of coffee"]
+    prompts = [f"a photo of a {x}." for x in labels]
+    ckpt = text_checkpoint(name)
+    model, tok = _hf(name, ckpt)
+    processor = transformers.AutoImageProcessor.from_pretrained(str(ckpt), use_fast=False)
+    pixels = processor(images=[load_image(f) for f in files], return_tensors="pt")["pixel_values"]
+    padding = True if name == "test-clip-tiny" else "max_length"
+    enc = tok(prompts, padding=padding, truncation=True, return_tensors="pt",
+              max_length=77 if name == "test-clip-tiny" else 64)
+    if name != "test-clip-tiny":
+        enc = {"input_ids": enc["input_ids"]}
+    with torch.no_grad():
+        logits = model(pixel_values=pixels, **enc).logits_per_image
+    expected = (logits.softmax(-1) if name == "test-clip-tiny" else torch.sigmoid(logits)).numpy()
+    with imgembed.load(text_artifact(name)) as emb:
+        probs = emb.classify(files, labels)
+        np.testing.assert_allclose(probs, expected, atol=2e-4)
+        ranking = emb.rank(files, prompts, k=3)
+        sims = imgembed.similarity(emb.embed_text(prompts), emb.embed(files))
+        assert ranking.indices.shape == (3, 3)
+        np.testing.assert_array_equal(ranking.indices, np.argsort(-sims, axis=1, kind="stable")[:, :3])
+        with pytest.raises(ValueError, match="must contain"):
+            emb.classify(files, labels, template="no placeholder")
+
+
+def test_int8_text_race_passes_its_gate_batch_invariant(text_artifact):
+    art = text_artifact("test-clip-tiny", "int8", engine=None)
+    m = json.loads((art / "manifest.json").read_text())
+    text = m["text"]
+    rows = {r["id"]: r for r in text["selection"]["candidates"]}
+    assert rows["onnxruntime-int8-static-qdq-matmul"]["passed"]
+    assert "onnxruntime-int8-smoothquant" not in rows  # the image-only SmoothQuant re-export is not a text candidate
+    metrics = text["parity"]["metrics"]
+    assert metrics["mean_cosine"] >= 0.995 and metrics["min_cosine"] >= 0.99 and metrics["knn_agreement"] >= 0.9
+    assert text["batch_invariant"] and metrics["batch_variation"] <= 1e-4
+    assert text["default_engine"] in rows and rows[text["default_engine"]]["img_per_s"]
+    for backend in {e["backend"] for e in text["engines"]}:
+        with imgembed.load(art, backend=backend) as emb:
+            assert emb.text.engine["backend"] == backend
+            v = emb.embed_text(["a photo of a cat", "a red bicycle at night"])
+            assert v.shape == (2, emb.dim) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+
+
+def test_cli_export_text_prints_the_text_race_and_gate(text_checkpoint, tmp_path):
+    out = tmp_path / "art"
+    proc = run_cli("export", "test-siglip-tiny", "--weights", str(text_checkpoint("test-siglip-tiny")), "--text",
+                   "--engine", "onnxruntime", "--no-speed-check", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "text tower (fp32" in proc.stdout and "ids identical to transformers" in proc.stdout
+    assert "over 34 captions" in proc.stdout
+    proc = run_cli("classify", str(out), str(tmp_path), "--labels", "cat,dog")
+    assert proc.returncode == 2 and "no image files" in proc.stderr
+
+
+def test_cli_classify_labels_good_photos_and_reports_bad_ones(text_artifact, tmp_path):
+    from imgembed.bench.suite import write_sample_files
+
+    files = sorted(write_sample_files(tmp_path / "photos"))[:3]
+    bad = tmp_path / "photos" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    art = text_artifact("test-clip-tiny")
+    proc = run_cli("classify", str(art), *map(str, files), str(bad), "--labels", "cat, rocket ,coffee", "--top",
+                   "2", "--json")
+    assert proc.returncode == 3 and "broken.jpg" in proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    with imgembed.load(art) as emb:
+        probs = emb.classify(files, ["cat", "rocket", "coffee"])
+    for r, p in zip(rows, probs, strict=True):
+        best = np.argsort(-p, kind="stable")[:2]
+        assert [x["label"] for x in r["labels"]] == [["cat", "rocket", "coffee"][j] for j in best]
+        assert r["labels"][0]["probability"] == pytest.approx(float(p[best[0]]), abs=1e-5)
+    proc = run_cli("classify", str(art), str(files[0]), "--labels", " , ")
+    assert proc.returncode == 2 and "no labels given" in proc.stderr
+    proc = run_cli("classify", str(art), str(files[0]), "--labels", "cat,cat")
+    assert proc.returncode == 2 and "duplicate labels" in proc.stderr
+
+
+def test_text_errors_are_typed_and_name_the_problem(artifact_dir, text_artifact, text_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="no text tower.*family 'vit'"):
+        export_model("test-vit-tiny", tmp_path / "x", ExportOptions(random_init=True, text=True))
+    with pytest.raises(ExportError, match="pass --tokenizer DIR"):
+        export_model("test-clip-tiny", tmp_path / "x", ExportOptions(random_init=True, text=True))
+    with pytest.raises(ExportError, match="--text and --uint8-input"):
+        export_model("test-clip-tiny", tmp_path / "x", ExportOptions(random_init=True, text=True,
+                                                                     input_format="uint8"))
+    assert not (tmp_path / "x").exists()
+    with imgembed.load(artifact_dir("test-clip-tiny")) as emb:
+        assert emb.towers == ["image"] and emb.space is None
+        with pytest.raises(ArtifactError, match="has no text tower; export it with .*--text"):
+            emb.embed_text(["a cat"])
+    with imgembed.load(text_artifact("test-clip-tiny")) as emb:
+        with pytest.raises(TypeError, match=r"texts\[1\] must be a string, got int"):
+            emb.embed_text(["a cat", 3])
+        with pytest.raises(TypeError, match="got bytes"):
+            emb.embed_text(b"a cat")
+    with imgembed.load("test-clip-tiny", random_init=True) as emb:
+        with pytest.raises(ArtifactError, match="need an artifact exported with --text"):
+            emb.embed_text(["a cat"])
+    # a tokenizer from another checkpoint: ids beyond the text tower's vocabulary
+    big = tmp_path / "bigvocab"
+    from imgembed.testing.text import write_clip_tokenizer
+
+    bigger = transformers.CLIPTokenizerFast.from_pretrained(str(write_clip_tokenizer(big)))
+    bigger.add_tokens([f"extra{i}" for i in range(600)])  # ids past the tiny tower's 1024 rows
+    bigger.save_pretrained(str(big))
+    with pytest.raises(ExportError, match="not from one checkpoint"):
+        export_model("test-clip-tiny", tmp_path / "y", ExportOptions(weights=text_checkpoint("test-clip-tiny"),
+                                                                     text=True, tokenizer=big, engine="onnxruntime"))
+    with pytest.raises(ExportError, match="does not exist"):
+        reference_tokenizer(imgembed.get_spec("test-clip-tiny"), None, tmp_path / "missing")
+
+
+def test_tampered_tokenizer_is_refused(text_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(text_artifact("test-clip-tiny"), art)
+    path = art / "text" / "tokenizer.json"
+    doc = json.loads(path.read_text())
+    doc["normalizer"] = None  # no lowercasing: other ids for every capitalised caption
+    path.write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match="sha256 mismatch.*text/tokenizer.json"):
+        imgembed.load(art)
+
+
+def test_random_init_text_tower_with_a_tokenizer_dir(text_checkpoint, tmp_path):
+    ckpt = text_checkpoint("test-clip-tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = export_model("test-clip-tiny", tmp_path / "art", ExportOptions(random_init=True, text=True,
+                                                                            tokenizer=ckpt, engine="onnxruntime",
+                                                                            speed_check=False))
+    text = res.manifest["text"]
+    assert text["parity"]["metrics"]["min_cosine"] >= 0.99999
+    assert text["tokenizer_check"]["identical"]
