@@ -239,17 +239,34 @@ def parity_cmd(
         pairs, skipped = load_image_dir(images) if images is not None else (None, [])
         report = recheck_artifact(artifact, weights=weights, threads=threads, step=step, backend=backend,
                                   images=pairs)
+        text_report = _recheck_text(artifact, weights, threads, backend, step)
     from .parity import format_report
 
     for why in skipped:
         err_console.print(f"[bold yellow]skipped[/]: {why}", highlight=False)
     if as_json:
         extra = {} if images is None else {"image_dir": {"path": str(images), "skipped": skipped}}
-        print(json.dumps({**report.to_dict(), **extra}, indent=2))
+        text = {} if text_report is None else {"text": text_report.to_dict()}
+        print(json.dumps({**report.to_dict(), **extra, **text}, indent=2))
     else:
         out_console.print(format_report(report), highlight=False)
-    if not report.passed:
+        if text_report is not None:
+            out_console.print("text tower: " + format_report(text_report).replace(" images ", " captions ", 1),
+                              highlight=False)
+    if not report.passed or (text_report is not None and not text_report.passed):
         raise typer.Exit(2)
+
+
+def _recheck_text(artifact: Path, weights: Optional[Path], threads: Optional[int], backend: str, step):
+    """The text tower's re-check when the artifact has one (None otherwise)."""
+    from .artifact import read_manifest
+
+    manifest = read_manifest(artifact)
+    if not manifest.get("text"):
+        return None
+    from .export.text_tower import recheck_text
+
+    return recheck_text(artifact, manifest, weights=weights, threads=threads, backend=backend, step=step)
 
 
 def _save_npy(path: Path, vectors: np.ndarray, paths: List[str]) -> Path:

@@ -243,4 +243,17 @@ def test_random_init_text_tower_with_a_tokenizer_dir(text_checkpoint, tmp_path):
                                                                             speed_check=False))
     text = res.manifest["text"]
     assert text["parity"]["metrics"]["min_cosine"] >= 0.99999
-    assert text["tokenizer_check"]["identical"]
+    assert text["tokenizer_check"]["identical"] and text["source"]["tokenizer"] == str(ckpt.resolve())
+    from imgembed.export.text_tower import recheck_text
+
+    again = recheck_text(res.path, res.manifest)  # rebuilt from the seed and the recorded tokenizer
+    assert again.passed and again.metrics["min_cosine"] >= 0.99999
+
+
+def test_parity_command_rechecks_the_text_tower(text_artifact):
+    art = text_artifact("test-siglip-tiny")
+    proc = run_cli("parity", str(art), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and report["text"]["passed"]
+    assert report["text"]["metrics"]["min_cosine"] >= 0.99999 and report["text"]["images"] == list(parity_captions())

@@ -362,6 +362,8 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
         "input": {"name": TEXT_INPUT, "dtype": "int64", "layout": "batch x tokens"},
         "tokenizer": tok_record,
         "tokenizer_check": ids_check,
+        "source": {"tokenizer": None if getattr(opts, "tokenizer", None) is None
+                   else str(Path(opts.tokenizer).resolve())},
         "reference": f"{record.model_class}.get_text_features(**tokenizer(texts, padding={text.padding!r}, "
                      f"truncation=True, max_length={tok_record['max_length']}))",
         "default_engine": winner.candidate.id,
@@ -388,3 +390,44 @@ def _check_vocab(original: TextOriginal, tok_json: str, spec: ModelSpec) -> None
     if top >= rows:
         raise ExportError(f"{spec.name}: the tokenizer has ids up to {top} but the text tower embeds only {rows} "
                           "tokens; tokenizer and weights are not from one checkpoint")
+
+
+# ------------------------------------------------------------------------------------------ re-check
+def recheck_text(artifact: str | Path, manifest: dict, weights: str | Path | None = None, threads: int | None = None,
+                 backend: str = "auto", step: Step = lambda s: None):
+    """Re-run the text gate of an artifact's text engine (the one ``backend`` selects here) against the text
+    original rebuilt from the manifest's source, with the transformers tokenizer of that source."""
+    from ..parity import BATCH_INVARIANCE_LIMIT, parity_report
+    from ..runtime.backends import open_engine, select_engine
+    from ..runtime.text import text_view
+
+    artifact = Path(artifact)
+    view = text_view(manifest, str(artifact))
+    engine, _ = select_engine(view, backend, "cpu", where=f"{artifact} (text tower)")
+    spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
+    _, record = text_tower(spec)
+    source = manifest["source"]
+    kind = source.get("kind")
+    local = weights if weights is not None else (source.get("path") if kind == "local" else None)
+    text_src = manifest["text"].get("source") or {}
+    tokenizer = text_src.get("tokenizer")
+    step("loading the text tokenizer and the text original")
+    tf_tok = reference_tokenizer(spec, local, tokenizer)
+    tok_record = manifest["text"]["tokenizer"]
+    tok = TextTokenizer(artifact / tok_record["file"], tok_record)
+    captions = tuple(manifest["text"]["parity"].get("images") or parity_captions())
+    check_token_ids(tf_tok, tok, captions, record.reference_mask)
+    special = {k: getattr(tf_tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(tf_tok, k, None) is not None}
+    original = load_text_original(spec, weights=local, random_init=kind == "random-init",
+                                  seed=int(source.get("seed", DEFAULT_SEED)), special_ids=special)
+    step("computing PyTorch reference text embeddings")
+    parity = text_parity_set(original, tf_tok, tok, record.reference_mask, threads, captions)
+    thresholds = spec.thresholds(engine["precision"])
+    if engine.get("batch_invariant"):
+        thresholds["batch_variation"] = BATCH_INVARIANCE_LIMIT
+    step(f"running text engine {engine['id']} at batch sizes 1, 3, 8")
+    with open_engine(artifact, view, engine, threads=threads) as runner:
+        report = parity_report(parity.reference, runner, parity.inputs(runner), thresholds, engine["precision"],
+                               parity.names)
+    return report.with_engine(engine["id"])
