@@ -173,10 +173,34 @@ def _ov_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
     return ir_files(convert_onnx(inputs.plain_in_format(), directory / "model.xml")), {}
 
 
-def _ov_int8(smooth_quant: bool) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
-    """NNCF INT8 IR (SmoothQuant on or off); built once per export and shared by the candidates that differ
-    only in their inference hint."""
-    key = f"openvino-int8{'-smoothquant' if smooth_quant else ''}"
+def _cle_graph(inputs: Inputs) -> tuple[Path, dict]:
+    """The plain graph after cross-layer equalization (:mod:`.equalize`), built once per export."""
+    if "cle" not in inputs.built:
+        from .equalize import equalize
+
+        path = inputs.work / "cle.onnx"
+        inputs.built["cle"] = path, equalize(inputs.plain, path)
+    return inputs.built["cle"]
+
+
+def _ort_int8_cle(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+    """Static QOperator INT8 (QLinearConv with the ReLU folded into its output range, per-channel weights) on
+    the cross-layer-equalized graph, for CNNs whose channel ranges defeat the plain presets."""
+    directory.mkdir(parents=True, exist_ok=True)
+    graph, equalization = _cle_graph(inputs)
+    pixels, _, info = inputs.calibration()
+    config = PRESETS["static-qoperator"]
+    q = quantize(graph, directory / "int8.onnx", config, [pixels[i:i + 8] for i in range(0, len(pixels), 8)],
+                 input_name=inputs.input_name)
+    path = _with_input_format(inputs, q, directory / "model.onnx")
+    return {"model": path}, {"preset": config.to_dict(), "calibration": info, "equalization": equalization,
+                             "quantized_ops": quantized_op_counts(q)}
+
+
+def _ov_int8(smooth_quant: bool, equalized: bool = False) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
+    """NNCF INT8 IR (SmoothQuant on or off; on the cross-layer-equalized graph when ``equalized``); built
+    once per export and shared by the candidates that differ only in their inference hint."""
+    key = f"openvino-int8{'-smoothquant' if smooth_quant else ''}{'-cle' if equalized else ''}"
 
     def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
         from .openvino import convert_onnx, ir_files, quantize_nncf
@@ -187,13 +211,19 @@ def _ov_int8(smooth_quant: bool) -> Callable[[Inputs, Path], tuple[dict[str, Pat
         directory.mkdir(parents=True, exist_ok=True)
         pixels, crops, info = inputs.calibration()
         data = crops if inputs.input_format == "uint8" else pixels
-        fp32 = convert_onnx(inputs.plain_in_format(), directory / "fp32.xml")
+        extra: dict = {}
+        if equalized:
+            graph, extra["equalization"] = _cle_graph(inputs)
+            graph = _with_input_format(inputs, graph, directory / "cle.onnx")
+        else:
+            graph = inputs.plain_in_format()
+        fp32 = convert_onnx(graph, directory / "fp32.xml")
         record = quantize_nncf(fp32, directory / "model.xml", [data[i:i + 8] for i in range(0, len(data), 8)],
                                transformer=inputs.transformer, smooth_quant=smooth_quant)
-        for p in ir_files(fp32).values():
+        for p in [*ir_files(fp32).values(), *([graph] if equalized else [])]:
             p.unlink()
-        inputs.built[key] = ir_files(directory / "model.xml"), {**record, "calibration": info}
-        return ir_files(directory / "model.xml"), {**record, "calibration": info}
+        inputs.built[key] = ir_files(directory / "model.xml"), {**record, **extra, "calibration": info}
+        return ir_files(directory / "model.xml"), {**record, **extra, "calibration": info}
     return build
 
 
@@ -240,12 +270,20 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
         if int8_preset is None and transformer and reexport:  # same Q/DQ structure and speed: for outliers
             out.append(Candidate("onnxruntime-int8-smoothquant", "onnxruntime", "int8", _ort_int8_smoothquant,
                                  True, portable=True, fallback_for="onnxruntime-int8-static-qdq-matmul"))
+        if int8_preset is None and not transformer:  # CNN channel-range imbalance: equalize, then quantize
+            out.append(Candidate("onnxruntime-int8-cle", "onnxruntime", "int8", _ort_int8_cle, True, portable=True,
+                                 fallback_for="onnxruntime-int8-static-qoperator"))
         if int8_preset is None:
             # NNCF without SmoothQuant first; with it only where that fails the gate (outlier channels), as for
-            # ONNX Runtime. CNNs have no SmoothQuant variant.
+            # ONNX Runtime. CNNs get cross-layer equalization instead, also only where the plain recipe fails.
             out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8(False), True, unavailable=ov),
                     Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8(False), True, "bf16",
                               unavailable=bf16)]
+            if not transformer:
+                out += [Candidate("openvino-int8-cle", "openvino", "int8", _ov_int8(False, True), True,
+                                  unavailable=ov, fallback_for="openvino-int8"),
+                        Candidate("openvino-int8-cle-bf16", "openvino", "int8", _ov_int8(False, True), True, "bf16",
+                                  unavailable=bf16, fallback_for="openvino-int8-bf16")]
             if transformer:
                 out += [Candidate("openvino-int8-smoothquant", "openvino", "int8", _ov_int8(True), True,
                                   unavailable=ov, fallback_for="openvino-int8"),

@@ -55,3 +55,41 @@ def add_outlier_channels(model: torch.nn.Module, n_channels: int = 4, scale: flo
             lin.bias.sub_(lin.weight @ delta)
     return {"pairs": len(pairs), "channels": {w: i.tolist() for w, i in chosen.items()}, "scale": scale,
             "offset": offset}
+
+
+@torch.no_grad()
+def add_conv_channel_imbalance(model: torch.nn.Module, n_channels: int = 4, scale: float = 40.0,
+                               seed: int = 0) -> dict:
+    """Give a CNN the per-channel range imbalance of trained convolutional nets, without changing it.
+
+    For every ``Conv -> BatchNorm -> ReLU -> Conv`` chain (Hugging Face ResNet-style ``convolution``,
+    ``normalization``, ``activation`` blocks in sequence), ``n_channels`` output channels of the first get
+    their BatchNorm gamma and beta multiplied by ``scale`` and the matching input channels of the next Conv
+    divided by it: ReLU is positively homogeneous, so the function is unchanged up to float rounding, while
+    those channels' weights (after BatchNorm folding) and activations become ``scale`` times larger, as in
+    trained nets whose channel ranges differ by orders of magnitude (the case cross-layer equalization is
+    for). Returns a record: the number of chains, scale and the channel indices per width.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    chosen: dict[int, torch.Tensor] = {}
+    chains = 0
+    for block in model.modules():
+        if not isinstance(block, torch.nn.Sequential):
+            continue
+        layers = [m for m in block if all(hasattr(m, a) for a in ("convolution", "normalization", "activation"))]
+        for first, second in zip(layers, layers[1:], strict=False):
+            bn, act, conv = first.normalization, first.activation, second.convolution
+            if not isinstance(bn, torch.nn.BatchNorm2d) or not isinstance(act, torch.nn.ReLU) \
+                    or conv.groups != 1 or conv.in_channels != bn.num_features:
+                continue
+            width = bn.num_features
+            if width not in chosen:
+                chosen[width] = torch.randperm(width, generator=gen)[:n_channels].sort().values
+            idx = chosen[width]
+            bn.weight[idx] *= scale
+            bn.bias[idx] *= scale
+            conv.weight[:, idx] /= scale
+            chains += 1
+    if not chains:
+        raise ValueError(f"{type(model).__name__} has no Conv -> BatchNorm -> ReLU -> Conv chain to imbalance")
+    return {"chains": chains, "scale": scale, "channels": {w: i.tolist() for w, i in chosen.items()}}
