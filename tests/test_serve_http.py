@@ -126,7 +126,8 @@ def test_health_readiness_and_model_list(client):
     assert models["test-clip-tiny"] == {"id": "test-clip-tiny", "aliases": ["test-clip-tiny-int8"],
                                         "name": "test-clip-tiny", "precision": "int8", "dim": 24,
                                         "normalized": True, "input_size": [64, 64], "backend": "onnxruntime",
-                                        "engine": "onnxruntime-int8-static-qdq-matmul", "batch_invariant": True}
+                                        "engine": "onnxruntime-int8-static-qdq-matmul", "batch_invariant": True,
+                                        "towers": ["image"], "space": None, "text": None}
     assert (models["test-dinov2-tiny"]["dim"], models["test-dinov2-tiny"]["precision"]) == (32, "fp32")
 
 

@@ -1,15 +1,18 @@
 """The ASGI app (FastAPI): embeddings, model list, health, readiness, Prometheus metrics.
 
 ``create_app(models, config)`` builds one app over already-loaded :class:`ServedModel` s. Its lifespan
-starts one :class:`Batcher` per model and a decode thread pool, then warms every model up in a background
-thread: ``/healthz`` answers at once, ``/readyz`` (and embedding requests) only once warm-up is done. On
-shutdown the app drains: new embedding requests get 503, in-flight ones finish, then the batchers stop.
+starts one :class:`Batcher` per model (plus one for texts per model with a text tower) and a decode thread
+pool, then warms every model up in a background thread: ``/healthz`` answers at once, ``/readyz`` (and
+embedding requests) only once warm-up is done. On shutdown the app drains: new embedding requests get 503,
+in-flight ones finish, then the batchers stop.
 
-Status codes of ``POST /v1/embeddings``: 200 (at least one image embedded; bad images are reported per
-item), 400 (malformed request, or no image could be decoded), 404 (unknown model), 413 (body, image count,
-or every image's pixel count over the limit), 415 (content type), 429 (queue full, or its estimated wait
-over max_wait_s; Retry-After), 503 (warming up or draining, Retry-After), 504 (not finished within the
-per-request timeout).
+``POST /v1/embeddings`` embeds images (multipart or JSON base64) or, for models with a text tower, texts
+(JSON ``texts``); both answers have one shape. Status codes: 200 (at least one image embedded, bad images
+reported per item; or every text embedded), 400 (malformed request, images and texts together, texts for a
+model without a text tower, or no image could be decoded), 404 (unknown model), 413 (body, image or text
+count, a text's length, or every image's pixel count over the limit), 415 (content type), 429 (queue full,
+or its estimated wait over max_wait_s; Retry-After), 503 (warming up or draining, Retry-After), 504 (not
+finished within the per-request timeout).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -32,6 +36,7 @@ from .config import ServeConfig
 from .errors import (
     BadRequestError,
     ModelNotFoundError,
+    NoTextTowerError,
     PayloadTooLargeError,
     RequestTimeoutError,
     ServeError,
@@ -41,7 +46,7 @@ from .errors import (
 from .metrics import Metrics
 from .models import ServedModel
 from .schemas import EmbeddingResponse, ErrorResponse, Health, ModelInfo, ModelList, Readiness
-from .uploads import Prepared, parse_json_body, prepare, read_uploads
+from .uploads import Prepared, Upload, check_texts, media_type, parse_json_body, prepare, read_request
 
 log = logging.getLogger("imgembed.serve")
 
@@ -120,6 +125,12 @@ def _start(state: ServerState) -> None:
                             max_wait_s=cfg.admission_wait_s, name=m.id,
                             on_batch=state.metrics.batch_observer(m.id)).start()
         state.metrics.track_queue(m.id, lambda b=m.batcher: b.pending)
+        if m.has_text:
+            m.text_batcher = Batcher(m.text_infer_fn(cfg.batch_invariant), max_batch=cfg.max_batch,
+                                     max_delay_s=cfg.max_delay_s, max_queue=cfg.max_text_queue,
+                                     max_wait_s=cfg.admission_wait_s, name=m.id, unit="texts",
+                                     on_batch=state.metrics.batch_observer(m.id, "text")).start()
+            state.metrics.track_queue(m.id, lambda b=m.text_batcher: b.pending, "text")
     threading.Thread(target=_warm_up, args=(state,), name="imgembed-warmup", daemon=True).start()
 
 
@@ -141,8 +152,10 @@ def _stop(state: ServerState) -> None:
     """Refuse new work, let queued batches finish, stop the batchers and the decode pool."""
     state.begin_drain()
     for m in state.models:
-        if m.batcher is not None and not m.batcher.stop(timeout=state.config.drain_timeout_s):
-            log.warning("batcher of %s did not finish within %.1f s", m.id, state.config.drain_timeout_s)
+        for batcher in (m.batcher, m.text_batcher):
+            if batcher is not None and not batcher.stop(timeout=state.config.drain_timeout_s):
+                log.warning("%s batcher of %s did not finish within %.1f s", batcher.unit, m.id,
+                            state.config.drain_timeout_s)
     if state.pool is not None:
         state.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -161,21 +174,30 @@ class _Call:
 
 
 async def _embed(state: ServerState, request, model_param: str | None, call: _Call):
-    """Read, resolve, admit, decode (thread pool), infer (batcher), answer per item."""
+    """Read, resolve, then embed the request's images or texts."""
     loop = asyncio.get_running_loop()
 
     async def parse_json(body: bytes):
         return await loop.run_in_executor(state.pool, parse_json_body, body)
 
-    if model_param is not None or len(state.models) == 1:  # 404 / 429 before reading the body
+    if model_param is not None or len(state.models) == 1:  # 404 (and 429 for uploads) before reading the body
         early = state.resolve(model_param)
         call.model = early.id
-        early.batcher.check_capacity()
-    uploads, body_model = await read_uploads(request, state.config, parse_json)
-    served = state.resolve(body_model or model_param)
+        if media_type(request) == "multipart/form-data":  # images only; a JSON body may hold texts
+            early.batcher.check_capacity()
+    incoming = await read_request(request, state.config, parse_json)
+    served = state.resolve(incoming.model or model_param)
     if model_param is not None and served.id != call.model:
-        raise BadRequestError(f"two different models named: query {model_param!r}, body {body_model!r}")
+        raise BadRequestError(f"two different models named: query {model_param!r}, body {incoming.model!r}")
     call.model = served.id
+    if incoming.texts is not None:
+        return await _embed_texts(state, served, incoming.texts)
+    return await _embed_images(state, served, incoming.uploads)
+
+
+async def _embed_images(state: ServerState, served: ServedModel, uploads: list[Upload]) -> Response:
+    """Admit, decode (thread pool), infer (batcher), answer per image."""
+    loop = asyncio.get_running_loop()
     with served.batcher.admit(len(uploads)):
         prepared = await loop.run_in_executor(state.pool, prepare, uploads, served.embedder.preprocess,
                                               state.config.max_pixels, served.embedder.model_input)
@@ -186,6 +208,24 @@ async def _embed(state: ServerState, request, model_param: str | None, call: _Ca
         vectors = await served.batcher.infer(prepared.pixels)
     state.metrics.images.labels(served.id, "ok").inc(len(prepared.ok))
     return Response(_response_json(served, prepared, vectors, len(uploads)), media_type="application/json")
+
+
+async def _embed_texts(state: ServerState, served: ServedModel, texts: list[str]) -> Response:
+    """Check the tower and the limits, admit, infer (the model's text batcher; it tokenizes), answer per text."""
+    if served.text_batcher is None:
+        raise NoTextTowerError(f"model {served.id!r} has no text tower (towers: {served.towers}), so it cannot embed "
+                               f"texts; export its artifact with `imgembed export {served.embedder.name} --text` "
+                               "(CLIP and SigLIP models) and serve that artifact")
+    check_texts(texts, state.config)
+    with served.text_batcher.admit(len(texts)):
+        vectors = await served.text_batcher.infer(np.array(texts, dtype=object))
+    state.metrics.texts.labels(served.id).inc(len(texts))
+    data = [{"index": i, "embedding": row, "error": None} for i, row in enumerate(vectors.tolist())]
+    text = served.embedder.text
+    body = {"model": served.id, "tower": "text", "precision": text.engine.get("precision"), "dim": text.dim,
+            "normalized": bool((served.embedder.space or {}).get("normalized", served.embedder.normalized)),
+            "data": data, "embedded": len(texts), "failed": 0}
+    return Response(json.dumps(body, separators=(",", ":")).encode(), media_type="application/json")
 
 
 def _nothing_embedded(prepared: Prepared, n: int) -> ServeError:
@@ -209,8 +249,8 @@ def _response_json(served: ServedModel, prepared: Prepared, vectors, n: int) -> 
             kind, message = prepared.failures[i]
             data.append({"index": i, "embedding": None, "error": {"kind": kind, "message": message}})
     e = served.embedder
-    body = {"model": served.id, "precision": e.precision, "dim": e.dim, "normalized": e.normalized, "data": data,
-            "embedded": len(prepared.ok), "failed": len(prepared.failures)}
+    body = {"model": served.id, "tower": "image", "precision": e.precision, "dim": e.dim, "normalized": e.normalized,
+            "data": data, "embedded": len(prepared.ok), "failed": len(prepared.failures)}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -240,10 +280,12 @@ async def _embeddings_endpoint(state: ServerState, request, model: str | None):
 
 # ------------------------------------------------------------------------------------------------ app
 _ERRORS = {
-    400: "Malformed request, model not named while several are served, or no image of the request could be "
-         "decoded (the message is the decoder's, naming the image).",
+    400: "Malformed request (images and texts together, a text that is not a string, ...), model not named while "
+         "several are served, texts for a model without a text tower (no_text_tower), or no image of the request "
+         "could be decoded (the message is the decoder's, naming the image).",
     404: "Unknown model; the body lists the served ones.",
-    413: "Body over max_body_bytes, more than max_images images, or every image over max_pixels.",
+    413: "Body over max_body_bytes, more than max_images images or max_texts texts, a text over max_text_chars "
+         "characters (named by its index), or every image over max_pixels.",
     415: "Content-Type is neither multipart/form-data nor application/json.",
     429: "The model's queue is full (or would take longer than max_wait_s); retry after Retry-After seconds.",
     503: "Warming up or shutting down; retry after Retry-After seconds.",
@@ -259,16 +301,22 @@ def _error_responses() -> dict:
 
 
 def _request_body_schema(config: ServeConfig, names: list[str]) -> dict:
-    """OpenAPI requestBody of POST /v1/embeddings: multipart uploads or JSON base64."""
+    """OpenAPI requestBody of POST /v1/embeddings: multipart uploads, JSON base64 images, or JSON texts."""
     model = {"type": "string", "enum": names, "description": "Model id or alias (optional with one model)."}
     images = {"type": "array", "minItems": 1, "maxItems": config.max_images}
     multipart = {"type": "object", "required": ["image"], "properties": {
         "image": {**images, "items": {"type": "string", "format": "binary"},
                   "description": "One part per image (JPEG, PNG, WebP, BMP, GIF, TIFF)."}, "model": model}}
-    as_json = {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
+    texts = {"type": "array", "minItems": 1, "maxItems": config.max_texts,
+             "items": {"type": "string", "maxLength": config.max_text_chars},
+             "description": "Texts for the model's text tower (models exported with --text); their vectors are "
+                            "in the image space. Tokens past the model's max_length are truncated."}
+    as_json = {"type": "object", "additionalProperties": False, "properties": {
         "images": {**images, "items": {"type": "string", "format": "byte"},
                    "description": "Base64-encoded images; a data:image/...;base64, prefix is accepted."},
-        "model": model}}
+        "texts": texts, "model": model},
+        "oneOf": [{"required": ["images"]}, {"required": ["texts"]}],
+        "description": "Either images or texts, not both."}
     return {"required": True, "content": {"multipart/form-data": {"schema": multipart},
                                           "application/json": {"schema": as_json}}}
 
@@ -317,15 +365,16 @@ def _add_embedding_route(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_error_responses(),
               openapi_extra={"requestBody": _request_body_schema(state.config, names)}, tags=["embeddings"],
-              summary="Embed one or more images")
+              summary="Embed one or more images, or texts")
     async def embeddings(request: Request, model: str = Query(  # str, not Optional: no "null" in the schema
             None, description="Model id or alias; optional when one model is served.",
             json_schema_extra={"enum": names})):
-        """Embed the images of a multipart upload (``image`` parts) or a JSON body (base64 ``images``).
+        """Embed the images of a multipart upload (``image`` parts) or a JSON body (base64 ``images``), or the
+        ``texts`` of a JSON body with the model's text tower (models exported with ``--text``).
 
-        Results come back per image in request order; an image that cannot be decoded gets an ``error``
+        Results come back per item in request order; an image that cannot be decoded gets an ``error``
         instead of an ``embedding`` and never costs the other images theirs. The request fails as a whole
-        (400/413) only when no image could be embedded.
+        (400/413) only when no image could be embedded, or when any text breaks a limit.
         """
         return await _embeddings_endpoint(state, request, model)
 

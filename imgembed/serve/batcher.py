@@ -1,10 +1,11 @@
 """Dynamic batching: concurrent submissions for one model are grouped into one inference call.
 
-One :class:`Batcher` per model owns one worker thread. Submissions (float32 NCHW arrays of at most
-``max_batch`` rows) wait in a FIFO queue; the worker takes the oldest ones, up to ``max_batch`` rows, as soon
-as the queue holds a full batch or the oldest submission has waited ``max_delay_s`` -- whichever comes
-first -- runs ``infer`` once, and answers every submission with its own rows. Inference never runs on the
-event loop: ``await batcher.infer(pixels)`` only enqueues and waits on a future.
+One :class:`Batcher` per model and tower owns one worker thread. Submissions (arrays of at most
+``max_batch`` rows: float32 NCHW pixels, uint8 crops, or a 1-d object array of texts) wait in a FIFO queue;
+the worker takes the oldest ones, up to ``max_batch`` rows, as soon as the queue holds a full batch or the
+oldest submission has waited ``max_delay_s`` -- whichever comes first -- runs ``infer`` once on their rows
+concatenated, and answers every submission with its own rows. Inference never runs on the event loop:
+``await batcher.infer(pixels)`` only enqueues and waits on a future.
 
 Bounded: :meth:`Batcher.admit` counts a request's images from admission to answer and raises
 :class:`QueueFullError` beyond ``max_queue`` -- and, with ``max_wait_s``, when the pending images would
@@ -57,11 +58,12 @@ class Batcher:
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_delay_s: float,
                  max_queue: int, max_wait_s: float | None = None, name: str = "model",
-                 on_batch: Callable[[BatchStats], None] | None = None):
+                 on_batch: Callable[[BatchStats], None] | None = None, unit: str = "images"):
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be >= 1, "
                              f"max_delay_s={max_delay_s} >= 0")
         self.name = name
+        self.unit = unit  # what a row is, in messages: "images" or "texts"
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
@@ -128,11 +130,11 @@ class Batcher:
     def _refusal(self, n: int) -> str | None:
         """Why ``n`` more images cannot be admitted now (caller holds the lock), or None."""
         if self._pending + n > self.max_queue:
-            return f"queue full ({self._pending} of {self.max_queue} images pending, this request has {n})"
+            return f"queue full ({self._pending} of {self.max_queue} {self.unit} pending, this request has {n})"
         per_image = self.seconds_per_image
         wait = (self._pending + n) * per_image
         if self.max_wait_s is not None and self._pending and wait > self.max_wait_s:
-            return (f"queue too slow: {self._pending} images pending at {per_image * 1e3:.0f} ms each "
+            return (f"queue too slow: {self._pending} {self.unit} pending at {per_image * 1e3:.0f} ms each "
                     f"= {wait:.2f} s estimated wait with this request > max_wait_s={self.max_wait_s:g}")
         return None
 
@@ -149,7 +151,7 @@ class Batcher:
         """Hold ``n`` images of capacity for the duration of the block; QueueFullError if the queue is full
         or (with ``max_wait_s``) if the pending images would take longer than that to infer."""
         if not 1 <= n <= self.max_queue:
-            raise ValueError(f"cannot admit {n} images: expected 1..max_queue={self.max_queue}")
+            raise ValueError(f"cannot admit {n} {self.unit}: expected 1..max_queue={self.max_queue}")
         with self._cond:
             reason = self._refusal(n)
             if reason is None:
@@ -236,7 +238,7 @@ class Batcher:
         try:
             out = self._infer(x)
         except Exception as e:  # a failed batch fails its submissions, never the worker
-            log.exception("batch of %d images for %s failed", len(x), self.name)
+            log.exception("batch of %d %s for %s failed", len(x), self.unit, self.name)
             for item in items:
                 item.future.set_exception(e)
             return

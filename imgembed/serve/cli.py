@@ -24,6 +24,11 @@ def serve_cmd(
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Request body limit in MiB (413)."),
     max_images: int = typer.Option(64, "--max-images", min=1, help="Images per request (413)."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Pixels per image (413 / per item)."),
+    max_texts: int = typer.Option(256, "--max-texts", min=1, help="Texts per request, for models with a text "
+                                  "tower (413)."),
+    max_text_chars: int = typer.Option(2000, "--max-text-chars", min=1, help="Characters per text (413)."),
+    max_text_queue: int = typer.Option(1024, "--max-text-queue", min=1, help="Texts admitted per model before "
+                                       "429."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads per model."),
     backend: str = typer.Option("auto", "--backend", help="Engine of each artifact: auto (its best engine "
                                 "usable here) or a backend name (see `imgembed backends`)."),
@@ -43,7 +48,8 @@ def serve_cmd(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
 ) -> None:
-    """Serve ARTIFACTS over HTTP: POST /v1/embeddings, GET /v1/models, /healthz, /readyz, /metrics."""
+    """Serve ARTIFACTS over HTTP: POST /v1/embeddings (images; texts for artifacts exported with --text),
+    GET /v1/models, /healthz, /readyz, /metrics."""
     from ..cli_common import errors
     from .config import ServeConfig
     from .server import run
@@ -55,7 +61,8 @@ def serve_cmd(
                              device=device,
                              decode_workers=decode_workers, retry_after_s=retry_after, drain_timeout_s=drain_timeout,
                              batch_invariant=batch_invariant, max_connections=max_connections,
-                             max_wait_s=max_wait)
+                             max_wait_s=max_wait, max_texts=max_texts, max_text_chars=max_text_chars,
+                             max_text_queue=max_text_queue)
         run(artifacts, config, log_level=log_level, access_log=access_log)
 
 

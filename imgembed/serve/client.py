@@ -4,6 +4,7 @@
     with EmbeddingClient("http://127.0.0.1:8080") as client:
         vectors = client.embed(["cat.jpg", jpeg_bytes], model="clip-vit-b32")     # float32 (N, dim)
         result = client.embed(paths, on_error="report")   # Embeddings: good vectors + per-image errors
+        texts = client.embed_texts(["a red bicycle"], model="clip-vit-b32")      # models with a text tower
 
 A client is not thread-safe: use one per thread. Errors answered by the server raise
 :class:`ServerResponseError` carrying the status, kind, message and Retry-After.
@@ -56,6 +57,16 @@ def _as_upload(item: Any, index: int) -> tuple[str, bytes]:
     raise TypeError(f"item {index}: expected a path or encoded image bytes, got {type(item).__name__}")
 
 
+def _answer(status: int, headers: dict[str, str], body: bytes) -> dict:
+    """The JSON payload of a 200 answer; ServerResponseError (status, kind, message, Retry-After) otherwise."""
+    payload = json.loads(body)
+    if status != 200:
+        retry = headers.get("retry-after")
+        raise ServerResponseError(status, payload.get("error", "?"), payload.get("message", body[:200]),
+                                  float(retry) if retry else None)
+    return payload
+
+
 class EmbeddingClient:
     """Talks to one server over one keep-alive HTTP/1.1 connection."""
 
@@ -99,17 +110,25 @@ class EmbeddingClient:
         path = "/v1/embeddings" + (f"?model={quote(model)}" if model else "")
         return self.request("POST", path, body, {"Content-Type": ctype})
 
+    def post_texts(self, texts: Sequence[str], model: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        """POST texts as a JSON body; the raw (status, headers, body)."""
+        payload: dict[str, Any] = {"texts": list(texts)}
+        if model:
+            payload["model"] = model
+        return self.request("POST", "/v1/embeddings", json.dumps(payload).encode(),
+                            {"Content-Type": "application/json"})
+
+    def embed_texts(self, texts: Sequence[str], model: str | None = None) -> np.ndarray:
+        """Embed texts with the model's text tower: float32 (N, dim) in the image space."""
+        payload = _answer(*self.post_texts(texts, model))
+        return np.asarray([d["embedding"] for d in payload["data"]], np.float32).reshape(len(texts), payload["dim"])
+
     def embed(self, images: Sequence[Any], model: str | None = None, on_error: str = "raise"):
         """Embed images (paths or encoded bytes): float32 (N, dim), or Embeddings with ``on_error="report"``.
 
         With ``on_error="raise"`` an image the server could not embed raises ServerResponseError.
         """
-        status, headers, body = self.post_images(images, model)
-        payload = json.loads(body)
-        if status != 200:
-            retry = headers.get("retry-after")
-            raise ServerResponseError(status, payload.get("error", "?"), payload.get("message", body[:200]),
-                                      float(retry) if retry else None)
+        payload = _answer(*self.post_images(images, model))
         rows = [item for item in payload["data"] if item["embedding"] is not None]
         errors = [(item["index"], item["error"]["message"]) for item in payload["data"] if item["error"]]
         vectors = np.asarray([r["embedding"] for r in rows], np.float32).reshape(len(rows), payload["dim"])

@@ -1,7 +1,8 @@
 """Serving limits and knobs, validated once, shared by the CLI, the app and the batcher.
 
 Every limit is a plain number with a safe default, so a server is bounded even when started with no
-options: queue depth, request time, body bytes, images per request, pixels per image.
+options: queue depth, request time, body bytes, images per request, pixels per image, and for text towers
+texts per request, characters per text and the text queue depth.
 """
 from __future__ import annotations
 
@@ -38,12 +39,18 @@ class ServeConfig:
                                          # and infer (measured speed); None: 0.8 x timeout_s
     batch_invariant: bool = False        # dynamic-INT8 artifacts (which quantize per batch): run each image
                                          # alone, so a vector never depends on the other images of a batch
+    max_texts: int = 256                 # texts per request -> 413
+    max_text_chars: int = 2000           # characters per text -> 413 (tokens past the model's max_length are
+                                         # truncated, as the runtime does)
+    max_text_queue: int = 1024           # texts admitted per model (queued + running) -> 429; texts are far
+                                         # cheaper than images, so they have their own queue
 
     def __post_init__(self) -> None:
         _check_int("port", self.port, 0, 65535)
         for name, low in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1024), ("max_images", 1),
                           ("max_pixels", 1), ("decode_workers", 1), ("retry_after_s", 0),
-                          ("max_connections", 1)):
+                          ("max_connections", 1), ("max_texts", 1), ("max_text_chars", 1),
+                          ("max_text_queue", 1)):
             _check_int(name, getattr(self, name), low, None)
         if self.threads is not None:
             _check_int("threads", self.threads, 1, None)
@@ -56,6 +63,9 @@ class ServeConfig:
         if self.max_queue < self.max_images:
             raise ServeConfigError(f"max_queue={self.max_queue} is smaller than max_images={self.max_images}: "
                                    "a full-size request could never be admitted; raise max_queue")
+        if self.max_text_queue < self.max_texts:
+            raise ServeConfigError(f"max_text_queue={self.max_text_queue} is smaller than max_texts={self.max_texts}: "
+                                   "a full-size text request could never be admitted; raise max_text_queue")
 
     @property
     def max_delay_s(self) -> float:

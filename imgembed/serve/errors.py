@@ -26,6 +26,12 @@ class BadRequestError(ServeError):
     status, kind = 400, "bad_request"
 
 
+class NoTextTowerError(ServeError):
+    """Texts sent to a model whose artifact has no text tower (the message says how to export one)."""
+
+    status, kind = 400, "no_text_tower"
+
+
 class UndecodableImageError(ServeError):
     """Every image of the request failed to decode (the message is the ImageDecodeError's)."""
 
@@ -39,7 +45,8 @@ class ModelNotFoundError(ServeError, UnknownModelError):
 
 
 class PayloadTooLargeError(ServeError):
-    """Body bytes, images per request, or (for every image of the request) pixels over the limit."""
+    """Body bytes, images or texts per request, characters of a text, or (for every image of the request)
+    pixels over the limit."""
 
     status, kind = 413, "too_large"
 
@@ -76,6 +83,6 @@ class DuplicateModelError(ImgembedError, ValueError):
     """Two served artifacts resolve to the same model id."""
 
 
-__all__ = ["ServeError", "BadRequestError", "UndecodableImageError", "ModelNotFoundError", "PayloadTooLargeError",
-           "UnsupportedMediaTypeError", "QueueFullError", "UnavailableError", "RequestTimeoutError",
-           "PixelLimitError", "DuplicateModelError"]
+__all__ = ["ServeError", "BadRequestError", "NoTextTowerError", "UndecodableImageError", "ModelNotFoundError",
+           "PayloadTooLargeError", "UnsupportedMediaTypeError", "QueueFullError", "UnavailableError",
+           "RequestTimeoutError", "PixelLimitError", "DuplicateModelError"]

@@ -10,6 +10,11 @@ Names (all prefixed ``imgembed_``):
 - ``request_latency_seconds{model}``        request wall time, body parsed -> response ready (histogram)
 - ``queue_wait_seconds{model}``             submission -> start of its batch (histogram)
 - ``inference_seconds{model}``              one inference call (histogram)
+- ``texts_total{model}``                    texts embedded (text towers)
+- ``text_queue_depth{model}``               texts admitted and not yet answered
+- ``text_batch_size{model}``                texts per text-tower inference call (histogram)
+- ``text_queue_wait_seconds{model}``        text submission -> start of its batch (histogram)
+- ``text_inference_seconds{model}``         one text-tower inference call (histogram)
 - ``ready``                                 1 once every model is loaded and warmed up
 """
 from __future__ import annotations
@@ -46,15 +51,29 @@ class Metrics:
                                     ("model",), buckets=_LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("imgembed_inference_seconds", "One inference call.", ("model",),
                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.texts = Counter("imgembed_texts", "Texts embedded by text towers.", ("model",), registry=r)
+        self.text_queue_depth = Gauge("imgembed_text_queue_depth", "Texts admitted and not yet answered.",
+                                      ("model",), registry=r)
+        self.text_batch_size = Histogram("imgembed_text_batch_size", "Texts per text-tower inference call.",
+                                         ("model",), buckets=_BATCH_BUCKETS, registry=r)
+        self.text_queue_wait = Histogram("imgembed_text_queue_wait_seconds", "Text submission to start of its "
+                                         "batch.", ("model",), buckets=_LATENCY_BUCKETS, registry=r)
+        self.text_inference = Histogram("imgembed_text_inference_seconds", "One text-tower inference call.",
+                                        ("model",), buckets=_LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("imgembed_ready", "1 once every model is loaded and warmed up.", registry=r)
 
-    def track_queue(self, model: str, depth: Callable[[], float]) -> None:
-        """Report ``depth()`` as the queue depth of ``model`` at every scrape."""
-        self.queue_depth.labels(model).set_function(depth)
+    def track_queue(self, model: str, depth: Callable[[], float], tower: str = "image") -> None:
+        """Report ``depth()`` as the queue depth of ``model``'s ``tower`` ("image" or "text") at every scrape."""
+        (self.text_queue_depth if tower == "text" else self.queue_depth).labels(model).set_function(depth)
 
-    def batch_observer(self, model: str) -> Callable[[BatchStats], None]:
-        """A ``Batcher(on_batch=...)`` callback recording one model's batch statistics."""
-        size, wait, infer = self.batch_size.labels(model), self.queue_wait.labels(model), self.inference.labels(model)
+    def batch_observer(self, model: str, tower: str = "image") -> Callable[[BatchStats], None]:
+        """A ``Batcher(on_batch=...)`` callback recording the batch statistics of one model's ``tower``."""
+        if tower == "text":
+            size, wait, infer = (self.text_batch_size.labels(model), self.text_queue_wait.labels(model),
+                                 self.text_inference.labels(model))
+        else:
+            size, wait, infer = (self.batch_size.labels(model), self.queue_wait.labels(model),
+                                 self.inference.labels(model))
 
         def observe(stats: BatchStats) -> None:
             size.observe(stats.size)

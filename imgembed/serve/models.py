@@ -4,6 +4,9 @@ Model ids: ``ID=PATH`` sets the id explicitly; otherwise the id is the manifest 
 artifact has that name, and ``NAME-PRECISION`` when several do (e.g. an int8 and an fp32 export of one
 model). ``NAME-PRECISION`` is always accepted as an alias. Two artifacts that still resolve to one id are
 refused with :class:`DuplicateModelError` naming both paths.
+
+An artifact exported with ``--text`` is served with both towers: its text encoder is opened at load time (so
+a text engine this host cannot run fails the start, like an image engine) and gets its own batcher.
 """
 from __future__ import annotations
 
@@ -25,21 +28,38 @@ _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-
 
 @dataclass
 class ServedModel:
-    """One model behind the server: its id, aliases, embedder and (once the app starts) its batcher."""
+    """One model behind the server: its id, aliases, embedder and (once the app starts) its batchers: one
+    for images, and one for texts when the artifact has a text tower."""
 
     id: str
     aliases: tuple[str, ...]
     path: Path
     embedder: Embedder
     batcher: Batcher | None = None
+    text_batcher: Batcher | None = None
+
+    @property
+    def towers(self) -> list[str]:
+        """``["image"]``, or ``["image", "text"]`` for an artifact exported with ``--text``."""
+        return self.embedder.towers
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.towers
 
     def describe(self) -> dict:
         e = self.embedder
         engine = e.engine or {}
+        text = None
+        if self.has_text:
+            t = e.text
+            text = {"max_length": t.tokenizer.max_length, "precision": t.engine.get("precision"),
+                    "backend": t.runner.backend, "engine": t.engine.get("id")}
         return {"id": self.id, "aliases": list(self.aliases), "name": e.name, "precision": e.precision,
                 "dim": e.dim, "normalized": e.normalized, "input_size": list(e.preprocess.output_hw),
                 "backend": e.runner.backend, "engine": engine.get("id"),
-                "batch_invariant": not self.batch_dependent}
+                "batch_invariant": not self.batch_dependent, "towers": self.towers,
+                "space": e.space if self.has_text else None, "text": text}
 
     @property
     def batch_dependent(self) -> bool:
@@ -60,11 +80,25 @@ class ServedModel:
             return infer
         return lambda x: np.concatenate([infer(x[i:i + 1]) for i in range(len(x))])
 
+    def text_infer_fn(self, batch_invariant: bool) -> Callable[[np.ndarray], np.ndarray]:
+        """The text batcher's inference function: a 1-d object array of texts -> their vectors, in order, in
+        one call of the text engine (one call per text for a batch-dependent engine served ``batch_invariant``)."""
+        encoder = self.embedder.text
+        alone = batch_invariant and encoder.engine.get("batch_invariant") is False
+
+        def infer(texts: np.ndarray) -> np.ndarray:
+            return encoder.embed(list(texts), batch_size=1 if alone else max(1, len(texts)))
+
+        return infer
+
     def warm_up(self, max_batch: int) -> None:
-        """Run batches of 1 and ``max_batch`` zero images so the first real request pays no set-up cost."""
+        """Run batches of 1 and ``max_batch`` zero images (and short texts, with a text tower) so the first real
+        request pays no set-up cost."""
         h, w = self.embedder.preprocess.output_hw
         for n in sorted({1, max_batch}):  # zeros in the runner's input format (crops or pixels)
             self.embedder.runner.infer(np.zeros_like(self.embedder.model_input(np.zeros((n, h, w, 3), np.uint8))))
+            if self.has_text:
+                self.embedder.text.embed(["a photo."] * n, batch_size=n)
 
 
 @dataclass(frozen=True)
@@ -116,5 +150,7 @@ def load_models(args: Sequence[str], config: ServeConfig) -> list[ServedModel]:
     for a, (model_id, aliases) in zip(parsed, assign_ids(parsed), strict=True):
         emb = load_artifact(a.path, backend=config.backend, device=config.device, threads=config.threads,
                             batch_size=config.max_batch, workers=0)
+        if "text" in emb.towers:
+            _ = emb.text  # opened now: a text engine this host cannot run fails the start, naming the artifact
         models.append(ServedModel(model_id, aliases, a.path, emb))
     return models

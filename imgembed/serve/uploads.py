@@ -1,11 +1,13 @@
-"""Reading a request's images (multipart or JSON, within the body limit) and decoding them off the loop.
+"""Reading a request's images or texts (multipart or JSON, within the body limit) and decoding images off the loop.
 
-Two request shapes, one result (a list of :class:`Upload`):
+Three request shapes, one result (an :class:`Incoming`: a list of :class:`Upload` or a list of texts):
 
 - ``multipart/form-data``: one or more ``image`` parts. File parts carry raw encoded bytes; a plain text
   ``image`` field is read as base64 (like JSON). An optional ``model`` field names the model.
 - ``application/json``: ``{"model": "...", "images": ["<base64>", ...]}``; ``data:image/...;base64,``
   prefixes are accepted.
+- ``application/json``: ``{"model": "...", "texts": ["a red bicycle", ...]}`` for models with a text tower.
+  A request carries images or texts, never both; :func:`check_texts` applies the text limits.
 
 :func:`prepare` (run in the decode thread pool) decodes and preprocesses every upload; a bad image becomes
 a per-item failure and never drops the good images of the same request.
@@ -35,12 +37,16 @@ FORM_LIMIT = 10_000  # parts per multipart body; the body-size limit is what rea
 
 
 class EmbedJsonRequest(BaseModel):
-    """JSON request body of ``POST /v1/embeddings``."""
+    """JSON request body of ``POST /v1/embeddings``: ``images`` or ``texts`` (absent is None; null is refused)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="Model id (or alias); may be omitted when one model is served.")
-    images: list[str] = Field(..., min_length=1, description="Encoded images (JPEG, PNG, WebP, ...) as base64 "
+    images: list[str] = Field(None, min_length=1, description="Encoded images (JPEG, PNG, WebP, ...) as base64 "
                               "strings; a data:image/...;base64, prefix is accepted.")
+    texts: list[str] = Field(None, min_length=1, description="Texts to embed with the model's text tower.")
+
+
+JSON_SHAPES = '{"model": "<id>", "images": ["<base64>", ...]} or {"model": "<id>", "texts": ["<text>", ...]}'
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,16 @@ class Upload:
     name: str          # how errors refer to it, e.g. "image 1 ('cat.jpg')"
     data: bytes | str
     base64: bool = False
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What one request asks to embed: images (``uploads``) or ``texts`` -- exactly one is set -- and the
+    model named in the body (None when not named)."""
+
+    uploads: list[Upload] | None = None
+    texts: list[str] | None = None
+    model: str | None = None
 
 
 @dataclass
@@ -63,16 +79,21 @@ class Prepared:
 
 
 # ---------------------------------------------------------------------------------- reading the body
-async def read_uploads(request, config: ServeConfig, parse_json: Callable[[bytes], Awaitable[EmbedJsonRequest]]
-                       ) -> tuple[list[Upload], str | None]:
-    """(uploads, model named in the body or None); 400/413/415 ServeErrors for bad requests.
+def media_type(request) -> str:
+    """The request's Content-Type without parameters, lower case ("" when absent)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_request(request, config: ServeConfig, parse_json: Callable[[bytes], Awaitable[EmbedJsonRequest]]
+                       ) -> Incoming:
+    """The images or texts of a request and the model it names; 400/413/415 ServeErrors for bad requests.
 
     ``parse_json`` validates a JSON body (the app runs it in its thread pool: big bodies stay off the loop).
     """
     from starlette.requests import Request
 
     ctype = request.headers.get("content-type", "")
-    media = ctype.split(";", 1)[0].strip().lower()
+    media = media_type(request)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > config.max_body_bytes:
         raise PayloadTooLargeError(_body_message(int(declared), config.max_body_bytes))
@@ -81,26 +102,46 @@ async def read_uploads(request, config: ServeConfig, parse_json: Callable[[bytes
         uploads, model = await _read_multipart(limited)
     elif media == "application/json" or media.endswith("+json"):
         payload = await parse_json(await limited.body())
+        if payload.texts is not None:
+            return Incoming(texts=payload.texts, model=payload.model)  # limits: check_texts, once the model is known
         uploads = [Upload(f"image {i}", s, base64=True) for i, s in enumerate(payload.images)]
         model = payload.model
     else:
         raise UnsupportedMediaTypeError(
             f"Content-Type {ctype or '(none)'!r} is not supported: send multipart/form-data with one or more "
-            "'image' file parts, or application/json {\"model\": ..., \"images\": [base64, ...]}")
+            "'image' file parts, or application/json " + JSON_SHAPES)
     if len(uploads) > config.max_images:
         raise PayloadTooLargeError(f"{len(uploads)} images in one request is over the limit of "
                                    f"max_images={config.max_images}; split the request")
-    return uploads, model
+    return Incoming(uploads=uploads, model=model)
 
 
 def parse_json_body(body: bytes) -> EmbedJsonRequest:
-    """Validate a JSON body; BadRequestError naming the first problems and the expected shape."""
+    """Validate a JSON body; BadRequestError naming the first problems and the expected shapes."""
     try:
-        return EmbedJsonRequest.model_validate_json(body)
+        payload = EmbedJsonRequest.model_validate_json(body)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:3])
-        raise BadRequestError(f"invalid JSON body ({problems}); expected "
-                              "{\"model\": \"<id>\", \"images\": [\"<base64>\", ...]}") from None
+        raise BadRequestError(f"invalid JSON body ({problems}); expected {JSON_SHAPES}") from None
+    if payload.images is not None and payload.texts is not None:
+        raise BadRequestError("a request carries images or texts, not both: send the texts in a request of "
+                              "their own")
+    if payload.images is None and payload.texts is None:
+        raise BadRequestError(f"invalid JSON body (neither 'images' nor 'texts' given); expected {JSON_SHAPES}")
+    return payload
+
+
+def check_texts(texts: list[str], config: ServeConfig) -> list[str]:
+    """``texts`` if within the server's limits; PayloadTooLargeError naming the count, or the first text over
+    ``max_text_chars`` by its index, and the limit."""
+    if len(texts) > config.max_texts:
+        raise PayloadTooLargeError(f"{len(texts)} texts in one request is over the limit of "
+                                   f"max_texts={config.max_texts}; split the request")
+    for i, text in enumerate(texts):
+        if len(text) > config.max_text_chars:
+            raise PayloadTooLargeError(f"text {i} has {len(text)} characters, over the limit of "
+                                       f"max_text_chars={config.max_text_chars}; shorten it")
+    return texts
 
 
 def _body_message(size: int, limit: int) -> str:
