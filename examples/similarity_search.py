@@ -7,6 +7,10 @@
 
 The query is a path that is in the table (its stored vector is used) or any image file (embedded with the
 artifact named by --artifact). Cosine similarity = dot product of unit vectors.
+
+Text queries ("a red bicycle") need an artifact exported with --text: ``imgembed search photos.parquet
+"a red bicycle" --artifact DIR`` does text and image queries from the command line, and
+examples/text_search.py shows text search and zero-shot labels with the Python API.
 """
 from __future__ import annotations
 

@@ -408,7 +408,8 @@ def _run_parquet(out: Path, files: List[str], engine, emb, meta: dict, part_rows
 
 
 # Sub-commands that live in their own modules; each module exposes ``register(app: typer.Typer)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli", "imgembed.serve.cli", "imgembed.text_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli", "imgembed.serve.cli", "imgembed.text_cli",
+                                       "imgembed.jobs.search")
 
 
 def _register_subcommands() -> None:
