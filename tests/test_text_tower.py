@@ -257,3 +257,31 @@ def test_parity_command_rechecks_the_text_tower(text_artifact):
     report = json.loads(proc.stdout)
     assert report["passed"] and report["text"]["passed"]
     assert report["text"]["metrics"]["min_cosine"] >= 0.99999 and report["text"]["images"] == list(parity_captions())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_text_tower_at_the_other_precisions(precision, text_checkpoint, tmp_path):
+    """BF16 (OpenVINO hint, CPUs with AVX512_BF16/AMX) and FP16 (ONNX Runtime) text towers: an engine at the
+    requested precision passes its gate, or (BF16 on the tiny tower: min cosine 0.99986 < 0.9999) the portable
+    FP32 engine is kept and says so."""
+    from imgembed.runtime.host import missing_bf16_instructions
+
+    if precision == "bf16" and missing_bf16_instructions():
+        pytest.skip(missing_bf16_instructions())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = export_model("test-clip-tiny", tmp_path / "art", ExportOptions(
+            precision=precision, weights=text_checkpoint("test-clip-tiny"), text=True, speed_check=False))
+    text = res.manifest["text"]
+    rows = {r["id"]: r for r in text["selection"]["candidates"]}
+    own = [r for r in rows.values() if r["precision"] == precision]
+    assert own and all(r["metrics"] for r in own)  # built and gated
+    engine = next(e for e in text["engines"] if e["id"] == text["default_engine"])
+    assert text["parity"]["passed"] and text["parity"]["precision"] == engine["precision"]
+    if not any(r["passed"] for r in own):
+        assert engine["precision"] == "fp32" and engine["backend"] == "onnxruntime"
+    else:
+        assert engine["precision"] == precision
+    with imgembed.load(res.path) as emb:
+        v = emb.embed_text(["a photo of a cat", ""])
+        assert v.shape == (2, emb.dim) and np.all(np.isfinite(v))

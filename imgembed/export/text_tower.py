@@ -356,6 +356,9 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
                               + "; ".join(f"{o.candidate.id}: {', '.join(o.report.failures)}" for o in built)
                               + f"); no artifact written\n{format_report(best.report)}", best.report)
         winner, kept = best, [best]
+    if winner.candidate.precision != opts.precision:
+        step(f"text: no {opts.precision} engine passed the gate; the text tower keeps its "
+             f"{winner.candidate.precision} engine {winner.candidate.id}")
     section = {
         "status": "passed" if winner.report.passed else "failed",
         "dim": text.dim,
