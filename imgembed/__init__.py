@@ -4,6 +4,7 @@
     emb = imgembed.load("artifacts/clip-vit-b32-int8")     # an artifact directory (ONNX Runtime)
     emb = imgembed.load("clip-vit-b32", random_init=True)  # or a registry name (PyTorch original)
     vecs = emb.embed(["a.jpg", pil_image, uint8_array, jpeg_bytes])  # float32 (N, D)
+    imgembed.export_module("pkg.mod:factory", "artifacts/mine", name="mine", preprocess="imagenet")  # your own
 
 Heavy backends (torch, onnxruntime) are imported only when used, so ``import imgembed`` stays cheap and
 works where an optional backend is missing.
@@ -34,6 +35,14 @@ def load(name_or_path, **kwargs):
     return _load(name_or_path, **kwargs)
 
 
-__all__ = ["load", "get_spec", "list_models", "ModelSpec", "ImgembedError", "UnknownModelError",
+def export_module(module, out, **kwargs):
+    """Export your own ``torch.nn.Module`` (images -> vectors) to an artifact, gated on parity against itself;
+    see :func:`imgembed.export.module_export.export_module`."""
+    from .export.module_export import export_module as _export_module
+
+    return _export_module(module, out, **kwargs)
+
+
+__all__ = ["load", "export_module", "get_spec", "list_models", "ModelSpec", "ImgembedError", "UnknownModelError",
            "RegistryError", "ImageDecodeError", "ArtifactError", "IntegrityError", "ExportError", "ParityError",
            "BackendUnavailableError", "WeightsError", "__version__"]
