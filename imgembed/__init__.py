@@ -6,6 +6,7 @@
     vecs = emb.embed(["a.jpg", pil_image, uint8_array, jpeg_bytes])  # float32 (N, D)
     texts = emb.embed_text(["a red bicycle"])             # artifacts exported with --text (CLIP, SigLIP)
     imgembed.similarity(texts, vecs)                      # cosine matrix (1, N)
+    imgembed.export_module("pkg.mod:factory", "artifacts/mine", name="mine", preprocess="imagenet")  # your own
 
 Heavy backends (torch, onnxruntime) are imported only when used, so ``import imgembed`` stays cheap and
 works where an optional backend is missing.
@@ -43,6 +44,15 @@ def similarity(a, b):
     return _similarity(a, b)
 
 
-__all__ = ["load", "similarity", "get_spec", "list_models", "ModelSpec", "ImgembedError", "UnknownModelError",
+def export_module(module, out, **kwargs):
+    """Export your own ``torch.nn.Module`` (images -> vectors) to an artifact, gated on parity against itself;
+    see :func:`imgembed.export.module_export.export_module`."""
+    from .export.module_export import export_module as _export_module
+
+    return _export_module(module, out, **kwargs)
+
+
+__all__ = ["load", "similarity", "export_module", "get_spec", "list_models", "ModelSpec", "ImgembedError",
+           "UnknownModelError",
            "RegistryError", "ImageDecodeError", "ArtifactError", "IntegrityError", "ExportError", "ParityError",
            "BackendUnavailableError", "WeightsError", "__version__"]

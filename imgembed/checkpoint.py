@@ -51,7 +51,7 @@ def resolve_preprocess(spec: "ModelSpec", weights: str | Path | None = None,
         return spec.preprocess, {"source": "registry", "reason": "no weight source"}
     if cfg is None:
         return spec.preprocess, {"source": "registry", "reason": f"no {PREPROCESSOR_CONFIG} in {where}"}
-    pre, size_from_config = _from_checkpoint(spec, cfg, model_cfg, where)
+    pre, size_from_config = _from_checkpoint(spec, cfg, model_cfg, f"{where}/{PREPROCESSOR_CONFIG}")
     record = {"source": "checkpoint", "file": f"{where}/{PREPROCESSOR_CONFIG}",
               "processor_type": cfg.get("image_processor_type") or cfg.get("feature_extractor_type"),
               "differs_from_registry": differing_keys(spec.preprocess, pre)}
@@ -130,17 +130,30 @@ def _hub_file(repo: str, revision: str, filename: str) -> Path | None:
                            f"({type(e).__name__}: {e}). Offline? Pass --weights DIR or --random-init.") from None
 
 
+def preprocess_from_file(path: str | Path) -> tuple[PreprocessSpec, dict]:
+    """(PreprocessSpec, record) of a standalone ``preprocessor_config.json`` in the Hugging Face format (for
+    your own encoders, which have no config.json beside it). Unsupported settings raise
+    :class:`~imgembed.errors.CheckpointPreprocessError` naming the key, as for checkpoints."""
+    path = Path(path)
+    cfg = _read_json(path)
+    if cfg is None:
+        raise WeightsError(f"preprocessor config {path} does not exist (expected a preprocessor_config.json "
+                           "in the Hugging Face format)")
+    pre, _ = _from_checkpoint(None, cfg, None, str(path))
+    return pre, {"source": "file", "file": str(path.resolve()),
+                 "processor_type": cfg.get("image_processor_type") or cfg.get("feature_extractor_type")}
+
+
 # -------------------------------------------------------------------------------------- converting
-def _from_checkpoint(spec: "ModelSpec", cfg: dict, model_cfg: dict | None,
-                     where: str) -> tuple[PreprocessSpec, bool]:
-    """PreprocessSpec of a processor config; True when its input size came from config.json."""
-    file = f"{where}/{PREPROCESSOR_CONFIG}"
+def _from_checkpoint(spec: "ModelSpec | None", cfg: dict, model_cfg: dict | None,
+                     file: str) -> tuple[PreprocessSpec, bool]:
+    """PreprocessSpec of the processor config ``file``; True when its input size came from config.json."""
     try:
         proc = processor(_slow_name(cfg))
     except RegistryError as e:
         raise CheckpointPreprocessError(f"{file}: image_processor_type: {e}", "image_processor_type") from None
     _check_supported(cfg, proc, file)
-    size = _config_input_size(spec, model_cfg) if "size" not in cfg else None
+    size = _config_input_size(spec, model_cfg) if "size" not in cfg and spec is not None else None
     if size is not None:
         cfg = {**cfg, "size": size}
         if proc.crop == CROP_SIZE and cfg.get("crop_size") is None:
@@ -190,7 +203,7 @@ def check_artifact_preprocess(spec: "ModelSpec", source: dict, weights: str | Pa
     from .registry import Source
 
     kind = source.get("kind") if isinstance(source, dict) else None
-    if kind == "random-init":  # original_from_source ignores weights here too
+    if kind in ("random-init", "module"):  # no checkpoint directory: the manifest's preprocessing is the truth
         return
     if weights is None and kind == "local":
         weights = source["path"]

@@ -79,7 +79,8 @@ def backends_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON 
 
 @app.command("export")
 def export_cmd(
-    name: str = typer.Argument(..., help="Registry model name (see `imgembed models`)."),
+    name: Optional[str] = typer.Argument(None, help="Registry model name (see `imgembed models`); omit it with "
+                                         "--module."),
     int8: bool = typer.Option(False, "--int8", help="INT8: static (batch-invariant) ONNX Runtime presets and "
                               "OpenVINO + NNCF raced; the fastest that passes the gate becomes the default."),
     bf16: bool = typer.Option(False, "--bf16", help="BF16 compute on CPUs with AVX512_BF16 or AMX (OpenVINO); "
@@ -118,15 +119,36 @@ def export_cmd(
                               "checkpoint's tokenizer.json) to the artifact, raced and gated like the image tower."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory or tokenizer.json "
                                              "for --text (default: the checkpoint's; needed with --random-init)."),
+    module: Optional[str] = typer.Option(None, "--module", help="Export your own torch.nn.Module instead of a "
+                                         "registry model: pkg.module:factory, a callable taking no arguments that "
+                                         "returns a module mapping (N, 3, H, W) pixels to (N, D) vectors (the "
+                                         "current directory is importable)."),
+    module_name: Optional[str] = typer.Option(None, "--name", help="With --module: the artifact's model name."),
+    module_weights: Optional[Path] = typer.Option(None, "--module-weights", help="With --module: weights loaded "
+                                                  "into the module (.safetensors, or a torch.save(state_dict) file "
+                                                  "read with weights_only=True)."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="With --module: clip, imagenet "
+                                             "(default) or a preprocessor_config.json file (Hugging Face format)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", min=1, help="With --module: the input "
+                                             "(crop) size in pixels for clip / imagenet (default 224)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="With --module: L2-normalise the "
+                                   "vectors."),
+    transformer: Optional[bool] = typer.Option(None, "--transformer/--cnn", help="With --module: INT8 presets "
+                                               "for a transformer or a CNN (default: guessed from attention "
+                                               "layers)."),
 ) -> None:
-    """Export NAME, race the installed engines, gate each on parity against PyTorch, write an artifact whose
-    default engine is the fastest that passed on this machine."""
+    """Export NAME (or your own module with --module), race the installed engines, gate each on parity against
+    PyTorch, write an artifact whose default engine is the fastest that passed on this machine."""
     from .export.pipeline import ExportOptions, export_model
     from .parity import ParityReport, format_report
 
     if int8 + fp16 + bf16 > 1:
         err_console.print("[bold red]error[/]: choose one of --int8, --bf16 and --fp16")
         raise typer.Exit(2)
+    module_args = {"--name": module_name, "--module-weights": module_weights, "--preprocess": preprocess,
+                   "--input-size": input_size, "--no-normalize": None if normalize else False,
+                   "--transformer/--cnn": transformer}
+    name = _export_target(name, module, module_args, weights, random_init)
     precision = "int8" if int8 else "fp16" if fp16 else "bf16" if bf16 else "fp32"
     trt_opts, trt_overrides = _trt_prepare(trt, precision, int8_preset, trt_batch, uint8_input)
     out = out or (Path("artifacts") / f"{name}-{precision}-trt" if trt else None)
@@ -138,7 +160,16 @@ def export_cmd(
                          input_format="uint8" if uint8_input else "float32", text=text, tokenizer=tokenizer)
     opts = dataclasses.replace(opts, **trt_overrides)
     with errors(), steps(f"exporting {name}") as step, warnings.catch_warnings(record=True):
-        result = export_model(name, out, opts, step=step)
+        if module is None:
+            result = export_model(name, out, opts, step=step)
+        else:
+            from .export.module_export import CHECKPOINT_OPTIONS, export_module
+
+            options = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
+                       if f.name not in CHECKPOINT_OPTIONS}
+            result = export_module(module, out, name=name, preprocess=preprocess or "imagenet",
+                                   input_size=input_size, weights=module_weights, normalize=normalize,
+                                   transformer=transformer, step=step, **options)
     m = result.manifest
     print_candidates(m)
     if (m.get("preprocess_source") or {}).get("differs_from_registry"):
@@ -164,6 +195,31 @@ def export_cmd(
         raise typer.Exit(2)
     if trt_opts is not None:
         _trt_engine(out, trt_opts, weights, threads)
+
+
+def _export_target(name: Optional[str], module: Optional[str], module_args: dict, weights: Optional[Path],
+                   random_init: bool) -> str:
+    """The model name of an export: the registry NAME, or --name with --module; usage errors exit 2."""
+    def usage(message: str) -> typer.Exit:
+        err_console.print(f"[bold red]error[/]: {message}", highlight=False)
+        return typer.Exit(2)
+
+    if module is None:
+        given = [flag for flag, value in module_args.items() if value is not None]
+        if given:
+            raise usage(f"{', '.join(given)}: for --module exports only (--module pkg.module:factory)")
+        if name is None:
+            raise usage("give a registry model NAME (see `imgembed models`) or --module pkg.module:factory --name NAME")
+        return name
+    if name is not None:
+        raise usage(f"give either a registry model NAME ({name}) or --module, not both (name a module export "
+                    "with --name)")
+    if module_args["--name"] is None:
+        raise usage("--module needs --name NAME (the artifact's model name)")
+    if weights is not None or random_init:
+        raise usage("--weights and --random-init are for registry models; give a module's weights file with "
+                    "--module-weights FILE")
+    return module_args["--name"]
 
 
 def print_candidates(manifest: dict, tower: str = "engines") -> None:
@@ -221,8 +277,9 @@ def _trt_engine(out: Path, trt_opts, weights: Optional[Path], threads: Optional[
 @app.command("parity")
 def parity_cmd(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `imgembed export`."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Original weights directory, if the "
-                                           "artifact was exported from one that has moved."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Original weights directory (a module "
+                                           "artifact's: weights file), if the artifact was exported from one "
+                                           "that has moved."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     backend: str = typer.Option("auto", "--backend", help="Engine of the artifact to check: auto (the one "
                                 "`load` would run here) or a backend name."),

@@ -1,4 +1,5 @@
-"""The PyTorch wrapper whose single output *is* the embedding (torch is imported here, and only here)."""
+"""The PyTorch wrappers whose single output *is* the embedding (torch is imported here, and only here):
+:class:`EmbeddingHead` around a transformers model, :class:`ModuleHead` around a user's own module."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -32,6 +33,26 @@ class EmbeddingHead(torch.nn.Module):
         elif self.pooling == "gap":
             x = x.mean(dim=(2, 3))
         x = x.flatten(1)
+        if self.normalize:
+            x = torch.nn.functional.normalize(x, p=2.0, dim=-1)
+        return x
+
+
+class ModuleHead(torch.nn.Module):
+    """Wrap a user's module that maps ``(N, 3, H, W)`` float pixels to ``(N, D)`` vectors.
+
+    The output is cast to float32 and, when ``normalize``, L2-normalised inside the module, so the exported
+    graph and the parity reference compute the same thing. The shape contract is checked before export
+    (:func:`imgembed.user_module.check_output`), not here.
+    """
+
+    def __init__(self, module: torch.nn.Module, normalize: bool):
+        super().__init__()
+        self.module = module
+        self.normalize = normalize
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.module(pixel_values).float()
         if self.normalize:
             x = torch.nn.functional.normalize(x, p=2.0, dim=-1)
         return x

@@ -12,6 +12,9 @@ families; the registry validates ``family:`` against it, and no other code branc
 * the real architecture with random weights from the registry's ``arch`` (``random_init=True``), seeded
   so that the same original can be rebuilt later from a manifest (:func:`original_from_source`).
 
+The ``module`` family is the user's own ``torch.nn.Module`` (:mod:`imgembed.user_module`): it has no
+transformers classes and no registry entries; its originals are rebuilt from a ``module`` source record.
+
 This module imports torch only inside the functions that need it, so the registry (and ``import imgembed``)
 can use the records without it. The original is an :class:`~imgembed.embedding_head.EmbeddingHead`.
 """
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from .registry import ModelSpec
 
 DEFAULT_SEED = 0
+MODULE_FAMILY = "module"   # a user's own nn.Module (imgembed.user_module)
 
 
 # ------------------------------------------------------------------------------- vision-tower hooks
@@ -172,6 +176,7 @@ class TextTower:
     projection: str | None      # attribute of the full model that projects the pooled text, None: none
     scores: str
     reference_mask: bool
+    tokenizer_format: str       # "clip" (byte-level BPE, </w> word ends) | "sentencepiece" (▁ word starts)
 
 
 @dataclass(frozen=True)
@@ -179,14 +184,19 @@ class Family:
     """What differs between model families, as data and small hooks."""
 
     name: str
-    config_class: str           # transformers config class of the image encoder
-    model_class: str            # transformers model class whose outputs hold the embedding
+    config_class: str | None    # transformers config class of the image encoder (None: not a transformers model)
+    model_class: str | None     # transformers model class whose outputs hold the embedding
     ort_model_type: str | None  # onnxruntime.transformers.optimizer model_type, None = no transformer fusion
-    is_transformer: bool = True
+    is_transformer: bool | None = True  # None: each model says, in its arch's "transformer" key
     vision_tower: Callable[[Mapping[str, Any]], dict | None] = encoder_only  # full checkpoint -> vision config
     surgery: tuple[Surgery, ...] = ()
     config_input_size: str | None = "image_size"  # config.json key that is the input size (None: it is not)
     text: TextTower | None = None  # image-text families: the text tower sharing the embedding space
+    in_registry: bool = True    # False: models of this family are not registry entries (user modules)
+
+    def transformer(self, spec: "ModelSpec") -> bool:
+        """Whether ``spec`` is a transformer (INT8 presets, SmoothQuant candidates) or a CNN."""
+        return self.is_transformer if self.is_transformer is not None else bool(spec.arch.get("transformer"))
 
     def prepare_export(self, head: "EmbeddingHead", spec: "ModelSpec", optimize: bool) -> list[str]:
         """Export-time surgery on a copy of the original; returns the names of what was applied."""
@@ -201,7 +211,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("clip", "CLIPVisionConfig", "CLIPVisionModelWithProjection", "clip", vision_tower=clip_vision_tower,
-           text=TextTower("CLIPModel", "CLIPConfig", "text_projection", "softmax", reference_mask=True)),
+           text=TextTower("CLIPModel", "CLIPConfig", "text_projection", "softmax", reference_mask=True,
+                          tokenizer_format="clip")),
     Family("vit", "ViTConfig", "ViTModel", "vit"),
     # DINOv2's image_size is its position-embedding grid (518), not the input size
     Family("dinov2", "Dinov2Config", "Dinov2Model", "vit", surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE),
@@ -210,8 +221,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            surgery=(FROZEN_POSITIONS, FOLDED_LAYER_SCALE), config_input_size=None),
     Family("dinov3", "DINOv3ViTConfig", "DINOv3ViTModel", "vit", surgery=(FROZEN_ROPE,)),
     Family("siglip", "SiglipVisionConfig", "SiglipVisionModel", "clip", vision_tower=siglip_vision_tower,
-           text=TextTower("SiglipModel", "SiglipConfig", None, "sigmoid", reference_mask=False)),
+           text=TextTower("SiglipModel", "SiglipConfig", None, "sigmoid", reference_mask=False,
+                          tokenizer_format="sentencepiece")),
     Family("resnet", "ResNetConfig", "ResNetModel", None, is_transformer=False, config_input_size=None),
+    Family(MODULE_FAMILY, None, None, None, is_transformer=None, config_input_size=None, in_registry=False),
 )}
 
 
@@ -280,6 +293,9 @@ def _build(spec: "ModelSpec", weights: str | Path | None, random_init: bool, see
     import torch
 
     fam = family_of(spec)
+    if fam.model_class is None:
+        raise WeightsError(f"model {spec.name!r} is a user module (family {fam.name!r}): it is rebuilt from its "
+                           "manifest's source record (original_from_source), not from a registry entry")
     model_cls = _transformers_attr(fam.model_class)
     extra = {"attn_implementation": attn} if fam.is_transformer else {}
     if random_init:
@@ -330,10 +346,16 @@ def original_from_source(spec: "ModelSpec", source: Mapping[str, Any], weights_o
 
     ``random-init`` reuses the seed (``spec.arch`` is the architecture); ``local`` loads the recorded
     directory, or ``weights_override`` when given (the directory moved); ``hub`` loads the recorded repo at
-    the recorded revision, or ``weights_override`` when given (offline re-checks). Unknown kinds raise
+    the recorded revision, or ``weights_override`` when given (offline re-checks); ``module`` imports the
+    recorded factory again (:func:`imgembed.user_module.original_from_record`; ``weights_override`` is the
+    weights file, which must have the recorded sha256). Unknown kinds raise
     :class:`~imgembed.errors.WeightsError`.
     """
     kind = source.get("kind") if isinstance(source, Mapping) else None
+    if kind == "module":
+        from .user_module import original_from_record
+
+        return original_from_record(spec, source, weights_override)
     if kind == "random-init":
         return load_original(spec, random_init=True, seed=int(source["seed"]), attn=attn)
     if kind in ("local", "hub") and weights_override is not None:
@@ -346,4 +368,4 @@ def original_from_source(spec: "ModelSpec", source: Mapping[str, Any], weights_o
         pinned = replace(spec, source=Source(hub=str(source["repo"]), revision=str(source.get("revision", "main"))))
         return load_original(pinned, attn=attn)
     raise WeightsError(f"unknown source kind {kind!r} in {dict(source) if isinstance(source, Mapping) else source!r}; "
-                       "expected 'random-init', 'local' or 'hub'")
+                       "expected 'random-init', 'local', 'hub' or 'module'")

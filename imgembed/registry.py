@@ -246,7 +246,13 @@ def parse_registry(text: str, origin: str) -> dict[str, ModelSpec]:
         raise RegistryError(f"{origin}: not valid YAML: {e}") from None
     if not isinstance(doc, Mapping) or not isinstance(doc.get("models"), Mapping):
         raise RegistryError(f"{origin}: expected a top-level 'models:' mapping")
-    return {str(n): _parse_entry(str(n), e) for n, e in doc["models"].items()}
+    specs = {str(n): _parse_entry(str(n), e) for n, e in doc["models"].items()}
+    for spec in specs.values():
+        if not FAMILIES[spec.family].in_registry:
+            raise RegistryError(f"{origin}: model {spec.name!r}: family {spec.family!r} is for your own "
+                                "torch modules (imgembed.export_module, `imgembed export --module`), not registry "
+                                f"entries; expected one of {[f for f, r in FAMILIES.items() if r.in_registry]}")
+    return specs
 
 
 @functools.lru_cache(maxsize=None)

@@ -66,7 +66,7 @@ class BenchModel:
 
 
 def source_tag(source: dict) -> str:
-    """A short, file-name-safe tag for a source record: random-s0, hub-main, local-1a2b3c4d5e."""
+    """A short, file-name-safe tag for a source record: random-s0, hub-main, local-1a2b3c4d5e, module-0f1e2d3c4b."""
     kind = source.get("kind")
     if kind == "random-init":
         return f"random-s{source['seed']}"
@@ -74,7 +74,9 @@ def source_tag(source: dict) -> str:
         return f"hub-{source.get('revision', 'main')}".replace("/", "_")
     if kind == "local":
         return "local-" + hashlib.sha1(str(source["path"]).encode()).hexdigest()[:10]
-    raise ArtifactError(f"unknown source kind {kind!r} in {source}; expected random-init, hub or local")
+    if kind == "module":  # the module's state identifies it (factory, seed and weights file alike)
+        return "module-" + str(source.get("state_sha256", ""))[:10]
+    raise ArtifactError(f"unknown source kind {kind!r} in {source}; expected random-init, hub, local or module")
 
 
 def default_cache_dir() -> Path:

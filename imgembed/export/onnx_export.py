@@ -36,7 +36,7 @@ def export_onnx(head, spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OP
     h, w = spec.input_hw
     dummy = torch.zeros(2, 3, h, w, dtype=torch.float32)
     try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), \
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _mha_fastpath_off(), \
                 contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # TracerWarnings from transformers' shape checks are expected
             torch.onnx.export(
@@ -49,6 +49,20 @@ def export_onnx(head, spec: ModelSpec, path: str | Path, opset: int = DEFAULT_OP
         raise ExportError(f"torch.onnx.export failed for {spec.name}: {type(e).__name__}: {e}") from e
     check_onnx(path)
     return path
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off():
+    """Trace nn.MultiheadAttention / nn.TransformerEncoderLayer as their math: their inference fast path is one
+    fused aten op that has no ONNX export (user modules; transformers models do not use it)."""
+    import torch
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def check_onnx(path: str | Path) -> None:

@@ -1,6 +1,8 @@
 """The export flow: resolve -> build original -> export ONNX -> optimize -> engine race -> write.
 
-:func:`export_model` is what ``imgembed export`` calls. Each step lives in its own module and is testable
+:func:`export_model` is what ``imgembed export`` calls for registry models; it builds the :class:`Original`
+and hands it to :func:`export_original`, which :func:`~imgembed.export.module_export.export_module` (your own
+``torch.nn.Module``) shares. Each step lives in its own module and is testable
 alone; this module only sequences them and writes the artifact atomically (no artifact on failure unless
 ``keep_failed``, which marks the manifest ``"status": "failed"``). The engine race (:mod:`.engines`) builds
 every candidate the installed engines offer at the requested precision, gates each on parity, times the
@@ -16,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -63,6 +65,17 @@ class ExportOptions:
     input_format: str = "float32"           # "float32" NCHW normalised | "uint8" NHWC resize+crop (see uint8_input)
     text: bool = False                      # CLIP / SigLIP: add the text tower (text/ in the artifact)
     tokenizer: str | Path | None = None     # tokenizer directory / tokenizer.json (default: the checkpoint's)
+
+
+@dataclass
+class Original:
+    """The PyTorch original of an export and where it came from (the manifest's ``source`` and
+    ``preprocess_source``); ``spec`` carries the preprocessing actually used."""
+
+    spec: ModelSpec
+    head: Any                   # EmbeddingHead or ModuleHead: (N, 3, H, W) float32 -> (N, dim)
+    source: dict
+    preprocess_source: dict
 
 
 @dataclass
@@ -245,24 +258,43 @@ def _graphs(spec: ModelSpec, opts: ExportOptions, head, work: Path, step: Step) 
     return plain, ort_graph, {"optimizations": optimizations, "fused_ops": fused}
 
 
-def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions | None, step: Step) -> ExportResult:
-    opts = opts or ExportOptions()
-    spec = name if isinstance(name, ModelSpec) else get_spec(name)
+def plan_candidates(spec: ModelSpec, opts: ExportOptions) -> list[engines.Candidate]:
+    """The engine candidates of an export, checked before the original is loaded: the options are valid and
+    an engine can build the requested precision here."""
     _check_options(opts)
-    family = family_of(spec)
     if opts.text:
         from .text_tower import text_tower
 
         text_tower(spec)  # fail before any work when the model has no text tower
-    candidates = engines.plan(opts.precision, transformer=family.is_transformer, int8_preset=opts.int8_preset,
-                              engine=opts.engine)
+    candidates = engines.plan(opts.precision, transformer=family_of(spec).transformer(spec),
+                              int8_preset=opts.int8_preset, engine=opts.engine)
     engines.check_available(candidates, opts.precision)
-    out = Path(out)
+    return candidates
+
+
+def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions | None, step: Step) -> ExportResult:
+    opts = opts or ExportOptions()
+    spec = name if isinstance(name, ModelSpec) else get_spec(name)
+    candidates = plan_candidates(spec, opts)
     t0 = time.perf_counter()
     spec, preprocess_source = with_checkpoint_preprocess(spec, opts.weights, opts.random_init)
     step(describe_preprocess(preprocess_source))
     step(f"loading {spec.name} ({'random init' if opts.random_init else opts.weights or 'hub'})")
     head = load_original(spec, weights=opts.weights, random_init=opts.random_init, seed=opts.seed)
+    original = Original(spec, head, source_record(spec, opts.weights, opts.random_init, opts.seed), preprocess_source)
+    return export_original(original, out, opts, step, candidates=candidates, started=t0)
+
+
+def export_original(original: Original, out: str | Path, opts: ExportOptions, step: Step = lambda s: None, *,
+                    candidates: list[engines.Candidate] | None = None, started: float | None = None) -> ExportResult:
+    """Export, race, gate and write an artifact of an already-built original. The caller holds
+    ``export_lock(out)``. ``candidates``: from :func:`plan_candidates` (planned here when None); ``started``:
+    ``time.perf_counter()`` when the export began (for the manifest's ``seconds``)."""
+    spec, head = original.spec, original.head
+    family = family_of(spec)
+    candidates = plan_candidates(spec, opts) if candidates is None else candidates
+    out = Path(out)
+    t0 = time.perf_counter() if started is None else started
     step("computing PyTorch reference embeddings")
     parity_set = reference_set(head, spec, opts.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +310,7 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
             return calibration["set"]
 
         inputs = engines.Inputs(spec, work, plain, ort_graph, opts.input_format, parity_set, calibrate,
-                                opts.threads, family.is_transformer, head=head, opset=opts.opset)
+                                opts.threads, family.transformer(spec), head=head, opset=opts.opset)
         outcomes = engines.run(candidates, inputs, spec.thresholds(opts.precision), step,
                                speed_check=opts.speed_check)
         winner, kept = engines.choose(outcomes, opts.keep_candidates)
@@ -300,8 +332,9 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
             from .text_tower import export_text
 
             text = export_text(spec, opts, work, step)
-        manifest, notes = _manifest(spec, opts, winner, outcomes, graph_record, time.perf_counter() - t0)
-        manifest["preprocess_source"] = preprocess_source
+        manifest, notes = _manifest(spec, opts, winner, outcomes, graph_record, time.perf_counter() - t0,
+                                    original.source)
+        manifest["preprocess_source"] = original.preprocess_source
         if text is not None and text.section["status"] != "passed":
             manifest["status"] = "failed"
         step(f"writing artifact to {out}")
@@ -319,12 +352,12 @@ def _speed_notes(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome) 
            f"({speed[p + '_ms']:.1f} ms vs {speed['fp32_ms']:.1f} ms per batch of {SPEED_BATCH}, "
            f"{speed['speedup_vs_fp32']:.2f}x). The artifact is written because --{p} was requested; "
            "prefer the FP32 artifact for speed on this CPU.")
-    warnings.warn(msg, Int8SlowerWarning, stacklevel=4)
+    warnings.warn(msg, Int8SlowerWarning, stacklevel=5)
     return [msg]
 
 
 def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, outcomes: list[engines.Outcome],
-              graph_record: dict, seconds: float) -> tuple[dict, list[str]]:
+              graph_record: dict, seconds: float, source: dict) -> tuple[dict, list[str]]:
     report = winner.report
     notes = _speed_notes(spec, opts, winner)
     model_file = winner.files.get("model")
@@ -333,7 +366,7 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, out
         "status": "passed" if report.passed else "failed",
         "name": spec.name,
         "model": spec.to_dict(),
-        "source": source_record(spec, opts.weights, opts.random_init, opts.seed),
+        "source": source,
         "precision": opts.precision,
         "opset": opts.opset,
         "input": input_record(spec.preprocess, opts.input_format),

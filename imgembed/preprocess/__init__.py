@@ -23,9 +23,10 @@ region is resampled (:func:`~imgembed.preprocess.transforms.crop_of_resized`; wi
 resize on natural images).
 
 Modules: :mod:`~imgembed.preprocess.spec` (the validated :class:`PreprocessSpec`),
-:mod:`~imgembed.preprocess.processors` (one record per processor), :mod:`~imgembed.preprocess.decode`
-(bounded decoding of untrusted inputs to RGB), :mod:`~imgembed.preprocess.transforms` (resize, crop,
-normalise). This module composes them.
+:mod:`~imgembed.preprocess.processors` (one record per processor), :mod:`~imgembed.preprocess.presets`
+(named specs for user modules: clip, imagenet), :mod:`~imgembed.preprocess.decode` (bounded decoding of
+untrusted inputs to RGB), :mod:`~imgembed.preprocess.transforms` (resize, crop, normalise). This module
+composes them.
 """
 from __future__ import annotations
 

@@ -96,35 +96,28 @@ def write_image_text_checkpoint(name: str | ModelSpec, directory: str | Path, se
     import torch
     import transformers
 
-    spec = get_spec(name) if isinstance(name, str) else spec_or_raise(name)
+    from ..families import family_of
+
+    spec = get_spec(name) if isinstance(name, str) else name
+    record = family_of(spec).text
+    if spec.text is None or record is None:
+        raise ValueError(f"{spec.name}: no text tower in the registry (family {spec.family!r})")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if spec.family == "clip":
+    text = dict(spec.text.arch)
+    if record.tokenizer_format == "clip":
         tok = transformers.CLIPTokenizerFast.from_pretrained(str(write_clip_tokenizer(directory)))
-        text = {**dict(spec.text.arch), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                "pad_token_id": tok.pad_token_id}
-        cfg = transformers.CLIPConfig(text_config=text, vision_config=dict(spec.arch),
-                                      projection_dim=spec.embedding.dim)
-        model_cls = transformers.CLIPModel
-        processor = transformers.CLIPImageProcessor(**_processor_kwargs(spec))
-    elif spec.family == "siglip":
-        write_siglip_tokenizer(directory)
-        cfg = transformers.SiglipConfig(text_config=dict(spec.text.arch), vision_config=dict(spec.arch))
-        model_cls = transformers.SiglipModel
-        processor = transformers.SiglipImageProcessor(**_processor_kwargs(spec))
+        text.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     else:
-        raise ValueError(f"{spec.name}: family {spec.family!r} has no text tower")
+        write_siglip_tokenizer(directory)
+    extra = {"projection_dim": spec.embedding.dim} if record.projection else {}
+    cfg = getattr(transformers, record.config_class)(text_config=text, vision_config=dict(spec.arch), **extra)
     torch.manual_seed(seed)
-    model = model_cls(cfg).eval()
+    model = getattr(transformers, record.model_class)(cfg).eval()
     model.save_pretrained(str(directory))
+    processor = getattr(transformers, spec.preprocess.processor)(**_processor_kwargs(spec))
     processor.save_pretrained(str(directory))
     return directory
-
-
-def spec_or_raise(spec: ModelSpec) -> ModelSpec:
-    if spec.text is None:
-        raise ValueError(f"{spec.name} has no text tower in the registry")
-    return spec
 
 
 def _processor_kwargs(spec: ModelSpec) -> dict:
