@@ -25,9 +25,17 @@ def artifact_dir(tmp_path_factory):
     """``artifact_dir(name, precision, engine="onnxruntime")`` -> path of a random-init artifact, exported once
     per session with only that backend's candidates (``engine=None`` races every installed engine; the race
     itself is tested in tests/test_engines.py)."""
-    from imgembed.export.pipeline import ExportOptions, export_model
+    from imgembed.export.pipeline import ExportOptions
 
-    root = tmp_path_factory.mktemp("artifacts")
+    return _cached_exports(tmp_path_factory.mktemp("artifacts"), lambda name, precision, engine: ExportOptions(
+        precision=precision, random_init=True, speed_check=False, engine=engine))
+
+
+def _cached_exports(root: Path, options):
+    """``get(name, precision="fp32", engine="onnxruntime")`` exporting each key once into ``root`` with
+    ``options(name, precision, engine)`` (an ExportOptions)."""
+    from imgembed.export.pipeline import export_model
+
     cache: dict[tuple[str, str, str | None], Path] = {}
 
     def get(name: str, precision: str = "fp32", engine: str | None = "onnxruntime") -> Path:
@@ -36,9 +44,7 @@ def artifact_dir(tmp_path_factory):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Int8SlowerWarning is expected on toy models
                 suffix = "" if engine == "onnxruntime" else f"-{engine or 'race'}"
-                res = export_model(name, root / f"{name}-{precision}{suffix}",
-                                   ExportOptions(precision=precision, random_init=True, speed_check=False,
-                                                 engine=engine))
+                res = export_model(name, root / f"{name}-{precision}{suffix}", options(name, precision, engine))
             cache[key] = res.path
         return cache[key]
 
@@ -66,20 +72,7 @@ def text_checkpoint(tmp_path_factory):
 def text_artifact(tmp_path_factory, text_checkpoint):
     """``text_artifact(name, precision="fp32", engine="onnxruntime")`` -> an artifact with image and text
     towers, exported once per session from :func:`text_checkpoint` (``engine=None`` races every engine)."""
-    from imgembed.export.pipeline import ExportOptions, export_model
+    from imgembed.export.pipeline import ExportOptions
 
-    root = tmp_path_factory.mktemp("text-artifacts")
-    cache: dict[tuple[str, str, str | None], Path] = {}
-
-    def get(name: str, precision: str = "fp32", engine: str | None = "onnxruntime") -> Path:
-        key = (name, precision, engine)
-        if key not in cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Int8SlowerWarning is expected on toy models
-                res = export_model(name, root / f"{name}-{precision}-{engine or 'race'}",
-                                   ExportOptions(precision=precision, weights=text_checkpoint(name), text=True,
-                                                 speed_check=engine is None, engine=engine))
-            cache[key] = res.path
-        return cache[key]
-
-    return get
+    return _cached_exports(tmp_path_factory.mktemp("text-artifacts"), lambda name, precision, engine: ExportOptions(
+        precision=precision, weights=text_checkpoint(name), text=True, speed_check=engine is None, engine=engine))
