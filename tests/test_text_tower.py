@@ -285,3 +285,34 @@ def test_text_tower_at_the_other_precisions(precision, text_checkpoint, tmp_path
     with imgembed.load(res.path) as emb:
         v = emb.embed_text(["a photo of a cat", ""])
         assert v.shape == (2, emb.dim) and np.all(np.isfinite(v))
+
+
+def test_siglip_v1_sentencepiece_checkpoint_is_converted_and_gated(tmp_path):
+    """SigLIP (v1) ships only spiece.model (no fast tokenizer in transformers): the export converts it to a
+    tokenizer.json that gives SiglipTokenizer's ids, on the gate's captions and on random strings."""
+    pytest.importorskip("sentencepiece")
+    import random
+    import string
+
+    from imgembed.testing.text import write_image_text_checkpoint
+
+    ckpt = write_image_text_checkpoint("test-siglip-tiny", tmp_path / "ckpt", tokenizer="spiece")
+    assert (ckpt / "spiece.model").exists() and not (ckpt / "tokenizer.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = export_model("test-siglip-tiny", tmp_path / "art", ExportOptions(
+            weights=ckpt, text=True, engine="onnxruntime", speed_check=False))
+    text = res.manifest["text"]
+    assert text["tokenizer"]["converted_from"].startswith("SentencePiece")
+    assert text["tokenizer_check"] == {"captions": len(parity_captions() + calibration_captions()),
+                                       "identical": True, "reference": "SiglipTokenizer"}
+    assert text["parity"]["metrics"]["min_cosine"] >= 0.99999
+    slow = transformers.AutoTokenizer.from_pretrained(str(ckpt))
+    tok = TextTokenizer(res.path / text["tokenizer"]["file"], text["tokenizer"])
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + "   \t\n▁éÉß日本語кошка🚲’“”—…　ＡＢ！"
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(300)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = slow(fuzz, padding="max_length", truncation=True, max_length=64)["input_ids"]
+    assert tok(fuzz).tolist() == theirs

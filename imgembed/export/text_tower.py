@@ -163,7 +163,9 @@ def reference_tokenizer(spec: ModelSpec, weights: str | Path | None, tokenizer: 
         raise ExportError(f"{spec.name} has random weights and no vocabulary: pass --tokenizer DIR (a directory "
                           "with tokenizer.json, e.g. the checkpoint's) to export its text tower")
     tok = _quiet_load(lambda: AutoTokenizer.from_pretrained(where, use_fast=True, **kwargs), where)
-    if not getattr(tok, "is_fast", False):
+    from .spm_tokenizer import convertible
+
+    if not getattr(tok, "is_fast", False) and not convertible(tok):
         raise ExportError(f"{where}: the tokenizer ({type(tok).__name__}) has no tokenizer.json (fast) form, which "
                           "the text tower needs at inference; save one with a fast tokenizer "
                           "(tokenizer.save_pretrained) next to the weights or pass --tokenizer")
@@ -190,7 +192,11 @@ def runtime_tokenizer(tf_tok: Any, text: TextSpec) -> tuple[str, dict]:
     max_length = min(text.max_length, int(text.arch.get("max_position_embeddings", text.max_length)))
     record = {"file": f"{TEXT_DIR}/tokenizer.json", "max_length": max_length, "padding": text.padding,
               "pad_id": int(pad), "class": type(tf_tok).__name__}
-    return tf_tok.backend_tokenizer.to_str(), record
+    if getattr(tf_tok, "is_fast", False):
+        return tf_tok.backend_tokenizer.to_str(), record
+    from .spm_tokenizer import siglip_tokenizer_json
+
+    return siglip_tokenizer_json(tf_tok), {**record, "converted_from": "SentencePiece model (spiece.model)"}
 
 
 def check_token_ids(tf_tok: Any, tok: TextTokenizer, captions: Sequence[str], reference_mask: bool) -> dict:
@@ -323,8 +329,9 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
     tok_json, tok_record = runtime_tokenizer(tf_tok, text)
     tok = TextTokenizer.from_str(tok_json, tok_record)
     captions = parity_captions()
-    step(f"checking tokenizer ids against transformers ({type(tf_tok).__name__}) on {len(captions)} captions")
-    ids_check = check_token_ids(tf_tok, tok, captions, record.reference_mask)
+    checked = captions if getattr(tf_tok, "is_fast", False) else captions + calibration_captions()
+    step(f"checking tokenizer ids against transformers ({type(tf_tok).__name__}) on {len(checked)} captions")
+    ids_check = check_token_ids(tf_tok, tok, checked, record.reference_mask)
     special = {k: getattr(tf_tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(tf_tok, k, None) is not None}
     step(f"loading the text tower ({'random init' if opts.random_init else opts.weights or 'hub'})")

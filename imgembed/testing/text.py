@@ -7,6 +7,8 @@ format, saved together with ``save_pretrained`` exactly as a hub checkpoint dire
   ``<|startoftext|>`` / ``<|endoftext|>`` around every caption, padded with ``<|endoftext|>``.
 * SigLIP format (SigLIP 2's Gemma-style tokenizer.json): SentencePiece-style ``▁`` word starts, BPE with byte
   fallback, ``</s>`` appended, padded with a separate ``<pad>`` token, loaded as ``PreTrainedTokenizerFast``.
+* SigLIP (v1) format: only a SentencePiece Unigram ``spiece.model`` (trained here with ``sentencepiece``),
+  read by transformers' slow ``SiglipTokenizer``; the export converts it (:mod:`imgembed.export.spm_tokenizer`).
 
 The vocabularies are tiny (a few hundred tokens, from a fixed caption corpus), so the ids differ from the real
 models'; what is tested is that the artifact's tokenizer reproduces the transformers tokenizer of the
@@ -89,10 +91,31 @@ def write_siglip_tokenizer(directory: str | Path, vocab_size: int = 400) -> Path
     return directory
 
 
-def write_image_text_checkpoint(name: str | ModelSpec, directory: str | Path, seed: int = 0) -> Path:
+def write_spiece_tokenizer(directory: str | Path, vocab_size: int = 120) -> Path:
+    """A SigLIP (v1) tokenizer: a SentencePiece Unigram model (``spiece.model``, NFKC) read by transformers'
+    slow ``SiglipTokenizer`` (needs the ``sentencepiece`` package), no tokenizer.json, as on the hub."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus()), model_writer=model, vocab_size=vocab_size,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   normalization_rule_name="nmt_nfkc", character_coverage=1.0, minloglevel=2)
+    (directory / "spiece.model").write_bytes(model.getvalue())
+    SiglipTokenizer(str(directory / "spiece.model")).save_pretrained(str(directory))
+    return directory
+
+
+def write_image_text_checkpoint(name: str | ModelSpec, directory: str | Path, seed: int = 0,
+                                tokenizer: str | None = None) -> Path:
     """A full image-text checkpoint directory for registry model ``name`` (its vision arch and text arch from
     models.yaml, random weights): config.json + model.safetensors + tokenizer + preprocessor_config.json,
-    as ``save_pretrained`` writes them for a hub checkpoint."""
+    as ``save_pretrained`` writes them for a hub checkpoint. ``tokenizer``: the family's format by default;
+    "spiece" writes a SigLIP (v1) SentencePiece model instead of a tokenizer.json."""
     import torch
     import transformers
 
@@ -105,9 +128,12 @@ def write_image_text_checkpoint(name: str | ModelSpec, directory: str | Path, se
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = dict(spec.text.arch)
-    if record.tokenizer_format == "clip":
+    fmt = tokenizer or record.tokenizer_format
+    if fmt == "clip":
         tok = transformers.CLIPTokenizerFast.from_pretrained(str(write_clip_tokenizer(directory)))
         text.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    elif fmt == "spiece":
+        write_spiece_tokenizer(directory)
     else:
         write_siglip_tokenizer(directory)
     extra = {"projection_dim": spec.embedding.dim} if record.projection else {}
