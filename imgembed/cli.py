@@ -46,13 +46,14 @@ def models_cmd(all_: bool = typer.Option(False, "--all", help="Include tiny test
         print(json.dumps([s.to_dict() for s in specs], indent=2))
         return
     table = Table(title="imgembed models")
-    for col in ("name", "family", "source", "dim", "input", "output", "normalized", "GFLOPs"):
+    for col in ("name", "family", "source", "dim", "input", "output", "normalized", "GFLOPs", "text"):
         table.add_column(col)
     for s in specs:
         src = f"{s.source.hub}" if s.source else "(random init only)"
         output = s.embedding.output + ("" if s.embedding.pooling == "none" else f" [{s.embedding.pooling}]")
         table.add_row(s.name, s.family, src, str(s.embedding.dim), "x".join(map(str, s.input_hw)), output,
-                      "yes" if s.embedding.normalize else "no", "" if s.gflops is None else f"{s.gflops:g}")
+                      "yes" if s.embedding.normalize else "no", "" if s.gflops is None else f"{s.gflops:g}",
+                      "" if s.text is None else f"--text ({s.text.max_length} tokens)")
     out_console.print(table)
 
 
