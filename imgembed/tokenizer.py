@@ -50,6 +50,9 @@ class TextTokenizer:
         self.max_length = int(record["max_length"])
         self.padding = str(record["padding"])
         self.pad_id = int(record["pad_id"])
+        self.padding_side = str(record.get("padding_side", "right"))
+        if self.padding_side not in ("right", "left"):
+            raise ArtifactError(f"{self.path}: padding_side {self.padding_side!r}; expected 'right' or 'left'")
         if self.padding not in PADDING:
             raise ArtifactError(f"{self.path}: padding {self.padding!r}; expected one of {list(PADDING)}")
         try:
@@ -77,11 +80,15 @@ class TextTokenizer:
         return [e.ids for e in self._tok.encode_batch(texts)] if texts else []
 
     def pad(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """int64 ``(N, L)``: ``L`` the longest row ("longest") or ``max_length``, right-padded with ``pad_id``."""
+        """int64 ``(N, L)``: ``L`` the longest row ("longest") or ``max_length``, padded with ``pad_id`` on the
+        tokenizer's side (right unless the checkpoint's tokenizer pads left)."""
         length = self.max_length if self.padding == "max_length" else max((len(r) for r in ids), default=1)
         out = np.full((len(ids), max(length, 1)), self.pad_id, dtype=np.int64)
         for i, row in enumerate(ids):
-            out[i, :len(row)] = row
+            if self.padding_side == "left":
+                out[i, out.shape[1] - len(row):] = row
+            else:
+                out[i, :len(row)] = row
         return out
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:

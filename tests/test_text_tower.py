@@ -316,3 +316,20 @@ def test_siglip_v1_sentencepiece_checkpoint_is_converted_and_gated(tmp_path):
         warnings.simplefilter("ignore")
         theirs = slow(fuzz, padding="max_length", truncation=True, max_length=64)["input_ids"]
     assert tok(fuzz).tolist() == theirs
+
+
+def test_left_padding_tokenizer_is_reproduced(text_checkpoint, tmp_path):
+    """A checkpoint whose tokenizer pads on the left: the artifact pads the same way and the gate holds."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(text_checkpoint("test-siglip-tiny"), ckpt)
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = export_model("test-siglip-tiny", tmp_path / "art", ExportOptions(
+            weights=ckpt, text=True, engine="onnxruntime", speed_check=False))
+    record = res.manifest["text"]["tokenizer"]
+    assert record["padding_side"] == "left"
+    ids = TextTokenizer(res.path / record["file"], record)(["a cat"])[0]
+    assert ids[0] == record["pad_id"] and ids[-1] != record["pad_id"]
+    assert res.manifest["text"]["parity"]["metrics"]["min_cosine"] >= 0.99999

@@ -191,7 +191,8 @@ def runtime_tokenizer(tf_tok: Any, text: TextSpec) -> tuple[str, dict]:
         raise ExportError("the tokenizer defines neither a pad nor an end token, so batches cannot be padded")
     max_length = min(text.max_length, int(text.arch.get("max_position_embeddings", text.max_length)))
     record = {"file": f"{TEXT_DIR}/tokenizer.json", "max_length": max_length, "padding": text.padding,
-              "pad_id": int(pad), "class": type(tf_tok).__name__}
+              "pad_id": int(pad), "padding_side": str(getattr(tf_tok, "padding_side", "right") or "right"),
+              "class": type(tf_tok).__name__}
     if getattr(tf_tok, "is_fast", False):
         return tf_tok.backend_tokenizer.to_str(), record
     from .spm_tokenizer import siglip_tokenizer_json
