@@ -84,8 +84,9 @@ def test_cnn_int8_is_static_with_calibration(artifact_dir):
     q = m["export"]["quantization"]
     assert q["preset"]["mode"] == "static"
     assert q["calibration"]["images"] == 32 and "built-in" in q["calibration"]["source"]
-    ort = {r["id"] for r in m["selection"]["candidates"] if r["backend"] == "onnxruntime"}
-    assert ort == {"onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq"}
+    ort = {r["id"]: r for r in m["selection"]["candidates"] if r["backend"] == "onnxruntime"}
+    assert set(ort) == {"onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq", "onnxruntime-int8-cle"}
+    assert ort["onnxruntime-int8-cle"]["why_not"].startswith("not needed")  # equalization only where presets fail
     ops = op_counts(artifact_dir("test-resnet-tiny", "int8") / MODEL_FILE)
     assert ops.get("QLinearConv", 0) + ops.get("QuantizeLinear", 0) > 0
     assert ops.get("Conv", 0) == 0 or q["preset"]["quant_format"] == "QDQ"
