@@ -146,11 +146,16 @@ def test_int8_text_race_passes_its_gate_batch_invariant(text_artifact):
     assert metrics["mean_cosine"] >= 0.995 and metrics["min_cosine"] >= 0.99 and metrics["knn_agreement"] >= 0.9
     assert text["batch_invariant"] and metrics["batch_variation"] <= 1e-4
     assert text["default_engine"] in rows and rows[text["default_engine"]]["img_per_s"]
-    for backend in {e["backend"] for e in text["engines"]}:
-        with imgembed.load(art, backend=backend) as emb:
-            assert emb.text.engine["backend"] == backend
-            v = emb.embed_text(["a photo of a cat", "a red bicycle at night"])
-            assert v.shape == (2, emb.dim) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+    from imgembed.runtime.text import open_text
+
+    for backend in {e["backend"] for e in text["engines"]}:  # the text tower's own engines, whichever won
+        enc = open_text(art, m, backend=backend)
+        try:
+            assert enc.engine["backend"] == backend
+            v = enc.embed(["a photo of a cat", "a red bicycle at night"])
+            assert v.shape == (2, m["output"]["dim"]) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+        finally:
+            enc.close()
 
 
 def test_cli_export_text_prints_the_text_race_and_gate(text_checkpoint, tmp_path):
