@@ -272,6 +272,11 @@ def _from_pretrained(model_cls: Any, source: str, **kw: Any) -> Any:
     return model_cls.from_pretrained(source, weights_only=True, from_tf=False, from_flax=False, **kw)
 
 
+def has_safetensors(path: Path) -> bool:
+    """Whether a checkpoint directory holds safetensors weights; then a .bin beside them is never read."""
+    return any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+
+
 def _from_dir(model_cls: Any, spec: "ModelSpec", path: Path, attn: str, extra: dict) -> Any:
     """The encoder from a local save_pretrained directory (a full image-text checkpoint gives its tower)."""
     if not path.is_dir():
@@ -279,8 +284,7 @@ def _from_dir(model_cls: Any, spec: "ModelSpec", path: Path, attn: str, extra: d
     config = _config_from_dir(spec, path)
     if family_of(spec).is_transformer:
         config._attn_implementation = attn
-    # With a safetensors file present, never look at a .bin beside it.
-    safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+    safetensors = has_safetensors(path)
     try:
         return _from_pretrained(model_cls, str(path), config=config, use_safetensors=safetensors or None, **extra)
     except (OSError, ValueError, RuntimeError) as e:

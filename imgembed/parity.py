@@ -32,6 +32,11 @@ _LOWER_IS_BETTER = {"max_abs", "batch_variation"}
 BATCH_INVARIANCE_LIMIT = 1e-4
 
 
+def gate_thresholds(thresholds: dict[str, float], batch_invariant: bool) -> dict[str, float]:
+    """``thresholds`` plus the batch-variation limit for an engine that claims batch invariance."""
+    return {**thresholds, "batch_variation": BATCH_INVARIANCE_LIMIT} if batch_invariant else dict(thresholds)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

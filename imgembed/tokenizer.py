@@ -41,7 +41,9 @@ class TextTokenizer:
     "max_length": always to ``max_length``), ``pad_id``.
     """
 
-    def __init__(self, path: str | Path, record: Mapping[str, Any]):
+    def __init__(self, path: str | Path, record: Mapping[str, Any], *, json_text: str | None = None):
+        """Read ``path`` (a tokenizer.json), or take its content from ``json_text`` (``path`` then only names
+        it in errors)."""
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # a dependency of imgembed; only a broken install lacks it
@@ -56,7 +58,7 @@ class TextTokenizer:
         if self.padding not in PADDING:
             raise ArtifactError(f"{self.path}: padding {self.padding!r}; expected one of {list(PADDING)}")
         try:
-            self._tok = Tokenizer.from_file(str(self.path))
+            self._tok = Tokenizer.from_file(str(self.path)) if json_text is None else Tokenizer.from_str(json_text)
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ArtifactError(f"{self.path}: not a readable tokenizer.json ({e})") from None
         self._tok.no_padding()
@@ -65,14 +67,7 @@ class TextTokenizer:
     @classmethod
     def from_str(cls, json_text: str, record: Mapping[str, Any]) -> "TextTokenizer":
         """A tokenizer from the JSON text of a tokenizer.json (used at export, before files are written)."""
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", suffix=".json", encoding="utf-8", delete=False) as f:
-            f.write(json_text)
-        try:
-            return cls(f.name, record)
-        finally:
-            Path(f.name).unlink()
+        return cls(record.get("file", "tokenizer.json"), record, json_text=json_text)
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Truncated, unpadded token ids of each text (specials included)."""

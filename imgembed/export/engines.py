@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import BackendUnavailableError, ExportError, ImgembedError
-from ..parity import BATCH_INVARIANCE_LIMIT, ParityReport, parity_report
+from ..parity import ParityReport, gate_thresholds, parity_report
 from ..registry import ModelSpec
 from ..runtime.backends import EngineRef, get_backend
 from ..runtime.timing import interleaved_medians
@@ -312,8 +312,7 @@ def check_available(candidates: Sequence[Candidate], precision: str) -> None:
 # ------------------------------------------------------------------------------------------ the race
 def _gate(outcome: Outcome, inputs: Inputs, thresholds: dict[str, float], step: Step) -> None:
     c = outcome.candidate
-    if c.batch_invariant:
-        thresholds = {**thresholds, "batch_variation": BATCH_INVARIANCE_LIMIT}
+    thresholds = gate_thresholds(thresholds, c.batch_invariant)
     step(f"checking parity of {c.id}")
     runner = _runner(inputs, outcome)
     with runner:

@@ -164,11 +164,9 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     step("computing PyTorch reference embeddings")
     ps = reference_set(head, spec, threads, images=images)
     step(f"running engine {engine['id']} at batch sizes 1, 3, 8")
-    thresholds = spec.thresholds(engine["precision"])
-    if engine.get("batch_invariant"):
-        from ..parity import BATCH_INVARIANCE_LIMIT
+    from ..parity import gate_thresholds
 
-        thresholds["batch_variation"] = BATCH_INVARIANCE_LIMIT
+    thresholds = gate_thresholds(spec.thresholds(engine["precision"]), bool(engine.get("batch_invariant")))
     with open_engine(artifact, manifest, engine, threads=threads) as runner:
         report = parity_report(ps.reference, runner, ps.inputs(runner), thresholds, engine["precision"], ps.names)
     return report.with_engine(engine["id"])

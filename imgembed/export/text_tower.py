@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ExportError, WeightsError
-from ..families import DEFAULT_SEED, TextTower, _from_pretrained, _transformers_attr, family_of
+from ..families import DEFAULT_SEED, TextTower, _from_pretrained, _transformers_attr, family_of, has_safetensors
 from ..registry import EmbeddingSpec, ModelSpec, TextSpec
 from ..samples import calibration_captions, parity_captions
 from ..tokenizer import TextTokenizer, TokenBatches
@@ -123,9 +123,8 @@ def _load_full(spec: ModelSpec, record: TextTower, model_cls: Any, weights: str 
             raise WeightsError(f"{path}: the checkpoint has no text tower (config.json has no text_config; "
                                f"model_type {raw.get('model_type')!r}); --text needs a full "
                                f"{record.model_class} checkpoint")
-        safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
         try:
-            return _from_pretrained(model_cls, str(path), use_safetensors=safetensors or None,
+            return _from_pretrained(model_cls, str(path), use_safetensors=has_safetensors(path) or None,
                                     attn_implementation="eager")
         except (OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"{path}: cannot load the text tower ({type(e).__name__}: {e})") from None
@@ -184,6 +183,12 @@ def _quiet_load(fn: Callable[[], Any], where: Any) -> Any:
         raise ExportError(f"{where}: cannot load its tokenizer ({type(e).__name__}: {first})") from None
 
 
+def special_ids(tf_tok: Any) -> dict[str, int]:
+    """The tokenizer's bos/eos/pad ids (those it defines), for the text config of a random-init tower."""
+    return {k: getattr(tf_tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if getattr(tf_tok, k, None) is not None}
+
+
 def runtime_tokenizer(tf_tok: Any, text: TextSpec) -> tuple[str, dict]:
     """The JSON of the tokenizer.json the artifact carries, and its manifest record."""
     pad = tf_tok.pad_token_id if tf_tok.pad_token_id is not None else tf_tok.eos_token_id
@@ -202,7 +207,7 @@ def runtime_tokenizer(tf_tok: Any, text: TextSpec) -> tuple[str, dict]:
 
 def check_token_ids(tf_tok: Any, tok: TextTokenizer, captions: Sequence[str], reference_mask: bool) -> dict:
     """Compare the artifact tokenizer's ids with the transformers tokenizer's on ``captions``; returns the
-    record and the transformers encodings; ExportError naming the first differing caption."""
+    manifest record of the check, or raises ExportError naming the first differing caption."""
     enc = reference_encoding(tf_tok, tok, captions, reference_mask)
     mine = tok(captions)
     theirs = enc["input_ids"].numpy()
@@ -326,18 +331,16 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
 
     text, record = text_tower(spec)
     step("loading the text tokenizer")
-    tf_tok = reference_tokenizer(spec, opts.weights, getattr(opts, "tokenizer", None))
+    tf_tok = reference_tokenizer(spec, opts.weights, opts.tokenizer)
     tok_json, tok_record = runtime_tokenizer(tf_tok, text)
     tok = TextTokenizer.from_str(tok_json, tok_record)
     captions = parity_captions()
     checked = captions if getattr(tf_tok, "is_fast", False) else captions + calibration_captions()
     step(f"checking tokenizer ids against transformers ({type(tf_tok).__name__}) on {len(checked)} captions")
     ids_check = check_token_ids(tf_tok, tok, checked, record.reference_mask)
-    special = {k: getattr(tf_tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(tf_tok, k, None) is not None}
     step(f"loading the text tower ({'random init' if opts.random_init else opts.weights or 'hub'})")
     original = load_text_original(spec, weights=None if opts.random_init else opts.weights,
-                                  random_init=opts.random_init, seed=opts.seed, special_ids=special)
+                                  random_init=opts.random_init, seed=opts.seed, special_ids=special_ids(tf_tok))
     _check_vocab(original, tok_json, spec)
     step("computing PyTorch reference text embeddings")
     parity = text_parity_set(original, tf_tok, tok, record.reference_mask, opts.threads, captions)
@@ -373,7 +376,7 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
         "input": {"name": TEXT_INPUT, "dtype": "int64", "layout": "batch x tokens"},
         "tokenizer": tok_record,
         "tokenizer_check": ids_check,
-        "source": {"tokenizer": None if getattr(opts, "tokenizer", None) is None
+        "source": {"tokenizer": None if opts.tokenizer is None
                    else str(Path(opts.tokenizer).resolve())},
         "reference": f"{record.model_class}.get_text_features(**tokenizer(texts, padding={text.padding!r}, "
                      f"truncation=True, max_length={tok_record['max_length']}))",
@@ -408,7 +411,7 @@ def recheck_text(artifact: str | Path, manifest: dict, weights: str | Path | Non
                  backend: str = "auto", step: Step = lambda s: None):
     """Re-run the text gate of an artifact's text engine (the one ``backend`` selects here) against the text
     original rebuilt from the manifest's source, with the transformers tokenizer of that source."""
-    from ..parity import BATCH_INVARIANCE_LIMIT, parity_report
+    from ..parity import gate_thresholds, parity_report
     from ..runtime.backends import open_engine, select_engine
     from ..runtime.text import text_view
 
@@ -428,15 +431,11 @@ def recheck_text(artifact: str | Path, manifest: dict, weights: str | Path | Non
     tok = TextTokenizer(artifact / tok_record["file"], tok_record)
     captions = tuple(manifest["text"]["parity"].get("images") or parity_captions())
     check_token_ids(tf_tok, tok, captions, record.reference_mask)
-    special = {k: getattr(tf_tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(tf_tok, k, None) is not None}
     original = load_text_original(spec, weights=local, random_init=kind == "random-init",
-                                  seed=int(source.get("seed", DEFAULT_SEED)), special_ids=special)
+                                  seed=int(source.get("seed", DEFAULT_SEED)), special_ids=special_ids(tf_tok))
     step("computing PyTorch reference text embeddings")
     parity = text_parity_set(original, tf_tok, tok, record.reference_mask, threads, captions)
-    thresholds = spec.thresholds(engine["precision"])
-    if engine.get("batch_invariant"):
-        thresholds["batch_variation"] = BATCH_INVARIANCE_LIMIT
+    thresholds = gate_thresholds(spec.thresholds(engine["precision"]), bool(engine.get("batch_invariant")))
     step(f"running text engine {engine['id']} at batch sizes 1, 3, 8")
     with open_engine(artifact, view, engine, threads=threads) as runner:
         report = parity_report(parity.reference, runner, parity.inputs(runner), thresholds, engine["precision"],

@@ -91,12 +91,11 @@ class Embedder:
     def text(self):
         """The :class:`~imgembed.runtime.text.TextEncoder` of this artifact (opened on first use)."""
         if self._text is None:
-            from .text import open_text, text_view
+            from .text import open_text
 
             if self.artifact_path is None:
                 raise ArtifactError(f"{self.name}: text embeddings need an artifact exported with --text "
                                     f"(imgembed export {self.name} --text); a registry original embeds images only")
-            text_view(self.manifest or {}, str(self.artifact_path))
             self._text = open_text(self.artifact_path, self.manifest, **self._text_options)
         return self._text
 

@@ -9,7 +9,7 @@ proved that padding and batch-mates do not change a vector.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +81,3 @@ def open_text(path: str | Path, manifest: dict, *, backend: str = "auto", device
 def describe_towers(manifest: dict) -> list[str]:
     """The towers an artifact holds ("image", and "text" when exported with --text)."""
     return ["image", "text"] if isinstance(manifest.get("text"), dict) else ["image"]
-
-
-def unique(seq: Sequence[str]) -> list[str]:
-    seen: set[str] = set()
-    return [s for s in seq if not (s in seen or seen.add(s))]
