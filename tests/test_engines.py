@@ -17,6 +17,7 @@ import pytest
 import imgembed
 from imgembed.artifact import read_manifest, sha256_file
 from imgembed.errors import BackendUnavailableError, ExportError, IntegrityError
+from imgembed.export import engines
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.parity import BATCH_INVARIANCE_LIMIT
 from imgembed.runtime.backends import DegradedEngineWarning, engines_of, select_engine
@@ -63,7 +64,10 @@ def test_int8_race_records_every_candidate_and_keeps_the_fastest_passing_one(int
     passing = [r for r in rows.values() if r["passed"]]
     assert passing, rows
     fastest = max(passing, key=lambda r: r["img_per_s"])
-    assert m["default_engine"] == fastest["id"]
+    default = rows[m["default_engine"]]
+    assert default["id"] == fastest["id"] or (   # a portable twin within timing noise wins the tie
+        default["portable"] and default["backend"] == fastest["backend"]
+        and default["img_per_s"] >= fastest["img_per_s"] / (1 + engines.TIE))
     kept = {e["id"] for e in m["engines"]}
     assert kept == {r["id"] for r in passing}          # --keep-candidates keeps every passing engine
     for r in passing:                                  # static scales: batch-invariant, gated as such
@@ -119,7 +123,8 @@ def test_an_avx512_tuned_artifact_runs_on_an_avx2_only_host(int8_all, images, mo
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)
     engine, notes = select_engine(m, "auto", "cpu")
     assert engine.get("inference_precision", "fp32") == "fp32"      # no BF16 hint without BF16 instructions
-    assert all("lacks native BF16" in n for n in notes)
+    assert not engine.get("needs_vnni")                              # no 8-bit engine gated with VNNI kernels
+    assert all("lacks native BF16" in n or "lacks VNNI" in n for n in notes)
     emb = imgembed.load(int8_all.path, threads=2)
     ref = imgembed.load(MODEL, random_init=True, workers=0).embed(images)
     assert cosine(emb.embed(images), ref).min() >= 0.99
@@ -140,7 +145,8 @@ for backend in ("auto", "openvino"):
 
 def test_openvino_engines_run_with_avx2_kernels_only(int8_all):
     """oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) and the flags of an AVX2 host: the BF16-hinted engine is
-    passed over and the others compute correctly with AVX2 kernels."""
+    passed over; "auto" runs an engine without VNNI needs, and a forced OpenVINO engine still computes within
+    the gate with AVX2 kernels on this model (test_int8_portability covers saturation)."""
     import subprocess
     import sys
 

@@ -56,7 +56,8 @@ def test_transformer_int8_is_static_and_quantizes_every_matmul(artifact_dir, nam
     int8 = artifact_dir(name, "int8")
     m = read_manifest(int8)
     q = m["export"]["quantization"]
-    assert m["default_engine"] == "onnxruntime-int8-static-qdq-matmul" and m["batch_invariant"] is True
+    # untimed: the first passing candidate (the 8-bit preset; its 7-bit twin where 8-bit fails on this CPU)
+    assert m["default_engine"].startswith("onnxruntime-int8-static-qdq-matmul") and m["batch_invariant"] is True
     assert q["preset"]["mode"] == "static" and q["preset"]["op_types"] == ["MatMul", "Gemm"]
     model = onnx.load(str(int8 / MODEL_FILE))
     producers = {out: n.op_type for n in model.graph.node for out in n.output}
@@ -85,7 +86,8 @@ def test_cnn_int8_is_static_with_calibration(artifact_dir):
     assert q["preset"]["mode"] == "static"
     assert q["calibration"]["images"] == 32 and "built-in" in q["calibration"]["source"]
     ort = {r["id"]: r for r in m["selection"]["candidates"] if r["backend"] == "onnxruntime"}
-    assert set(ort) == {"onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq", "onnxruntime-int8-cle"}
+    assert set(ort) == {"onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq",
+                        "onnxruntime-int8-static-qoperator-7bit", "onnxruntime-int8-cle"}
     assert ort["onnxruntime-int8-cle"]["why_not"].startswith("not needed")  # equalization only where presets fail
     ops = op_counts(artifact_dir("test-resnet-tiny", "int8") / MODEL_FILE)
     assert ops.get("QLinearConv", 0) + ops.get("QuantizeLinear", 0) > 0

@@ -140,7 +140,13 @@ def test_int8_text_race_passes_its_gate_batch_invariant(text_artifact):
     m = json.loads((art / "manifest.json").read_text())
     text = m["text"]
     rows = {r["id"]: r for r in text["selection"]["candidates"]}
-    assert rows["onnxruntime-int8-static-qdq-matmul"]["passed"]
+    assert {"onnxruntime-int8-static-qdq-matmul", "onnxruntime-int8-static-qdq-matmul-7bit"} <= set(rows)
+    for row in rows.values():   # gated (passed, or failed with the metric that missed), or not needed
+        assert row["passed"] or "required" in row["why_not"] or row["why_not"].startswith("not needed"), row
+    assert rows["onnxruntime-int8-static-qdq-matmul-7bit"]["portable"]
+    assert text["default_engine"] in {r["id"] for r in rows.values() if r["passed"]}
+    assert any(e["backend"] == "onnxruntime" and not e["needs_vnni"] for e in text["engines"]) or \
+        not rows["onnxruntime-int8-static-qdq-matmul-7bit"]["passed"]   # the portable engine is kept
     assert "onnxruntime-int8-smoothquant" not in rows  # the image-only SmoothQuant re-export is not a text candidate
     metrics = text["parity"]["metrics"]
     assert metrics["mean_cosine"] >= 0.995 and metrics["min_cosine"] >= 0.99 and metrics["knn_agreement"] >= 0.9

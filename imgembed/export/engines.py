@@ -23,10 +23,11 @@ from ..registry import ModelSpec
 from ..runtime.backends import EngineRef, get_backend
 from ..runtime.timing import interleaved_medians
 from .onnx_export import DEFAULT_OPSET
-from .quantize import PRESETS, QuantConfig, quantize, quantized_op_counts
+from .quantize import PORTABLE_PRESETS, PRESETS, QuantConfig, quantize, quantized_op_counts
 from .reference import ParitySet
 
 SPEED_BATCH = 8
+TIE = 0.03  # speeds closer than this are a tie (the portable engine wins it: choose)
 Step = Callable[[str], None]
 
 
@@ -71,8 +72,9 @@ class Candidate:
     batch_invariant: bool
     inference_precision: str = "fp32"
     unavailable: str | None = None   # why it cannot be built here
-    portable: bool = False           # kept as the fallback engine when another backend wins
+    portable: bool = False           # runs as gated on every CPU: kept as the fallback when another engine wins
     fallback_for: str | None = None  # built only when this candidate (same graph structure) failed its gate
+    needs_vnni: bool = False         # gated with exact int8 dot products; 8-bit sums saturate on x86 without VNNI
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Outcome:
         why = self.error or c.unavailable or (None if self.passed else "; ".join(failures))
         return {"id": c.id, "backend": c.backend, "precision": c.precision,
                 "inference_precision": c.inference_precision, "batch_invariant": c.batch_invariant,
-                "passed": self.passed, "why_not": why,
+                "portable": c.portable, "needs_vnni": c.needs_vnni, "passed": self.passed, "why_not": why,
                 "metrics": None if self.report is None else self.report.metrics,
                 "img_per_s": None if self.img_per_s is None else round(self.img_per_s, 2)}
 
@@ -219,7 +221,8 @@ def _ov_int8(smooth_quant: bool, equalized: bool = False) -> Callable[[Inputs, P
             graph = inputs.plain_in_format()
         fp32 = convert_onnx(graph, directory / "fp32.xml")
         record = quantize_nncf(fp32, directory / "model.xml", [data[i:i + 8] for i in range(0, len(data), 8)],
-                               transformer=inputs.transformer, smooth_quant=smooth_quant)
+                               transformer=inputs.transformer, smooth_quant=smooth_quant,
+                               overflow_fix=_saturating())
         for p in [*ir_files(fp32).values(), *([graph] if equalized else [])]:
             p.unlink()
         inputs.built[key] = ir_files(directory / "model.xml"), {**record, **extra, "calibration": info}
@@ -236,6 +239,29 @@ def _bf16_reason() -> str | None:
     from ..runtime.host import missing_bf16_instructions
 
     return _openvino_reason() or missing_bf16_instructions()
+
+
+def _saturating() -> bool:
+    """True on an x86 CPU without VNNI: int8 candidates built here are gated with saturating kernels."""
+    from ..runtime.host import int8_saturation
+
+    return int8_saturation() is not None
+
+
+def _vnni() -> bool:
+    from ..runtime.host import int8_kernels
+
+    return int8_kernels() == "vnni"
+
+
+def _ort_int8_candidate(config: QuantConfig, vnni: bool, **kw) -> Candidate:
+    """An ONNX Runtime INT8 candidate; an 8-bit one gated with VNNI kernels is not portable (it would saturate
+    on x86 CPUs without VNNI), one with 7-bit weights or gated on saturating kernels is."""
+    from .quantize import saturates
+
+    vnni_only = vnni and saturates(config)
+    return Candidate(f"onnxruntime-int8-{config.name}", "onnxruntime", "int8", _ort_int8(config),
+                     config.mode == "static", portable=not vnni_only, needs_vnni=vnni_only, **kw)
 
 
 def int8_presets(spec_is_transformer: bool, forced: str | None) -> list[QuantConfig]:
@@ -265,30 +291,38 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
     elif precision == "fp16":
         out = [Candidate("onnxruntime-fp16", "onnxruntime", "fp16", _ort_fp16, True, portable=True)]
     elif precision == "int8":
-        out = [Candidate(f"onnxruntime-int8-{c.name}", "onnxruntime", "int8", _ort_int8(c), c.mode == "static",
-                         portable=True) for c in int8_presets(transformer, int8_preset)]
+        # On a VNNI CPU the 8-bit candidates are exact here but would saturate on x86 CPUs without VNNI
+        # (needs_vnni); the 7-bit twin of the first preset is the portable engine. On a CPU without VNNI every
+        # candidate is gated with the saturating kernels themselves (NNCF then keeps weights 7-bit everywhere).
+        vnni = _vnni()
+        presets = int8_presets(transformer, int8_preset)
+        if int8_preset is None:
+            presets.append(PRESETS[PORTABLE_PRESETS[presets[0].name]])
+        out = [_ort_int8_candidate(c, vnni) for c in presets]
         if int8_preset is None and transformer and reexport:  # same Q/DQ structure and speed: for outliers
             out.append(Candidate("onnxruntime-int8-smoothquant", "onnxruntime", "int8", _ort_int8_smoothquant,
-                                 True, portable=True, fallback_for="onnxruntime-int8-static-qdq-matmul"))
+                                 True, portable=not vnni, needs_vnni=vnni,
+                                 fallback_for="onnxruntime-int8-static-qdq-matmul"))
         if int8_preset is None and not transformer:  # CNN channel-range imbalance: equalize, then quantize
-            out.append(Candidate("onnxruntime-int8-cle", "onnxruntime", "int8", _ort_int8_cle, True, portable=True,
-                                 fallback_for="onnxruntime-int8-static-qoperator"))
+            out.append(Candidate("onnxruntime-int8-cle", "onnxruntime", "int8", _ort_int8_cle, True,
+                                 portable=not vnni, needs_vnni=vnni, fallback_for="onnxruntime-int8-static-qoperator"))
         if int8_preset is None:
             # NNCF without SmoothQuant first; with it only where that fails the gate (outlier channels), as for
             # ONNX Runtime. CNNs get cross-layer equalization instead, also only where the plain recipe fails.
-            out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8(False), True, unavailable=ov),
+            ov_kw = {"needs_vnni": vnni}
+            out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8(False), True, unavailable=ov, **ov_kw),
                     Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8(False), True, "bf16",
-                              unavailable=bf16)]
+                              unavailable=bf16, **ov_kw)]
             if not transformer:
                 out += [Candidate("openvino-int8-cle", "openvino", "int8", _ov_int8(False, True), True,
-                                  unavailable=ov, fallback_for="openvino-int8"),
+                                  unavailable=ov, fallback_for="openvino-int8", **ov_kw),
                         Candidate("openvino-int8-cle-bf16", "openvino", "int8", _ov_int8(False, True), True, "bf16",
-                                  unavailable=bf16, fallback_for="openvino-int8-bf16")]
+                                  unavailable=bf16, fallback_for="openvino-int8-bf16", **ov_kw)]
             if transformer:
                 out += [Candidate("openvino-int8-smoothquant", "openvino", "int8", _ov_int8(True), True,
-                                  unavailable=ov, fallback_for="openvino-int8"),
+                                  unavailable=ov, fallback_for="openvino-int8", **ov_kw),
                         Candidate("openvino-int8-smoothquant-bf16", "openvino", "int8", _ov_int8(True), True,
-                                  "bf16", unavailable=bf16, fallback_for="openvino-int8-bf16")]
+                                  "bf16", unavailable=bf16, fallback_for="openvino-int8-bf16", **ov_kw)]
     else:
         raise ExportError(f"precision {precision!r} is not supported; expected one of fp32, bf16, fp16, int8")
     if engine is not None:
@@ -380,13 +414,22 @@ def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step) -> None:
 def choose(outcomes: Sequence[Outcome], keep_all: bool) -> tuple[Outcome | None, list[Outcome]]:
     """The winner (fastest passing at the requested precision, the first candidate's; first passing when
     untimed) and the outcomes to keep in the artifact: the winner, plus the fastest passing portable (ONNX
-    Runtime) engine as a fallback, or every passing one."""
+    Runtime) engine as a fallback, or every passing one.
+
+    A portable engine of the same backend and precision within :data:`TIE` of the winner's speed (or both
+    untimed) wins instead: the 7-bit INT8 engine runs the same kernels as its 8-bit twin, so this keeps one
+    engine that runs everywhere rather than two that differ by timing noise."""
     passing = [o for o in outcomes if o.passed]
     if not passing:
         return None, []
     ranked = sorted(passing, key=lambda o: o.seconds if o.seconds else float("inf"))
     asked = outcomes[0].candidate.precision
     winner = next((o for o in ranked if o.candidate.precision == asked), ranked[0])
+    if not winner.candidate.portable:
+        limit = winner.seconds * (1 + TIE) if winner.seconds else None
+        winner = next((o for o in ranked if o.candidate.portable and o.candidate.backend == winner.candidate.backend
+                       and o.candidate.precision == winner.candidate.precision
+                       and (o.seconds <= limit if limit and o.seconds else not limit and not o.seconds)), winner)
     ranked.remove(winner)
     ranked.insert(0, winner)
     if keep_all:

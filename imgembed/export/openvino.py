@@ -56,10 +56,13 @@ def convert_onnx(src: str | Path, dst_xml: str | Path) -> Path:
 
 
 def quantize_nncf(src_xml: str | Path, dst_xml: str | Path, calibration: Sequence[np.ndarray], *,
-                  transformer: bool, smooth_quant: bool = True, ignored_types: Sequence[str] = ()) -> dict:
+                  transformer: bool, smooth_quant: bool = True, ignored_types: Sequence[str] = (),
+                  overflow_fix: bool = False) -> dict:
     """NNCF post-training INT8 of an IR; ``calibration`` batches are split into single images. Returns the
     quantization record for the manifest. ``smooth_quant=False`` turns NNCF's SmoothQuant off for a
-    transformer (its scale migration costs accuracy on weights without outlier channels)."""
+    transformer (its scale migration costs accuracy on weights without outlier channels). ``overflow_fix``
+    keeps every layer's weights 7-bit (NNCF's OverflowFix.ENABLE; its default fixes the first layer only):
+    oneDNN's int8 kernels on x86 CPUs without VNNI saturate with full-range 8-bit weights."""
     from ..runtime.ov_runner import import_openvino
 
     ov = import_openvino()
@@ -71,9 +74,11 @@ def quantize_nncf(src_xml: str | Path, dst_xml: str | Path, calibration: Sequenc
     if not items:
         raise ExportError("NNCF quantization needs calibration images")
     kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    advanced: dict = {"overflow_fix": nncf.OverflowFix.ENABLE} if overflow_fix else {}
     if transformer and not smooth_quant:
-        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(
-            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
+        advanced["smooth_quant_alphas"] = nncf.AdvancedSmoothQuantParameters(matmul=-1)
+    if advanced:
+        kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(**advanced)
     if ignored_types:
         kwargs["ignored_scope"] = nncf.IgnoredScope(types=list(ignored_types), validate=False)
     try:
@@ -89,7 +94,7 @@ def quantize_nncf(src_xml: str | Path, dst_xml: str | Path, calibration: Sequenc
             "model_type": "transformer" if transformer else "default", "calibration_images": len(items),
             "smooth_quant": bool(transformer and smooth_quant),
             "ignored_types": list(ignored_types), "activations": "static (per-tensor scales)",
-            "weights": "per-channel int8"}
+            "weights": "per-channel int8", "overflow_fix": "enable" if overflow_fix else "first_layer"}
 
 
 def ir_files(xml: Path) -> dict[str, Path]:

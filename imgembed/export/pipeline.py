@@ -209,8 +209,8 @@ def _place_engines(stage: Path, kept: list[engines.Outcome], prefix: str, taken:
 def _engine_record(o: engines.Outcome, files: dict[str, str]) -> dict:
     c = o.candidate
     return {"id": c.id, "backend": c.backend, "precision": c.precision, "inference_precision": c.inference_precision,
-            "batch_invariant": c.batch_invariant, "files": files, "quantization": o.record or None,
-            "img_per_s": None if o.img_per_s is None else round(o.img_per_s, 2),
+            "batch_invariant": c.batch_invariant, "needs_vnni": c.needs_vnni, "files": files,
+            "quantization": o.record or None, "img_per_s": None if o.img_per_s is None else round(o.img_per_s, 2),
             "parity": None if o.report is None else o.report.metrics}
 
 

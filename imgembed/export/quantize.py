@@ -8,6 +8,10 @@ with its batch-mates); they run only when asked for by name (``--int8-preset dyn
 * transformer families (``TRANSFORMER_CANDIDATES``): static QDQ on the MatMuls only (per-channel weights;
   residual adds, softmax and LayerNorm stay float: quantizing them is what breaks transformer INT8).
 * CNNs (``CNN_CANDIDATES``): static QOperator and QDQ with per-channel weights.
+* portability (``PORTABLE_PRESETS``): the first preset again with 7-bit weights (``reduce_range``). ONNX
+  Runtime multiplies uint8 activations by int8 weights; on x86 CPUs without VNNI its kernels add pairs of
+  8-bit products in int16 and saturate, so an 8-bit engine gated on a VNNI CPU can drift on such a CPU.
+  7-bit weights never saturate: that engine computes the same everywhere, at the same speed.
 The export races these against the other engines (OpenVINO + NNCF) and keeps the fastest that passes the
 parity gate; an INT8 winner slower than FP32 is reported loudly (``Int8SlowerWarning``).
 """
@@ -72,6 +76,16 @@ PRESETS: dict[str, QuantConfig] = {
         op_types=("MatMul", "Gemm"),
         why="transformers: static activation scales (batch invariant) on the MatMuls only, per-channel weights; "
             "residual adds, softmax and LayerNorm stay float"),
+    "static-qdq-matmul-7bit": QuantConfig(
+        "static-qdq-matmul-7bit", "static", quant_format="QDQ", per_channel=True, calibrate_method="minmax",
+        op_types=("MatMul", "Gemm"), reduce_range=True,
+        why="static-qdq-matmul with 7-bit weights: exact on every x86 CPU (without VNNI the 8-bit kernels "
+            "saturate), same speed; the portable INT8 engine"),
+    "static-qoperator-7bit": QuantConfig(
+        "static-qoperator-7bit", "static", quant_format="QOperator", per_channel=True, calibrate_method="minmax",
+        op_types=("Conv", "MatMul", "Gemm", "Add", "Relu", "MaxPool", "GlobalAveragePool"), reduce_range=True,
+        why="static-qoperator with 7-bit weights: exact on every x86 CPU (without VNNI the 8-bit kernels "
+            "saturate), same speed; the portable INT8 engine"),
     "static-qdq-matmul-percentile": QuantConfig(
         "static-qdq-matmul-percentile", "static", quant_format="QDQ", per_channel=True,
         calibrate_method="percentile", op_types=("MatMul", "Gemm"),
@@ -90,6 +104,15 @@ PRESETS: dict[str, QuantConfig] = {
 }
 TRANSFORMER_CANDIDATES = ("static-qdq-matmul",)
 CNN_CANDIDATES = ("static-qoperator", "static-qdq")
+# The 7-bit twin of each family kind's first preset: raced too, and kept as the portable engine.
+PORTABLE_PRESETS = {"static-qdq-matmul": "static-qdq-matmul-7bit", "static-qoperator": "static-qoperator-7bit"}
+
+
+def saturates(config: QuantConfig) -> bool:
+    """True when ``config`` gives uint8 x int8 products with full-range 8-bit weights: exact with VNNI, but
+    clipped by the int16 pair sums of x86 CPUs without it (:func:`imgembed.runtime.host.int8_saturation`)."""
+    return (config.activation_type == "uint8" and config.weight_type == "int8" and not config.reduce_range
+            and config.mode in ("static", "dynamic"))
 
 
 @contextlib.contextmanager

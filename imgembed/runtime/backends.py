@@ -149,12 +149,31 @@ def engines_of(manifest: dict) -> list[dict]:
 
 
 def _unmet(engine: dict) -> str | None:
-    """Why this host lacks what ``engine`` needs to run as exported (CPU instructions), or None."""
-    if engine.get("inference_precision") == "bf16":
-        from .host import missing_bf16_instructions
+    """Why this host lacks what ``engine`` needs to run as exported and gated (CPU instructions), or None."""
+    from .host import int8_saturation, missing_bf16_instructions
 
-        return missing_bf16_instructions()
-    return None
+    reasons = [missing_bf16_instructions() if engine.get("inference_precision") == "bf16" else None,
+               int8_saturation() if engine.get("needs_vnni") else None]
+    return "; ".join(r for r in reasons if r) or None
+
+
+def _degraded(engine: dict, unmet: str, where: str) -> dict:
+    """``engine`` as it runs on a host that lacks what it needs, with a :class:`DegradedEngineWarning`: a BF16
+    hint falls back to FP32 (exact), an 8-bit engine gated with VNNI runs on saturating kernels (may drift)."""
+    from .host import missing_bf16_instructions
+
+    what = []
+    if engine.get("inference_precision") == "bf16" and missing_bf16_instructions():
+        engine = {**engine, "inference_precision": "fp32"}
+        what.append("was exported for native BF16")
+    if engine.get("needs_vnni") and "VNNI" in unmet:
+        what.append("was gated with VNNI int8 kernels")
+    how = ("its vectors may drift past the gate here: check with `imgembed parity` on this host, or re-export "
+           "here (the portable 7-bit engine of an INT8 export runs exactly everywhere)" if "VNNI" in unmet
+           else "it runs in FP32 here (same vectors within the FP32 gate, slower)")
+    warnings.warn(f"{where}: engine {engine['id']} {' and '.join(what)} but {unmet}; {how}",
+                  DegradedEngineWarning, stacklevel=3)
+    return engine
 
 
 def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
@@ -162,9 +181,10 @@ def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
     """The engine of ``manifest`` to run on ``device`` here, and notes on what was passed over.
 
     ``backend="auto"``: the first engine (default first, then fastest) whose backend is usable here and whose
-    CPU needs are met; if only engines with unmet CPU needs remain, the first of those runs in its portable
-    mode (a BF16 engine computes in FP32) with a :class:`DegradedEngineWarning`. A named backend must be
-    one of the artifact's engines and usable here, else BackendUnavailableError says what the artifact holds.
+    CPU needs are met; if only engines with unmet CPU needs remain, the first of those runs with a
+    :class:`DegradedEngineWarning` (a BF16 engine computes in FP32; an 8-bit engine gated with VNNI runs with
+    the saturating kernels of this CPU). A named backend must be one of the artifact's engines and usable
+    here, else BackendUnavailableError says what the artifact holds.
     """
     check_device(device)
     engines = engines_of(manifest)
@@ -183,18 +203,14 @@ def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
         if reason:
             notes.append(f"{engine['id']}: {reason}")
             continue
-        unmet = _unmet(engine)
+        unmet = _unmet(engine) if device == "cpu" else None
         if unmet:
             notes.append(f"{engine['id']}: {unmet}")
             degraded.append((engine, unmet))
             continue
         return engine, notes
     if degraded:
-        first, unmet = degraded[0]
-        engine = {**first, "inference_precision": "fp32"}
-        warnings.warn(f"{where}: engine {engine['id']} was exported for native BF16 but {unmet}; it runs in FP32 "
-                      "here (same vectors within the FP32 gate, slower)", DegradedEngineWarning, stacklevel=2)
-        return engine, notes
+        return _degraded(*degraded[0], where), notes
     raise BackendUnavailableError(f"{where}: no engine can run on {device} here ({'; '.join(notes)}); "
                                   f"the artifact holds: {held}")
 

@@ -37,6 +37,11 @@ LIBRARIES = ("imgembed", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "ope
 CPU_FLAGS_ENV = "IMGEMBED_CPU_FLAGS"
 # Instructions that make BF16 inference fast on a CPU (AVX512_BF16 or AMX-BF16).
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+# x86 instructions that multiply uint8 x int8 and accumulate in int32 (VNNI, AMX-INT8). Without them the int8
+# kernels of ONNX Runtime (MLAS) and OpenVINO (oneDNN) use VPMADDUBSW, which adds pairs of 8-bit products in
+# int16 with saturation: with full-range 8-bit weights the sums clip and vectors drift (7-bit weights are exact).
+INT8_DOT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+X86_ARCHES = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 def parse_cpuinfo(text: str) -> dict:
@@ -108,6 +113,24 @@ def missing_bf16_instructions() -> str | None:
         return None
     return (f"this CPU ({cpu_info()['model'] or 'unknown model'}) lacks native BF16 instructions "
             f"(needs AVX512_BF16 or AMX-BF16; has {', '.join(k for k, v in simd.items() if v) or 'none detected'})")
+
+
+def int8_kernels() -> str:
+    """How this CPU's int8 GEMM kernels add 8-bit products: ``"vnni"`` (x86 with VNNI/AMX-INT8, exact int32
+    sums), ``"saturating"`` (x86 without them: int16 pair sums that clip for full-range 8-bit weights) or
+    ``"other"`` (not x86)."""
+    info = cpu_info()
+    if str(info["arch"]).lower() not in X86_ARCHES:
+        return "other"
+    return "vnni" if any(info["simd"].get(f) for f in INT8_DOT_FEATURES) else "saturating"
+
+
+def int8_saturation() -> str | None:
+    """None unless this is an x86 CPU without VNNI/AMX-INT8, else a sentence saying what that means for INT8."""
+    if int8_kernels() != "saturating":
+        return None
+    return (f"this CPU ({cpu_info()['model'] or 'unknown model'}) lacks VNNI (AVX512_VNNI, AVX-VNNI or AMX-INT8): "
+            "its int8 kernels add pairs of 8-bit products in int16 and saturate with full-range 8-bit weights")
 
 
 def cpu_summary() -> dict:
