@@ -1,6 +1,7 @@
 """Offline image-text checkpoints for tests and benchmarks: real CLIP / SigLIP architectures with random
-weights, and small byte-level BPE tokenizers trained here with the ``tokenizers`` library in each family's
-format, saved together with ``save_pretrained`` exactly as a hub checkpoint directory is laid out.
+weights, and small byte-level BPE tokenizers trained here (a deterministic byte-pair trainer; the
+``tokenizers`` library builds them) in each family's format, saved together with ``save_pretrained`` exactly
+as a hub checkpoint directory is laid out.
 
 * CLIP format: lowercase + whitespace normalisation, byte-level BPE with ``</w>`` word ends, vocab.json +
   merges.txt read by transformers' ``CLIPTokenizerFast`` (its own conversion writes tokenizer.json);
@@ -17,8 +18,9 @@ checkpoint and that the towers match their originals.
 from __future__ import annotations
 
 import json
-import tempfile
+from collections import Counter
 from pathlib import Path
+from typing import Any, Sequence
 
 from ..registry import ModelSpec, get_spec
 
@@ -33,30 +35,68 @@ def _corpus() -> list[str]:
     return lines + ["café naïve résumé", "猫の写真", "фотография кошки", "!!! ??? ... ;-)", "word0 word1 word12"] * 5
 
 
+def _train_bpe(words: Counter, alphabet: Sequence[str], vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-pair merges over ``words`` (symbol tuples -> count) until ``vocab_size`` tokens: the most frequent
+    adjacent pair first, ties broken by the pair itself. Deterministic, unlike the ``tokenizers`` trainer,
+    whose hash-map order changes tie-breaks (and so the vocabulary) from one process to the next."""
+    vocab = list(dict.fromkeys([*alphabet, *(sym for word in words for sym in word)]))
+    merges: list[tuple[str, str]] = []
+    words = Counter(words)
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        merged: Counter = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return vocab, merges
+
+
+def _pieces(pre_tokenizer: Any, normalizer: Any = None) -> list[str]:
+    """The corpus split into pre-tokenized pieces, as the tokenizer under construction splits it."""
+    out = []
+    for line in _corpus():
+        text = normalizer.normalize_str(line) if normalizer is not None else line
+        out += [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+    return out
+
+
 def write_clip_tokenizer(directory: str | Path, vocab_size: int = 500) -> Path:
     """A CLIP-format tokenizer (CLIPTokenizerFast: tokenizer.json, vocab.json, merges.txt) in ``directory``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import CLIPTokenizerFast
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, end_of_word_suffix="</w>", show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.model.save(tmp)
-        vocab = json.loads((Path(tmp) / "vocab.json").read_text(encoding="utf-8"))
-        merges = (Path(tmp) / "merges.txt").read_text(encoding="utf-8")
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    words = Counter((*piece[:-1], piece[-1] + "</w>") for piece in _pieces(pre, normalizer))
     base = list(bytes_to_unicode().values())
+    tokens, merges = _train_bpe(words, base, vocab_size)
+    vocab = {t: i for i, t in enumerate(tokens)}
     for token in base + [b + "</w>" for b in base] + ["<|startoftext|>", "<|endoftext|>"]:
         vocab.setdefault(token, len(vocab))
     (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (directory / "merges.txt").write_text(merges, encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                          encoding="utf-8")
     fast = CLIPTokenizerFast(str(directory / "vocab.json"), str(directory / "merges.txt"))
     fast.save_pretrained(str(directory))
     return directory
@@ -64,25 +104,20 @@ def write_clip_tokenizer(directory: str | Path, vocab_size: int = 500) -> Path:
 
 def write_siglip_tokenizer(directory: str | Path, vocab_size: int = 400) -> Path:
     """A SigLIP-2-format tokenizer (Metaspace BPE with byte fallback, ``</s>`` appended, ``<pad>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["<pad>", "</s>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                           show_progress=False))
-    vocab = tok.get_vocab()
+    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    words = Counter(tuple(piece) for piece in _pieces(pre))
+    tokens, merges = _train_bpe(words, specials, vocab_size)
+    vocab = {t: i for i, t in enumerate(tokens)}
     for b in range(256):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.model.save(tmp)
-        merges = [tuple(line.split(" ")) for line in (Path(tmp) / "merges.txt").read_text(encoding="utf-8")
-                  .splitlines() if line and not line.startswith("#version")]
     full = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
-    full.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    full.pre_tokenizer = pre
     full.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     full.add_special_tokens(specials)
     full.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
