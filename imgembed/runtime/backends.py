@@ -160,18 +160,18 @@ def _unmet(engine: dict) -> str | None:
 def _degraded(engine: dict, unmet: str, where: str) -> dict:
     """``engine`` as it runs on a host that lacks what it needs, with a :class:`DegradedEngineWarning`: a BF16
     hint falls back to FP32 (exact), an 8-bit engine gated with VNNI runs on saturating kernels (may drift)."""
-    from .host import missing_bf16_instructions
+    from .host import int8_saturation, missing_bf16_instructions
 
-    what = []
+    what, how = [], []
     if engine.get("inference_precision") == "bf16" and missing_bf16_instructions():
         engine = {**engine, "inference_precision": "fp32"}
         what.append("was exported for native BF16")
-    if engine.get("needs_vnni") and "VNNI" in unmet:
+        how.append("it runs in FP32 here (same vectors within the FP32 gate, slower)")
+    if engine.get("needs_vnni") and int8_saturation():
         what.append("was gated with VNNI int8 kernels")
-    how = ("its vectors may drift past the gate here: check with `imgembed parity` on this host, or re-export "
-           "here (the portable 7-bit engine of an INT8 export runs exactly everywhere)" if "VNNI" in unmet
-           else "it runs in FP32 here (same vectors within the FP32 gate, slower)")
-    warnings.warn(f"{where}: engine {engine['id']} {' and '.join(what)} but {unmet}; {how}",
+        how.append("its vectors may drift past the gate here: check with `imgembed parity` on this host, or "
+                   "re-export here (the portable 7-bit engine of an INT8 export runs exactly everywhere)")
+    warnings.warn(f"{where}: engine {engine['id']} {' and '.join(what)} but {unmet}; {'; '.join(how)}",
                   DegradedEngineWarning, stacklevel=3)
     return engine
 
