@@ -88,11 +88,14 @@ def test_the_race_plans_a_portable_7bit_engine_and_marks_what_needs_vnni(monkeyp
     assert vit["onnxruntime-int8-static-qdq-matmul-7bit"].portable
     assert not vit["onnxruntime-int8-static-qdq-matmul-7bit"].needs_vnni
     assert vit["openvino-int8"].needs_vnni and vit["onnxruntime-int8-smoothquant"].needs_vnni
+    assert vit["onnxruntime-int8-smoothquant-7bit"].portable
+    assert vit["onnxruntime-int8-smoothquant-7bit"].fallback_for == "onnxruntime-int8-static-qdq-matmul-7bit"
     cnn = {c.id: c for c in engines.plan("int8", transformer=False)}
     assert cnn["onnxruntime-int8-static-qoperator-7bit"].portable and cnn["onnxruntime-int8-static-qdq"].needs_vnni
+    assert cnn["onnxruntime-int8-cle-7bit"].fallback_for == "onnxruntime-int8-static-qoperator-7bit"
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)   # gated with the saturating kernels themselves: all portable
-    for c in engines.plan("int8", transformer=True):
-        assert not c.needs_vnni, c.id
+    for c in [*engines.plan("int8", transformer=True), *engines.plan("int8", transformer=False)]:
+        assert not c.needs_vnni and not c.id.endswith(("smoothquant-7bit", "cle-7bit")), c.id
         assert c.portable or c.backend == "openvino", c.id
     forced = engines.plan("int8", transformer=True, int8_preset="static-qdq-matmul")
     assert [c.id for c in forced] == ["onnxruntime-int8-static-qdq-matmul"]   # a forced preset has no twin

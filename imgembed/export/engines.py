@@ -138,20 +138,32 @@ def _ort_int8(config: QuantConfig) -> Callable[[Inputs, Path], tuple[dict[str, P
     return build
 
 
-def _ort_int8_smoothquant(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+def _ort_int8_smoothquant(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
     """Static Q/DQ on a graph exported from a SmoothQuant-ed copy of the original (alpha searched on the
-    calibration images), with the most sensitive MatMuls kept float if still needed (:mod:`.int8_search`)."""
-    from .int8_search import smoothquant_int8
+    calibration images), with the most sensitive MatMuls kept float if still needed (:mod:`.int8_search`).
+    The search runs once per export: the other weight width re-quantizes its smoothed graph with the same
+    float MatMuls."""
+    config = PRESETS[preset]
 
-    if inputs.head is None:
-        raise ExportError("the smoothquant candidate needs the PyTorch original (Inputs.head)")
-    pixels, _, info = inputs.calibration()
-    config = PRESETS["static-qdq-matmul"]
-    q, _, recipe = smoothquant_int8(inputs.head, inputs.spec, pixels, directory, config, inputs.opset,
-                                    inputs.spec.thresholds("int8"), threads=inputs.threads)
-    path = _with_input_format(inputs, q, directory / "model.onnx")
-    return {"model": path}, {"preset": config.to_dict(), "calibration": info, "smoothquant": recipe,
-                             "quantized_ops": quantized_op_counts(q)}
+    def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+        from .int8_search import smoothquant_int8
+
+        if inputs.head is None:
+            raise ExportError("the smoothquant candidate needs the PyTorch original (Inputs.head)")
+        pixels, _, info = inputs.calibration()
+        if "smoothquant" in inputs.built:
+            smoothed, recipe = inputs.built["smoothquant"]
+            directory.mkdir(parents=True, exist_ok=True)
+            q = quantize(smoothed, directory / "int8.onnx", config, [pixels[i:i + 8] for i in range(0, len(pixels), 8)],
+                         exclude=recipe["excluded_nodes"])
+        else:
+            q, smoothed, recipe = smoothquant_int8(inputs.head, inputs.spec, pixels, directory, config, inputs.opset,
+                                                   inputs.spec.thresholds("int8"), threads=inputs.threads)
+            inputs.built["smoothquant"] = smoothed, recipe
+        path = _with_input_format(inputs, q, directory / "model.onnx")
+        return {"model": path}, {"preset": config.to_dict(), "calibration": info, "smoothquant": recipe,
+                                 "quantized_ops": quantized_op_counts(q)}
+    return build
 
 
 def _with_input_format(inputs: Inputs, src: Path, dst: Path) -> Path:
@@ -185,18 +197,21 @@ def _cle_graph(inputs: Inputs) -> tuple[Path, dict]:
     return inputs.built["cle"]
 
 
-def _ort_int8_cle(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+def _ort_int8_cle(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
     """Static QOperator INT8 (QLinearConv with the ReLU folded into its output range, per-channel weights) on
     the cross-layer-equalized graph, for CNNs whose channel ranges defeat the plain presets."""
-    directory.mkdir(parents=True, exist_ok=True)
-    graph, equalization = _cle_graph(inputs)
-    pixels, _, info = inputs.calibration()
-    config = PRESETS["static-qoperator"]
-    q = quantize(graph, directory / "int8.onnx", config, [pixels[i:i + 8] for i in range(0, len(pixels), 8)],
-                 input_name=inputs.input_name)
-    path = _with_input_format(inputs, q, directory / "model.onnx")
-    return {"model": path}, {"preset": config.to_dict(), "calibration": info, "equalization": equalization,
-                             "quantized_ops": quantized_op_counts(q)}
+    config = PRESETS[preset]
+
+    def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+        directory.mkdir(parents=True, exist_ok=True)
+        graph, equalization = _cle_graph(inputs)
+        pixels, _, info = inputs.calibration()
+        q = quantize(graph, directory / "int8.onnx", config, [pixels[i:i + 8] for i in range(0, len(pixels), 8)],
+                     input_name=inputs.input_name)
+        path = _with_input_format(inputs, q, directory / "model.onnx")
+        return {"model": path}, {"preset": config.to_dict(), "calibration": info, "equalization": equalization,
+                                 "quantized_ops": quantized_op_counts(q)}
+    return build
 
 
 def _ov_int8(smooth_quant: bool, equalized: bool = False) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
@@ -299,13 +314,20 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
         if int8_preset is None:
             presets.append(PRESETS[PORTABLE_PRESETS[presets[0].name]])
         out = [_ort_int8_candidate(c, vnni) for c in presets]
-        if int8_preset is None and transformer and reexport:  # same Q/DQ structure and speed: for outliers
-            out.append(Candidate("onnxruntime-int8-smoothquant", "onnxruntime", "int8", _ort_int8_smoothquant,
-                                 True, portable=not vnni, needs_vnni=vnni,
-                                 fallback_for="onnxruntime-int8-static-qdq-matmul"))
-        if int8_preset is None and not transformer:  # CNN channel-range imbalance: equalize, then quantize
-            out.append(Candidate("onnxruntime-int8-cle", "onnxruntime", "int8", _ort_int8_cle, True,
-                                 portable=not vnni, needs_vnni=vnni, fallback_for="onnxruntime-int8-static-qoperator"))
+        # the outlier-aware recipes, each where its plain preset fails the gate (same graph structure and
+        # speed); on a VNNI CPU also at 7 bits, behind the portable preset
+        recipes = []
+        if int8_preset is None and transformer and reexport:  # outlier channels: SmoothQuant
+            recipes = [("smoothquant", _ort_int8_smoothquant, "static-qdq-matmul")]
+        if int8_preset is None and not transformer:           # CNN channel-range imbalance: equalize first
+            recipes = [("cle", _ort_int8_cle, "static-qoperator")]
+        for name, builder, base in recipes:
+            out.append(Candidate(f"onnxruntime-int8-{name}", "onnxruntime", "int8", builder(base), True,
+                                 portable=not vnni, needs_vnni=vnni, fallback_for=f"onnxruntime-int8-{base}"))
+            if vnni:
+                seven = PORTABLE_PRESETS[base]
+                out.append(Candidate(f"onnxruntime-int8-{name}-7bit", "onnxruntime", "int8", builder(seven), True,
+                                     portable=True, fallback_for=f"onnxruntime-int8-{seven}"))
         if int8_preset is None:
             # NNCF without SmoothQuant first; with it only where that fails the gate (outlier channels), as for
             # ONNX Runtime. CNNs get cross-layer equalization instead, also only where the plain recipe fails.
