@@ -98,3 +98,12 @@ def gpu_available() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def post_json(client, path: str, payload) -> tuple[int, dict, dict]:
+    """POST ``payload`` as JSON with an :class:`~imgembed.serve.client.EmbeddingClient`: (status, headers,
+    the decoded JSON answer)."""
+    import json
+
+    status, headers, body = client.post_json(path, payload)
+    return status, headers, json.loads(body)

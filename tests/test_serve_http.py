@@ -25,7 +25,7 @@ from imgembed.samples import parity_images
 from imgembed.serve.client import EmbeddingClient, encode_multipart
 from imgembed.serve.testing import ServerProcess
 
-from .helpers import cosine
+from .helpers import cosine, post_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,12 +85,6 @@ def server(artifacts):
 def client(server):
     with EmbeddingClient(server.url, timeout=30) as c:
         yield c
-
-
-def post_json(client: EmbeddingClient, path: str, payload) -> tuple[int, dict, dict]:
-    status, headers, body = client.request("POST", path, json.dumps(payload).encode(),
-                                           {"Content-Type": "application/json"})
-    return status, headers, json.loads(body)
 
 
 def post_files(client: EmbeddingClient, path: str, files) -> tuple[int, dict, dict]:

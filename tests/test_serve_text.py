@@ -20,6 +20,8 @@ from imgembed.serve.client import EmbeddingClient, ServerResponseError
 from imgembed.serve.config import ServeConfig, ServeConfigError
 from imgembed.serve.testing import ServerProcess
 
+from .helpers import post_json
+
 pytestmark = pytest.mark.timeout(300)
 
 CAPTIONS = ["a photo of a cat", "a red bicycle leaning on a wall", "", "astronaut", "coffee", "two dogs playing",
@@ -61,12 +63,6 @@ def client(server):
         yield c
 
 
-def post(client: EmbeddingClient, payload) -> tuple[int, dict]:
-    status, _, body = client.request("POST", "/v1/embeddings", json.dumps(payload).encode(),
-                                     {"Content-Type": "application/json"})
-    return status, json.loads(body)
-
-
 def metric(client: EmbeddingClient, name: str, model: str) -> float:
     """One model's sample of a Prometheus metric (0 if absent)."""
     text = client.request("GET", "/metrics")[2].decode()
@@ -80,7 +76,7 @@ def metric(client: EmbeddingClient, name: str, model: str) -> float:
 # ----------------------------------------------------------------------------------------- embedding
 @pytest.mark.parametrize("model", ["test-clip-tiny", "test-siglip-tiny"])
 def test_served_text_vectors_equal_the_offline_text_tower_in_order(client, offline, model):
-    status, body = post(client, {"model": model, "texts": CAPTIONS})
+    status, _, body = post_json(client, "/v1/embeddings", {"model": model, "texts": CAPTIONS})
     assert status == 200
     want = offline[model]["texts"]
     assert (body["model"], body["tower"], body["precision"], body["dim"], body["normalized"]) == (
@@ -158,7 +154,7 @@ def test_models_list_their_towers_space_and_text_length(client, artifacts):
     ({"model": "nope", "texts": ["a cat"]}, 404, "unknown_model", "model 'nope' is not served"),
 ])
 def test_bad_text_requests_are_typed_4xx(client, payload, code, kind, message):
-    status, body = post(client, payload)
+    status, _, body = post_json(client, "/v1/embeddings", payload)
     assert (status, body["error"]) == (code, kind), body
     assert message in body["message"]
 

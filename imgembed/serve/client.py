@@ -110,13 +110,16 @@ class EmbeddingClient:
         path = "/v1/embeddings" + (f"?model={quote(model)}" if model else "")
         return self.request("POST", path, body, {"Content-Type": ctype})
 
+    def post_json(self, path: str, payload: Any) -> tuple[int, dict[str, str], bytes]:
+        """POST ``payload`` as a JSON body to ``path``; the raw (status, headers, body)."""
+        return self.request("POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+
     def post_texts(self, texts: Sequence[str], model: str | None = None) -> tuple[int, dict[str, str], bytes]:
         """POST texts as a JSON body; the raw (status, headers, body)."""
         payload: dict[str, Any] = {"texts": list(texts)}
         if model:
             payload["model"] = model
-        return self.request("POST", "/v1/embeddings", json.dumps(payload).encode(),
-                            {"Content-Type": "application/json"})
+        return self.post_json("/v1/embeddings", payload)
 
     def embed_texts(self, texts: Sequence[str], model: str | None = None) -> np.ndarray:
         """Embed texts with the model's text tower: float32 (N, dim) in the image space."""
