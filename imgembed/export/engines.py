@@ -21,9 +21,10 @@ from ..errors import BackendUnavailableError, ExportError, ImgembedError
 from ..parity import ParityReport, gate_thresholds, parity_report
 from ..registry import ModelSpec
 from ..runtime.backends import EngineRef, get_backend
+from ..runtime.host import int8_kernels
 from ..runtime.timing import interleaved_medians
 from .onnx_export import DEFAULT_OPSET
-from .quantize import PORTABLE_PRESETS, PRESETS, QuantConfig, quantize, quantized_op_counts
+from .quantize import PORTABLE_PRESETS, PRESETS, QuantConfig, quantize, quantized_op_counts, saturates
 from .reference import ParitySet
 
 SPEED_BATCH = 8
@@ -109,6 +110,11 @@ class Outcome:
 
 
 # ------------------------------------------------------------------------------------------ builders
+def _batches(a: np.ndarray, size: int = 8) -> list[np.ndarray]:
+    """Calibration data in the batches the quantizers read."""
+    return [a[i:i + size] for i in range(0, len(a), size)]
+
+
 def _ort_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
     path = _with_input_format(inputs, inputs.ort_graph, directory / "model.onnx")
     return {"model": path}, {}
@@ -127,7 +133,7 @@ def _ort_int8(config: QuantConfig) -> Callable[[Inputs, Path], tuple[dict[str, P
     def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
         directory.mkdir(parents=True, exist_ok=True)
         pixels, _, info = inputs.calibration() if config.mode == "static" else (None, None, None)
-        batches = None if pixels is None else [pixels[i:i + 8] for i in range(0, len(pixels), 8)]
+        batches = None if pixels is None else _batches(pixels)
         # static Q/DQ goes on the plain graph (ORT fuses Q/DQ pairs into integer kernels when it loads it;
         # on the fused graph the Attention ops stay float); dynamic presets use the fused graph's QAttention
         graph = inputs.plain if config.mode == "static" else inputs.ort_graph
@@ -154,8 +160,7 @@ def _ort_int8_smoothquant(preset: str) -> Callable[[Inputs, Path], tuple[dict[st
         if "smoothquant" in inputs.built:
             smoothed, recipe = inputs.built["smoothquant"]
             directory.mkdir(parents=True, exist_ok=True)
-            q = quantize(smoothed, directory / "int8.onnx", config, [pixels[i:i + 8] for i in range(0, len(pixels), 8)],
-                         exclude=recipe["excluded_nodes"])
+            q = quantize(smoothed, directory / "int8.onnx", config, _batches(pixels), exclude=recipe["excluded_nodes"])
         else:
             q, smoothed, recipe = smoothquant_int8(inputs.head, inputs.spec, pixels, directory, config, inputs.opset,
                                                    inputs.spec.thresholds("int8"), threads=inputs.threads)
@@ -206,8 +211,7 @@ def _ort_int8_cle(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path]
         directory.mkdir(parents=True, exist_ok=True)
         graph, equalization = _cle_graph(inputs)
         pixels, _, info = inputs.calibration()
-        q = quantize(graph, directory / "int8.onnx", config, [pixels[i:i + 8] for i in range(0, len(pixels), 8)],
-                     input_name=inputs.input_name)
+        q = quantize(graph, directory / "int8.onnx", config, _batches(pixels), input_name=inputs.input_name)
         path = _with_input_format(inputs, q, directory / "model.onnx")
         return {"model": path}, {"preset": config.to_dict(), "calibration": info, "equalization": equalization,
                                  "quantized_ops": quantized_op_counts(q)}
@@ -235,9 +239,8 @@ def _ov_int8(smooth_quant: bool, equalized: bool = False) -> Callable[[Inputs, P
         else:
             graph = inputs.plain_in_format()
         fp32 = convert_onnx(graph, directory / "fp32.xml")
-        record = quantize_nncf(fp32, directory / "model.xml", [data[i:i + 8] for i in range(0, len(data), 8)],
-                               transformer=inputs.transformer, smooth_quant=smooth_quant,
-                               overflow_fix=_saturating())
+        record = quantize_nncf(fp32, directory / "model.xml", _batches(data), transformer=inputs.transformer,
+                               smooth_quant=smooth_quant, overflow_fix=int8_kernels() == "saturating")
         for p in [*ir_files(fp32).values(), *([graph] if equalized else [])]:
             p.unlink()
         inputs.built[key] = ir_files(directory / "model.xml"), {**record, **extra, "calibration": info}
@@ -256,24 +259,9 @@ def _bf16_reason() -> str | None:
     return _openvino_reason() or missing_bf16_instructions()
 
 
-def _saturating() -> bool:
-    """True on an x86 CPU without VNNI: int8 candidates built here are gated with saturating kernels."""
-    from ..runtime.host import int8_saturation
-
-    return int8_saturation() is not None
-
-
-def _vnni() -> bool:
-    from ..runtime.host import int8_kernels
-
-    return int8_kernels() == "vnni"
-
-
 def _ort_int8_candidate(config: QuantConfig, vnni: bool, **kw) -> Candidate:
     """An ONNX Runtime INT8 candidate; an 8-bit one gated with VNNI kernels is not portable (it would saturate
     on x86 CPUs without VNNI), one with 7-bit weights or gated on saturating kernels is."""
-    from .quantize import saturates
-
     vnni_only = vnni and saturates(config)
     return Candidate(f"onnxruntime-int8-{config.name}", "onnxruntime", "int8", _ort_int8(config),
                      config.mode == "static", portable=not vnni_only, needs_vnni=vnni_only, **kw)
@@ -309,7 +297,7 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
         # On a VNNI CPU the 8-bit candidates are exact here but would saturate on x86 CPUs without VNNI
         # (needs_vnni); the 7-bit twin of the first preset is the portable engine. On a CPU without VNNI every
         # candidate is gated with the saturating kernels themselves (NNCF then keeps weights 7-bit everywhere).
-        vnni = _vnni()
+        vnni = int8_kernels() == "vnni"
         presets = int8_presets(transformer, int8_preset)
         if int8_preset is None:
             presets.append(PRESETS[PORTABLE_PRESETS[presets[0].name]])
@@ -331,20 +319,20 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
         if int8_preset is None:
             # NNCF without SmoothQuant first; with it only where that fails the gate (outlier channels), as for
             # ONNX Runtime. CNNs get cross-layer equalization instead, also only where the plain recipe fails.
-            ov_kw = {"needs_vnni": vnni}
-            out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8(False), True, unavailable=ov, **ov_kw),
+            out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8(False), True, unavailable=ov,
+                              needs_vnni=vnni),
                     Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8(False), True, "bf16",
-                              unavailable=bf16, **ov_kw)]
+                              unavailable=bf16, needs_vnni=vnni)]
             if not transformer:
                 out += [Candidate("openvino-int8-cle", "openvino", "int8", _ov_int8(False, True), True,
-                                  unavailable=ov, fallback_for="openvino-int8", **ov_kw),
+                                  unavailable=ov, fallback_for="openvino-int8", needs_vnni=vnni),
                         Candidate("openvino-int8-cle-bf16", "openvino", "int8", _ov_int8(False, True), True, "bf16",
-                                  unavailable=bf16, fallback_for="openvino-int8-bf16", **ov_kw)]
+                                  unavailable=bf16, fallback_for="openvino-int8-bf16", needs_vnni=vnni)]
             if transformer:
                 out += [Candidate("openvino-int8-smoothquant", "openvino", "int8", _ov_int8(True), True,
-                                  unavailable=ov, fallback_for="openvino-int8", **ov_kw),
+                                  unavailable=ov, fallback_for="openvino-int8", needs_vnni=vnni),
                         Candidate("openvino-int8-smoothquant-bf16", "openvino", "int8", _ov_int8(True), True,
-                                  "bf16", unavailable=bf16, fallback_for="openvino-int8-bf16", **ov_kw)]
+                                  "bf16", unavailable=bf16, fallback_for="openvino-int8-bf16", needs_vnni=vnni)]
     else:
         raise ExportError(f"precision {precision!r} is not supported; expected one of fp32, bf16, fp16, int8")
     if engine is not None:
@@ -448,10 +436,7 @@ def choose(outcomes: Sequence[Outcome], keep_all: bool) -> tuple[Outcome | None,
     asked = outcomes[0].candidate.precision
     winner = next((o for o in ranked if o.candidate.precision == asked), ranked[0])
     if not winner.candidate.portable:
-        limit = winner.seconds * (1 + TIE) if winner.seconds else None
-        winner = next((o for o in ranked if o.candidate.portable and o.candidate.backend == winner.candidate.backend
-                       and o.candidate.precision == winner.candidate.precision
-                       and (o.seconds <= limit if limit and o.seconds else not limit and not o.seconds)), winner)
+        winner = next((o for o in ranked if _portable_tie(o, winner)), winner)
     ranked.remove(winner)
     ranked.insert(0, winner)
     if keep_all:
@@ -460,3 +445,14 @@ def choose(outcomes: Sequence[Outcome], keep_all: bool) -> tuple[Outcome | None,
     if not winner.candidate.portable:
         kept += [o for o in ranked if o.candidate.portable][:1]
     return winner, kept
+
+
+def _portable_tie(o: Outcome, winner: Outcome) -> bool:
+    """``o`` is a portable engine of ``winner``'s backend and precision that is as fast within :data:`TIE`
+    (or both are untimed)."""
+    c, w = o.candidate, winner.candidate
+    if not (c.portable and c.backend == w.backend and c.precision == w.precision):
+        return False
+    if not winner.seconds:
+        return not o.seconds
+    return bool(o.seconds) and o.seconds <= winner.seconds * (1 + TIE)
