@@ -101,7 +101,8 @@ def export_cmd(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Directory of images for static "
                                                "INT8 calibration (default: built-in sample set)."),
     int8_preset: Optional[str] = typer.Option(None, "--int8-preset", help="Force one ONNX Runtime preset "
-                                              "(static-qdq-matmul, static-qoperator, static-qdq, static-qdq-trt; "
+                                              "(static-qdq-matmul, static-qoperator, static-qdq, "
+                                              "static-qdq-matmul-7bit, static-qoperator-7bit, static-qdq-trt; "
                                               "dynamic and dynamic-per-channel are not batch-invariant)."),
     no_optimize: bool = typer.Option(False, "--no-optimize", help="Skip ONNX Runtime transformer fusion."),
     keep_failed: bool = typer.Option(False, "--keep-failed", help="Write the artifact even if parity fails "

@@ -199,3 +199,12 @@ def test_the_7bit_onnxruntime_engine_is_exact_on_an_emulated_avx2_cpu(vnni_expor
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(np.load(tmp_path / f"{len(prefix)}.npy"))
     assert cosine(outs[1], outs[0]).min() >= 0.99999
+
+
+def test_a_forced_7bit_preset_is_one_portable_engine(tmp_path):
+    m = _export(tmp_path / "a", int8_preset="static-qdq-matmul-7bit", engine="onnxruntime").manifest
+    assert [e["id"] for e in m["engines"]] == ["onnxruntime-int8-static-qdq-matmul-7bit"]
+    engine = m["engines"][0]
+    assert engine["needs_vnni"] is False and engine["quantization"]["preset"]["reduce_range"] is True
+    weights = _int8_weights(tmp_path / "a" / engine["files"]["model"])
+    assert weights and max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
