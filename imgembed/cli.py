@@ -409,15 +409,31 @@ def embed_cmd(
     backend: str = typer.Option("auto", "--backend", help="Engine to run: auto (the artifact's best engine "
                                 "usable here) or a backend name (see `imgembed backends`)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    verify: str = typer.Option("stat", "--verify", help="Parquet: when a row is reused on a rerun: 'stat' (the "
+                               "file's size and mtime are unchanged) or 'content' (and a blake2b hash of its bytes)."),
+    retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed", help="Parquet: embed the failed "
+                                      "rows of an existing output again (default) or keep them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Parquet: replace an existing output (and stopped "
+                                   "job) instead of reusing its rows; needed when it was made with another model."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Walk symbolic links to folders found "
+                                         "inside the inputs (each folder once); default: skip them, saying so."),
     max_parts: Optional[int] = typer.Option(None, "--max-parts", hidden=True, help="Test hook: stop after N parts."),
 ) -> None:
     """Embed images into .npy or .parquet. Unreadable inputs are reported (exit code 3), never fatal."""
     import imgembed
 
-    from .jobs.folder import job_metadata, list_images
+    from .jobs import printable
+    from .jobs.folder import VERIFY_MODES, FolderJob, job_metadata, walk_inputs
     from .runtime.pipeline import default_workers
 
-    files = list_images(inputs)
+    listing = walk_inputs(inputs, follow_symlinks=follow_symlinks)
+    for note in listing.skipped[:20]:
+        err_console.print(f"[yellow]skipped[/]: {escape(printable(note))}", highlight=False)
+    if listing.skipped:
+        err_console.print(f"skipped {len(listing.skipped)} entr{'y' if len(listing.skipped) == 1 else 'ies'} while "
+                          "listing the inputs" + (" (first 20 shown)" if len(listing.skipped) > 20 else ""),
+                          highlight=False)
+    files = listing.paths
     if not files:
         err_console.print(f"[bold red]error[/]: no image files found in {inputs}")
         raise typer.Exit(2)
@@ -425,6 +441,8 @@ def embed_cmd(
         raise typer.BadParameter(f"--decode {decode!r}; expected 'exact' or 'fast'")
     if out.suffix not in (".npy", ".parquet"):
         raise typer.BadParameter(f"--out {str(out)!r}: expected a .npy or .parquet file name")
+    if verify not in VERIFY_MODES:
+        raise typer.BadParameter(f"--verify {verify!r}; expected one of {', '.join(VERIFY_MODES)}")
     kwargs = {"threads": threads, "batch_size": batch_size, "decode": decode, "backend": backend,
               "device": device}
     if weights or random_init:
@@ -437,9 +455,11 @@ def embed_cmd(
         if out.suffix == ".npy":
             rows, failures = _run_npy(out, files, engine, emb)
         else:
-            rows, failures = _run_parquet(out, files, engine, emb, job_metadata(emb), part_rows, max_parts)
+            job = FolderJob(out, files, job_metadata(emb), part_rows=part_rows, verify=verify,
+                            retry_failed=retry_failed, overwrite=overwrite)
+            rows, failures = _run_parquet(job, engine, max_parts)
     for _path, msg in failures:
-        err_console.print(f"[yellow]skipped[/]: {msg}", highlight=False)
+        err_console.print(f"[yellow]skipped[/]: {escape(printable(msg))}", highlight=False)
     out_console.print(f"wrote {rows} x {emb.dim} embeddings ({emb.name}, {emb.precision}, decode {decode}) to {out}"
                       + (f" (paths: {out.with_suffix('.paths.txt')})" if out.suffix == ".npy" else "")
                       + f"; {len(failures)} failed", highlight=False)
@@ -447,22 +467,21 @@ def embed_cmd(
         raise typer.Exit(3)
 
 
-def _run_parquet(out: Path, files: List[str], engine, emb, meta: dict, part_rows: int,
-                 max_parts: Optional[int]) -> tuple[int, list[tuple[str, str]]]:
+def _run_parquet(job, engine, max_parts: Optional[int]) -> tuple[int, list[tuple[str, str]]]:
     """The resumable folder job; returns (rows in the output, failures recorded in it)."""
-    from .jobs.folder import FolderJob
     from .jobs.parquet import read_embeddings
 
-    job = FolderJob(out, files, meta, part_rows=part_rows)
-    with _embed_progress(len(files)) as update:
+    with _embed_progress(len(job.paths)) as update:
         result = job.run(engine, max_parts=max_parts, progress=update)
     if result.resumed:
-        out_console.print(f"resumed: {result.resumed} of {len(files)} images were already done", highlight=False)
+        out_console.print(f"resumed: {result.resumed} of {len(job.paths)} images were already done",
+                          highlight=False)
+    out_console.print(result.summary(), highlight=False)
     if not result.complete:
         out_console.print(f"stopped after {max_parts} part(s), {result.rows} rows checkpointed in {job.work}; "
                           "rerun the same command to finish", highlight=False)
         raise typer.Exit(0)
-    failures = read_embeddings(out).failures
+    failures = read_embeddings(job.out).failures
     return result.rows - len(failures), failures
 
 

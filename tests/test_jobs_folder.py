@@ -1,6 +1,9 @@
-"""Folder jobs: listing, Parquet rows and metadata, resume after an interruption, incremental reruns."""
+"""Folder jobs: listing (symlinks, loops), Parquet rows and metadata, resume after an interruption, incremental
+reruns that never keep a stale row (rewritten, repaired, vanished, appeared files; another model)."""
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -11,11 +14,11 @@ import pytest
 import imgembed
 from imgembed.artifact import sha256_file
 from imgembed.jobs import JobError
-from imgembed.jobs.folder import FolderJob, job_metadata, list_images, local_batches
+from imgembed.jobs.folder import FolderJob, job_metadata, list_images, local_batches, walk_inputs
 from imgembed.jobs.parquet import read_embeddings, read_table
 from imgembed.samples import parity_images
 
-from .helpers import cli_env, start_cli
+from .helpers import cli_env, cosine, start_cli
 
 MODEL = "test-clip-tiny"
 
@@ -93,9 +96,12 @@ def test_rerun_over_a_grown_folder_embeds_only_new_files(folder, emb, tmp_path):
     files = list_images([str(folder)])
     out = tmp_path / "emb.parquet"
     FolderJob(out, files[:10], job_metadata(emb)).run(local_batches(emb))
-    again = FolderJob(out, files, job_metadata(emb)).run(local_batches(emb))
-    assert again.resumed == 10 and again.embedded_now == 5 and again.rows == 15
-    assert read_table(out).column("path").to_pylist() == files
+    kept = FolderJob(out, files, job_metadata(emb), retry_failed=False).run(local_batches(emb))
+    assert (kept.resumed, kept.new, kept.retried, kept.embedded_now, kept.rows) == (10, 5, 0, 5, 15)
+    assert sorted(read_table(out).column("path").to_pylist()) == sorted(files)
+    again = FolderJob(out, files, job_metadata(emb)).run(local_batches(emb))  # the 2 bad files are retried
+    assert (again.resumed, again.retried, again.still_failing, again.embedded_now, again.failed) == (13, 2, 2, 2, 2)
+    assert sorted(read_table(out).column("path").to_pylist()) == sorted(files)
 
 
 def test_resuming_with_another_model_is_refused(folder, emb, artifact_dir, tmp_path):
@@ -133,3 +139,155 @@ def test_killed_cli_job_resumes(artifact_dir, tmp_path):
     assert f"resumed: {done} of 240 images were already done" in stdout
     paths = read_table(out).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 240 and not work.exists()
+
+
+# ------------------------------------------------------------------------------------------ stale rows
+def _photos(directory: Path, n: int, ext: str = "jpg") -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, (_, img) in enumerate(parity_images()[:n]):
+        img.convert("RGB").resize((64, 48)).save(directory / f"{i:02d}.{ext}")
+    return list_images([str(directory)])
+
+
+def _rows(out: Path) -> dict[str, np.ndarray | str]:
+    """path -> stored vector, or the error message of a failure row."""
+    res = read_embeddings(out)
+    return {**dict(zip(res.paths, res.vectors, strict=True)), **dict(res.failures)}
+
+
+def _bump_mtime(path: Path) -> None:
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+
+
+def test_a_rewritten_photo_is_embedded_again_and_replaces_its_row(emb, tmp_path):
+    files = _photos(tmp_path / "p", 4)
+    out = tmp_path / "e.parquet"
+    FolderJob(out, files, job_metadata(emb)).run(local_batches(emb))
+    old = _rows(out)[files[1]]
+    shutil.copyfile(files[3], files[1])  # the photo is replaced by another one under the same name
+    _bump_mtime(Path(files[1]))
+    again = FolderJob(out, files, job_metadata(emb)).run(local_batches(emb))
+    assert (again.resumed, again.reembedded, again.new, again.embedded_now, again.rows) == (3, 1, 0, 1, 4)
+    assert "3 reused, 1 re-embedded (changed), 0 new" in again.summary()
+    assert sorted(read_table(out).column("path").to_pylist()) == sorted(files)  # replaced, not duplicated
+    stored = _rows(out)[files[1]]
+    np.testing.assert_allclose(stored, emb.embed([files[1]])[0], rtol=0, atol=1e-6)
+    assert cosine(old, stored) < 0.999
+
+
+def test_verify_content_catches_a_change_that_keeps_size_and_mtime(emb, tmp_path):
+    files = _photos(tmp_path / "p", 3, "bmp")  # same size in bytes for every photo
+    out = tmp_path / "e.parquet"
+    FolderJob(out, files, job_metadata(emb), verify="content").run(local_batches(emb))
+    st = os.stat(files[0])
+    shutil.copyfile(files[2], files[0])
+    os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(files[0]).st_size == st.st_size
+    by_stat = FolderJob(out, files, job_metadata(emb), verify="stat").run(local_batches(emb))
+    assert (by_stat.resumed, by_stat.embedded_now) == (3, 0)  # size + mtime cannot see it
+    by_content = FolderJob(out, files, job_metadata(emb), verify="content").run(local_batches(emb))
+    assert (by_content.resumed, by_content.reembedded) == (2, 1)
+    np.testing.assert_allclose(_rows(out)[files[0]], emb.embed([files[2]])[0], rtol=0, atol=1e-6)
+    hashes = read_table(out, ["content_hash"]).column("content_hash").to_pylist()
+    assert all(isinstance(h, str) and len(h) == 32 for h in hashes)
+
+
+def test_failures_are_retried_after_a_repair_and_kept_with_no_retry(emb, tmp_path):
+    files = _photos(tmp_path / "p", 3)
+    good = Path(files[0]).read_bytes()
+    Path(files[0]).write_bytes(good[:300])  # truncated
+    late = str(tmp_path / "p" / "late.jpg")  # named, but not there yet
+    listed = files + [late]
+    out = tmp_path / "e.parquet"
+    first = FolderJob(out, listed, job_metadata(emb)).run(local_batches(emb))
+    assert first.failed == 2 and "Truncated" in _rows(out)[files[0]] and "not found" in _rows(out)[late]
+    kept = FolderJob(out, listed, job_metadata(emb), retry_failed=False).run(local_batches(emb))
+    assert (kept.resumed, kept.embedded_now, kept.failed) == (4, 0, 2)
+    Path(files[0]).write_bytes(good)  # repaired
+    _bump_mtime(Path(files[0]))
+    shutil.copyfile(files[1], late)  # appeared
+    again = FolderJob(out, listed, job_metadata(emb)).run(local_batches(emb))
+    assert (again.retried, again.still_failing, again.failed, again.resumed) == (2, 0, 0, 2)
+    assert "2 retried (0 still failing)" in again.summary()
+    rows = _rows(out)
+    np.testing.assert_allclose(np.stack([rows[p] for p in listed]), emb.embed(listed), rtol=0, atol=1e-6)
+
+
+def test_a_vanished_file_loses_its_row(emb, tmp_path):
+    files = _photos(tmp_path / "p", 4)
+    out = tmp_path / "e.parquet"
+    FolderJob(out, files, job_metadata(emb)).run(local_batches(emb))
+    os.remove(files[2])
+    again = FolderJob(out, list_images([str(tmp_path / "p")]), job_metadata(emb)).run(local_batches(emb))
+    assert (again.removed, again.resumed, again.rows, again.embedded_now) == (1, 3, 3, 0)
+    assert files[2] not in read_table(out).column("path").to_pylist()
+
+
+def test_an_output_of_another_model_is_refused_unless_overwrite(emb, artifact_dir, tmp_path):
+    files = _photos(tmp_path / "p", 2)
+    out = tmp_path / "e.parquet"
+    FolderJob(out, files, job_metadata(emb)).run(local_batches(emb))
+    other = imgembed.load(artifact_dir("test-vit-tiny"))
+    with pytest.raises(JobError, match=r"e\.parquet holds vectors made with model='test-clip-tiny' \(this run: "
+                                       r"'test-vit-tiny'\).*not comparable.*--overwrite"):
+        FolderJob(out, files, job_metadata(other)).run(local_batches(other))
+    assert read_embeddings(out).metadata["model"] == MODEL  # untouched
+    res = FolderJob(out, files, job_metadata(other), overwrite=True).run(local_batches(other))
+    assert (res.resumed, res.new, res.rows) == (0, 2, 2)
+    np.testing.assert_allclose(read_embeddings(out).vectors, other.embed(files), rtol=0, atol=1e-6)
+    out.write_bytes(b"not parquet")
+    with pytest.raises(JobError, match=r"not a Parquet file.*pass --overwrite to replace"):
+        FolderJob(out, files, job_metadata(other)).run(local_batches(other))
+
+
+def test_a_corrupted_job_record_is_a_typed_error(emb, tmp_path):
+    files = _photos(tmp_path / "p", 2)
+    out = tmp_path / "e.parquet"
+    job = FolderJob(out, files, job_metadata(emb), part_rows=1)
+    job.run(local_batches(emb, batch_size=1), max_parts=1)
+    (job.work / "job.json").write_text('{"model": "test-cl')
+    with pytest.raises(JobError, match=r"job\.json: unreadable job record .*delete .*\.e\.parquet\.work or pass "
+                                       r"--overwrite"):
+        job.run(local_batches(emb))
+    res = FolderJob(out, files, job_metadata(emb), overwrite=True).run(local_batches(emb))
+    assert res.complete and res.rows == 2
+
+
+# ---------------------------------------------------------------------------------------------- walking
+def test_symlink_loops_never_multiply_rows(tmp_path):
+    files = _photos(tmp_path / "p", 2)
+    (tmp_path / "p" / "self").symlink_to(".")
+    listing = walk_inputs([str(tmp_path / "p")])
+    assert listing.paths == files
+    assert listing.skipped == [f"{tmp_path / 'p' / 'self'}: symbolic link to a folder, not followed "
+                               "(use --follow-symlinks)"]
+    (tmp_path / "p" / "again").symlink_to(tmp_path / "p")
+    t0 = time.monotonic()
+    for follow in (False, True):
+        for pattern in ("**/*.jpg", "**"):
+            listing = walk_inputs([str(tmp_path / "p" / pattern)], follow_symlinks=follow)
+            assert sorted(listing.paths) == files, (pattern, follow)
+        one_level = walk_inputs([str(tmp_path / "p" / "*" / "*.jpg")], follow_symlinks=follow).paths
+        assert len(one_level) == (2 if follow else 0)  # through one of the two links to the same folder
+        listing = walk_inputs([str(tmp_path / "p")], follow_symlinks=follow)
+        assert listing.paths == files
+    assert time.monotonic() - t0 < 5
+    assert len(listing.skipped) == 2 and all("folder already walked" in s for s in listing.skipped)
+
+
+def test_symlinked_folders_are_skipped_with_a_note_or_followed_once(tmp_path):
+    files = _photos(tmp_path / "p", 2)
+    elsewhere = _photos(tmp_path / "elsewhere", 3, "png")
+    (tmp_path / "p" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "p" / "linked-twice").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "p" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    skipped = walk_inputs([str(tmp_path / "p")])
+    assert skipped.paths == files and len(skipped.skipped) == 3
+    assert "dangling.jpg: broken symbolic link" in skipped.skipped[0]
+    assert "linked: symbolic link to a folder, not followed" in skipped.skipped[1]
+    followed = walk_inputs([str(tmp_path / "p")], follow_symlinks=True)
+    via = [str(tmp_path / "p" / "linked" / Path(f).name) for f in elsewhere]
+    assert followed.paths == files + via  # the second link to the same folder is not walked again
+    assert "linked-twice: folder already walked" in followed.skipped[1]
+    assert walk_inputs([str(tmp_path / "p" / "linked")]).paths == via  # a link named as an input is walked

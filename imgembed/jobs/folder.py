@@ -5,27 +5,33 @@
 
 While it runs, finished rows are checkpointed as numbered part files in a work directory next to the output
 (``.NAME.work/part-000001.parquet``...; each written atomically), every ``part_rows`` rows or
-``part_seconds`` seconds. A rerun after a crash or Ctrl-C reads the parts, skips the paths they hold and
-embeds only the rest, so no image is embedded twice and at most one part's worth of work is redone. When
-every path is done the parts (and the rows of a previous output of the same model, so re-running over a
-grown folder embeds only the new files) are streamed into the output (one row per listed path, in processing
-order: listing order for a local run), written atomically with the job's metadata, and the work directory is
-removed. Memory stays bounded whatever the number of images (parts are read back in record batches). Bad
-files are rows with an ``error`` and never stop the job. The work directory records the model (name, precision,
-manifest sha256, decode mode); resuming it with another model is a :class:`~imgembed.jobs.JobError`.
-Concurrent jobs on one output are serialised by a lock file beside it.
+``part_seconds`` seconds. A rerun after a crash or Ctrl-C reads the parts and embeds only the rest, so at
+most one part's worth of work is redone. When every path is done the parts and the still-valid rows of a
+previous output of the same model are streamed into the output (one row per listed path), written atomically
+with the job's metadata, and the work directory is removed. Memory stays bounded whatever the number of
+images. Bad files are rows with an ``error`` and never stop the job.
+
+Every row records what it embedded: the file's size and mtime (ns), and with ``verify="content"`` a blake2b
+hash of its bytes, taken before the file is read for embedding. A row is reused only when all of them still
+match the file (and the output's model, precision, decode mode and artifact manifest sha256 match this run);
+a changed file is embedded again and its new row replaces the old one; the row of a file no longer listed is
+removed. Failure rows of a previous output are retried unless ``retry_failed=False`` (failures checkpointed
+by the unfinished job itself are kept). An existing output or work directory made with another model is a
+:class:`~imgembed.jobs.JobError` unless ``overwrite=True``, which starts over. Concurrent jobs on one output
+are serialised by a lock file beside it.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import glob
+import hashlib
 import json
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 try:
     import fcntl
@@ -38,12 +44,25 @@ from .. import __version__
 from ..artifact import MANIFEST, sha256_file, write_json_atomic
 from ..runtime.results import Embeddings
 from . import JobError
-from .parquet import concat, iter_batches, read_metadata, read_table, rows_table, write_atomic, write_batches_atomic
+from .parquet import (
+    Identity,
+    concat,
+    iter_batches,
+    read_metadata,
+    read_table,
+    rows_table,
+    write_atomic,
+    write_batches_atomic,
+)
+from .walk import IMAGE_SUFFIXES, Listing, list_images, walk_inputs
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IDENTITY_KEYS = ("model", "precision", "dim", "manifest_sha256", "decode", "input_format")
+VERIFY_MODES = ("stat", "content")
 # pending paths -> chunks (any order) whose indices point into the paths given and whose names are those paths
 Engine = Callable[[Sequence[str]], Iterator[Embeddings]]
+
+__all__ = ["IMAGE_SUFFIXES", "FolderJob", "JobResult", "Listing", "identify", "job_metadata", "list_images",
+           "local_batches", "manifest_sha256", "walk_inputs"]
 
 
 @contextlib.contextmanager
@@ -55,32 +74,33 @@ def job_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def _images_in(directory: Path) -> list[str]:
-    return [str(f) for f in sorted(directory.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+def manifest_sha256(artifact_dir: str | Path) -> str:
+    """The sha256 of an artifact's manifest file: what identifies the artifact that embedded a job output."""
+    return sha256_file(Path(artifact_dir) / MANIFEST)
 
 
-def list_images(inputs: Iterable[str]) -> list[str]:
-    """Files as given; directories -> their image files (recursive, sorted); glob patterns (``*``, ``?``,
-    ``[``, ``**``) -> matching files (sorted; directories among them expanded). Duplicates removed, order kept.
-    A name that matches nothing is kept, so the job reports it as a failed row."""
-    out: list[str] = []
-    for s in inputs:
-        p = Path(s)
-        if p.is_dir():
-            out += _images_in(p)
-        elif not p.exists() and any(c in s for c in "*?["):
-            for m in sorted(glob.glob(s, recursive=True)):
-                out += _images_in(Path(m)) if Path(m).is_dir() else [m]
-        else:
-            out.append(s)
-    return list(dict.fromkeys(out))
+def identify(path: str, verify: str = "stat") -> Identity | None:
+    """(size, mtime_ns, blake2b-128 hex of the bytes when ``verify == "content"``) of a file; None when it
+    cannot be read."""
+    try:
+        st = os.stat(path)
+        digest = None
+        if verify == "content":
+            h = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            digest = h.hexdigest()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, digest)
 
 
 def job_metadata(embedder) -> dict:
     """What identifies the vectors of a job: the model, its precision and artifact, the decode mode."""
     manifest_sha = None
     if embedder.manifest is not None and getattr(embedder, "artifact_path", None) is not None:
-        manifest_sha = sha256_file(Path(embedder.artifact_path) / MANIFEST)
+        manifest_sha = manifest_sha256(embedder.artifact_path)
     return {"model": embedder.name, "precision": embedder.precision, "dim": int(embedder.dim),
             "normalized": bool(embedder.normalized), "manifest_sha256": manifest_sha,
             "input_format": embedder.input_format, "decode": embedder.decode}
@@ -101,20 +121,43 @@ def _message(e: BaseException) -> str:
     return str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
 
 
-def _has_error(src: Path) -> np.ndarray:
-    """Per row of ``src``: is it a failure row?"""
-    return ~read_table(src, ["error"]).column("error").is_null().to_numpy()
-
-
 @dataclass
 class JobResult:
     out: Path
     complete: bool        # False when stopped early (max_parts); rerun to finish
     rows: int             # rows in the output (complete) or checkpointed so far
     failed: int           # failure rows among them
-    embedded_now: int     # images processed by this run
-    resumed: int          # paths found done (parts or previous output) and skipped
+    embedded_now: int     # images processed by this run (= new + reembedded + retried)
+    resumed: int          # rows reused: found done (parts or previous output) and still matching their file
     seconds: float
+    new: int = 0          # listed paths that had no row
+    reembedded: int = 0   # paths whose row no longer matched the file (changed since)
+    retried: int = 0      # failure rows of the previous output tried again
+    still_failing: int = 0  # of those, how many failed again
+    removed: int = 0      # rows of the previous output whose file is no longer listed
+
+    def summary(self) -> str:
+        return (f"{self.resumed} reused, {self.reembedded} re-embedded (changed), {self.new} new, {self.retried} "
+                f"retried ({self.still_failing} still failing), {self.removed} removed (no longer listed)")
+
+
+@dataclass
+class _Source:
+    """A Parquet file of finished rows: the previous output or a part; its columns as Python lists."""
+
+    path: Path
+    previous: bool
+    paths: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: Path, previous: bool) -> _Source:
+        t = read_table(path, ["path", "error", "size", "mtime_ns", "content_hash"])
+        cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
+                for c in ("size", "mtime_ns", "content_hash")]
+        return cls(path, previous, t.column("path").to_pylist(),
+                   [e is not None for e in t.column("error").to_pylist()], list(zip(*cols, strict=True)))
 
 
 @dataclass
@@ -126,12 +169,18 @@ class FolderJob:
     meta: dict
     part_rows: int = 1024
     part_seconds: float = 60.0
+    verify: str = "stat"
+    retry_failed: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.work = self.out.parent / f".{self.out.name}.work"
         if self.part_rows < 1:
             raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify {self.verify!r}; expected one of {list(VERIFY_MODES)}")
+        self.meta = dict(self.meta, verify=self.verify)
 
     def run(self, engine: Engine, *, max_parts: int | None = None,
             progress: Callable[[int, int, int], None] | None = None) -> JobResult:
@@ -143,30 +192,50 @@ class FolderJob:
         t0 = time.perf_counter()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         with job_lock(self.out):
+            previous = self._previous_output()
             self._open_work_dir()
-            done = self._done_paths()
-            pending = [p for p in self.paths if p not in done]
+            current = {p: identify(p, self.verify) for p in self.paths}
+            sources = self._sources(previous)
+            chosen = self._choose(sources, current)
+            pending = [p for p in self.paths if p not in chosen]
+            counts = self._classify(sources, pending, previous)
+            retried = counts.pop("_retried_paths")
             n_done = len(self.paths) - len(pending)
-            stopped, processed = self._process(engine, pending, n_done, max_parts, progress)
+            stopped, processed = self._process(engine, pending, current, n_done, max_parts, progress)
             if stopped:
                 rows, failed = self._checkpoint_counts()
-                return JobResult(self.out, False, rows, failed, processed, n_done, time.perf_counter() - t0)
-            rows, failed = self._assemble()
-        return JobResult(self.out, True, rows, failed, processed, n_done, time.perf_counter() - t0)
+                return JobResult(self.out, False, rows, failed, processed, n_done, time.perf_counter() - t0,
+                                 **counts)
+            sources = self._sources(previous)
+            rows, failed, failing = self._assemble(sources, self._choose(sources, current))
+        counts["still_failing"] = len(retried & failing)
+        return JobResult(self.out, True, rows, failed, processed, n_done, time.perf_counter() - t0, **counts)
 
     # -- work directory ------------------------------------------------------------------------------
     def _identity(self, meta: dict) -> dict:
         return {k: meta.get(k) for k in IDENTITY_KEYS}
 
+    def _mismatch(self, found: dict) -> str:
+        found, want = self._identity(found), self._identity(self.meta)
+        return ", ".join(f"{k}={found[k]!r} (this run: {want[k]!r})" for k in IDENTITY_KEYS if found[k] != want[k])
+
     def _open_work_dir(self) -> None:
         """Create the work directory, or check that an existing one was made by the same model."""
         record = self.work / "job.json"
+        if self.overwrite:
+            shutil.rmtree(self.work, ignore_errors=True)
         if record.is_file():
-            found, want = self._identity(json.loads(record.read_text())), self._identity(self.meta)
-            diff = ", ".join(f"{k}={found[k]!r} (this run: {want[k]!r})" for k in IDENTITY_KEYS if found[k] != want[k])
+            try:
+                found = json.loads(record.read_text(encoding="utf-8"))
+                if not isinstance(found, dict):
+                    raise ValueError(f"a JSON {type(found).__name__}, expected an object")
+            except (OSError, ValueError) as e:
+                raise JobError(f"{record}: unreadable job record ({e}); delete {self.work} or pass --overwrite to "
+                               "start over") from None
+            diff = self._mismatch(found)
             if diff:
                 raise JobError(f"{self.work} holds a stopped job made with {diff}; rerun with the same model and "
-                               f"settings, or delete {self.work} to start over")
+                               f"settings, or delete {self.work} (or pass --overwrite) to start over")
             return
         self.work.mkdir(exist_ok=True)
         write_json_atomic(record, self.meta)
@@ -175,32 +244,61 @@ class FolderJob:
         return sorted(self.work.glob("part-*.parquet"))
 
     def _previous_output(self) -> Path | None:
-        """An existing output made with the same model (its rows count as done: incremental reruns)."""
-        if not self.out.is_file():
+        """An existing output made with the same model (its valid rows are reused: incremental reruns);
+        JobError if it was made with another one, unless ``overwrite``."""
+        if self.overwrite or not self.out.exists():
             return None
         try:
-            same = self._identity(read_metadata(self.out)) == self._identity(self.meta)
-        except JobError:
-            return None
-        return self.out if same else None
+            found = read_metadata(self.out)
+        except JobError as e:
+            raise JobError(f"{e}; pass --overwrite to replace {self.out}") from None
+        diff = self._mismatch(found) if found else "no imgembed metadata"
+        if diff:
+            raise JobError(f"{self.out} holds vectors made with {diff}: vectors of another model are not "
+                           f"comparable. Write to another --out, or pass --overwrite to replace it")
+        return self.out
 
-    def _sources(self) -> list[Path]:
+    def _sources(self, previous: Path | None) -> list[_Source]:
         """Where finished rows are: the previous output (if any), then the parts in order."""
-        previous = self._previous_output()
-        return ([previous] if previous is not None else []) + self._parts()
+        return ([_Source.read(previous, True)] if previous is not None else []) + \
+            [_Source.read(p, False) for p in self._parts()]
 
-    def _done_paths(self) -> set[str]:
-        done: set[str] = set()
-        for src in self._sources():
-            done.update(read_table(src, ["path"]).column("path").to_pylist())
-        return done
+    def _choose(self, sources: list[_Source], current: dict) -> dict[str, tuple[int, int]]:
+        """path -> (source, row) of the row to keep: the last one that still matches its file and is not a
+        failure of the previous output to retry."""
+        chosen: dict[str, tuple[int, int]] = {}
+        for s, src in enumerate(sources):
+            retry = src.previous and self.retry_failed
+            for r, (path, failed, ident) in enumerate(zip(src.paths, src.failed, src.ids, strict=True)):
+                if self._matches(ident, current.get(path)) and not (failed and retry):
+                    chosen[path] = (s, r)
+        return chosen
+
+    def _matches(self, recorded: tuple, now: Identity | None) -> bool:
+        """Does a row's (size, mtime_ns, content hash) match the file now (the hash only with verify content)?
+        A file that could not be read then and now matches too (its failure row is kept or retried)."""
+        if now is None:
+            return recorded[0] is None and recorded[1] is None
+        return tuple(recorded[:2]) == now[:2] and (self.verify != "content" or recorded[2] == now[2])
+
+    def _classify(self, sources: list[_Source], pending: list[str], previous: Path | None) -> dict:
+        """Counts of pending paths by why they run (new, changed, retried) and of removed rows."""
+        before: dict[str, bool] = {}
+        for src in sources:
+            before.update(zip(src.paths, src.failed, strict=True))
+        retried = {p for p in pending if before.get(p) is True}
+        changed = sum(1 for p in pending if before.get(p) is False)
+        listed = set(self.paths)
+        removed = len({p for p in sources[0].paths if p not in listed}) if previous is not None else 0
+        return {"new": sum(1 for p in pending if p not in before), "reembedded": changed, "retried": len(retried),
+                "removed": removed, "_retried_paths": retried}
 
     def _checkpoint_counts(self) -> tuple[int, int]:
         tables = [read_table(p, ["path", "error"]) for p in self._parts()]
         return sum(t.num_rows for t in tables), sum(t.num_rows - t.column("error").null_count for t in tables)
 
     # -- processing ----------------------------------------------------------------------------------
-    def _process(self, engine: Engine, pending: list[str], n_done: int, max_parts: int | None,
+    def _process(self, engine: Engine, pending: list[str], current: dict, n_done: int, max_parts: int | None,
                  progress: Callable[[int, int, int], None] | None) -> tuple[bool, int]:
         """Run ``engine`` over ``pending``, writing parts; returns (stopped early?, images processed)."""
         seq = len(self._parts()) + 1
@@ -214,47 +312,39 @@ class FolderJob:
                 if progress is not None:
                     progress(n_done + processed, len(self.paths), failed)
                 if sum(c.inputs for c in buffer) >= self.part_rows or time.monotonic() - last >= self.part_seconds:
-                    self._write_part(seq, buffer)
+                    self._write_part(seq, buffer, current)
                     seq, written, buffer, last = seq + 1, written + 1, [], time.monotonic()
                     if max_parts is not None and written >= max_parts:
                         return True, processed
             if buffer:
-                self._write_part(seq, buffer)
+                self._write_part(seq, buffer, current)
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
         return False, processed
 
-    def _write_part(self, seq: int, chunks: list[Embeddings]) -> None:
+    def _write_part(self, seq: int, chunks: list[Embeddings], current: dict) -> None:
         dim = int(self.meta["dim"])
-        table = concat([rows_table(r, dim) for r in chunks], dim)
+        table = concat([rows_table(r, dim, current) for r in chunks], dim)
         write_atomic(table, self.work / f"part-{seq:06d}.parquet")
 
-    def _kept_rows(self, listed: set[str]) -> Iterator[tuple[Path, np.ndarray]]:
-        """(source, mask of rows to keep) for each source: listed paths, first occurrence only."""
-        seen: set[str] = set()
-        for src in self._sources():
-            keep = []
-            for p in read_table(src, ["path"]).column("path").to_pylist():
-                keep.append(p in listed and p not in seen)
-                seen.add(p)
-            yield src, np.asarray(keep, bool)
-
-    def _assemble(self) -> tuple[int, int]:
-        """Previous output + parts -> the output, streamed (bounded memory) and written atomically: one row
-        per listed path, in processing order (listing order for a local run), then the work dir is removed."""
-        listed = set(self.paths)
-        masks = list(self._kept_rows(listed))
-        rows = int(sum(m.sum() for _, m in masks))
-        failed = sum(int(np.sum(m & _has_error(src))) for src, m in masks)
-        meta = dict(self.meta, rows=rows, failed=failed, imgembed_version=__version__,
+    def _assemble(self, sources: list[_Source], chosen: dict[str, tuple[int, int]]) -> tuple[int, int, set[str]]:
+        """The chosen rows of the previous output + parts -> the output, streamed (bounded memory) and written
+        atomically, then the work dir is removed. Returns (rows, failure rows, their paths)."""
+        masks = [np.zeros(len(src.paths), bool) for src in sources]
+        for s, r in chosen.values():
+            masks[s][r] = True
+        failing = {p for p, (s, r) in chosen.items() if sources[s].failed[r]}
+        meta = dict(self.meta, rows=len(chosen), failed=len(failing), imgembed_version=__version__,
                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
         def batches() -> Iterator:
-            for src, mask in masks:
+            for src, mask in zip(sources, masks, strict=True):
+                if not mask.any():
+                    continue
                 start = 0
-                for batch in iter_batches(src):
+                for batch in iter_batches(src.path):
                     n = batch.num_rows
                     if mask[start:start + n].any():
                         yield batch.filter(mask[start:start + n])
@@ -262,4 +352,4 @@ class FolderJob:
 
         write_batches_atomic(self.out, int(self.meta["dim"]), batches(), meta)
         shutil.rmtree(self.work, ignore_errors=True)
-        return rows, failed
+        return len(chosen), len(failing), failing

@@ -22,11 +22,12 @@ from typing import Optional
 import numpy as np
 import typer
 
-from ..artifact import MANIFEST, read_manifest, sha256_file
+from ..artifact import read_manifest
 from ..errors import BackendUnavailableError
 from ..runtime.results import Embeddings
 from ..scoring import Ranking, rank
-from . import JobError
+from . import JobError, printable
+from .parquet import Limits
 
 KINDS = ("image", "text")
 
@@ -47,15 +48,16 @@ class Hit:
 
 
 # ------------------------------------------------------------------------------------------ the index
-def load_index(path: str | Path) -> Embeddings:
-    """The index's vectors (failed rows skipped), paths and metadata; SearchError if it has no vector."""
+def load_index(path: str | Path, limits: Limits = Limits()) -> Embeddings:
+    """The index's vectors (failed rows skipped), paths and metadata; SearchError if it has no vector,
+    :class:`~imgembed.jobs.parquet.IndexFormatError` if it is not a well-formed job output within ``limits``."""
     from .parquet import read_embeddings
 
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"index {path} does not exist; write one with `imgembed embed ARTIFACT PHOTOS "
                           f"--out {path.name}`")
-    index = read_embeddings(path)
+    index = read_embeddings(path, limits)
     if not len(index.vectors):
         raise SearchError(f"index {path} holds no vectors (all {len(index.errors)} rows are failed images)")
     return index
@@ -67,7 +69,9 @@ def check_artifact(artifact: str | Path, index: Embeddings, where: str) -> None:
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     meta = index.metadata
-    recorded, sha = meta.get("manifest_sha256"), sha256_file(artifact / MANIFEST)
+    from .folder import manifest_sha256
+
+    recorded, sha = meta.get("manifest_sha256"), manifest_sha256(artifact)
     dim = int(manifest["output"]["dim"])
     if recorded is not None and recorded != sha:
         problem = f"manifest sha256 {sha[:12]}..., the index records {recorded[:12]}..."
@@ -139,9 +143,9 @@ def nearest(vectors: np.ndarray, query: np.ndarray, k: int, use_faiss: bool | No
 
 def search(index_path: str | Path, query: str, *, k: int = 10, artifact: str | Path | None = None,
            kind: str | None = None, use_faiss: bool | None = None, backend: str = "auto",
-           threads: int | None = None) -> tuple[list[Hit], str, Embeddings]:
+           threads: int | None = None, limits: Limits = Limits()) -> tuple[list[Hit], str, Embeddings]:
     """(hits best first, the query kind, the index) of one query; see the module docstring."""
-    index = load_index(index_path)
+    index = load_index(index_path, limits)
     kind = query_kind(query, kind)
     paths = index.paths
     if artifact is None:
@@ -178,6 +182,9 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per result instead of a table."),
     backend: str = typer.Option("auto", "--backend", help="Engine backend (auto, onnxruntime, openvino)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
+    max_rows: int = typer.Option(Limits.rows, "--max-rows", min=1, help="Refuse an index declaring more rows."),
+    max_bytes: int = typer.Option(Limits.bytes, "--max-bytes", min=1, help="Refuse an index declaring more "
+                                  "decoded bytes (vectors, paths, errors)."),
 ) -> None:
     """The photos of INDEX nearest to QUERY (a text or an image), by cosine similarity."""
     from rich.markup import escape
@@ -190,11 +197,11 @@ def search_cmd(
     force = "image" if image else "text" if text else None
     with errors():
         hits, kind, found = search(index, query, k=k, artifact=artifact, kind=force, use_faiss=use_faiss,
-                                   backend=backend, threads=threads)
+                                   backend=backend, threads=threads, limits=Limits(rows=max_rows, bytes=max_bytes))
     meta = found.metadata
-    summary = escape(f"{kind} query {query!r}: {len(found.vectors)} vectors of {meta.get('model')} "
-                     f"({meta.get('precision')})" + (f", {len(found.errors)} failed rows skipped" if found.errors
-                                                     else ""))
+    summary = escape(printable(f"{kind} query {query!r}: {len(found.vectors)} vectors of {meta.get('model')} "
+                               f"({meta.get('precision')})" + (f", {len(found.errors)} failed rows skipped"
+                                                               if found.errors else "")))
     err_console.print(summary, highlight=False)
     if as_json:
         for h in hits:
@@ -204,7 +211,7 @@ def search_cmd(
     for col in ("rank", "score", "path"):
         table.add_column(col)
     for h in hits:
-        table.add_row(str(h.rank), f"{h.score:.4f}", escape(h.path))
+        table.add_row(str(h.rank), f"{h.score:.4f}", escape(printable(h.path)))
     out_console.print(table)
 
 
