@@ -1,5 +1,6 @@
 """``imgembed search``: text and image queries over the Parquet index of ``imgembed embed``, checked against a
-brute-force numpy ranking; the errors (no index, no text tower, another model's artifact) by exit code."""
+brute-force numpy ranking; the errors (no index, no text tower, another model's artifact) by exit code; hostile
+index files (size bombs, bad schema or metadata, control characters in paths) built with pyarrow."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +13,8 @@ import pytest
 
 import imgembed
 from imgembed.bench.suite import write_sample_files
-from imgembed.jobs.parquet import read_embeddings
-from imgembed.jobs.search import nearest
+from imgembed.jobs.parquet import IndexFormatError, Limits, read_embeddings
+from imgembed.jobs.search import load_index, nearest
 
 from .helpers import run_cli
 
@@ -154,3 +155,105 @@ def test_faiss_required_but_missing_is_a_typed_error(text_index):
     art, idx = text_index
     r = run_cli("search", str(idx), "a cat", "--artifact", str(art), "--faiss")
     assert r.returncode == 1 and "pip install faiss-cpu" in r.stderr
+
+
+# ------------------------------------------------------------------------------------- hostile index files
+def write_index(path, paths, vectors, meta=None, *, raw_meta: bytes | None = None, columns=None, **write_kw):
+    """A Parquet file laid out like a job output (or with ``columns`` replacing its columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if columns is None:
+        vectors = np.asarray(vectors, np.float32)
+        vector = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+        columns = {"path": pa.array(paths, pa.string()), "vector": vector, "error": pa.nulls(len(paths), pa.string())}
+        meta = meta or {"model": "m", "dim": vectors.shape[1]}
+    table = pa.table(columns)
+    metadata = raw_meta if raw_meta is not None else json.dumps(meta or {"model": "m"})
+    table = table.replace_schema_metadata({b"imgembed": metadata})
+    pq.write_table(table, str(path), **write_kw)
+    return path
+
+
+def test_a_size_bomb_is_refused_before_anything_is_allocated(tmp_path):
+    import pyarrow as pa
+
+    n, dim = 80_000, 256  # 82 MB of zero vectors, compressed to a couple of kilobytes
+    bomb = write_index(tmp_path / "bomb.parquet", ["x.jpg"] * n, np.zeros((n, dim)), compression="zstd",
+                       data_page_size=1 << 30, row_group_size=n)
+    assert bomb.stat().st_size < 4096
+    before = pa.total_allocated_bytes()
+    with pytest.raises(IndexFormatError, match=rf"bomb\.parquet: a {bomb.stat().st_size}-byte file declaring "
+                                               r"81920000 bytes of data \(80000 rows of 256 floats\): refused"):
+        load_index(bomb)
+    assert pa.total_allocated_bytes() - before < 1 << 20
+    with pytest.raises(IndexFormatError, match="declares 80000 rows, more than the limit of 1000"):
+        load_index(bomb, Limits(rows=1000))
+    small = write_index(tmp_path / "ok.parquet", ["a.jpg", "b.jpg"], np.eye(2, 8))
+    with pytest.raises(IndexFormatError, match=r"declaring \d+ bytes of data \(2 rows of 8 floats\).*limits: 10 b"):
+        load_index(small, Limits(bytes=10))
+    np.testing.assert_array_equal(load_index(small).vectors, np.eye(2, 8))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not parquet", r"not a Parquet file \(expected PAR1 magic at both ends"),
+    ("truncated", r"not a Parquet file \(expected PAR1 magic"),
+    ("footer", r"corrupt Parquet footer \(declares 4294967295 bytes"),
+    ("meta json", r"the imgembed metadata is not JSON"),
+    ("meta list", r"the imgembed metadata is a JSON list, expected an object"),
+    ("meta types", r"metadata 'manifest_sha256' is 12, expected str or null"),
+    ("meta dim", r"metadata says dim 5, the vector column has 8"),
+    ("no vector", r"no 'vector' column \(columns: path, vectors\\x1b, error\)"),
+    ("float64", r"column 'vector' is fixed_size_list<element: double>\[8\], expected fixed_size_list<float>"),
+    ("size type", r"column 'size' is string, expected int64"),
+    ("null path", r"rows without a path, or without both a vector and an error"),
+])
+def test_malformed_index_files_are_one_line_typed_errors(tmp_path, case, message):
+    import pyarrow as pa
+
+    path, good = tmp_path / "idx.parquet", np.eye(2, 8)
+    cols = {"path": pa.array(["a.jpg", "b.jpg"]), "vector": pa.FixedSizeListArray.from_arrays(
+        pa.array(good.reshape(-1), pa.float32()), 8), "error": pa.nulls(2, pa.string())}
+    if case in ("not parquet", "truncated", "footer"):
+        write_index(path, ["a.jpg", "b.jpg"], good)
+        data = path.read_bytes()
+        path.write_bytes({"not parquet": b"hello, world, not a parquet file",
+                          "truncated": data[:len(data) // 2],
+                          "footer": data[:-8] + b"\xff\xff\xff\xffPAR1"}[case])
+    elif case.startswith("meta"):
+        raw = {"meta json": b"{not json", "meta list": b"[1, 2]", "meta types": b'{"manifest_sha256": 12}',
+               "meta dim": b'{"dim": 5}'}[case]
+        write_index(path, ["a.jpg", "b.jpg"], good, raw_meta=raw)
+    else:
+        if case == "no vector":
+            cols = {"path": cols["path"], "vectors\x1b": cols["vector"], "error": cols["error"]}
+        elif case == "float64":
+            cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(good.reshape(-1), pa.float64()), 8)
+        elif case == "size type":
+            cols["size"] = pa.array(["1", "2"])
+        elif case == "null path":
+            cols["path"] = pa.array([None, "b.jpg"], pa.string())
+        write_index(path, None, None, columns=cols)
+    with pytest.raises(IndexFormatError, match=message) as info:
+        load_index(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_search_cli_refuses_a_bomb_and_escapes_control_characters(tmp_path):
+    n, dim = 80_000, 256
+    bomb = write_index(tmp_path / "bomb.parquet", ["x.jpg"] * n, np.zeros((n, dim)), compression="zstd",
+                       data_page_size=1 << 30, row_group_size=n)
+    r = run_cli("search", str(bomb), "a cat")
+    assert r.returncode == 1 and "IndexFormatError" in r.stderr and "refused" in r.stderr
+    assert "Traceback" not in r.stderr
+    photo = tmp_path / "query.jpg"
+    photo.write_bytes(b"\xff\xd8 an indexed photo: its stored vector is the query")
+    evil = "evil\x1b]0;pwned\x07\x1b[2J\u202egpj.exe\nname.jpg"
+    idx = write_index(tmp_path / "idx.parquet", [str(photo), evil], [[1, 0, 0, 0], [0.9, 0.1, 0, 0]],
+                      {"model": "m\x1b[31m", "precision": "fp32", "dim": 4})
+    r = run_cli("search", str(idx), str(photo), "-k", "2")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout + r.stderr and "\x07" not in r.stdout and "\u202e" not in r.stdout
+    flat = "".join(r.stdout.split())
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\u202egpj.exe\\x0aname.jpg" in flat
+    assert "vectors of m\\x1b[31m (fp32)" in " ".join(r.stderr.split())
