@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -62,3 +64,33 @@ def test_glob_to_npy_with_sidecar_and_usage_errors(photos, artifact_dir, tmp_pat
     assert res.returncode == 2 and "v.csv" in res.stderr
     res = run_cli("embed", str(art), str(photos / "*.nothing"))
     assert res.returncode == 2 and "no image files found" in res.stderr
+
+
+def test_rerun_summary_symlink_notes_and_another_models_output(photos, artifact_dir, tmp_path):
+    art = artifact_dir("test-clip-tiny")
+    src = tmp_path / "src"
+    shutil.copytree(photos, src)
+    (src / "loop").symlink_to(".")
+    out = tmp_path / "e.parquet"
+    res = run_cli("embed", str(art), str(src), "--out", str(out))
+    assert res.returncode == 3, res.stderr
+    assert f"skipped: {src / 'loop'}: symbolic link to a folder, not followed (use --follow-symlinks)" in res.stderr
+    assert "skipped 1 entry while listing the inputs" in res.stderr
+    assert "0 reused, 0 re-embedded (changed), 8 new, 0 retried (0 still failing), 0 removed" in res.stdout
+    shutil.copyfile(src / "2.jpg", src / "1.jpg")
+    st = os.stat(src / "1.jpg")
+    os.utime(src / "1.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    (src / "3b-broken.jpg").unlink()
+    res = run_cli("embed", str(art), str(src), "--out", str(out), "--follow-symlinks")
+    assert res.returncode == 0, res.stderr
+    assert "folder already walked" in res.stderr
+    assert "6 reused, 1 re-embedded (changed), 0 new, 0 retried (0 still failing), 1 removed" in res.stdout
+    table = read_embeddings(out)
+    assert len(table.paths) == 7 and not table.failures
+    np.testing.assert_allclose(table.vectors, imgembed.load(art).embed(table.paths), rtol=0, atol=1e-6)
+    other = artifact_dir("test-vit-tiny")
+    res = run_cli("embed", str(other), str(src), "--out", str(out))
+    assert res.returncode == 1 and "vectors of another model are not comparable" in " ".join(res.stderr.split())
+    res = run_cli("embed", str(other), str(src), "--out", str(out), "--overwrite", "--verify", "content")
+    assert res.returncode == 0, res.stderr
+    assert read_embeddings(out).metadata["model"] == "test-vit-tiny"

@@ -1,6 +1,9 @@
 """Ray Data scale-out on a local Ray instance: same vectors as the local runtime, resumable folder jobs."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -47,12 +50,16 @@ def test_ray_engine_runs_a_resumable_folder_job(local_ray, photos, artifact_dir,
 
     art = artifact_dir("test-clip-tiny")
     emb = imgembed.load(art, decode="fast")
-    files = list_images([str(photos)])
+    shutil.copytree(photos, tmp_path / "photos")
+    files = list_images([str(tmp_path / "photos")])
     out = tmp_path / "e.parquet"
     local = FolderJob(out, files[:4], job_metadata(emb)).run(local_batches(emb))  # 4 done locally
     assert local.rows == 4
+    shutil.copyfile(files[6], files[0])  # one of them rewritten since: embedded again on Ray
+    st = os.stat(files[0])
+    os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     result = FolderJob(out, files, job_metadata(emb)).run(ray_batches(art, batch_size=4, decode="fast"))
-    assert result.complete and result.resumed == 4 and result.embedded_now == 7
+    assert result.complete and (result.resumed, result.reembedded, result.new, result.embedded_now) == (3, 1, 7, 8)
     table = read_embeddings(out)
     assert len(table.paths) == 10 and len(table.failures) == 1
     np.testing.assert_allclose(table.vectors, emb.embed(table.paths), rtol=0, atol=1e-6)
