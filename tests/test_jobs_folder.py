@@ -291,3 +291,12 @@ def test_symlinked_folders_are_skipped_with_a_note_or_followed_once(tmp_path):
     assert followed.paths == files + via  # the second link to the same folder is not walked again
     assert "linked-twice: folder already walked" in followed.skipped[1]
     assert walk_inputs([str(tmp_path / "p" / "linked")]).paths == via  # a link named as an input is walked
+
+
+def test_folders_deeper_than_the_recursion_limit_are_walked(tmp_path):
+    deep = tmp_path
+    for _ in range(1200):  # 2400 characters: within PATH_MAX, deeper than Python's recursion limit
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "x.png").write_bytes(b"")
+    assert walk_inputs([str(tmp_path)]).paths == [str(deep / "x.png")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -60,10 +59,11 @@ class _Walker:
             return
         for name, e in found:
             try:
-                is_dir = stat.S_ISDIR(os.stat(e.path).st_mode)
-            except OSError:
-                if e.is_symlink():
+                is_dir = e.is_dir()  # follows links; no extra stat for plain entries
+                if not is_dir and e.is_symlink() and not os.path.exists(e.path):
                     self.skipped.append(f"{e.path}: broken symbolic link")
+                    continue
+            except OSError:
                 continue
             yield directory / name, is_dir
 
@@ -71,11 +71,17 @@ class _Walker:
         """The image files under ``directory`` (recursive, sorted by name at each level)."""
         if not self.enter(directory, -1, named):
             return
-        for path, is_dir in self.entries(directory):
-            if is_dir:
-                yield from self.images_in(path)
-            elif path.suffix.lower() in IMAGE_SUFFIXES:
-                yield str(path)
+        stack = [self.entries(directory)]  # depth first without recursion: any depth of folders
+        while stack:
+            for path, is_dir in stack[-1]:
+                if is_dir:
+                    if self.enter(path, -1):
+                        stack.append(self.entries(path))
+                        break
+                elif path.suffix.lower() in IMAGE_SUFFIXES:
+                    yield str(path)
+            else:
+                stack.pop()
 
     def glob(self, directory: Path, parts: list[str], i: int, named: bool = False) -> Iterator[Path]:
         """Paths under ``directory`` matching ``parts[i:]`` (``**``: zero or more folders)."""
