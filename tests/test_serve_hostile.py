@@ -99,7 +99,7 @@ def test_sixteen_declared_40mpx_images_are_refused_from_their_headers(artifact, 
         status, _, body = post_json(client, "/v1/embeddings", {"images": [bomb] * 16})
         elapsed = time.perf_counter() - started
         assert status == 413 and body["error"] == "too_large", body
-        assert "declare 639027200 pixels in all, over the limit of max_request_pixels=160000000" in body["message"]
+        assert "declare 639078400 pixels in all, over the limit of max_request_pixels=160000000" in body["message"]
         assert elapsed < 3.0
         assert peak_rss(server.proc.pid) - before < 100 * MIB  # nothing was decoded
 
