@@ -116,8 +116,8 @@ def test_admitted_large_images_decode_one_at_a_time_within_the_server_budget(art
 
 
 def test_a_timed_out_request_stops_decoding_and_frees_its_queue_slots(artifact, bomb):
-    with ServerProcess([artifact], "--max-request-pixels", "700000000", "--timeout", "1.5",
-                       "--draft-ratio", "0") as server, EmbeddingClient(server.url, timeout=30) as client:
+    with ServerProcess([artifact], "--max-request-pixels", "700000000", "--timeout", "1.5") as server, \
+            EmbeddingClient(server.url, timeout=30) as client:
         pid = server.proc.pid
         status, _, body = post_json(client, "/v1/embeddings", {"images": [bomb] * 16})
         assert status == 504 and body["error"] == "timeout", body
@@ -144,7 +144,7 @@ def test_a_32_mib_json_body_of_tiny_items_is_refused_at_once_and_the_loop_stays_
         time.sleep(0.3)
     assert status == 413, answer
     message = json.loads(answer)["message"]
-    assert message.startswith(f"JSON body holds about {items} values, over the 272 a request may have")
+    assert message.startswith("JSON body holds more than the 272 values a request may have")
     assert elapsed < 1.0, elapsed
     assert set(probe.statuses) == {200} and probe.worst < 0.5, (probe.worst, set(probe.statuses))
 

@@ -29,8 +29,9 @@ def serve_cmd(
                                            "all images of one request (413, from the headers)."),
     max_decode_pixels: int = typer.Option(48_000_000, "--max-decode-pixels", min=1, help="Declared pixels "
                                           "decoded at once by the whole server (more waits); bounds decode memory."),
-    draft_ratio: float = typer.Option(4.0, "--draft-ratio", min=0, help="Images whose short edge is at least this "
-                                      "x the model's resize target decode at reduced scale (0: never)."),
+    draft_ratio: float = typer.Option(0.0, "--draft-ratio", min=0, help="Images whose short edge is at least this "
+                                      "x the model's resize target decode at reduced scale, e.g. 4 (0: never; "
+                                      "vectors then equal the offline runtime's)."),
     max_texts: int = typer.Option(256, "--max-texts", min=1, help="Texts per request, for models with a text "
                                   "tower (413)."),
     max_text_chars: int = typer.Option(2000, "--max-text-chars", min=1, help="Characters per text (413)."),

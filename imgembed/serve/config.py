@@ -31,8 +31,9 @@ class ServeConfig:
     max_request_pixels: int = 160_000_000    # declared pixels of all images of one request -> 413 (header only)
     max_decode_pixels: int = 48_000_000  # declared pixels being decoded at once, whole server (decodes beyond
                                          # wait): decoding memory ~ 6 bytes x this (~290 MiB)
-    draft_ratio: float = 4.0             # an image whose short edge is >= this x the model's resize target is
-                                         # decoded at reduced scale (JPEG DCT draft, PIL reduce); 0: never
+    draft_ratio: float = 0.0             # an image whose short edge is >= this x the model's resize target is
+                                         # decoded at reduced scale (JPEG DCT draft, PIL reduce); 0: never, so
+                                         # vectors equal the offline runtime's (exact decoding)
     threads: int | None = None           # inference threads per model (None: the engine's default)
     backend: str = "auto"                # engine of each artifact: auto or a backend name (runtime.backends)
     device: str = "cpu"                  # cpu | cuda
