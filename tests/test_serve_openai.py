@@ -123,7 +123,9 @@ def test_openai_body_errors_are_typed(server, payload, status, kind, message):
 def test_openai_client_sees_a_typed_error_for_unsupported_dimensions(oai):
     with pytest.raises(openai.BadRequestError) as err:
         oai.embeddings.create(model="test-clip-tiny", input="a cat", dimensions=3)
-    assert err.value.status_code == 400 and "dimensions=3 is not supported" in str(err.value)
+    body = err.value.response.json()
+    assert err.value.status_code == 400 and body["error"] == "dimensions_unsupported"
+    assert "dimensions=3 is not supported" in body["message"]
 
 
 def test_the_native_body_keeps_working_next_to_openais(server, offline):
