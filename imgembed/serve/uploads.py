@@ -194,7 +194,7 @@ def parse_json_body(body: bytes, max_values: int | None = None) -> EmbedJsonRequ
         raise BadRequestError("encoding_format and dimensions belong to OpenAI's body shape: send the items as "
                               "'input'")
     if not given:
-        raise BadRequestError(f"invalid JSON body (neither 'images' nor 'texts' given); expected {JSON_SHAPES}")
+        raise BadRequestError(f"invalid JSON body (none of 'images', 'texts' or 'input' given); expected {JSON_SHAPES}")
     return payload
 
 
