@@ -272,7 +272,8 @@ def run(args) -> dict:
         counted = server_request_count(server.url)
     overload = judge_overload(outcomes, reference, args.timeout, counted, min_cosine)
     overload.update(offered_rps=rate, multiple=args.overload, seconds=args.overload_seconds)
-    overload["rate_429"] = overload["statuses"].get(429, 0) / max(1, overload["sent"])
+    rejected = sum(n for status, n in overload["statuses"].items() if str(status) == "429")
+    overload["rate_429"] = rejected / max(1, overload["sent"])
     return {"serialisation": serialisation_cost(), "artifact": str(artifact), "model": manifest["name"],
             "precision": manifest["precision"],
             "batch": args.batch, "clients": clients, "delay_ms": args.delay_ms, "sustained": steady,
