@@ -137,13 +137,13 @@ def test_models_list_their_towers_space_and_text_length(client, artifacts):
 # -------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("payload, code, kind, message", [
     ({"model": "test-clip-tiny", "texts": ["a cat"], "images": ["AAAA"]}, 400, "bad_request",
-     "a request carries images or texts, not both"),
+     "a request carries one of images, texts or input, not images and texts"),
     ({"model": "test-clip-tiny", "texts": []}, 400, "bad_request", "texts: List should have at least 1 item"),
     ({"model": "test-clip-tiny", "texts": ["a cat", 3, "a dog"]}, 400, "bad_request",
      "texts.1: Input should be a valid string"),
     ({"model": "test-clip-tiny", "texts": None}, 400, "bad_request", "texts: Input should be a valid array"),
     ({"model": "test-clip-tiny", "texts": "a cat"}, 400, "bad_request", "texts: Input should be a valid array"),
-    ({"model": "test-clip-tiny"}, 400, "bad_request", "neither 'images' nor 'texts' given"),
+    ({"model": "test-clip-tiny"}, 400, "bad_request", "none of 'images', 'texts' or 'input' given"),
     ({"model": "test-clip-tiny", "texts": ["t"] * 17}, 413, "too_large",
      "17 texts in one request is over the limit of max_texts=16; split the request"),
     ({"model": "test-clip-tiny", "texts": ["ok", "ok", "y" * 1001]}, 413, "too_large",

@@ -3,24 +3,44 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from imgembed.errors import BackendUnavailableError, ImageDecodeError, UnknownModelError
+from imgembed.fastdecode import crops_to_pixels
 from imgembed.preprocess import load_image, preprocess_batch
 from imgembed.registry import get_spec
+from imgembed.serve.auth import key_matches, read_keys
 from imgembed.serve.client import EmbeddingClient, encode_multipart
 from imgembed.serve.config import ServeConfig, ServeConfigError
-from imgembed.serve.errors import DuplicateModelError, ModelNotFoundError, PixelLimitError
+from imgembed.serve.errors import DuplicateModelError, ModelNotFoundError, PayloadTooLargeError, PixelLimitError
 from imgembed.serve.models import ArtifactArg, assign_ids
-from imgembed.serve.uploads import Upload, decode_image, prepare
+from imgembed.serve.uploads import (
+    DecodeCancelled,
+    DecodeLimits,
+    PixelBudget,
+    Upload,
+    count_json_values,
+    decode_image,
+    parse_json_body,
+    prepare,
+)
 
 from .helpers import run_cli
 
 SPEC = get_spec("test-clip-tiny").preprocess
+
+
+def limits(max_pixels: int, max_request_pixels: int | None = None, **kw) -> DecodeLimits:
+    return DecodeLimits(max_pixels, max_request_pixels or 100 * max_pixels, PixelBudget(max_pixels), **kw)
 
 
 def png(w: int, h: int, color=(200, 30, 90)) -> bytes:
@@ -85,7 +105,7 @@ def test_prepare_keeps_good_images_and_reports_bad_ones_in_order():
                Upload("image 2", base64.b64encode(good).decode(), base64=True),
                Upload("image 3", "data:image/png;base64," + base64.b64encode(png(8, 9)).decode(), base64=True),
                Upload("image 4", "%%%", base64=True), Upload("image 5", png(200, 100))]
-    out = prepare(uploads, SPEC, max_pixels=10_000)
+    out = prepare(uploads, SPEC, limits(10_000))
     assert out.ok == [0, 2, 3]
     with pytest.raises(ImageDecodeError) as offline:
         load_image(b"not an image", name="image 1 ('x.jpg')")
@@ -98,7 +118,7 @@ def test_prepare_keeps_good_images_and_reports_bad_ones_in_order():
 
 
 def test_prepare_with_no_good_image_has_no_pixels():
-    out = prepare([Upload("image 0", b"")], SPEC, max_pixels=100)
+    out = prepare([Upload("image 0", b"")], SPEC, limits(100))
     assert out.pixels is None and out.ok == []
     assert out.failures == {0: ("decode", "image 0: empty input (0 bytes), not an image")}
 
@@ -188,3 +208,132 @@ def test_importing_the_cli_does_not_import_the_serve_extra():
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+# ------------------------------------------------------------------------------------ bounded decoding
+def jpeg(w: int, h: int) -> bytes:
+    """A smooth photo-like JPEG (gradients and a few waves)."""
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(12 * x) * np.cos(9 * y)], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_prepare_refuses_a_request_over_its_pixel_budget_before_decoding():
+    uploads = [Upload(f"image {i}", png(300, 200)[:100]) for i in range(3)]  # headers only: never decodable
+    with pytest.raises(PayloadTooLargeError, match=r"declare 180000 pixels in all, over the limit of "
+                                                   r"max_request_pixels=150000"):
+        prepare(uploads, SPEC, limits(100_000, 150_000))
+
+
+def test_prepare_decodes_much_larger_images_at_reduced_scale_close_to_exact():
+    data = jpeg(2400, 1800)  # short edge 1800 >= 4 x the 32-pixel resize target
+    exact = prepare([Upload("image 0", data)], SPEC, limits(10_000_000))
+    reduced = prepare([Upload("image 0", data)], SPEC, limits(10_000_000, draft_ratio=4))
+    from imgembed.fastdecode import load_crop
+
+    crop = load_crop(data, SPEC, "fast")
+    np.testing.assert_array_equal(reduced.pixels, crops_to_pixels(crop[None], SPEC))
+    grey_level = 1 / 255 / min(SPEC.image_std)
+    assert np.abs(reduced.pixels - exact.pixels).mean() < 2 * grey_level  # within about one grey level
+
+
+def test_prepare_stops_once_its_request_is_cancelled():
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(DecodeCancelled):
+        prepare([Upload("image 0", png(40, 30))], SPEC, limits(10_000, cancel=cancel))
+    with pytest.raises(DecodeCancelled):
+        prepare([Upload("image 0", png(40, 30))], SPEC, limits(10_000, deadline=time.monotonic() - 1))
+
+
+def test_pixel_budget_holds_decodes_beyond_its_capacity_until_others_finish():
+    budget, cancel = PixelBudget(100), threading.Event()
+    order = []
+
+    def second():
+        with budget.hold(60, cancel, time.monotonic() + 10):
+            order.append(("second", budget.held))
+
+    with budget.hold(60, cancel, time.monotonic() + 10):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.2)
+        order.append(("first", budget.held))
+    t.join(5)
+    assert order == [("first", 60), ("second", 60)] and budget.held == 0
+    with budget.hold(1000, cancel, time.monotonic() + 10):  # over the capacity: decodes alone
+        assert budget.held == 100
+        cancel.set()
+        with pytest.raises(DecodeCancelled):
+            with budget.hold(1, cancel, time.monotonic() + 10):
+                pass
+
+
+# ----------------------------------------------------------------------------------- JSON pre-check
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet=st.sampled_from(list('ab,"\\\\[]{}: é\n'))),
+    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(st.text(alphabet='k,"\\\\', max_size=4), kids,
+                                                              max_size=4),
+    max_leaves=30)
+
+
+def values_in(value) -> int:
+    """Commas outside strings + 1, computed from the parsed structure."""
+    if isinstance(value, list):
+        return max(len(value) - 1, 0) + sum(values_in(v) - 1 for v in value) + 1
+    if isinstance(value, dict):
+        return max(len(value) - 1, 0) + sum(values_in(v) - 1 for v in value.values()) + 1
+    return 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.booleans())
+def test_count_json_values_counts_the_commas_outside_strings(value, ascii_only):
+    body = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert count_json_values(body) == values_in(value)
+    assert (count_json_values(body, 3) > 3) == (values_in(value) > 3)  # early stop: the same verdict
+
+
+def test_parse_json_body_refuses_too_many_values_before_parsing():
+    body = b'{"images":[' + b'"a",' * 999 + b'"a"]}'
+    with pytest.raises(PayloadTooLargeError, match=r"JSON body holds more than the 80 values a request may have"):
+        parse_json_body(body, 80)
+    assert len(parse_json_body(body, 1000).images) == 1000
+
+
+# ----------------------------------------------------------------------------------------- API keys
+def test_read_keys_joins_options_file_and_environment(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# team keys\nkey-from-file-0123456789\n\n")
+    assert read_keys(["key-from-cli-0123456789"], path, {"IMGEMBED_API_KEY": "key-from-env-0123456789"}) == (
+        "key-from-cli-0123456789", "key-from-file-0123456789", "key-from-env-0123456789")
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(ServeConfigError, match=r"api key file .*empty' holds no key"):
+        read_keys([], tmp_path / "empty", {})
+    with pytest.raises(ServeConfigError, match=r"api key file .*missing': cannot read it"):
+        read_keys([], tmp_path / "missing", {})
+
+
+def test_key_matches_only_an_exact_key():
+    keys = [b"k" * 20, b"other-key-0123456789"]
+    assert key_matches(b"k" * 20, keys) and key_matches(b"other-key-0123456789", keys)
+    assert not key_matches(b"k" * 19, keys) and not key_matches(b"", keys) and not key_matches(None, keys)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(api_keys=("short",)), r"every key must be a string of at least 16 characters"),
+    (dict(ssl_certfile="c.pem"), r"ssl_certfile and ssl_keyfile go together"),
+    (dict(max_decode_pixels=1000, max_pixels=2000), r"max_decode_pixels=1000 is smaller than max_pixels=2000"),
+    (dict(max_request_pixels=1000, max_pixels=2000), r"max_request_pixels=1000 is smaller than max_pixels=2000"),
+    (dict(header_timeout_s=0), r"header_timeout_s=0: expected a number >= 0.001"),
+])
+def test_security_options_are_checked(kwargs, message):
+    with pytest.raises(ServeConfigError, match=message):
+        ServeConfig(**kwargs)
+
+
+def test_config_never_shows_its_api_keys():
+    config = ServeConfig(api_keys=("secret-key-0123456789",))
+    assert "secret-key" not in repr(config) and "secret-key" not in json.dumps(config.to_dict())

@@ -17,6 +17,7 @@ finished within the per-request timeout).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -31,10 +32,12 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from .auth import ApiKeyMiddleware
 from .batcher import Batcher
 from .config import ServeConfig
 from .errors import (
     BadRequestError,
+    DimensionsError,
     ModelNotFoundError,
     NoTextTowerError,
     PayloadTooLargeError,
@@ -46,7 +49,19 @@ from .errors import (
 from .metrics import Metrics
 from .models import ServedModel
 from .schemas import EmbeddingResponse, ErrorResponse, Health, ModelInfo, ModelList, Readiness
-from .uploads import Prepared, Upload, check_texts, media_type, parse_json_body, prepare, read_request
+from .uploads import (
+    IMAGE_PREFIX,
+    DecodeCancelled,
+    DecodeLimits,
+    Incoming,
+    PixelBudget,
+    Prepared,
+    check_texts,
+    media_type,
+    parse_json_body,
+    prepare,
+    read_request,
+)
 
 log = logging.getLogger("imgembed.serve")
 
@@ -66,6 +81,7 @@ class ServerState:
     warmed: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        self.budget = PixelBudget(self.config.max_decode_pixels)
         self.lookup = {alias: m for m in self.models for alias in m.aliases}
         self.lookup.update({m.id: m for m in self.models})
 
@@ -163,10 +179,16 @@ def _stop(state: ServerState) -> None:
 # ------------------------------------------------------------------------------------------ embedding
 @dataclass
 class _Call:
-    """Book-keeping of one embedding request, for metrics."""
+    """Book-keeping of one embedding request: metrics, its deadline, and the moment its body has been read
+    (from then on a disconnect of its client cancels it)."""
 
+    timeout_s: float
     started: float = field(default_factory=time.perf_counter)
     model: str | None = None
+    body_read: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout_s
 
     @property
     def elapsed(self) -> float:
@@ -176,56 +198,109 @@ class _Call:
 async def _embed(state: ServerState, request, model_param: str | None, call: _Call):
     """Read, resolve, then embed the request's images or texts."""
     loop = asyncio.get_running_loop()
+    cfg = state.config
+    max_values = max(cfg.max_images, cfg.max_texts) + 16  # items plus the other fields of any accepted shape
 
     async def parse_json(body: bytes):
-        return await loop.run_in_executor(state.pool, parse_json_body, body)
+        return await loop.run_in_executor(state.pool, parse_json_body, body, max_values)
 
     if model_param is not None or len(state.models) == 1:  # 404 (and 429 for uploads) before reading the body
         early = state.resolve(model_param)
         call.model = early.id
         if media_type(request) == "multipart/form-data":  # images only; a JSON body may hold texts
             early.batcher.check_capacity()
-    incoming = await read_request(request, state.config, parse_json)
+    incoming = await read_request(request, cfg, parse_json)
+    call.body_read.set()
     served = state.resolve(incoming.model or model_param)
     if model_param is not None and served.id != call.model:
         raise BadRequestError(f"two different models named: query {model_param!r}, body {incoming.model!r}")
     call.model = served.id
+    if incoming.dimensions is not None and incoming.dimensions != _dim(served, incoming):
+        raise DimensionsError(f"dimensions={incoming.dimensions} is not supported by model {served.id!r}: its "
+                              f"vectors have {_dim(served, incoming)} dimensions; omit 'dimensions' or send that")
     if incoming.texts is not None:
-        return await _embed_texts(state, served, incoming.texts)
-    return await _embed_images(state, served, incoming.uploads)
+        return await _embed_texts(state, served, incoming)
+    return await _embed_images(state, served, incoming, call)
 
 
-async def _embed_images(state: ServerState, served: ServedModel, uploads: list[Upload]) -> Response:
-    """Admit, decode (thread pool), infer (batcher), answer per image."""
+def _dim(served: ServedModel, incoming: Incoming) -> int:
+    return served.embedder.text.dim if incoming.texts is not None and served.has_text else served.embedder.dim
+
+
+async def _embed_images(state: ServerState, served: ServedModel, incoming: Incoming, call: _Call) -> Response:
+    """Admit, decode (thread pool, one image at a time within the pixel budgets), infer (batcher), answer per
+    image. Cancelling the request (timeout, client gone) stops its decoding at the next image or input chunk."""
     loop = asyncio.get_running_loop()
+    uploads = incoming.uploads
+    cfg = state.config
+    limits = DecodeLimits(cfg.max_pixels, cfg.max_request_pixels, state.budget, cfg.draft_ratio, call.deadline)
     with served.batcher.admit(len(uploads)):
-        prepared = await loop.run_in_executor(state.pool, prepare, uploads, served.embedder.preprocess,
-                                              state.config.max_pixels, served.embedder.model_input)
+        try:
+            prepared = await loop.run_in_executor(state.pool, prepare, uploads, served.embedder.preprocess, limits,
+                                                  served.embedder.model_input)
+        except DecodeCancelled:
+            raise asyncio.TimeoutError from None
+        finally:
+            limits.cancel.set()
         served.batcher.record_preprocess(prepared.seconds, len(uploads))
         state.metrics.images.labels(served.id, "error").inc(len(prepared.failures))
         if prepared.pixels is None:
             raise _nothing_embedded(prepared, len(uploads))
+        if incoming.openai and prepared.failures:
+            raise _openai_failures(prepared, len(uploads))
         vectors = await served.batcher.infer(prepared.pixels)
     state.metrics.images.labels(served.id, "ok").inc(len(prepared.ok))
+    if incoming.openai:
+        return _openai_response(served, incoming, vectors, tokens=0)
     return Response(_response_json(served, prepared, vectors, len(uploads)), media_type="application/json")
 
 
-async def _embed_texts(state: ServerState, served: ServedModel, texts: list[str]) -> Response:
+async def _embed_texts(state: ServerState, served: ServedModel, incoming: Incoming) -> Response:
     """Check the tower and the limits, admit, infer (the model's text batcher; it tokenizes), answer per text."""
+    texts = incoming.texts
     if served.text_batcher is None:
         raise NoTextTowerError(f"model {served.id!r} has no text tower (towers: {served.towers}), so it cannot embed "
                                f"texts; export its artifact with `imgembed export {served.embedder.name} --text` "
-                               "(CLIP and SigLIP models) and serve that artifact")
+                               "(CLIP and SigLIP models) and serve that artifact"
+                               + (f"; images go in 'input' as {IMAGE_PREFIX}...;base64, URLs" if incoming.openai
+                                  else ""))
     check_texts(texts, state.config)
     with served.text_batcher.admit(len(texts)):
         vectors = await served.text_batcher.infer(np.array(texts, dtype=object))
     state.metrics.texts.labels(served.id).inc(len(texts))
+    if incoming.openai:
+        tokens = sum(len(ids) for ids in served.embedder.text.tokenizer.ids(texts))
+        return _openai_response(served, incoming, vectors, tokens=tokens)
     data = [{"index": i, "embedding": row, "error": None} for i, row in enumerate(vectors.tolist())]
     text = served.embedder.text
     body = {"model": served.id, "tower": "text", "precision": text.engine.get("precision"), "dim": text.dim,
             "normalized": bool((served.embedder.space or {}).get("normalized", served.embedder.normalized)),
             "data": data, "embedded": len(texts), "failed": 0}
     return Response(json.dumps(body, separators=(",", ":")).encode(), media_type="application/json")
+
+
+def encode_base64(vectors: np.ndarray) -> list[str]:
+    """One base64 string per row: the row's little-endian float32 bytes (OpenAI's ``encoding_format=base64``)."""
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+
+
+def _openai_response(served: ServedModel, incoming: Incoming, vectors: np.ndarray, tokens: int) -> Response:
+    """OpenAI's embeddings answer: ``{"object": "list", "data": [{"object": "embedding", "index", "embedding"}],
+    "model", "usage"}``; embeddings as float lists or base64 float32."""
+    values = encode_base64(vectors) if incoming.encoding_format == "base64" else vectors.tolist()
+    body = {"object": "list", "model": served.id,
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return Response(json.dumps(body, separators=(",", ":")).encode(), media_type="application/json")
+
+
+def _openai_failures(prepared: Prepared, n: int) -> ServeError:
+    """OpenAI's answer has no per-item errors: a request with a bad image fails as a whole, naming every one."""
+    messages = [msg for _, (_, msg) in sorted(prepared.failures.items())]
+    return UndecodableImageError(f"{len(messages)} of the {n} images could not be embedded (OpenAI's response shape "
+                                 "has no per-item errors, so nothing was embedded): " + "; ".join(messages[:5])
+                                 + (f"; ... ({len(messages) - 5} more)" if len(messages) > 5 else ""))
 
 
 def _nothing_embedded(prepared: Prepared, n: int) -> ServeError:
@@ -254,13 +329,34 @@ def _response_json(served: ServedModel, prepared: Prepared, vectors, n: int) -> 
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+async def _client_gone(request, call: _Call) -> None:
+    """Return once the client of a request whose body has been read disconnects."""
+    await call.body_read.wait()
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _embeddings_endpoint(state: ServerState, request, model: str | None):
-    """Run one embedding request under the per-request timeout; count it in the metrics."""
-    call = _Call()
+    """Run one embedding request under the per-request timeout, cancelled if its client leaves; count it in
+    the metrics."""
+    call = _Call(state.config.timeout_s)
     state.inflight += 1
+    work = watch = None
     try:
         state.check_accepting()
-        response = await asyncio.wait_for(_embed(state, request, model, call), state.config.timeout_s)
+        work = asyncio.ensure_future(_embed(state, request, model, call))
+        watch = asyncio.ensure_future(_client_gone(request, call))
+        done, _ = await asyncio.wait({work, watch}, timeout=state.config.timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()  # its decoding stops at the next image, its queued batches are dropped
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            if watch in done:
+                state.metrics.record(call.model, 499, call.elapsed, "client_gone")
+                return Response(status_code=499)
+            raise asyncio.TimeoutError
+        response = work.result()
     except asyncio.TimeoutError:
         state.metrics.record(call.model, 504, call.elapsed, "timeout")
         model = f" (model {call.model})" if call.model else ""
@@ -274,6 +370,9 @@ async def _embeddings_endpoint(state: ServerState, request, model: str | None):
         raise
     finally:
         state.inflight -= 1
+        for task in (work, watch):
+            if task is not None and not task.done():
+                task.cancel()
     state.metrics.record(call.model, 200, call.elapsed)
     return response
 
@@ -336,6 +435,8 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None)
     app = FastAPI(title="imgembed", version=__version__, lifespan=lifespan,
                   description="Image embeddings from ONNX artifacts, with dynamic batching and bounded queues.")
     app.state.imgembed = state
+    if state.config.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=state.config.api_keys, protect_health=state.config.auth_health)
     _add_error_handlers(app, state)
     _add_embedding_route(app, state)
     _add_info_routes(app, state)

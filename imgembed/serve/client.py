@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import ssl
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,11 +71,15 @@ def _answer(status: int, headers: dict[str, str], body: bytes) -> dict:
 class EmbeddingClient:
     """Talks to one server over one keep-alive HTTP/1.1 connection."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", timeout: float = 60.0):
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", timeout: float = 60.0, *, api_key: str | None = None,
+                 ssl_context: "ssl.SSLContext | None" = None):
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"base_url {base_url!r}: expected http://HOST:PORT")
-        self.host, self.port, self.timeout = parts.hostname, parts.port or 80, timeout
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url {base_url!r}: expected http://HOST:PORT or https://HOST:PORT")
+        self.https = parts.scheme == "https"
+        self.host, self.port, self.timeout = parts.hostname, parts.port or (443 if self.https else 80), timeout
+        self.ssl_context = ssl_context
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._conn: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
@@ -92,9 +97,11 @@ class EmbeddingClient:
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) of one request; the connection is reopened after a failure."""
         if self._conn is None:
-            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._conn = (http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                                      context=self.ssl_context) if self.https else
+                          http.client.HTTPConnection(self.host, self.port, timeout=self.timeout))
         try:
-            self._conn.request(method, path, body=body, headers=headers or {})
+            self._conn.request(method, path, body=body, headers={**self._auth, **(headers or {})})
             resp = self._conn.getresponse()
             data = resp.read()
         except Exception:

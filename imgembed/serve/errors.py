@@ -32,6 +32,12 @@ class NoTextTowerError(ServeError):
     status, kind = 400, "no_text_tower"
 
 
+class DimensionsError(ServeError):
+    """OpenAI's ``dimensions`` asked for a size the model does not produce (only its own dim is accepted)."""
+
+    status, kind = 400, "dimensions_unsupported"
+
+
 class UndecodableImageError(ServeError):
     """Every image of the request failed to decode (the message is the ImageDecodeError's)."""
 
@@ -83,6 +89,6 @@ class DuplicateModelError(ImgembedError, ValueError):
     """Two served artifacts resolve to the same model id."""
 
 
-__all__ = ["ServeError", "BadRequestError", "NoTextTowerError", "UndecodableImageError", "ModelNotFoundError",
-           "PayloadTooLargeError", "UnsupportedMediaTypeError", "QueueFullError", "UnavailableError",
-           "RequestTimeoutError", "PixelLimitError", "DuplicateModelError"]
+__all__ = ["ServeError", "BadRequestError", "NoTextTowerError", "DimensionsError", "UndecodableImageError",
+           "ModelNotFoundError", "PayloadTooLargeError", "UnsupportedMediaTypeError", "QueueFullError",
+           "UnavailableError", "RequestTimeoutError", "PixelLimitError", "DuplicateModelError"]

@@ -46,6 +46,78 @@ def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: 79\r\n\r\n"
+         b'{"error":"unavailable","message":"too many open connections; retry shortly."}\r\n')
+
+
+def guarded_protocol(max_connections: int, header_timeout_s: float):
+    """uvicorn's h11 protocol with a request-head timeout and a cap on open connections.
+
+    A connection must send a complete request head within ``header_timeout_s`` of opening (or of its
+    previous response): otherwise it is closed, so slow-header clients cannot hold connections. At
+    ``max_connections`` open connections, a new one evicts the oldest connection still waiting for a request
+    head; when every connection is busy with a request, the new one gets 503 and is closed. A flood of idle or
+    slow sockets therefore never locks out a client that sends its request at once (``/healthz`` included).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer = None
+        _opened = 0.0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._opened = self.loop.time()
+            if len(self.connections) > max_connections and not self._evict_one():
+                transport.write(_BUSY)
+                transport.close()
+                return
+            self._arm()
+
+        def _waiting(self) -> bool:
+            return self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+
+        def _evict_one(self) -> bool:
+            idle = [c for c in self.connections if c is not self and c._waiting() and not c.transport.is_closing()]
+            if not idle:
+                return False
+            min(idle, key=lambda c: c._opened).transport.close()
+            return True
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self._waiting() and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self._waiting():  # the request head is complete
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._opened = self.loop.time()
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
 def _draining_server_class():
     import uvicorn
 
@@ -89,10 +161,13 @@ def run(artifacts: Sequence[str], config: ServeConfig, *, log_level: str = "info
     sock = bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"imgembed serve: listening on http://{shown}:{port} "
+    scheme = "https" if config.ssl_certfile else "http"
+    print(f"imgembed serve: listening on {scheme}://{shown}:{port} "
           f"(models: {', '.join(m.id for m in models)})", flush=True)
     uv_config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
-                               limit_concurrency=config.max_connections,
+                               http=guarded_protocol(config.max_connections, config.header_timeout_s),
+                               timeout_keep_alive=config.keep_alive_s, h11_max_incomplete_event_size=16 * 1024,
+                               ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
                                timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)))
     server = _draining_server_class()(uv_config, app.state.imgembed, config.drain_timeout_s)
     try:

@@ -21,17 +21,20 @@ from typing import Sequence
 
 from .client import EmbeddingClient
 
-_LISTENING = re.compile(r"listening on (http://\S+)")
+_LISTENING = re.compile(r"listening on (https?://\S+)")
 
 
 class ServerProcess:
     """One ``python -m imgembed.cli serve ... --port 0`` child process, with its stdout/stderr in a log file."""
 
     def __init__(self, artifacts: Sequence[str | os.PathLike], *options: str, ready_timeout: float = 60.0,
-                 stop_timeout: float = 20.0):
+                 stop_timeout: float = 20.0, env: dict[str, str] | None = None, ssl_context=None,
+                 api_key: str | None = None):
         self.args = [sys.executable, "-m", "imgembed.cli", "serve", *map(str, artifacts), "--host", "127.0.0.1",
                      "--port", "0", *options]
         self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
+        # extra environment; TLS context and API key of the readiness probe
+        self.env, self.ssl_context, self.api_key = env, ssl_context, api_key
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         fd, name = tempfile.mkstemp(prefix="imgembed-serve-", suffix=".log")
@@ -47,11 +50,12 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         with open(self._log, "wb") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=None if self.env is None else {**os.environ, **self.env})
         deadline = time.monotonic() + self.ready_timeout
         try:
             self.url = self._wait_for(lambda: (m := _LISTENING.search(self.log())) and m.group(1), deadline)
-            with EmbeddingClient(self.url, timeout=5) as client:
+            with EmbeddingClient(self.url, timeout=5, ssl_context=self.ssl_context, api_key=self.api_key) as client:
                 self._wait_for(client.ready, deadline)
         except BaseException:
             self.stop()

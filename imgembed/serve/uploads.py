@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..decode_guard import decode_formats
+from ..decode_guard import DEFAULT_MAX_SECONDS, decode_formats
 from ..errors import ImageDecodeError
-from ..fastdecode import crops_of, crops_to_pixels
-from ..preprocess import PreprocessSpec, load_image
+from ..fastdecode import crops_to_pixels, load_crop
+from ..preprocess import PreprocessSpec, load_image, resize_crop, resize_plan
 from .config import ServeConfig
 from .errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
 
@@ -37,16 +39,49 @@ FORM_LIMIT = 10_000  # parts per multipart body; the body-size limit is what rea
 
 
 class EmbedJsonRequest(BaseModel):
-    """JSON request body of ``POST /v1/embeddings``: ``images`` or ``texts`` (absent is None; null is refused)."""
+    """JSON request body of ``POST /v1/embeddings``: ``images`` or ``texts`` (absent is None; null is refused),
+    or OpenAI's ``input`` (with ``encoding_format``, ``dimensions``, ``user``)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="Model id (or alias); may be omitted when one model is served.")
     images: list[str] = Field(None, min_length=1, description="Encoded images (JPEG, PNG, WebP, ...) as base64 "
                               "strings; a data:image/...;base64, prefix is accepted.")
     texts: list[str] = Field(None, min_length=1, description="Texts to embed with the model's text tower.")
+    input: str | list[str] = Field(None, description="OpenAI's field: a string or a list of strings; each item "
+                                   "that starts with 'data:image/' is an image (data URL), every other is a text.")
+    encoding_format: Literal["float", "base64"] = Field(None, description="OpenAI responses only: 'float' "
+                                                        "(default) or 'base64' (little-endian float32 bytes).")
+    dimensions: int = Field(None, description="OpenAI's output size; only the model's own dim is accepted.")
+    user: str | None = Field(None, description="OpenAI's end-user id; accepted and ignored.")
 
 
-JSON_SHAPES = '{"model": "<id>", "images": ["<base64>", ...]} or {"model": "<id>", "texts": ["<text>", ...]}'
+JSON_SHAPES = ('{"model": "<id>", "images": ["<base64>", ...]}, {"model": "<id>", "texts": ["<text>", ...]} or '
+               'OpenAI\'s {"model": "<id>", "input": ["<text or data:image/...;base64,...>", ...], '
+               '"encoding_format": "float"|"base64"}')
+IMAGE_PREFIX = "data:image/"  # the rule telling an OpenAI ``input`` item that is an image from a text
+_SCAN_CHUNK = 1 << 20
+
+
+def count_json_values(body: bytes, stop_above: int | None = None) -> int:
+    """An upper bound on the values in the arrays and objects of a JSON text: its commas outside strings, plus 1.
+
+    Escapes are removed first (``\\\\`` pairs, then ``\\"``), so every quote left delimits a string; a
+    running XOR of the quotes marks what lies inside strings. Vectorised in chunks of 1 MiB, and a body with
+    no more commas than ``stop_above`` in all is not scanned at all; the count stops at the first chunk that
+    takes it past ``stop_above``, so a body of millions of tiny items is refused after its first megabyte.
+    """
+    if stop_above is not None and (every := body.count(b",")) < stop_above:
+        return every + 1
+    cleaned = body.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in body else body
+    commas, inside = 0, 0
+    for start in range(0, len(cleaned), _SCAN_CHUNK):
+        chunk = np.frombuffer(cleaned, np.uint8, min(_SCAN_CHUNK, len(cleaned) - start), start)
+        parity = np.bitwise_xor.accumulate((chunk == 34).view(np.uint8)) ^ inside
+        commas += int(np.count_nonzero((chunk == 44) & (parity == 0)))
+        inside = int(parity[-1])
+        if stop_above is not None and commas + 1 > stop_above:
+            break
+    return commas + 1
 
 
 @dataclass(frozen=True)
@@ -66,6 +101,9 @@ class Incoming:
     uploads: list[Upload] | None = None
     texts: list[str] | None = None
     model: str | None = None
+    openai: bool = False               # the body was OpenAI's shape: answer in OpenAI's shape
+    encoding_format: str = "float"     # OpenAI answers: float lists or base64 float32
+    dimensions: int | None = None      # OpenAI's requested output size (checked against the model's dim)
 
 
 @dataclass
@@ -102,6 +140,8 @@ async def read_request(request, config: ServeConfig, parse_json: Callable[[bytes
         uploads, model = await _read_multipart(limited)
     elif media == "application/json" or media.endswith("+json"):
         payload = await parse_json(await limited.body())
+        if payload.input is not None:
+            return _openai_incoming(payload, config)
         if payload.texts is not None:
             return Incoming(texts=payload.texts, model=payload.model)  # limits: check_texts, once the model is known
         uploads = [Upload(f"image {i}", s, base64=True) for i, s in enumerate(payload.images)]
@@ -116,18 +156,45 @@ async def read_request(request, config: ServeConfig, parse_json: Callable[[bytes
     return Incoming(uploads=uploads, model=model)
 
 
-def parse_json_body(body: bytes) -> EmbedJsonRequest:
-    """Validate a JSON body; BadRequestError naming the first problems and the expected shapes."""
+def _openai_incoming(payload: EmbedJsonRequest, config: ServeConfig) -> Incoming:
+    """OpenAI's ``input``: all images (``data:image/`` URLs) or all texts; 400 when mixed."""
+    items = [payload.input] if isinstance(payload.input, str) else payload.input
+    if not items:
+        raise BadRequestError("'input' is an empty list; send at least one text or data:image/ URL")
+    common = {"model": payload.model, "openai": True, "encoding_format": payload.encoding_format or "float",
+              "dimensions": payload.dimensions}
+    is_image = [item.startswith(IMAGE_PREFIX) for item in items]
+    if all(is_image):
+        if len(items) > config.max_images:
+            raise PayloadTooLargeError(f"{len(items)} images in one request is over the limit of "
+                                       f"max_images={config.max_images}; split the request")
+        return Incoming(uploads=[Upload(f"input {i}", s, base64=True) for i, s in enumerate(items)], **common)
+    if any(is_image):
+        raise BadRequestError(f"'input' mixes images ({IMAGE_PREFIX}... URLs, e.g. item {is_image.index(True)}) and "
+                              f"texts (e.g. item {is_image.index(False)}); send them in separate requests")
+    return Incoming(texts=items, **common)
+
+
+def parse_json_body(body: bytes, max_values: int | None = None) -> EmbedJsonRequest:
+    """Validate a JSON body; BadRequestError naming the first problems and the expected shapes.
+    PayloadTooLargeError, before anything is parsed, when the body holds more than ``max_values`` values."""
+    if max_values is not None and count_json_values(body, max_values) > max_values:
+        raise PayloadTooLargeError(f"JSON body holds more than the {max_values} values a request may have "
+                                   "(max_images / max_texts items plus the other fields); split the request")
     try:
         payload = EmbedJsonRequest.model_validate_json(body)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:3])
         raise BadRequestError(f"invalid JSON body ({problems}); expected {JSON_SHAPES}") from None
-    if payload.images is not None and payload.texts is not None:
-        raise BadRequestError("a request carries images or texts, not both: send the texts in a request of "
-                              "their own")
-    if payload.images is None and payload.texts is None:
-        raise BadRequestError(f"invalid JSON body (neither 'images' nor 'texts' given); expected {JSON_SHAPES}")
+    given = [name for name in ("images", "texts", "input") if getattr(payload, name) is not None]
+    if len(given) > 1:
+        raise BadRequestError(f"a request carries one of images, texts or input, not {' and '.join(given)}: send "
+                              "them in requests of their own")
+    if payload.input is None and (payload.encoding_format is not None or payload.dimensions is not None):
+        raise BadRequestError("encoding_format and dimensions belong to OpenAI's body shape: send the items as "
+                              "'input'")
+    if not given:
+        raise BadRequestError(f"invalid JSON body (none of 'images', 'texts' or 'input' given); expected {JSON_SHAPES}")
     return payload
 
 
@@ -194,16 +261,55 @@ async def _read_multipart(request) -> tuple[list[Upload], str | None]:
 
 
 # ---------------------------------------------------------------------------------------- decoding
+class DecodeCancelled(Exception):
+    """The request that owns a decode was cancelled (timed out, or its client left): stop decoding it."""
+
+
+class PixelBudget:
+    """Declared pixels being decoded at once, across every request of the server (``max_decode_pixels``).
+
+    A decode holds its image's declared pixels from before decoding until its crop is made; a decode that
+    would go over the budget waits for others to finish (or for its request to be cancelled). Together with
+    one-image-at-a-time decoding this bounds the memory of decoding to about 3 bytes x 2 copies x the budget.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.held = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, cancel: threading.Event, deadline: float) -> Iterator[None]:
+        pixels = min(pixels, self.capacity)  # an image over the budget decodes alone
+        with self._cond:
+            while self.held + pixels > self.capacity:
+                if cancel.is_set() or time.monotonic() > deadline:
+                    raise DecodeCancelled
+                self._cond.wait(0.05)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= pixels
+                self._cond.notify_all()
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header (allowed plugins only, nothing decoded); None if not an image."""
+    try:
+        with Image.open(io.BytesIO(data), formats=PROBE_FORMATS) as probe:
+            return probe.size
+    except Image.DecompressionBombError:
+        return (1 << 31, 1 << 31)  # PIL's own cap: certainly over any limit
+    except Exception:
+        return None  # not an image: load_image produces the precise message
+
+
 def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Encoded bytes -> RGB image; PixelLimitError (from the declared size, before decoding) or
     ImageDecodeError naming ``name`` and the problem."""
-    try:  # header only, and only with the plugins load_image itself allows
-        with Image.open(io.BytesIO(data), formats=PROBE_FORMATS) as probe:
-            w, h = probe.size
-    except Image.DecompressionBombError as e:
-        raise PixelLimitError(f"{name}: too many pixels ({e}); server limit max_pixels={max_pixels}") from None
-    except Exception:
-        w = h = 0  # not an image: load_image below produces the precise message
+    w, h = declared_size(data) or (0, 0)
     if w * h > max_pixels:
         raise PixelLimitError(f"{name}: {w}x{h} = {w * h} pixels is over the server limit max_pixels={max_pixels}")
     return load_image(data, name=name, max_pixels=max_pixels)
@@ -222,23 +328,81 @@ def _raw_bytes(upload: Upload) -> bytes:
         raise ImageDecodeError(f"{upload.name}: invalid base64 ({e})") from None
 
 
-def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, max_pixels: int,
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one request's decoding may cost: pixels per image and in total (declared sizes, checked before
+    any decoding), the server-wide budget, when reduced decoding applies, and the request's deadline."""
+
+    max_pixels: int
+    max_request_pixels: int
+    budget: PixelBudget
+    draft_ratio: float = 0.0   # short edge >= draft_ratio x the resize target's: reduced scale (0: never)
+    deadline: float = float("inf")  # time.monotonic() after which the request's decoding stops
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def _reduced(size: tuple[int, int], spec: PreprocessSpec, ratio: float) -> bool:
+    """Whether an image of ``size`` is so much larger than the model's input that it decodes at reduced scale."""
+    if ratio <= 0:
+        return False
+    (rh, rw), _ = resize_plan(size[1], size[0], spec)
+    return min(size) >= ratio * max(1, min(rh, rw))
+
+
+def _crop_one(data: bytes, name: str, size: tuple[int, int] | None, spec: PreprocessSpec,
+              limits: DecodeLimits) -> np.ndarray:
+    """One image's uint8 crop, decoded within the budget and the request's deadline; the full-size image is
+    dropped as soon as its crop exists."""
+    seconds = limits.deadline - time.monotonic()
+    if limits.cancel.is_set() or seconds <= 0:
+        raise DecodeCancelled
+    pixels = size[0] * size[1] if size else 0
+    with limits.budget.hold(pixels, limits.cancel, limits.deadline):
+        seconds = min(DEFAULT_MAX_SECONDS, max(0.001, limits.deadline - time.monotonic()))
+        if size is not None and _reduced(size, spec, limits.draft_ratio):
+            return load_crop(data, spec, "fast", name=name, max_pixels=limits.max_pixels, max_seconds=seconds)
+        return resize_crop(load_image(data, name=name, max_pixels=limits.max_pixels, max_seconds=seconds), spec)
+
+
+def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, limits: DecodeLimits,
             model_input: Callable[[np.ndarray], np.ndarray] | None = None) -> Prepared:
-    """Decode and preprocess every upload; a bad one becomes a failure and never drops the good ones.
-    ``model_input`` (the serving :meth:`~imgembed.runtime.embedder.Embedder.model_input`) turns the uint8
-    NHWC crops into the runner's input; without it they become float32 NCHW pixels."""
+    """Decode and preprocess the uploads one at a time (each cropped before the next is decoded); a bad one
+    becomes a failure and never drops the good ones. PayloadTooLargeError (413) when the declared pixels of
+    the request's images add up to more than ``max_request_pixels``; DecodeCancelled once the request is
+    cancelled or past its deadline. ``model_input`` (the serving
+    :meth:`~imgembed.runtime.embedder.Embedder.model_input`) turns the uint8 NHWC crops into the runner's
+    input; without it they become float32 NCHW pixels."""
     started = time.perf_counter()
-    images, result = [], Prepared(None)
-    for i, up in enumerate(uploads):
+    result = Prepared(None)
+    raw: dict[int, tuple[bytes, tuple[int, int] | None]] = {}
+    total = 0
+    for i, up in enumerate(uploads):  # headers first: the request's cost is known before anything is decoded
         try:
-            images.append(decode_image(_raw_bytes(up), up.name, max_pixels))
-            result.ok.append(i)
-        except PixelLimitError as e:
-            result.failures[i] = ("too_large", str(e))
+            data = _raw_bytes(up)
         except ImageDecodeError as e:
             result.failures[i] = ("decode", str(e))
-    if images:
-        crops = crops_of(images, spec)
-        result.pixels = model_input(crops) if model_input is not None else crops_to_pixels(crops, spec)
+            continue
+        size = declared_size(data)
+        if size is not None and size[0] * size[1] > limits.max_pixels:
+            w, h = size
+            result.failures[i] = ("too_large", f"{up.name}: {w}x{h} = {w * h} pixels is over the server limit "
+                                               f"max_pixels={limits.max_pixels}")
+            continue
+        total += size[0] * size[1] if size else 0
+        raw[i] = (data, size)
+    if total > limits.max_request_pixels:
+        raise PayloadTooLargeError(f"the images of this request declare {total} pixels in all, over the limit of "
+                                   f"max_request_pixels={limits.max_request_pixels}; send fewer or smaller images")
+    crops = []
+    for i, (data, size) in raw.items():
+        raw[i] = (b"", None)  # the encoded bytes are not needed once decoded
+        try:
+            crops.append(_crop_one(data, uploads[i].name, size, spec, limits))
+            result.ok.append(i)
+        except ImageDecodeError as e:
+            result.failures[i] = ("too_large" if isinstance(e, PixelLimitError) else "decode", str(e))
+    if crops:
+        stacked = np.stack(crops)
+        result.pixels = model_input(stacked) if model_input is not None else crops_to_pixels(stacked, spec)
     result.seconds = time.perf_counter() - started
     return result
