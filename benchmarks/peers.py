@@ -339,7 +339,13 @@ def openvino_all(p: Prepared, threads: int, bf16: bool) -> list[Contestant | tup
 
 
 def _openvino_int8(p: Prepared, ov_model: Any, threads: int, transformer: bool, base: dict) -> Contestant:
+    """NNCF INT8 with OpenVINO's default precision hint; on a CPU without BF16 that default is f32, set
+    explicitly because OpenVINO reads BF16 support from CPUID and would pick bf16 under ``ONEDNN_MAX_CPU_ISA``."""
     import nncf
+
+    from imgembed.runtime.host import missing_bf16_instructions
+
+    bf16 = missing_bf16_instructions() is None
 
     kw = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
     t0 = time.perf_counter()
@@ -347,8 +353,9 @@ def _openvino_int8(p: Prepared, ov_model: Any, threads: int, transformer: bool, 
     info = {**base, "quantize": f"nncf.quantize(subset_size={NNCF_SUBSET}"
             + (", model_type=TRANSFORMER)" if transformer else ")"),
             "calibration": f"imgembed built-in calibration set, items of {CALIBRATION_ITEM} images",
-            "quantize_seconds": round(time.perf_counter() - t0, 1), "hint": "OpenVINO default"}
-    return _ov_contestant("openvino-int8", _ov_compile(q, threads, None), info)
+            "quantize_seconds": round(time.perf_counter() - t0, 1),
+            "hint": "OpenVINO default" if bf16 else "f32 (OpenVINO's default on a CPU without BF16)"}
+    return _ov_contestant("openvino-int8", _ov_compile(q, threads, None if bf16 else "f32"), info)
 
 
 def _ort_session(path: Path, threads: int) -> Any:
