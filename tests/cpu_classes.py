@@ -52,8 +52,8 @@ def run_class(name: str, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="imgembed-cpu-class-") as tmp:
         xml = Path(tmp) / "junit.xml"
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                               *tests, *extra], cwd=REPO, env=env)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsfE", "-p", "no:cacheprovider",
+                               f"--junitxml={xml}", *tests, *extra], cwd=REPO, env=env)
         wall = time.monotonic() - start
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
         if xml.is_file():
