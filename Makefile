@@ -2,6 +2,9 @@
 #   make demo   export the main job's artifact (CLIP ViT-B/32, INT8, random weights: offline) and embed the
 #               bundled sample photos with it
 #   make test   lint (ruff) and the test suite (CPU; GPU tests skip)
+#   make test-cpu-classes  the CPU-dependent tests on every x86 CPU class reachable here: oneDNN capped with
+#               ONEDNN_MAX_CPU_ISA (AVX2, AVX-512 without VNNI, AVX-512 VNNI), ONNX Runtime under
+#               qemu-x86_64 -cpu Haswell (Debian package qemu-user), and this CPU uncapped (tests/cpu_classes.py)
 # Both create .venv and install imgembed with its dev extras first; the stamp file .venv/.installed makes
 # them reinstall when pyproject.toml changes (and disappears with .venv).
 
@@ -14,7 +17,7 @@ RUFF := ruff==0.17.6
 ARTIFACT := artifacts/clip-vit-b32-int8
 SAMPLES := artifacts/samples
 
-.PHONY: demo test install
+.PHONY: demo test test-cpu-classes install
 
 demo: $(STAMP)
 	$(BIN)/imgembed export clip-vit-b32 --random-init --int8 --out $(ARTIFACT)
@@ -24,6 +27,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+test-cpu-classes: $(STAMP)
+	$(BIN)/python -m tests.cpu_classes
 
 install: $(STAMP)
 

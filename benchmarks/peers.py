@@ -12,13 +12,14 @@ every contestant at the same thread count, in interleaved rounds (round-robin, o
 round, one time window per contestant per round); the reported img/s is the median over the rounds. Parity is
 min/mean cosine (``imgembed.parity.compare``) against the PyTorch FP32 original on all parity images.
 
-Contestants (each one that fails is reported with its reason; the run goes on):
+Contestants (each one that fails is reported with its reason; the run goes on; one this CPU cannot run, BF16
+without AVX512_BF16/AMX-BF16, is not planned and the report's ``plan.skipped`` says why):
 
 * ``pytorch-fp32``    the transformers model from the checkpoint (default SDPA attention) wrapped in
                       ``imgembed.families.EmbeddingHead``, eager, ``torch.inference_mode``.
 * ``imgembed-fp32/int8/bf16``  ``imgembed export NAME --weights CKPT [--int8|--bf16]`` (CLI, default options),
                       loaded with ``imgembed.load(dir, threads=T)``, timed through ``emb.runner.infer``
-                      (BF16 only when ``imgembed export --help`` offers ``--bf16``).
+                      (BF16 only when ``imgembed export --help`` offers ``--bf16`` and the CPU has BF16).
 * ``openvino-fp32/bf16/int8``  ``openvino.convert_model(head, example_input=batch)`` compiled on CPU with
                       ``PERFORMANCE_HINT=LATENCY``, ``INFERENCE_NUM_THREADS=T`` and ``INFERENCE_PRECISION_HINT``
                       f32 / bf16 (bf16 only when the CPU has avx512_bf16 or amx_bf16); INT8 is
@@ -133,8 +134,24 @@ def imgembed_has_bf16() -> bool:
     return "--bf16" in res.stdout
 
 
-def cpu_has_bf16(cpu: dict) -> bool:
-    return bool(cpu["flags"].get("avx512_bf16") or cpu["flags"].get("amx_bf16"))
+def make_plan(imgembed_bf16: bool, no_openvino_bf16: bool = False) -> dict:
+    """The contestants this host can run: imgembed's precisions and whether OpenVINO BF16 runs, plus
+    ``skipped``: contestant -> why it is not planned (BF16 needs AVX512_BF16 or AMX-BF16,
+    ``imgembed.runtime.host.missing_bf16_instructions``; ``ONEDNN_MAX_CPU_ISA`` caps it)."""
+    from imgembed.runtime.host import missing_bf16_instructions
+
+    no_bf16 = missing_bf16_instructions()
+    skipped = {}
+    if not imgembed_bf16:
+        skipped["imgembed-bf16"] = "imgembed export offers no --bf16"
+    elif no_bf16:
+        skipped["imgembed-bf16"] = no_bf16
+    if no_openvino_bf16:
+        skipped["openvino-bf16"] = "--no-openvino-bf16"
+    elif no_bf16:
+        skipped["openvino-bf16"] = no_bf16
+    return {"imgembed_precisions": ["fp32", "int8"] + ([] if "imgembed-bf16" in skipped else ["bf16"]),
+            "openvino_bf16": "openvino-bf16" not in skipped, "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,7 +339,13 @@ def openvino_all(p: Prepared, threads: int, bf16: bool) -> list[Contestant | tup
 
 
 def _openvino_int8(p: Prepared, ov_model: Any, threads: int, transformer: bool, base: dict) -> Contestant:
+    """NNCF INT8 with OpenVINO's default precision hint; on a CPU without BF16 that default is f32, set
+    explicitly because OpenVINO reads BF16 support from CPUID and would pick bf16 under ``ONEDNN_MAX_CPU_ISA``."""
     import nncf
+
+    from imgembed.runtime.host import missing_bf16_instructions
+
+    bf16 = missing_bf16_instructions() is None
 
     kw = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
     t0 = time.perf_counter()
@@ -330,8 +353,9 @@ def _openvino_int8(p: Prepared, ov_model: Any, threads: int, transformer: bool, 
     info = {**base, "quantize": f"nncf.quantize(subset_size={NNCF_SUBSET}"
             + (", model_type=TRANSFORMER)" if transformer else ")"),
             "calibration": f"imgembed built-in calibration set, items of {CALIBRATION_ITEM} images",
-            "quantize_seconds": round(time.perf_counter() - t0, 1), "hint": "OpenVINO default"}
-    return _ov_contestant("openvino-int8", _ov_compile(q, threads, None), info)
+            "quantize_seconds": round(time.perf_counter() - t0, 1),
+            "hint": "OpenVINO default" if bf16 else "f32 (OpenVINO's default on a CPU without BF16)"}
+    return _ov_contestant("openvino-int8", _ov_compile(q, threads, None if bf16 else "f32"), info)
 
 
 def _ort_session(path: Path, threads: int) -> Any:
@@ -553,6 +577,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {m['model']} | {k} | {_fmt(v['of_medians'], '.2f')} | {_fmt(v['paired'], '.2f')} |")
     for name, why in report.get("failed_models", {}).items():
         lines.append(f"\nModel {name} failed before any contestant ran: {why}")
+    if report["plan"]["skipped"]:
+        lines += ["", "Skipped contestants (not planned on this host):", ""]
+        lines += [f"- {k}: {why}" for k, why in report["plan"]["skipped"].items()]
     failures = [(m["model"], k, r["reason"]) for m in report["models"] for k, r in m["contestants"].items()
                 if r["status"] != "ok"]
     if failures:
@@ -604,8 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models:
         get_spec(name)  # unknown names fail before any work
     cpu = cpu_record()
-    plan = {"imgembed_precisions": ["fp32", "int8"] + (["bf16"] if imgembed_has_bf16() else []),
-            "openvino_bf16": cpu_has_bf16(cpu) and not args.no_openvino_bf16}
+    plan = make_plan(imgembed_has_bf16(), args.no_openvino_bf16)
     print(f"plan: {plan}; cpu: {cpu['model']}", flush=True)
     report = {"benchmark": "peers", "mode": "model-only", "quick": args.quick, "threads": args.threads,
               "batch": args.batch, "rounds": args.rounds, "window_seconds": args.window, "warmup_calls": args.warmup,

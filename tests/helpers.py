@@ -82,6 +82,15 @@ def external_data_model(directory: Path, location: str) -> Path:
     return path
 
 
+def unbuildable_here() -> set[str]:
+    """The reasons an export race gives for candidates this host cannot build (``why_not`` of such rows): the
+    CPU lacks BF16 instructions, OpenVINO is not installed. Empty where every candidate can be built."""
+    from imgembed.runtime.backends import get_backend
+    from imgembed.runtime.host import missing_bf16_instructions
+
+    return {r for r in (missing_bf16_instructions(), get_backend("openvino").unavailable("cpu")) if r}
+
+
 def cosine(a, b):
     """Cosine similarity along the last axis, in float64: a float for two vectors, one value per row for
     two matrices."""

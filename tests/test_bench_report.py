@@ -134,3 +134,39 @@ def test_cpuinfo_parsing_finds_model_simd_and_physical_cores():
     assert not simd["avx_vnni"] and not simd["neon"]
     arm = host.simd_features(set("fp asimd asimddp i8mm".split()))
     assert arm["neon"] and arm["arm_dotprod"] and arm["arm_i8mm"] and not arm["avx2"]
+
+
+SAPPHIRE_RAPIDS = set("fpu sse4_2 avx avx2 fma avx512f avx512_vnni avx_vnni avx512_bf16 amx_tile amx_int8 "
+                      "amx_bf16".split())
+
+
+@pytest.mark.parametrize(("isa", "features", "bf16", "onednn_int8"), [
+    ("AVX2", {"sse4_2", "avx", "avx2", "fma"}, False, "saturating"),
+    ("AVX512_CORE", {"sse4_2", "avx", "avx2", "fma", "avx512f"}, False, "saturating"),
+    ("AVX512_CORE_VNNI", {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni"}, False, "vnni"),
+    ("avx512_core_bf16", SAPPHIRE_RAPIDS - {"fpu", "amx_tile", "amx_int8", "amx_bf16"}, True, "vnni"),
+    ("AVX10_1_512_AMX", SAPPHIRE_RAPIDS - {"fpu"}, True, "vnni"),
+    ("ALL", SAPPHIRE_RAPIDS - {"fpu"}, True, "vnni"),
+    ("NOT_AN_ISA", SAPPHIRE_RAPIDS - {"fpu"}, True, "vnni"),   # oneDNN ignores a value it does not know
+])
+def test_onednn_max_cpu_isa_caps_the_features_of_onednn_engines_not_onnxruntime(isa, features, bf16, onednn_int8,
+                                                                               monkeypatch):
+    """PyTorch and OpenVINO (oneDNN) use no instruction above ONEDNN_MAX_CPU_ISA; ONNX Runtime ignores it."""
+    monkeypatch.delenv(host.CPU_FLAGS_ENV, raising=False)
+    monkeypatch.setattr(host, "_detected_flags", lambda: {"model": "Xeon 8480+", "flags": set(SAPPHIRE_RAPIDS),
+                                                          "physical_cores": 2, "flags_source": "/proc/cpuinfo"})
+    monkeypatch.setattr(host.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv(host.ONEDNN_ISA_ENV, isa)
+    info = host.cpu_info()
+    assert {k for k, v in info["simd"].items() if v} == features
+    assert (host.missing_bf16_instructions() is None) == bf16
+    assert host.int8_kernels() == host.int8_kernels("openvino") == onednn_int8
+    assert host.int8_kernels("onnxruntime") == "vnni" and host.int8_saturation("onnxruntime") is None
+    assert host.cpu_info(capped=False)["simd"]["amx_bf16"]
+    if not bf16:
+        assert info["flags_source"] == f"/proc/cpuinfo capped by ONEDNN_MAX_CPU_ISA={isa}"
+        assert f"Xeon 8480+, /proc/cpuinfo capped by ONEDNN_MAX_CPU_ISA={isa}) lacks native BF16" in \
+            host.missing_bf16_instructions()
+    monkeypatch.setenv(host.CPU_FLAGS_ENV, "avx2,fma")   # a simulated CPU is taken as it is, never capped
+    monkeypatch.setenv(host.ONEDNN_ISA_ENV, "AVX512_CORE_AMX")
+    assert host.int8_kernels() == host.int8_kernels("onnxruntime") == "saturating"

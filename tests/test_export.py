@@ -87,7 +87,8 @@ def test_cnn_int8_is_static_with_calibration(artifact_dir):
     assert q["preset"]["mode"] == "static"
     assert q["calibration"]["images"] == 32 and "built-in" in q["calibration"]["source"]
     ort = {r["id"]: r for r in m["selection"]["candidates"] if r["backend"] == "onnxruntime"}
-    recipes = {"onnxruntime-int8-cle", *(["onnxruntime-int8-cle-7bit"] if int8_kernels() == "vnni" else [])}
+    vnni = int8_kernels("onnxruntime") == "vnni"
+    recipes = {"onnxruntime-int8-cle", *(["onnxruntime-int8-cle-7bit"] if vnni else [])}
     assert set(ort) == {"onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq",
                         "onnxruntime-int8-static-qoperator-7bit", *recipes}
     for recipe in recipes:   # equalization only where the presets fail

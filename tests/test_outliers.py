@@ -101,7 +101,7 @@ def test_smoothquant_candidate_passes_on_outliers_and_records_its_recipe(checkpo
     assert rows["onnxruntime-int8-smoothquant"]["passed"], rows["onnxruntime-int8-smoothquant"]["why_not"]
     # on a VNNI CPU its 7-bit twin (re-quantizing the same smoothed graph) is raced too and wins untimed ties
     seven = rows.get("onnxruntime-int8-smoothquant-7bit")
-    assert (seven is not None) == (int8_kernels() == "vnni")
+    assert (seven is not None) == (int8_kernels("onnxruntime") == "vnni")
     assert m["default_engine"] == ("onnxruntime-int8-smoothquant-7bit" if seven and seven["passed"]
                                    else "onnxruntime-int8-smoothquant") and m["batch_invariant"]
     if seven:

@@ -240,7 +240,7 @@ def _ov_int8(smooth_quant: bool, equalized: bool = False) -> Callable[[Inputs, P
             graph = inputs.plain_in_format()
         fp32 = convert_onnx(graph, directory / "fp32.xml")
         record = quantize_nncf(fp32, directory / "model.xml", _batches(data), transformer=inputs.transformer,
-                               smooth_quant=smooth_quant, overflow_fix=int8_kernels() == "saturating")
+                               smooth_quant=smooth_quant, overflow_fix=int8_kernels("openvino") == "saturating")
         for p in [*ir_files(fp32).values(), *([graph] if equalized else [])]:
             p.unlink()
         inputs.built[key] = ir_files(directory / "model.xml"), {**record, **extra, "calibration": info}
@@ -297,7 +297,8 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
         # On a VNNI CPU the 8-bit candidates are exact here but would saturate on x86 CPUs without VNNI
         # (needs_vnni); the 7-bit twin of the first preset is the portable engine. On a CPU without VNNI every
         # candidate is gated with the saturating kernels themselves (NNCF then keeps weights 7-bit everywhere).
-        vnni = int8_kernels() == "vnni"
+        # (each engine's own kernels: ONEDNN_MAX_CPU_ISA caps OpenVINO's, not ONNX Runtime's)
+        vnni, ov_vnni = int8_kernels("onnxruntime") == "vnni", int8_kernels("openvino") == "vnni"
         presets = int8_presets(transformer, int8_preset)
         if int8_preset is None:
             presets.append(PRESETS[PORTABLE_PRESETS[presets[0].name]])
@@ -320,19 +321,19 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
             # NNCF without SmoothQuant first; with it only where that fails the gate (outlier channels), as for
             # ONNX Runtime. CNNs get cross-layer equalization instead, also only where the plain recipe fails.
             out += [Candidate("openvino-int8", "openvino", "int8", _ov_int8(False), True, unavailable=ov,
-                              needs_vnni=vnni),
+                              needs_vnni=ov_vnni),
                     Candidate("openvino-int8-bf16", "openvino", "int8", _ov_int8(False), True, "bf16",
-                              unavailable=bf16, needs_vnni=vnni)]
+                              unavailable=bf16, needs_vnni=ov_vnni)]
             if not transformer:
                 out += [Candidate("openvino-int8-cle", "openvino", "int8", _ov_int8(False, True), True,
-                                  unavailable=ov, fallback_for="openvino-int8", needs_vnni=vnni),
+                                  unavailable=ov, fallback_for="openvino-int8", needs_vnni=ov_vnni),
                         Candidate("openvino-int8-cle-bf16", "openvino", "int8", _ov_int8(False, True), True, "bf16",
-                                  unavailable=bf16, fallback_for="openvino-int8-bf16", needs_vnni=vnni)]
+                                  unavailable=bf16, fallback_for="openvino-int8-bf16", needs_vnni=ov_vnni)]
             if transformer:
                 out += [Candidate("openvino-int8-smoothquant", "openvino", "int8", _ov_int8(True), True,
-                                  unavailable=ov, fallback_for="openvino-int8", needs_vnni=vnni),
+                                  unavailable=ov, fallback_for="openvino-int8", needs_vnni=ov_vnni),
                         Candidate("openvino-int8-smoothquant-bf16", "openvino", "int8", _ov_int8(True), True,
-                                  "bf16", unavailable=bf16, fallback_for="openvino-int8-bf16", needs_vnni=vnni)]
+                                  "bf16", unavailable=bf16, fallback_for="openvino-int8-bf16", needs_vnni=ov_vnni)]
     else:
         raise ExportError(f"precision {precision!r} is not supported; expected one of fp32, bf16, fp16, int8")
     if engine is not None:

@@ -153,7 +153,7 @@ def _unmet(engine: dict) -> str | None:
     from .host import int8_saturation, missing_bf16_instructions
 
     reasons = [missing_bf16_instructions() if engine.get("inference_precision") == "bf16" else None,
-               int8_saturation() if engine.get("needs_vnni") else None]
+               int8_saturation(engine.get("backend")) if engine.get("needs_vnni") else None]
     return "; ".join(r for r in reasons if r) or None
 
 
@@ -167,7 +167,7 @@ def _degraded(engine: dict, unmet: str, where: str) -> dict:
         engine = {**engine, "inference_precision": "fp32"}
         what.append("was exported for native BF16")
         how.append("it runs in FP32 here (same vectors within the FP32 gate, slower)")
-    if engine.get("needs_vnni") and int8_saturation():
+    if engine.get("needs_vnni") and int8_saturation(engine.get("backend")):
         what.append("was gated with VNNI int8 kernels")
         how.append("its vectors may drift past the gate here: check with `imgembed parity` on this host, or "
                    "re-export here (the portable 7-bit engine of an INT8 export runs exactly everywhere)")

@@ -5,7 +5,10 @@ are probed with it, and benchmark reports carry it in their ``host`` block.
 
 SIMD features decide what INT8 can gain on a CPU: VNNI (AVX512_VNNI or AVX-VNNI) gives ONNX Runtime's
 integer kernels a fused multiply-add on int8, AMX gives tile matrix units; without them INT8 often gains
-little over FP32. Flags come from ``/proc/cpuinfo`` (Linux) or py-cpuinfo elsewhere.
+little over FP32. Flags come from ``/proc/cpuinfo`` (Linux) or py-cpuinfo elsewhere, capped by
+``ONEDNN_MAX_CPU_ISA`` when it is set: oneDNN, the kernel library of PyTorch and OpenVINO's CPU plugin, then uses
+no instruction above that level, so BF16, VNNI and AMX count as absent for those engines. ONNX Runtime's own
+kernels (MLAS) ignore the cap: ``int8_kernels("onnxruntime")`` reads the uncapped flags.
 """
 from __future__ import annotations
 
@@ -42,6 +45,20 @@ BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 # int16 with saturation: with full-range 8-bit weights the sums clip and vectors drift (7-bit weights are exact).
 INT8_DOT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 X86_ARCHES = ("x86_64", "amd64", "i386", "i686", "x86")
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
+# ONEDNN_MAX_CPU_ISA value -> the features of SIMD_FLAGS above plain SSE that oneDNN may still use (oneDNN's
+# cpu_isa_t bit sets: AVX512_CORE has no VNNI, AVX512_CORE_VNNI includes AVX-VNNI, AMX comes with the AMX levels).
+_AVX2 = ("avx", "avx2", "fma")
+_AVX512_VNNI = (*_AVX2, "avx512f", "avx512_vnni", "avx_vnni")
+_AVX512_BF16 = (*_AVX512_VNNI, "avx512_bf16")
+_AMX = (*_AVX512_BF16, "amx_tile", "amx_int8", "amx_bf16")
+ONEDNN_ISA_FEATURES: dict[str, tuple[str, ...]] = {
+    "SSE41": (), "AVX": ("avx",), "AVX2": _AVX2, "AVX2_VNNI": (*_AVX2, "avx_vnni"),
+    "AVX2_VNNI_2": (*_AVX2, "avx_vnni"), "AVX512_CORE": (*_AVX2, "avx512f"), "AVX512_CORE_VNNI": _AVX512_VNNI,
+    "AVX512_CORE_BF16": _AVX512_BF16, "AVX512_CORE_FP16": _AVX512_BF16, "AVX10_1_512": _AVX512_BF16,
+    "AVX10_2_512": _AVX512_BF16, "AVX512_CORE_AMX": _AMX, "AVX512_CORE_AMX_FP16": _AMX, "AVX10_1_512_AMX": _AMX,
+    "AVX10_1_512_AMX_FP16": _AMX, "AVX10_2_512_AMX_2": _AMX}
+_ONEDNN_CAPPED = frozenset(_AMX)  # the features a cap can take away
 
 
 def parse_cpuinfo(text: str) -> dict:
@@ -71,19 +88,40 @@ def simd_features(flags: set[str]) -> dict[str, bool]:
     return {name: any(f in flags for f in aliases) for name, aliases in SIMD_FLAGS.items()}
 
 
-def _cpu_flags() -> dict:
-    """Model, flags and physical cores from /proc/cpuinfo, else py-cpuinfo, else what platform knows.
+def onednn_isa_cap(flags: set[str], isa: str | None) -> set[str]:
+    """``flags`` without those above the oneDNN ISA level ``isa`` (an ``ONEDNN_MAX_CPU_ISA`` value; None, empty,
+    ``ALL``, ``DEFAULT`` or a value oneDNN does not know leave them as they are, as oneDNN does)."""
+    allowed = ONEDNN_ISA_FEATURES.get((isa or "").strip().upper())
+    if allowed is None:
+        return set(flags)
+    dropped = {alias for name in _ONEDNN_CAPPED - set(allowed) for alias in SIMD_FLAGS[name]}
+    return set(flags) - dropped
 
-    ``IMGEMBED_CPU_FLAGS`` (comma-separated flags) replaces the detected flag set: it makes imgembed choose
-    engines as on another CPU (for example ``avx2,fma`` for an AVX2-only host)."""
-    path = Path("/proc/cpuinfo")
+
+def _cpu_flags(capped: bool = True) -> dict:
+    """Model, flags and physical cores of this CPU (:func:`_detected_flags`); with ``capped``, without the flags
+    above ``ONEDNN_MAX_CPU_ISA``.
+
+    ``IMGEMBED_CPU_FLAGS`` (comma-separated flags) replaces the detected flag set, capped or not: it makes
+    imgembed choose engines as on another CPU (for example ``avx2,fma`` for an AVX2-only host)."""
+    info = _detected_flags()
     override = os.environ.get(CPU_FLAGS_ENV)
+    if override is not None:
+        return {**info, "flags": {f.strip() for f in override.split(",") if f.strip()}, "flags_source": CPU_FLAGS_ENV}
+    isa = os.environ.get(ONEDNN_ISA_ENV)
+    if capped and onednn_isa_cap(info["flags"], isa) != info["flags"]:
+        info = {**info, "flags": onednn_isa_cap(info["flags"], isa),
+                "flags_source": f"{info['flags_source']} capped by {ONEDNN_ISA_ENV}={isa}"}
+    return info
+
+
+def _detected_flags() -> dict:
+    """Model, flags and physical cores from /proc/cpuinfo, else py-cpuinfo, else what platform knows, with
+    where they came from."""
+    path = Path("/proc/cpuinfo")
     if path.is_file():
         info = parse_cpuinfo(path.read_text(encoding="utf-8", errors="replace"))
         info["flags_source"] = "/proc/cpuinfo"
-        if override is not None:
-            return {**info, "flags": {f.strip() for f in override.split(",") if f.strip()},
-                    "flags_source": CPU_FLAGS_ENV}
         if info["flags"]:
             return info
     try:
@@ -97,9 +135,10 @@ def _cpu_flags() -> dict:
                 "flags_source": "unavailable"}
 
 
-def cpu_info() -> dict:
-    """CPU model, architecture, core counts (logical, usable by this process, physical) and SIMD features."""
-    info = _cpu_flags()
+def cpu_info(capped: bool = True) -> dict:
+    """CPU model, architecture, core counts (logical, usable by this process, physical) and SIMD features
+    (``capped``: those oneDNN may use under ``ONEDNN_MAX_CPU_ISA``; else all the CPU has)."""
+    info = _cpu_flags(capped)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"model": info["model"], "arch": platform.machine(), "logical_cores": os.cpu_count(),
             "usable_cores": usable, "physical_cores": info["physical_cores"],
@@ -108,28 +147,39 @@ def cpu_info() -> dict:
 
 def missing_bf16_instructions() -> str | None:
     """None when this CPU has native BF16 instructions, else a sentence naming what is missing."""
-    simd = cpu_info()["simd"]
+    info = cpu_info()
+    simd = info["simd"]
     if any(simd.get(f) for f in BF16_FEATURES):
         return None
-    return (f"this CPU ({cpu_info()['model'] or 'unknown model'}) lacks native BF16 instructions "
+    return (f"this CPU ({_cpu_name(info)}) lacks native BF16 instructions "
             f"(needs AVX512_BF16 or AMX-BF16; has {', '.join(k for k, v in simd.items() if v) or 'none detected'})")
 
 
-def int8_kernels() -> str:
+def _cpu_name(info: dict) -> str:
+    """The model, and the cap or simulation its flags went through, for messages."""
+    source = info["flags_source"]
+    how = f", {source}" if ONEDNN_ISA_ENV in source or source == CPU_FLAGS_ENV else ""
+    return f"{info['model'] or 'unknown model'}{how}"
+
+
+def int8_kernels(backend: str | None = None) -> str:
     """How this CPU's int8 GEMM kernels add 8-bit products: ``"vnni"`` (x86 with VNNI/AMX-INT8, exact int32
     sums), ``"saturating"`` (x86 without them: int16 pair sums that clip for full-range 8-bit weights) or
-    ``"other"`` (not x86)."""
-    info = cpu_info()
+    ``"other"`` (not x86). ``backend="onnxruntime"``: ONNX Runtime's kernels, which ignore ``ONEDNN_MAX_CPU_ISA``;
+    any other: oneDNN's (OpenVINO, PyTorch), which honour it."""
+    info = cpu_info(capped=backend != "onnxruntime")
     if str(info["arch"]).lower() not in X86_ARCHES:
         return "other"
     return "vnni" if any(info["simd"].get(f) for f in INT8_DOT_FEATURES) else "saturating"
 
 
-def int8_saturation() -> str | None:
-    """None unless this is an x86 CPU without VNNI/AMX-INT8, else a sentence saying what that means for INT8."""
-    if int8_kernels() != "saturating":
+def int8_saturation(backend: str | None = None) -> str | None:
+    """None unless ``backend``'s int8 kernels (:func:`int8_kernels`) lack VNNI/AMX-INT8 here, else a sentence
+    saying what that means for INT8."""
+    if int8_kernels(backend) != "saturating":
         return None
-    return (f"this CPU ({cpu_info()['model'] or 'unknown model'}) lacks VNNI (AVX512_VNNI, AVX-VNNI or AMX-INT8): "
+    name = _cpu_name(cpu_info(capped=backend != "onnxruntime"))
+    return (f"this CPU ({name}) lacks VNNI (AVX512_VNNI, AVX-VNNI or AMX-INT8): "
             "its int8 kernels add pairs of 8-bit products in int16 and saturate with full-range 8-bit weights")
 
 
