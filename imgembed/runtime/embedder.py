@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ..artifact import read_manifest, verify
+from ..artifact_files import ArtifactFiles, engine_files
 from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
 from ..fastdecode import check_mode, load_crop
 from ..preprocess import PreprocessSpec
@@ -204,19 +205,20 @@ def load_artifact(path: str | Path, *, backend: str = "auto", device: str = "cpu
     path = Path(path)
     require_device(device)
     manifest = read_manifest(path)
-    if verify_checksums:
-        verify(path, manifest)
     if manifest.get("status") != "passed" and not allow_failed:
         raise ArtifactError(f"{path} failed its parity gate at export ({manifest.get('parity', {}).get('failures')}); "
                             "pass allow_failed=True to load it anyway")
     engine, _ = select_engine(manifest, backend, device, where=str(path))
-    runner = open_engine(path, manifest, engine, device=device, threads=threads)
+    if verify_checksums:  # the engine's own files are hashed once, when the runner reads them
+        verify(path, manifest, hashed_on_read=engine_files(engine))
+    files = ArtifactFiles.of(path, manifest, check_sha=verify_checksums)
+    runner = open_engine(path, manifest, engine, device=device, threads=threads, files=files)
     emb = Embedder(runner, PreprocessSpec.from_dict(manifest["preprocess"]), name=manifest["name"],
                    precision=engine["precision"], normalized=bool(manifest["output"]["normalized"]),
                    manifest=manifest, batch_size=batch_size, decode=decode, workers=_workers(workers))
     emb.artifact_path = path
     emb.engine = engine
-    emb._text_options = {"backend": backend, "device": device, "threads": threads}
+    emb._text_options = {"backend": backend, "device": device, "threads": threads, "files": files}
     return emb
 
 
