@@ -327,7 +327,10 @@ def read_manifest(directory: str | Path) -> dict:
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and _SHA256.match(v)
                                               for k, v in files.items()):
         raise IntegrityError(f"{path}: 'files' must map relative paths to sha256 hex digests, got {files!r:.200}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{path}: 'format_version' must be an integer, got {version!r:.80}")
+    if version > FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {manifest['format_version']} is newer than this imgembed "
                             f"supports ({FORMAT_VERSION}); upgrade imgembed")
     return manifest
