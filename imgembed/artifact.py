@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 try:
     import fcntl
@@ -58,10 +58,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_checksums(directory: Path) -> dict[str, str]:
-    """sha256 of every file in ``directory`` (recursively) except the manifest, by relative POSIX path."""
-    return {p.relative_to(directory).as_posix(): sha256_file(p)
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+def file_checksums(directory: Path, skip: Collection[str] = ()) -> dict[str, str]:
+    """sha256 of every file in ``directory`` (recursively) except the manifest, by relative POSIX path;
+    the files in ``skip`` are listed with an empty digest."""
+    rels = (p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST)
+    return {rel: "" if rel in skip else sha256_file(directory / rel) for rel in rels}
 
 
 @contextlib.contextmanager
@@ -325,29 +327,39 @@ def read_manifest(directory: str | Path) -> dict:
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and _SHA256.match(v)
                                               for k, v in files.items()):
         raise IntegrityError(f"{path}: 'files' must map relative paths to sha256 hex digests, got {files!r:.200}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{path}: 'format_version' must be an integer, got {version!r:.80}")
+    if version > FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {manifest['format_version']} is newer than this imgembed "
                             f"supports ({FORMAT_VERSION}); upgrade imgembed")
     return manifest
 
 
-def verify(directory: str | Path, manifest: dict | None = None) -> dict:
-    """Check every file listed in the manifest against its sha256; extra or missing files are errors."""
+def verify(directory: str | Path, manifest: dict | None = None, hashed_on_read: Collection[str] = ()) -> dict:
+    """Check every file listed in the manifest against its sha256; extra or missing files are errors.
+
+    Every entry goes through the artifact's resolver (:mod:`imgembed.artifact_files`): a path that is not
+    relative or resolves outside the directory is refused. ``hashed_on_read``: listed files whose sha256 the
+    caller checks on the bytes it reads (:meth:`~imgembed.artifact_files.ArtifactFiles.read`), so they are
+    not hashed twice; they must still exist.
+    """
+    from .artifact_files import ArtifactFiles
+
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
     expected: dict[str, str] = manifest["files"]
+    resolver = ArtifactFiles(directory, expected)
     for rel in expected:
-        p = (directory / rel).resolve()
-        if directory.resolve() not in p.parents:
-            raise IntegrityError(f"{directory / MANIFEST}: file entry {rel!r} points outside the artifact")
-    actual = file_checksums(directory)
+        resolver.inside(rel, "file entry")
+    actual = file_checksums(directory, skip=set(hashed_on_read) & set(expected))
     missing = sorted(set(expected) - set(actual))
     if missing:
         raise IntegrityError(f"{directory}: files listed in the manifest are missing: {missing}")
     extra = sorted(set(actual) - set(expected))
     if extra:
         raise IntegrityError(f"{directory}: files not listed in the manifest: {extra}")
-    bad = [rel for rel in expected if expected[rel] != actual[rel]]
+    bad = [rel for rel in expected if expected[rel] != actual[rel] and actual[rel]]
     if bad:
         raise IntegrityError(f"{directory}: sha256 mismatch for {bad}: the artifact was modified or corrupted "
                              "after export; re-export it")

@@ -26,10 +26,10 @@ def errors() -> Iterator[None]:
     try:
         yield
     except ParityError as e:
-        err_console.print(f"[bold red]parity gate failed[/]: {e}", highlight=False)
+        err_console.print(f"[bold red]parity gate failed[/]: {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ImgembedError as e:
-        err_console.print(f"[bold red]error[/] ({type(e).__name__}): {e}", highlight=False)
+        err_console.print(f"[bold red]error[/] ({type(e).__name__}): {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

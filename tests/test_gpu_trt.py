@@ -310,7 +310,8 @@ def test_add_engine_writes_a_keyed_engine_and_keeps_the_artifact_verifiable(arti
     manifest = verify(art)                                    # checksums cover the engine
     assert rec["file"] in manifest["files"] and manifest["tensorrt"]["engines"] == [rec]
     assert rec["parity"]["passed"] and rec["build"]["typing"] == "strong"
-    assert artifact_engine(art, "fp32", env=H100)[0] == art / rec["file"]
+    plan = artifact_engine(art, "fp32", env=H100)[0]  # through the artifact's resolver: verified bytes on read
+    assert plan.path == art / rec["file"] and plan.read() == (art / rec["file"]).read_bytes()
     with pytest.raises(EngineMismatchError, match="built for GPU 'NVIDIA H100 80GB HBM3', this GPU is 'NVIDIA A100"):
         artifact_engine(art, env=A100)
 

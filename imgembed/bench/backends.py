@@ -134,5 +134,5 @@ def build_runner(model: BenchModel, variant: Variant, device: str, threads: int,
         assert variant.artifact is not None
         engine = variant.engine or variant.artifact.engine_records()[0]
         target = EngineRef(variant.artifact.path, engine, model.spec.embedding.dim,
-                           f"{variant.artifact.path.name}-{engine['precision']}")
+                           f"{variant.artifact.path.name}-{engine['precision']}", variant.artifact.files())
     return backend.open(target, device, threads, variant.precision)

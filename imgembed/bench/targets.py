@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..artifact import read_manifest, verify
+from ..artifact_files import ArtifactFiles
 from ..errors import ArtifactError, ParityError, UnknownModelError
 from ..registry import ModelSpec, get_spec, registry
 
@@ -32,6 +33,11 @@ class ArtifactRef:
     precision: str
     status: str          # the manifest's parity status: "passed" | "failed"
     engines: tuple = field(default=(), compare=False)  # manifest engine records; () = one ONNX Runtime engine
+    checksums: tuple = field(default=(), compare=False)  # the manifest's ``files``: (path, sha256) pairs
+
+    def files(self) -> ArtifactFiles:
+        """The artifact's resolver: engines read their verified bytes through it."""
+        return ArtifactFiles(self.path, dict(self.checksums) or read_manifest(self.path)["files"])
 
     def engine_records(self) -> list[dict]:
         from ..runtime.backends import engines_of
@@ -42,7 +48,8 @@ class ArtifactRef:
     def from_manifest(cls, path: Path, manifest: dict) -> "ArtifactRef":
         from ..runtime.backends import engines_of
 
-        return cls(path, manifest["precision"], manifest.get("status", "unknown"), tuple(engines_of(manifest)))
+        return cls(path, manifest["precision"], manifest.get("status", "unknown"), tuple(engines_of(manifest)),
+                   tuple(sorted(manifest["files"].items())))
 
 
 @dataclass

@@ -411,9 +411,10 @@ def recheck_text(artifact: str | Path, manifest: dict, weights: str | Path | Non
                  backend: str = "auto", step: Step = lambda s: None):
     """Re-run the text gate of an artifact's text engine (the one ``backend`` selects here) against the text
     original rebuilt from the manifest's source, with the transformers tokenizer of that source."""
+    from ..artifact_files import ArtifactFiles
     from ..parity import gate_thresholds, parity_report
     from ..runtime.backends import open_engine, select_engine
-    from ..runtime.text import text_view
+    from ..runtime.text import read_tokenizer, text_view
 
     artifact = Path(artifact)
     view = text_view(manifest, str(artifact))
@@ -427,8 +428,7 @@ def recheck_text(artifact: str | Path, manifest: dict, weights: str | Path | Non
     tokenizer = text_src.get("tokenizer")
     step("loading the text tokenizer and the text original")
     tf_tok = reference_tokenizer(spec, local, tokenizer)
-    tok_record = manifest["text"]["tokenizer"]
-    tok = TextTokenizer(artifact / tok_record["file"], tok_record)
+    tok = read_tokenizer(ArtifactFiles.of(artifact, manifest), manifest["text"]["tokenizer"])
     captions = tuple(manifest["text"]["parity"].get("images") or parity_captions())
     check_token_ids(tf_tok, tok, captions, record.reference_mask)
     original = load_text_original(spec, weights=local, random_init=kind == "random-init",

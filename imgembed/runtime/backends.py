@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..artifact_files import ArtifactFile, ArtifactFiles
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import Runner
 
@@ -37,12 +38,22 @@ class EngineRef:
     record: dict                  # {"id", "backend", "precision", "files": {...}, ...}
     output_dim: int
     label: str                    # for runner names: "<artifact>-<precision>"
+    files: ArtifactFiles | None = None   # the artifact's resolver; None for the work directory of an export
 
-    def file(self, key: str = "model") -> Path:
-        rel = self.record.get("files", {}).get(key)
+    def file(self, key: str = "model") -> Path | ArtifactFile:
+        """The engine's ``key`` file: through the artifact's resolver (verified bytes on read), or a plain path
+        in an export's own work directory."""
+        files = self.record.get("files")
+        rel = files.get(key) if isinstance(files, dict) else None
         if not rel:
             raise ArtifactError(f"{self.directory}: engine {self.record.get('id')!r} records no {key!r} file")
+        if self.files is not None:
+            return self.files.file(rel, f"engine {self.record.get('id')!r} file {key!r}")
         return self.directory / rel
+
+    def has_file(self, key: str) -> bool:
+        files = self.record.get("files")
+        return isinstance(files, dict) and bool(files.get(key))
 
 
 @dataclass(frozen=True)
@@ -216,10 +227,12 @@ def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
 
 
 def open_engine(directory: Path, manifest: dict, engine: dict, *, device: str = "cpu",
-                threads: int | None = None) -> Runner:
-    """A (not yet active) runner over one engine of an artifact."""
+                threads: int | None = None, files: ArtifactFiles | None = None) -> Runner:
+    """A (not yet active) runner over one engine of an artifact; its files are read through ``files`` (by
+    default the resolver of ``manifest["files"]`` with sha256 checks)."""
+    files = files or ArtifactFiles.of(directory, manifest)
     ref = EngineRef(Path(directory), engine, int(manifest["output"]["dim"]),
-                    f"{manifest['name']}-{engine['precision']}")
+                    f"{manifest['name']}-{engine['precision']}", files)
     return get_backend(engine["backend"]).open(ref, device, threads, engine["precision"])
 
 
@@ -285,7 +298,8 @@ def _open_openvino(target: Target, device: str, threads: int | None, precision: 
     from .ov_runner import OpenVinoRunner
 
     assert isinstance(target, EngineRef)
-    return OpenVinoRunner(target.file(), target.output_dim, device=device, threads=threads,
+    weights = target.file("weights") if target.has_file("weights") else None
+    return OpenVinoRunner(target.file(), target.output_dim, weights=weights, device=device, threads=threads,
                           inference_precision=target.record.get("inference_precision", "fp32"),
                           name=f"openvino[{target.label}]")
 
@@ -300,7 +314,7 @@ def _open_tensorrt(target: Target, device: str, threads: int | None, precision: 
     from .trt_runner import TrtRunner, artifact_engine
 
     assert isinstance(target, EngineRef)
-    path, record = artifact_engine(target.directory, precision)
+    path, record = artifact_engine(target.directory, precision, files=target.files)
     return TrtRunner(path, target.output_dim,
                      name=f"tensorrt[{target.label}-b{record['profile']['max']}]")
 

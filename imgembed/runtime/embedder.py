@@ -17,8 +17,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..artifact import read_manifest, verify
-from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
+from ..artifact import MANIFEST, read_manifest, verify
+from ..artifact_files import ArtifactFiles, engine_files
+from ..errors import ArtifactError, ImageDecodeError, ImgembedError, UnknownModelError
 from ..fastdecode import check_mode, load_crop
 from ..preprocess import PreprocessSpec
 from ..registry import ModelSpec, get_spec, registry
@@ -199,24 +200,41 @@ def load_artifact(path: str | Path, *, backend: str = "auto", device: str = "cpu
     """An Embedder over an exported artifact, on the engine :func:`~imgembed.runtime.backends.select_engine`
     picks for ``backend`` ("auto" or a backend name) and ``device``; ``decode``/``workers``: see
     :class:`Embedder`."""
-    from .backends import open_engine, require_device, select_engine
+    from .backends import require_device
 
     path = Path(path)
     require_device(device)
     manifest = read_manifest(path)
-    if verify_checksums:
-        verify(path, manifest)
+    try:
+        return _open_artifact(path, manifest, backend=backend, device=device, threads=threads, batch_size=batch_size,
+                              verify_checksums=verify_checksums, allow_failed=allow_failed, decode=decode,
+                              workers=workers)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if isinstance(e, ImgembedError):
+            raise
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ArtifactError(f"{path / MANIFEST}: malformed manifest ({what:.300}); re-export the artifact") from None
+
+
+def _open_artifact(path: Path, manifest: dict, *, backend: str, device: str, threads: int | None, batch_size: int,
+                   verify_checksums: bool, allow_failed: bool, decode: str, workers: int | None) -> Embedder:
+    """:func:`load_artifact` after the manifest was read: select, verify and open the engine."""
+    from .backends import open_engine, select_engine
+
     if manifest.get("status") != "passed" and not allow_failed:
         raise ArtifactError(f"{path} failed its parity gate at export ({manifest.get('parity', {}).get('failures')}); "
                             "pass allow_failed=True to load it anyway")
     engine, _ = select_engine(manifest, backend, device, where=str(path))
-    runner = open_engine(path, manifest, engine, device=device, threads=threads)
+    if verify_checksums:  # the engine's own files are hashed once, when the runner reads them
+        verify(path, manifest, hashed_on_read=engine_files(engine))
+    files = ArtifactFiles.of(path, manifest, check_sha=verify_checksums)
+    runner = open_engine(path, manifest, engine, device=device, threads=threads, files=files)
     emb = Embedder(runner, PreprocessSpec.from_dict(manifest["preprocess"]), name=manifest["name"],
                    precision=engine["precision"], normalized=bool(manifest["output"]["normalized"]),
                    manifest=manifest, batch_size=batch_size, decode=decode, workers=_workers(workers))
     emb.artifact_path = path
     emb.engine = engine
-    emb._text_options = {"backend": backend, "device": device, "threads": threads}
+    emb._text_options = {"backend": backend, "device": device, "threads": threads, "files": files}
     return emb
 
 

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..artifact_files import ArtifactFile
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import InputSpec, Runner
 
@@ -58,6 +59,31 @@ def _with_cuda_options(providers: list, options: dict[str, str]) -> list:
     return [("CUDAExecutionProvider", options) if p == "CUDAExecutionProvider" and options else p for p in providers]
 
 
+def verified_external_data(source: ArtifactFile, model: bytes) -> dict[str, bytes]:
+    """The verified bytes of every external-data file of ``model`` (the bytes of ``source``), by the location
+    the model names; each location goes through the artifact's resolver. Models that never mention
+    ``location`` (every model under 2 GB that imgembed writes) are not parsed."""
+    if b"location" not in model:
+        return {}
+    import onnx
+
+    from ..artifact import _tensors
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ArtifactError(f"{source.path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    found: dict[str, bytes] = {}
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        if location not in found:
+            field = f"{source.field} ({source.rel}) tensor {tensor.name!r} external data location"
+            found[location] = source.beside(location, field).read()
+    return found
+
+
 class OrtRunner(Runner):
     """Runs an ONNX model with ONNX Runtime. The session is created on activate().
 
@@ -68,11 +94,12 @@ class OrtRunner(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, output_dim: int, *, device: str = "cpu",
+    def __init__(self, model_path: str | Path | ArtifactFile, output_dim: int, *, device: str = "cpu",
                  threads: int | None = None, providers: Sequence[str] | None = None, name: str | None = None,
                  cuda_options: dict | None = None, io_binding: bool = False):
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file():
+        self.source = model_path if isinstance(model_path, ArtifactFile) else None
+        self.model_path = self.source.path if self.source else Path(model_path)
+        if self.source is None and not self.model_path.is_file():
             raise ArtifactError(f"ONNX model {self.model_path} does not exist")
         self.device = device
         self.providers = list(providers) if providers else resolve_providers(device)
@@ -88,15 +115,21 @@ class OrtRunner(Runner):
 
         from ..artifact import check_external_data
 
-        check_external_data(self.model_path)  # refuse data outside the directory before ORT reads it
         opts = ort.SessionOptions()
+        if self.source is not None:  # an artifact's engine: ORT gets the verified bytes, never the path
+            model = self.source.read()
+            for location, data in verified_external_data(self.source, model).items():
+                opts.add_external_initializers_from_files_in_memory([location], [data], [len(data)])
+        else:
+            check_external_data(self.model_path)  # refuse data outside the directory before ORT reads it
+            model = str(self.model_path)
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: unused-initializer notices of quantized graphs are noise
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
+            self.session = ort.InferenceSession(model, sess_options=opts, providers=self.providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types; wrap with the file name
             raise ArtifactError(f"ONNX Runtime could not load {self.model_path}: {e}") from None
         inp = self.session.get_inputs()[0]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, BackendUnavailableError
+from ..artifact_files import ArtifactFile
+from ..errors import ArtifactError, BackendUnavailableError, ImgembedError
 from .base import InputSpec, Runner
 
 INSTALL_HINT = "pip install 'imgembed[openvino]' (openvino and nncf)"
@@ -58,13 +59,21 @@ class OpenVinoRunner(Runner):
 
     backend = "openvino"
 
-    def __init__(self, model_path: str | Path, output_dim: int, *, device: str = "cpu", threads: int | None = None,
-                 inference_precision: str = "fp32", name: str | None = None):
+    def __init__(self, model_path: str | Path | ArtifactFile, output_dim: int, *, device: str = "cpu",
+                 threads: int | None = None, inference_precision: str = "fp32", name: str | None = None,
+                 weights: ArtifactFile | None = None):
+        """``model_path``: the ``.xml`` (its ``.bin`` beside it), or an artifact's file with its ``weights``
+        file, whose verified bytes are what OpenVINO reads."""
         reason = openvino_unavailable(device)
         if reason:
             raise BackendUnavailableError(reason)
-        self.model_path = Path(model_path)
-        if not self.model_path.is_file() or not self.model_path.with_suffix(".bin").is_file():
+        self.source = model_path if isinstance(model_path, ArtifactFile) else None
+        self.weights = weights
+        if self.source is not None and weights is None:
+            self.weights = self.source.beside(self.source.name.rsplit(".", 1)[0] + ".bin",
+                                              f"{self.source.field} weights (.bin beside it)")
+        self.model_path = self.source.path if self.source else Path(model_path)
+        if self.source is None and (not self.model_path.is_file() or not self.model_path.with_suffix(".bin").is_file()):
             raise ArtifactError(f"OpenVINO model {self.model_path} (with {self.model_path.with_suffix('.bin').name}) "
                                 "does not exist")
         if inference_precision not in HINTS:
@@ -79,8 +88,13 @@ class OpenVinoRunner(Runner):
         ov = import_openvino()
         core = ov.Core()
         try:
-            model = core.read_model(str(self.model_path))
+            if self.source is not None:  # an artifact's engine: the verified bytes, never the paths
+                model = core.read_model(self.source.read(), self.weights.read())
+            else:
+                model = core.read_model(str(self.model_path))
             self._compiled = core.compile_model(model, "CPU", compile_config(self.threads, self.inference_precision))
+        except ImgembedError:
+            raise
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long C++ traces
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"OpenVINO could not load {self.model_path}: {first}") from None

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..artifact_files import ArtifactFiles
 from ..errors import ArtifactError
 from ..tokenizer import TextTokenizer, check_texts
 from .base import Runner
@@ -27,7 +28,8 @@ def text_view(manifest: dict, where: str) -> dict:
         raise ArtifactError(f"{where} has no text tower; export it with `imgembed export {manifest.get('name')} "
                             "--text` (CLIP and SigLIP models)")
     return {"name": f"{manifest['name']}-text", "engines": text["engines"], "default_engine": text["default_engine"],
-            "output": {"dim": int(text["dim"])}, "precision": manifest.get("precision", "fp32")}
+            "output": {"dim": int(text["dim"])}, "precision": manifest.get("precision", "fp32"),
+            "files": manifest.get("files")}
 
 
 class TextEncoder:
@@ -65,17 +67,32 @@ class TextEncoder:
 
 
 def open_text(path: str | Path, manifest: dict, *, backend: str = "auto", device: str = "cpu",
-              threads: int | None = None, batch_size: int = DEFAULT_TEXT_BATCH) -> TextEncoder:
-    """The text encoder of a verified artifact (checksums are checked by the caller)."""
+              threads: int | None = None, batch_size: int = DEFAULT_TEXT_BATCH,
+              files: ArtifactFiles | None = None) -> TextEncoder:
+    """The text encoder of an artifact; the tokenizer and engine files are read through ``files`` (by default
+    the resolver of ``manifest["files"]``, sha256 checked)."""
     from .backends import open_engine, select_engine
 
     path = Path(path)
+    files = files or ArtifactFiles.of(path, manifest)
     view = text_view(manifest, str(path))
     engine, _ = select_engine(view, backend, device, where=f"{path} (text tower)")
     record = manifest["text"]["tokenizer"]
-    tokenizer = TextTokenizer(path / record["file"], record)
-    runner = open_engine(path, view, engine, device=device, threads=threads)
+    tokenizer = read_tokenizer(files, record)
+    runner = open_engine(path, view, engine, device=device, threads=threads, files=files)
     return TextEncoder(runner, tokenizer, name=view["name"], engine=engine, batch_size=batch_size)
+
+
+def read_tokenizer(files: ArtifactFiles, record: dict) -> TextTokenizer:
+    """The text tower's tokenizer from the verified bytes of its tokenizer.json."""
+    if not isinstance(record, dict):
+        raise ArtifactError(f"{files.where}: 'text.tokenizer' must be an object, got {type(record).__name__}")
+    data = files.read(record.get("file"), "text tokenizer file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{files.directory / record['file']}: tokenizer.json is not UTF-8 ({e})") from None
+    return TextTokenizer(files.directory / record["file"], record, json_text=text)
 
 
 def describe_towers(manifest: dict) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact_files import ArtifactFile, ArtifactFiles
 from ..errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ImgembedError
 from .base import InputSpec, Runner
 from .gpu import current_gpu
@@ -68,9 +69,11 @@ class TrtRunner(Runner):
 
     backend = "tensorrt"
 
-    def __init__(self, engine_path: str | Path, output_dim: int, *, name: str | None = None):
-        self.engine_path = Path(engine_path)
-        if not self.engine_path.is_file():
+    def __init__(self, engine_path: str | Path | ArtifactFile, output_dim: int, *, name: str | None = None):
+        """``engine_path``: a plan file, or an artifact's file whose verified bytes are deserialized."""
+        self.source = engine_path if isinstance(engine_path, ArtifactFile) else None
+        self.engine_path = self.source.path if self.source else Path(engine_path)
+        if self.source is None and not self.engine_path.is_file():
             raise ArtifactError(f"TensorRT engine {self.engine_path} does not exist")
         self.profile: BatchProfile | None = None
         self._engine = self._context = self._runtime = None
@@ -84,7 +87,8 @@ class TrtRunner(Runner):
         if not torch.cuda.is_available():
             raise BackendUnavailableError("TensorRT needs a CUDA device; torch.cuda.is_available() is False")
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        plan = self.source.read() if self.source is not None else self.engine_path.read_bytes()
+        engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise EngineMismatchError(
                 f"TensorRT {trt.__version__} could not deserialize {self.engine_path} on "
@@ -144,15 +148,20 @@ def engine_records(manifest: dict) -> list[dict]:
     return list((manifest.get("tensorrt") or {}).get("engines") or [])
 
 
-def artifact_engine(artifact: str | Path, precision: str | None = None,
-                    env: EngineEnv | None = None) -> tuple[Path, dict]:
-    """The engine file (and its record) of ``artifact`` that runs on this machine; checksums verified."""
+def artifact_engine(artifact: str | Path, precision: str | None = None, env: EngineEnv | None = None,
+                    files: ArtifactFiles | None = None) -> tuple[ArtifactFile, dict]:
+    """The engine file (and its record) of ``artifact`` that runs on this machine, through the artifact's
+    resolver (``files``; by default one that checks every sha256): its bytes are verified when read."""
     from ..artifact import read_manifest, verify
 
     artifact = Path(artifact)
-    manifest = verify(artifact, read_manifest(artifact))
+    manifest = read_manifest(artifact)
+    if files is None:
+        verify(artifact, manifest)
+        files = ArtifactFiles.of(artifact, manifest)
     record = select_engine(engine_records(manifest), env or current_env(), precision, where=str(artifact))
-    return artifact / record["file"], record
+    return files.file(record.get("file"), f"tensorrt engine {record.get('key', record.get('precision'))!r} file"), \
+        record
 
 
 def load_trt_runner(artifact: str | Path, precision: str | None = None) -> TrtRunner:
