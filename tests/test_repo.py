@@ -85,3 +85,14 @@ def test_the_core_never_imports_optimum():
     sources = [p for p in (ROOT / "imgembed").rglob("*.py") if re.search(r"^\s*(from|import) optimum\b",
                                                                         p.read_text(), re.M)]
     assert sources == []
+
+
+def test_security_md_cites_tests_that_exist():
+    text = (ROOT / "SECURITY.md").read_text()
+    cited = set(re.findall(r"tests/(test_\w+\.py)(?:::(\w+))?", text))
+    assert cited
+    for name, test in cited:
+        path = ROOT / "tests" / name
+        assert path.is_file(), f"SECURITY.md cites tests/{name}, which does not exist"
+        if test:
+            assert re.search(rf"^def {test}\(", path.read_text(), re.M), f"SECURITY.md cites tests/{name}::{test}"
