@@ -4,6 +4,8 @@
         --out benchmarks/results/peers.json --markdown benchmarks/results/peers.md
     python benchmarks/peers.py --quick            # the tiny test models, short windows: a smoke test
 
+Needs the ``peers`` extra (Optimum) and ``openvino``: ``pip install 'imgembed[peers,openvino,bench]'`` (in ``dev``).
+
 Per model, one random-init checkpoint (seeded, the registry's ``arch``) is written with ``save_pretrained`` and
 every tool loads *that* directory, so all contestants run the same weights. The common input is imgembed's
 parity set (``imgembed.samples.parity_images``) preprocessed by ``imgembed.preprocess.preprocess_batch``; the

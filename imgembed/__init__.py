@@ -24,6 +24,7 @@ from .errors import (
     IntegrityError,
     ParityError,
     RegistryError,
+    SignatureError,
     UnknownModelError,
     WeightsError,
 )
@@ -54,5 +55,5 @@ def export_module(module, out, **kwargs):
 
 __all__ = ["load", "similarity", "export_module", "get_spec", "list_models", "ModelSpec", "ImgembedError",
            "UnknownModelError",
-           "RegistryError", "ImageDecodeError", "ArtifactError", "IntegrityError", "ExportError", "ParityError",
-           "BackendUnavailableError", "WeightsError", "__version__"]
+           "RegistryError", "ImageDecodeError", "ArtifactError", "IntegrityError", "SignatureError", "ExportError",
+           "ParityError", "BackendUnavailableError", "WeightsError", "__version__"]

@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .cli_common import err_console, errors, out_console, steps
+from .user_module import TRUST_FLAG
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export image-embedding models to ONNX Runtime / OpenVINO engines, check parity, "
@@ -196,6 +197,7 @@ def export_cmd(
     if m["status"] != "passed":
         raise typer.Exit(2)
     if trt_opts is not None:
+        trt_opts.module = module
         _trt_engine(out, trt_opts, weights, threads)
 
 
@@ -289,6 +291,12 @@ def parity_cmd(
     images: Optional[Path] = typer.Option(None, "--images", help="Directory of your own images to check on "
                                           "instead of the built-in parity set (unreadable files are skipped "
                                           "and reported)."),
+    module: Optional[str] = typer.Option(None, "--module", help="A module artifact: the factory "
+                                         "(pkg.module:factory) that rebuilds its original. imgembed never imports "
+                                         "the factory a manifest names unless --trust-manifest-factory is given."),
+    trust_manifest_factory: bool = typer.Option(False, TRUST_FLAG, help="A module artifact: import and run the "
+                                                "factory its manifest names (printed first). Code execution: only "
+                                                "for artifacts whose author you trust."),
 ) -> None:
     """Re-run the parity check of ARTIFACT's engine against its PyTorch original."""
     from .export.pipeline import recheck_artifact
@@ -297,7 +305,7 @@ def parity_cmd(
     with errors(), steps("checking parity") as step:
         pairs, skipped = load_image_dir(images) if images is not None else (None, [])
         report = recheck_artifact(artifact, weights=weights, threads=threads, step=step, backend=backend,
-                                  images=pairs)
+                                  images=pairs, module=module, trust_manifest_factory=trust_manifest_factory)
         text_report = _recheck_text(artifact, weights, threads, backend, step)
     from .parity import format_report
 
@@ -487,7 +495,7 @@ def _run_parquet(job, engine, max_parts: Optional[int]) -> tuple[int, list[tuple
 
 # Sub-commands that live in their own modules; each module exposes ``register(app: typer.Typer)``.
 SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli", "imgembed.serve.cli", "imgembed.text_cli",
-                                       "imgembed.jobs.search")
+                                       "imgembed.jobs.search", "imgembed.signing_cli")
 
 
 def _register_subcommands() -> None:

@@ -35,6 +35,11 @@ class IntegrityError(ArtifactError):
     """An artifact file does not match the sha256 recorded in its manifest."""
 
 
+class SignatureError(ArtifactError):
+    """An artifact's signature is missing, does not verify with the given public key, or cannot be made
+    (including: the ``sign`` extra is not installed)."""
+
+
 class ExportError(ImgembedError):
     """Export to ONNX (or an optimization step) failed."""
 

@@ -345,21 +345,23 @@ def source_record(spec: "ModelSpec", weights: str | Path | None, random_init: bo
 
 
 def original_from_source(spec: "ModelSpec", source: Mapping[str, Any], weights_override: str | Path | None = None,
-                         attn: str = "eager") -> "EmbeddingHead":
+                         attn: str = "eager", module: str | Callable | None = None,
+                         trust_manifest_factory: bool = False) -> "EmbeddingHead":
     """Rebuild the PyTorch original recorded by :func:`source_record` (a manifest's ``source``).
 
     ``random-init`` reuses the seed (``spec.arch`` is the architecture); ``local`` loads the recorded
     directory, or ``weights_override`` when given (the directory moved); ``hub`` loads the recorded repo at
-    the recorded revision, or ``weights_override`` when given (offline re-checks); ``module`` imports the
-    recorded factory again (:func:`imgembed.user_module.original_from_record`; ``weights_override`` is the
-    weights file, which must have the recorded sha256). Unknown kinds raise
+    the recorded revision, or ``weights_override`` when given (offline re-checks); ``module`` calls the factory
+    the caller names in ``module`` (or the recorded one only with ``trust_manifest_factory``; see
+    :func:`imgembed.user_module.original_from_record`; ``weights_override`` is the weights file, which must have
+    the recorded sha256). Unknown kinds raise
     :class:`~imgembed.errors.WeightsError`.
     """
     kind = source.get("kind") if isinstance(source, Mapping) else None
     if kind == "module":
         from .user_module import original_from_record
 
-        return original_from_record(spec, source, weights_override)
+        return original_from_record(spec, source, weights_override, module, trust_manifest_factory)
     if kind == "random-init":
         return load_original(spec, random_init=True, seed=int(source["seed"]), attn=attn)
     if kind in ("local", "hub") and weights_override is not None:

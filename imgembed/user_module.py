@@ -9,8 +9,13 @@ without weights builds the same module again.
 
 The artifact holds no pickle and no user code. The manifest's ``source`` (:func:`source_record`) records the
 factory path, the module's class, the seed, the weights file's path and sha256, and a digest of the module's
-state, so :func:`original_from_record` (``imgembed parity ARTIFACT``, ``imgembed bench``) rebuilds the same
-original where the factory is importable, and raises :class:`~imgembed.errors.ArtifactError` otherwise.
+state. :func:`original_from_record` (``imgembed parity ARTIFACT``, ``imgembed bench``) rebuilds the same
+original from a factory the *caller* names (``--module pkg.mod:fn``, ``module=``), or from the recorded one
+only on the explicit opt-in ``--trust-manifest-factory`` (``trust_manifest_factory=True``), which prints the
+module before importing it. A manifest alone never makes imgembed import anything: without either, the
+re-check is an :class:`~imgembed.errors.ArtifactError` saying what to pass. A caller's factory that differs
+from the recorded path is used with a :class:`FactoryMismatchWarning`; the state digest and the parity gate
+then judge the module it builds.
 
 Importing a factory runs its code: factories are trusted like the Python environment (see SECURITY.md).
 torch is imported inside the functions, so the core imports without it.
@@ -23,6 +28,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -37,6 +43,11 @@ SOURCE_KIND = "module"
 FACTORY_FORM = "'pkg.module:factory' (a callable taking no arguments that returns a torch.nn.Module)"
 _FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _SHOWN_KEYS = 5
+TRUST_FLAG = "--trust-manifest-factory"
+
+
+class FactoryMismatchWarning(UserWarning):
+    """The factory named for a re-check is not the one the artifact records."""
 
 
 # ------------------------------------------------------------------------------------------ factories
@@ -221,30 +232,75 @@ def source_record(factory: str | None, module, weights: str | Path | None, seed:
 
 
 def original_from_record(spec: "ModelSpec", source: Mapping[str, Any],
-                         weights_override: str | Path | None = None) -> "ModuleHead":
-    """Rebuild the original of a module artifact: import its factory, call it under the recorded seed, load the
-    recorded weights file (or ``weights_override``, which must have the same sha256), check the state digest."""
+                         weights_override: str | Path | None = None, module: str | Callable | None = None,
+                         trust_manifest_factory: bool = False) -> "ModuleHead":
+    """Rebuild the original of a module artifact: the caller's factory ``module`` (a path or a callable), or the
+    recorded one when ``trust_manifest_factory``; call it under the recorded seed, load the recorded weights file
+    (or ``weights_override``, which must have the same sha256), check the state digest."""
     from .embedding_head import ModuleHead
 
-    factory, recorded = source.get("factory"), source.get("weights")
     what = f"module artifact {spec.name!r}"
-    if not factory:
-        raise ArtifactError(f"{what} was exported from a module instance ({source.get('class')}), not a factory; "
-                            f"re-checking a module artifact needs its factory importable: export it from "
-                            f"{FACTORY_FORM} (imgembed export --module)")
-    path = _recorded_weights(what, recorded, weights_override)
+    factory, label = _chosen_factory(what, source, module, trust_manifest_factory)
+    path = _recorded_weights(what, source.get("weights"), weights_override)
     try:
-        module = call_factory(import_factory(factory), factory, int(source.get("seed", 0)))
+        built = call_factory(factory, label, _recorded_seed(what, source))
         if path is not None:
-            load_weights(module, path)
+            load_weights(built, path)
     except (ExportError, WeightsError) as e:
-        raise ArtifactError(f"{what}: re-checking it needs its factory {factory!r} importable here and building "
+        raise ArtifactError(f"{what}: re-checking it needs the factory {label!r} importable here and building "
                             f"the exported module ({e})") from None
-    module.eval()
-    if state_digest(module) != source.get("state_sha256"):
-        raise ArtifactError(f"{what}: factory {factory!r} now builds a module whose state differs from the exported "
-                            "one (state sha256 mismatch); re-export the artifact")
-    return ModuleHead(module, spec.embedding.normalize).eval()
+    built.eval()
+    if state_digest(built) != source.get("state_sha256"):
+        raise ArtifactError(f"{what}: factory {label!r} builds a module whose state differs from the exported "
+                            "one (state sha256 mismatch); pass the factory it was exported from, or re-export")
+    return ModuleHead(built, spec.embedding.normalize).eval()
+
+
+def _chosen_factory(what: str, source: Mapping[str, Any], module: str | Callable | None,
+                    trust_manifest_factory: bool) -> tuple[Callable[[], Any], str]:
+    """The factory callable of a re-check and its label; imports only what the caller named or opted into."""
+    recorded = require_factory_choice(what, source, module, trust_manifest_factory)
+    if module is not None:
+        label = module if isinstance(module, str) else (factory_path(module) or getattr(module, "__qualname__", "?"))
+        if recorded and label != recorded:
+            warnings.warn(f"{what} records the factory {recorded!r}; rebuilding it with {label!r} as given",
+                          FactoryMismatchWarning, stacklevel=3)
+        try:
+            return (import_factory(module) if isinstance(module, str) else module), label
+        except ExportError as e:
+            raise ArtifactError(f"{what}: {e}") from None
+    print(f"imgembed: {TRUST_FLAG}: importing module {recorded.split(':')[0]!r} (factory {recorded!r}) named by "
+          f"the manifest of {what}", file=sys.stderr, flush=True)
+    try:
+        return import_factory(recorded), recorded
+    except ExportError as e:
+        raise ArtifactError(f"{what}: re-checking it needs its factory {recorded!r} importable here ({e})") from None
+
+
+def require_factory_choice(what: str, source: Mapping[str, Any], module: str | Callable | None,
+                           trust_manifest_factory: bool) -> str:
+    """The recorded factory path, once the caller has named a factory or opted into the recorded one; an
+    ArtifactError saying what to pass otherwise. Imports nothing."""
+    recorded = source.get("factory")
+    if module is not None:
+        return recorded
+    if not isinstance(recorded, str) or not recorded:
+        raise ArtifactError(f"{what} was exported from a module instance ({source.get('class')!r}), not a factory; "
+                            f"name the factory that builds it: --module {FACTORY_FORM} (Python: module=...)")
+    if not trust_manifest_factory:
+        raise ArtifactError(f"{what}: its manifest names the factory {recorded!r}, and imgembed does not import "
+                            f"code named by an artifact; pass --module {recorded!r} (Python: module=...) if you "
+                            f"trust that code, or {TRUST_FLAG} to import the recorded factory")
+    if not _FACTORY_RE.match(recorded):
+        raise ArtifactError(f"{what}: its manifest names the factory {recorded!r}, not of the form {FACTORY_FORM}")
+    return recorded
+
+
+def _recorded_seed(what: str, source: Mapping[str, Any]) -> int:
+    seed = source.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ArtifactError(f"{what}: its manifest records the seed {seed!r}; expected an integer")
+    return seed
 
 
 def _recorded_weights(what: str, recorded: Mapping | None, override: str | Path | None) -> Path | None:

@@ -25,6 +25,7 @@ from imgembed.preprocess import PreprocessSpec, load_image, preprocess
 from imgembed.preprocess.presets import preset
 from imgembed.registry import parse_registry
 from imgembed.samples import parity_images
+from imgembed.user_module import FactoryMismatchWarning
 
 from . import byo_models
 from .helpers import cosine, run_cli
@@ -124,7 +125,7 @@ def test_instance_export_without_normalization_restores_the_training_flag(tmp_pa
     got = imgembed.load(res.path).embed([im for _, im in parity_images()[:6]])
     np.testing.assert_allclose(got, _embed(module.eval(), pixels, normalize=False), atol=1e-4)
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)
-    with pytest.raises(ArtifactError, match="module instance .*needs its factory importable"):
+    with pytest.raises(ArtifactError, match=r"module instance .*name the factory that builds it: --module"):
         recheck_artifact(res.path)
 
 
@@ -157,17 +158,17 @@ def test_weights_file_is_loaded_safely_and_rechecked(tmp_path, fmt):
     got = imgembed.load(res.path).embed([im for _, im in parity_images()[:6]])
     assert cosine(got, _embed(trained, pixels)).min() >= 0.99999
     assert cosine(got, _embed(_seeded(byo_models.conv_encoder), pixels)).min() < 0.99   # not the factory's init
-    assert recheck_artifact(res.path).passed                                              # factory + weights again
+    assert recheck_artifact(res.path, module=CONV).passed                                 # factory + weights again
     moved = tmp_path / f"moved{path.suffix}"
     shutil.move(path, moved)
     with pytest.raises(ArtifactError, match="weights file .* is missing; pass the file with --weights"):
-        recheck_artifact(res.path)
-    assert recheck_artifact(res.path, weights=moved).passed
+        recheck_artifact(res.path, module=CONV)
+    assert recheck_artifact(res.path, weights=moved, module=CONV).passed
     other = tmp_path / f"other{path.suffix}"
     save_file({k: v + 1 for k, v in state.items()}, str(other)) if fmt == "safetensors" else \
         torch.save({k: v + 1 for k, v in state.items()}, other)
     with pytest.raises(ArtifactError, match="has sha256 .*, the artifact was exported from"):
-        recheck_artifact(res.path, weights=other)
+        recheck_artifact(res.path, weights=other, module=CONV)
 
 
 class _Payload:
@@ -275,19 +276,38 @@ def test_registry_entries_cannot_use_the_module_family():
 
 
 # ------------------------------------------------------------------------------------------ re-checks
-def test_recheck_needs_the_factory_importable(conv_fp32, tmp_path):
-    assert recheck_artifact(conv_fp32).passed
+def test_recheck_rebuilds_from_the_factory_the_caller_names(conv_fp32, recwarn):
+    with pytest.raises(ArtifactError, match=f"pass --module '{CONV}' .* or --trust-manifest-factory"):
+        recheck_artifact(conv_fp32)
+    assert recheck_artifact(conv_fp32, module=CONV).passed
+    assert recheck_artifact(conv_fp32, module=byo_models.conv_encoder).passed   # a callable, same path
+    assert not [w for w in recwarn if issubclass(w.category, FactoryMismatchWarning)]
+    with pytest.warns(FactoryMismatchWarning, match=f"records the factory '{CONV}'; rebuilding it with .*<lambda>"):
+        assert recheck_artifact(conv_fp32, module=lambda: byo_models.conv_encoder()).passed
+    with pytest.raises(ArtifactError, match="factory 'tests.byo_models:siamese_twin' builds a module whose state "
+                                            "differs"), pytest.warns(FactoryMismatchWarning):
+        recheck_artifact(conv_fp32, module=TWIN)
+
+
+def test_trusting_the_manifest_factory_prints_the_module_first(conv_fp32, tmp_path, capfd):
+    assert recheck_artifact(conv_fp32, trust_manifest_factory=True).passed
+    assert (f"--trust-manifest-factory: importing module 'tests.byo_models' (factory '{CONV}') named by the "
+            "manifest of module artifact 'conv-encoder'") in capfd.readouterr().err
     broken = tmp_path / "art"
     shutil.copytree(conv_fp32, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["source"]["factory"] = "tests.byo_models_gone:conv_encoder"
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="needs its factory 'tests.byo_models_gone:conv_encoder' importable"):
-        recheck_artifact(broken)
+        recheck_artifact(broken, trust_manifest_factory=True)
     manifest["source"]["factory"], manifest["source"]["seed"] = CONV, 1   # the factory now builds other weights
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="state differs from the exported one"):
-        recheck_artifact(broken)
+        recheck_artifact(broken, trust_manifest_factory=True)
+    manifest["source"]["seed"] = "0"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="records the seed '0'; expected an integer"):
+        recheck_artifact(broken, module=CONV)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -301,7 +321,7 @@ def test_cli_exports_the_siamese_twin_and_rechecks_it(tmp_path):
     assert (m["name"], m["source"]["factory"], m["model"]["arch"]["transformer"]) == ("twin", TWIN, True)
     assert m["preprocess"] == preset("clip", SIZE).to_dict()
     assert {p.suffix for p in out.rglob("*") if p.is_file()} <= ARTIFACT_SUFFIXES
-    res = run_cli("parity", str(out), "--json")
+    res = run_cli("parity", str(out), "--json", "--module", TWIN)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["metrics"] == pytest.approx(m["parity"]["metrics"], abs=1e-6)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import tomllib
+
+from .helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +74,25 @@ def test_gitignore_covers_generated_binaries():
     for path in ("x/model.onnx", "w/model.safetensors", "a/v.npy", "artifacts/x", "e.parquet", "w/m.bin",
                  ".venv/.installed"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
+def test_the_core_never_imports_optimum():
+    code = ("import sys, imgembed, imgembed.runtime, imgembed.export, imgembed.cli, imgembed.export.pipeline; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optimum'))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    sources = [p for p in (ROOT / "imgembed").rglob("*.py") if re.search(r"^\s*(from|import) optimum\b",
+                                                                        p.read_text(), re.M)]
+    assert sources == []
+
+
+def test_security_md_cites_tests_that_exist():
+    text = (ROOT / "SECURITY.md").read_text()
+    cited = set(re.findall(r"tests/(test_\w+\.py)(?:::(\w+))?", text))
+    assert cited
+    for name, test in cited:
+        path = ROOT / "tests" / name
+        assert path.is_file(), f"SECURITY.md cites tests/{name}, which does not exist"
+        if test:
+            assert re.search(rf"^def {test}\(", path.read_text(), re.M), f"SECURITY.md cites tests/{name}::{test}"

@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from ..user_module import TRUST_FLAG
 from .measure import MeasureSettings, Window
 
 MODE_CHOICES = {"model": ("model",), "e2e": ("e2e",), "both": ("model", "e2e"), "pipeline": ("pipeline",),
@@ -73,7 +74,8 @@ class RichProgress:
 
 
 def _prepare(targets: List[str], precisions: tuple[str, ...], random_init: bool, weights: Optional[Path],
-             cache_dir: Optional[Path], threads: int, steps) -> tuple[list, list[str]]:
+             cache_dir: Optional[Path], threads: int, steps, module: Optional[str] = None,
+             trust_manifest_factory: bool = False) -> tuple[list, list[str]]:
     """Resolve the targets (exporting registry models into the cache) under a spinner; returns the models and
     notes: exports left out after failing parity, and INT8-slower-than-FP32 findings of fresh exports."""
     from ..export.quantize import Int8SlowerWarning
@@ -83,7 +85,8 @@ def _prepare(targets: List[str], precisions: tuple[str, ...], random_init: bool,
     with steps("preparing artifacts") as step, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         models = resolve_targets(targets, precisions=precisions, random_init=random_init, weights=weights,
-                                 cache_dir=cache_dir, threads=threads, step=step, notes=notes)
+                                 cache_dir=cache_dir, threads=threads, step=step, notes=notes, module=module,
+                                 trust_manifest_factory=trust_manifest_factory)
     notes += [str(w.message) for w in caught if issubclass(w.category, Int8SlowerWarning)]
     return models, list(dict.fromkeys(notes))
 
@@ -120,6 +123,11 @@ def bench_cmd(
     out: Path = typer.Option(Path("reports/bench"), "--out", "-o", help="Directory for bench.json/.md/.png."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Artifact cache for registry names "
                                              "(default: $IMGEMBED_BENCH_CACHE or ~/.cache/imgembed/bench)."),
+    module: Optional[str] = typer.Option(None, "--module", help="Module artifacts: the factory "
+                                         "(pkg.module:factory) that rebuilds their original. imgembed never "
+                                         "imports the factory a manifest names unless --trust-manifest-factory."),
+    trust_manifest_factory: bool = typer.Option(False, TRUST_FLAG, help="Module artifacts: import and run the "
+                                                "factory the manifest names (printed first). Code execution."),
 ) -> None:
     """Benchmark models against their PyTorch original: latency percentiles, throughput, speed-up."""
     from ..cli_common import err_console, errors, out_console, steps
@@ -144,7 +152,10 @@ def bench_cmd(
                              workers=workers, e2e_megapixels=e2e_megapixels, engines=backends,
                              **({"threads": threads} if threads else {}))
         precisions = ("fp32",) + (("int8",) if int8 else ()) + (("bf16",) if bf16 else ())
-        models, notes = _prepare(targets, precisions, random_init, weights, cache_dir, config.threads, steps)
+        models, notes = _prepare(targets, precisions, random_init, weights, cache_dir, config.threads, steps,
+                                 module, trust_manifest_factory)
+        for model in models if compare_original else ():
+            model.check_original()
         for note in notes:
             warn(note)
         total = len(models) * len(config.modes) * len(sizes)

@@ -60,16 +60,28 @@ class BenchModel:
     source: dict                       # manifest-style source record (families.source_record)
     artifacts: list[ArtifactRef] = field(default_factory=list)
     weights_override: Path | None = None
+    module: str | None = None              # a module artifact's factory, as the user named it
+    trust_manifest_factory: bool = False   # or the recorded one, on this explicit opt-in
 
     @property
     def key(self) -> str:
         return f"{self.spec.name}@{source_tag(self.source)}"
 
+    def check_original(self) -> None:
+        """Raise the ArtifactError :meth:`build_original` would, before anything runs: a module artifact's
+        original needs a factory the user named (or the explicit opt-in)."""
+        if self.source.get("kind") == "module":
+            from ..user_module import require_factory_choice
+
+            require_factory_choice(f"module artifact {self.spec.name!r}", self.source, self.module,
+                                   self.trust_manifest_factory)
+
     def build_original(self, attn: str = "sdpa"):
         """The PyTorch original (an EmbeddingHead), rebuilt from the source record."""
         from ..families import original_from_source
 
-        return original_from_source(self.spec, self.source, self.weights_override, attn=attn)
+        return original_from_source(self.spec, self.source, self.weights_override, attn=attn, module=self.module,
+                                    trust_manifest_factory=self.trust_manifest_factory)
 
 
 def source_tag(source: dict) -> str:
@@ -163,11 +175,14 @@ def model_from_registry(name: str, *, precisions: Sequence[str] = ("fp32",), ran
     return model
 
 
-def add_artifact_dir(models: dict[str, BenchModel], path: Path, weights: Path | None) -> None:
-    """Verify the artifact at ``path`` and add it to the BenchModel of its original (created if new)."""
+def add_artifact_dir(models: dict[str, BenchModel], path: Path, weights: Path | None, module: str | None = None,
+                     trust_manifest_factory: bool = False) -> None:
+    """Verify the artifact at ``path`` and add it to the BenchModel of its original (created if new); a module
+    artifact's original comes from ``module`` or, with ``trust_manifest_factory``, the recorded factory."""
     manifest = verify(path, read_manifest(path))
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
-    model = BenchModel(spec, manifest["source"], weights_override=weights)
+    model = BenchModel(spec, manifest["source"], weights_override=weights, module=module,
+                       trust_manifest_factory=trust_manifest_factory)
     model = models.setdefault(model.key, model)
     ref = ArtifactRef.from_manifest(path, manifest)
     if ref not in model.artifacts:
@@ -176,16 +191,19 @@ def add_artifact_dir(models: dict[str, BenchModel], path: Path, weights: Path | 
 
 def resolve_targets(items: Iterable[str], *, precisions: Sequence[str] = ("fp32",), random_init: bool = False,
                     weights: Path | None = None, cache_dir: Path | None = None, threads: int | None = None,
-                    step: Step = lambda s: None, notes: list[str] | None = None) -> list[BenchModel]:
+                    step: Step = lambda s: None, notes: list[str] | None = None, module: str | None = None,
+                    trust_manifest_factory: bool = False) -> list[BenchModel]:
     """Registry names and artifact directories -> BenchModels, in the order first mentioned.
 
     ``notes`` collects exports left out after failing their parity gate (see :func:`model_from_registry`).
+    ``module`` / ``trust_manifest_factory``: where module artifacts' originals come from (see
+    :func:`imgembed.user_module.original_from_record`).
     """
     models: dict[str, BenchModel] = {}
     for item in items:
         path = Path(item)
         if path.is_dir():
-            add_artifact_dir(models, path, weights)
+            add_artifact_dir(models, path, weights, module, trust_manifest_factory)
         elif item in registry():
             m = model_from_registry(item, precisions=precisions, random_init=random_init, weights=weights,
                                     cache_dir=cache_dir, threads=threads, step=step, notes=notes)

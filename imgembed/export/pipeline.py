@@ -141,12 +141,15 @@ def calibration_batches(spec: ModelSpec, directory: str | Path | None, batch: in
 
 
 def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, threads: int | None = None,
-                     step: Step = lambda s: None, backend: str = "auto", images=None) -> ParityReport:
+                     step: Step = lambda s: None, backend: str = "auto", images=None,
+                     module: str | Callable | None = None, trust_manifest_factory: bool = False) -> ParityReport:
     """Re-run the parity gate of an existing artifact's engine (the one ``backend`` selects here) against
     its original, rebuilt from the manifest's source record (hub repo@revision, local directory, or seeded
     random init). A checkpoint whose preprocessor_config.json no longer gives the artifact's preprocessing
     raises ArtifactError. ``images``: a directory of the user's images or (name, PIL image) pairs instead
-    of the built-in parity set (unreadable files in a directory are skipped and reported through ``step``)."""
+    of the built-in parity set (unreadable files in a directory are skipped and reported through ``step``).
+    A module artifact is rebuilt from the caller's factory ``module`` (a path or a callable), or from the
+    recorded factory only when ``trust_manifest_factory``: nothing a manifest names is imported otherwise."""
     from ..artifact import read_manifest, verify
     from ..runtime.backends import open_engine, select_engine
 
@@ -155,7 +158,8 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     engine, _ = select_engine(manifest, backend, "cpu", where=str(artifact))
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
     step(f"rebuilding the original ({manifest['source']['kind']})")
-    head = original_from_source(spec, manifest["source"], weights_override=weights)
+    head = original_from_source(spec, manifest["source"], weights_override=weights, module=module,
+                                trust_manifest_factory=trust_manifest_factory)
     check_artifact_preprocess(spec, manifest["source"], weights, str(artifact))
     if isinstance(images, (str, Path)):
         images, skipped = load_image_dir(images)

@@ -72,6 +72,7 @@ class TrtOptions:
     cache_dir: str | Path | None = None         # timing caches (default: $IMGEMBED_TRT_CACHE or ~/.cache/...)
     weights: str | Path | None = None           # the original's weights, if its source directory moved
     threads: int | None = None                  # CPU threads for the PyTorch reference
+    module: str | None = None                   # a module artifact's factory, as the user named it
 
 
 def trt_export_overrides(precision: str, int8_preset: str | None) -> dict:
@@ -254,7 +255,7 @@ def engine_parity(manifest: dict, engine_path: Path, options: TrtOptions) -> Par
 
     spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
     weights = Path(options.weights) if options.weights else None
-    head = original_from_source(spec, manifest["source"], weights_override=weights)
+    head = original_from_source(spec, manifest["source"], weights_override=weights, module=options.module)
     ps = reference_set(head, spec, options.threads)
     precision = manifest["precision"]
     with TrtRunner(engine_path, spec.embedding.dim) as runner:

@@ -196,14 +196,21 @@ class Embedder:
 
 def load_artifact(path: str | Path, *, backend: str = "auto", device: str = "cpu", threads: int | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, verify_checksums: bool = True,
-                  allow_failed: bool = False, decode: str = "exact", workers: int | None = None) -> Embedder:
+                  allow_failed: bool = False, decode: str = "exact", workers: int | None = None,
+                  require_signature: str | Path | None = None, signature: str | Path | None = None) -> Embedder:
     """An Embedder over an exported artifact, on the engine :func:`~imgembed.runtime.backends.select_engine`
     picks for ``backend`` ("auto" or a backend name) and ``device``; ``decode``/``workers``: see
-    :class:`Embedder`."""
+    :class:`Embedder`. ``require_signature``: a PEM public key; the artifact must carry a signature by its
+    private key over exactly its files (``signature``, default ``NAME.sig`` beside the directory), checked
+    before the manifest is read (:func:`imgembed.signing.verify_signature`; SignatureError otherwise)."""
     from .backends import require_device
 
     path = Path(path)
     require_device(device)
+    if require_signature is not None:
+        from ..signing import verify_signature
+
+        verify_signature(path, require_signature, signature)
     manifest = read_manifest(path)
     try:
         return _open_artifact(path, manifest, backend=backend, device=device, threads=threads, batch_size=batch_size,
@@ -272,7 +279,7 @@ def load(name_or_path: str | Path, **kwargs: Any) -> Embedder:
     """Load an artifact directory (its best engine for this host) or a registry name (PyTorch original).
 
     Artifact keywords: backend ("auto" or a name of :mod:`imgembed.runtime.backends`), device, threads,
-    batch_size, verify_checksums, allow_failed, decode, workers.
+    batch_size, verify_checksums, allow_failed, decode, workers, require_signature (a PEM public key), signature.
     Registry keywords: weights (save_pretrained dir), random_init, backend ("torch" | "torch-compile"),
     device, threads, precision, batch_size, decode, workers.
     ``decode="fast"`` decodes large JPEGs at reduced size (see :mod:`imgembed.fastdecode`); ``workers=N``
