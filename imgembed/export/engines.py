@@ -193,13 +193,18 @@ def _ov_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
 
 
 def _cle_graph(inputs: Inputs) -> tuple[Path, dict]:
-    """The plain graph after cross-layer equalization (:mod:`.equalize`), built once per export."""
+    """The plain graph after cross-layer equalization (:mod:`.equalize`), built once per export; an ExportError
+    when the graph has no chain to equalize (the candidate would repeat its plain recipe)."""
     if "cle" not in inputs.built:
         from .equalize import equalize
 
         path = inputs.work / "cle.onnx"
         inputs.built["cle"] = path, equalize(inputs.plain, path)
-    return inputs.built["cle"]
+    path, record = inputs.built["cle"]
+    if not record["pairs"]:
+        raise ExportError("cross-layer equalization does not apply: no Conv -> Relu -> Conv chain whose "
+                          "activation is positively homogeneous (ReLU6/Clip, Sigmoid and shared tensors block it)")
+    return path, record
 
 
 def _ort_int8_cle(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
