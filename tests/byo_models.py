@@ -64,6 +64,42 @@ def siamese_twin() -> nn.Module:
     return SiameseNet().twin
 
 
+class DepthwiseSeparable(nn.Module):
+    """A small EfficientNet-Lite-like net (imgembed.testing.efficientnet_lite at random weights): ReLU6, TF
+    "SAME" padding (an explicit Pad before each stride-2 depthwise conv), inverted residual blocks; the linear
+    bottleneck of the first block has one channel :data:`OUTLIER` times the others' range (the next block's
+    input weights divided by it, so the function is a plain random net): one per-tensor activation scale
+    leaves the other channels a few levels, and ReLU6 blocks cross-layer equalization."""
+
+    OUTLIER = 300.0
+
+    def __init__(self):
+        super().__init__()
+        from imgembed.testing.efficientnet_lite import MBConv, SameConv
+
+        self.stem = nn.Sequential(SameConv(3, 16, 3, 2, 64), nn.BatchNorm2d(16), nn.ReLU6())
+        self.blocks = nn.Sequential(MBConv(16, 24, 3, 2, 4, 32), MBConv(24, 24, 3, 1, 4, 16),
+                                    MBConv(24, 40, 5, 2, 4, 16))
+        self.head = nn.Sequential(SameConv(40, 64, 1, 1, 8), nn.BatchNorm2d(64), nn.ReLU6())
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):  # trained-like statistics: BN is folded into the convs
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.bias.uniform_(-0.5, 0.5)
+            first, second = self.blocks[0], self.blocks[1]
+            first._bn2.weight[0] *= self.OUTLIER
+            first._bn2.bias[0] *= self.OUTLIER
+            second._expand_conv.weight[:, 0] /= self.OUTLIER
+            second.skip = False  # the residual would carry the outlier channel on unscaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x))).mean(dim=(2, 3))
+
+
+def depthwise_separable() -> nn.Module:
+    return DepthwiseSeparable()
+
+
 # ------------------------------------------------------------------------------------------ broken factories
 def raising_factory() -> nn.Module:
     raise RuntimeError("no GPU here")

@@ -339,3 +339,24 @@ def test_cli_module_errors_are_one_line(tmp_path, args, code, message):
     assert res.returncode == code, (res.stdout, res.stderr)
     assert message in res.stderr.replace("\n", " ")
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ INT8 of ReLU6 CNNs
+def test_cli_int8_of_a_depthwise_relu6_module_reports_every_recipe(tmp_path):
+    """Depthwise-separable, ReLU6, explicit TF padding, an outlier channel: cross-layer equalization does not
+    apply (ReLU6) and says so instead of losing its work file, every candidate is built or named with its
+    reason, the mixed-precision last resort is built when no full-INT8 preset passes, and the export ends in
+    one typed outcome (here the closest engine kept and marked failed: exit 2), never a traceback."""
+    out = tmp_path / "dw"
+    res = run_cli("export", "--module", "tests.byo_models:depthwise_separable", "--name", "dw", "--input-size",
+                  str(SIZE), "--int8", "--engine", "onnxruntime", "--no-speed-check", "--keep-failed",
+                  "--out", str(out))
+    assert "Traceback" not in res.stderr and "FileNotFoundError" not in res.stderr
+    assert res.returncode == 2, res.stderr
+    manifest = read_manifest(out)
+    rows = {r["id"]: r for r in manifest["selection"]["candidates"]}
+    assert "cross-layer equalization does not apply" in rows["onnxruntime-int8-cle"]["why_not"]
+    full = [r for i, r in rows.items() if i.startswith("onnxruntime-int8-static")]
+    assert len(full) == 3 and not any(r["passed"] for r in full)
+    assert rows["onnxruntime-int8-mixed"]["metrics"] is not None  # built: no full-INT8 candidate passed
+    assert manifest["status"] == "failed"

@@ -30,6 +30,7 @@ from .reference import ParitySet
 SPEED_BATCH = 8
 TIE = 0.03  # speeds closer than this are a tie (the portable engine wins it: choose)
 Step = Callable[[str], None]
+LAST_RESORT = "*"  # fallback_for of a candidate built only when no candidate before it passed
 
 
 @dataclass
@@ -193,13 +194,18 @@ def _ov_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
 
 
 def _cle_graph(inputs: Inputs) -> tuple[Path, dict]:
-    """The plain graph after cross-layer equalization (:mod:`.equalize`), built once per export."""
+    """The plain graph after cross-layer equalization (:mod:`.equalize`), built once per export; an ExportError
+    when the graph has no chain to equalize (the candidate would repeat its plain recipe)."""
     if "cle" not in inputs.built:
         from .equalize import equalize
 
         path = inputs.work / "cle.onnx"
         inputs.built["cle"] = path, equalize(inputs.plain, path)
-    return inputs.built["cle"]
+    path, record = inputs.built["cle"]
+    if not record["pairs"]:
+        raise ExportError("cross-layer equalization does not apply: no Conv -> Relu -> Conv chain whose "
+                          "activation is positively homogeneous (ReLU6/Clip, Sigmoid and shared tensors block it)")
+    return path, record
 
 
 def _ort_int8_cle(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
@@ -214,6 +220,26 @@ def _ort_int8_cle(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path]
         q = quantize(graph, directory / "int8.onnx", config, _batches(pixels), input_name=inputs.input_name)
         path = _with_input_format(inputs, q, directory / "model.onnx")
         return {"model": path}, {"preset": config.to_dict(), "calibration": info, "equalization": equalization,
+                                 "quantized_ops": quantized_op_counts(q)}
+    return build
+
+
+def _ort_int8_mixed(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
+    """Static INT8 with the most sensitive layers kept in float, the fewest that meet the gate on the calibration
+    images (:mod:`.mixed_precision`); the last resort when no full-INT8 candidate passes."""
+    config = PRESETS[preset]
+
+    def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
+        from .int8_search import _embed
+        from .mixed_precision import mixed_int8
+
+        pixels, _, info = inputs.calibration()
+        batches = _batches(pixels)
+        reference = _embed(inputs.plain, batches, inputs.threads)
+        q, recipe = mixed_int8(inputs.plain, directory / "search", config, batches, reference,
+                               inputs.spec.thresholds("int8"), threads=inputs.threads)
+        path = _with_input_format(inputs, q, directory / "model.onnx")
+        return {"model": path}, {"preset": config.to_dict(), "calibration": info, "mixed_precision": recipe,
                                  "quantized_ops": quantized_op_counts(q)}
     return build
 
@@ -334,6 +360,10 @@ def plan(precision: str, *, transformer: bool, int8_preset: str | None = None,
                                   unavailable=ov, fallback_for="openvino-int8", needs_vnni=ov_vnni),
                         Candidate("openvino-int8-smoothquant-bf16", "openvino", "int8", _ov_int8(True), True,
                                   "bf16", unavailable=bf16, fallback_for="openvino-int8-bf16", needs_vnni=ov_vnni)]
+        # --- recipe hook: accuracy-aware mixed precision, the last resort of a CNN (built only when none passed)
+        if int8_preset is None and not transformer:
+            out.append(Candidate("onnxruntime-int8-mixed", "onnxruntime", "int8", _ort_int8_mixed("static-qdq"), True,
+                                 portable=not vnni, needs_vnni=vnni, fallback_for=LAST_RESORT))
     else:
         raise ExportError(f"precision {precision!r} is not supported; expected one of fp32, bf16, fp16, int8")
     if engine is not None:
@@ -383,6 +413,9 @@ def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, f
         outcome = Outcome(c)
         outcomes.append(outcome)
         if c.unavailable:
+            continue
+        if c.fallback_for == LAST_RESORT and any(o.passed for o in outcomes):
+            outcome.error = "not needed: a full-INT8 candidate passed the gate"
             continue
         if c.fallback_for and any(o.candidate.id == c.fallback_for and o.passed for o in outcomes):
             outcome.error = f"not needed: {c.fallback_for} passed the gate"

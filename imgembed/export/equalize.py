@@ -38,8 +38,8 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 
 def equalize(src: str | Path, dst: str | Path, sweeps: int = SWEEPS) -> dict:
-    """Write the cross-layer-equalized copy of ``src`` to ``dst``; returns a record (pairs, sweeps, the largest
-    channel-range ratio before and after)."""
+    """Write the cross-layer-equalized copy of ``src`` to ``dst`` (an unchanged copy when no chain qualifies:
+    ``pairs`` is then 0); returns a record (pairs, sweeps, the largest channel-range ratio before and after)."""
     model = onnx.load(str(src))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -87,6 +87,7 @@ def equalize(src: str | Path, dst: str | Path, sweeps: int = SWEEPS) -> dict:
             continue
         pairs.append((c1, c2))
     if not pairs:
+        onnx.save(model, str(dst))
         return {"pairs": 0, "sweeps": 0, "worst_ratio_before": None, "worst_ratio_after": None}
 
     def in_ranges(c2: _Conv, channels: int) -> np.ndarray:

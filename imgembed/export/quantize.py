@@ -56,6 +56,11 @@ class QuantConfig:
         return d
 
 
+# The ops of a CNN preset. Relu and Clip (ReLU6) fold into the preceding Conv's output range: left float, the
+# Conv's output would be quantized over its pre-activation range (trained ReLU6 nets lose most of their levels
+# to values the activation clips away); Pad (TF "SAME" padding at stride 2) keeps its input quantized.
+CNN_OPS = ("Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "Pad", "MaxPool", "GlobalAveragePool")
+
 PRESETS: dict[str, QuantConfig] = {
     "dynamic": QuantConfig(
         "dynamic", "dynamic", weight_type="int8", per_channel=False, op_types=("MatMul", "Attention", "Gemm"),
@@ -65,12 +70,10 @@ PRESETS: dict[str, QuantConfig] = {
         op_types=("MatMul", "Attention", "Gemm"), why="per-channel weight scales; slower, sometimes more accurate"),
     "static-qoperator": QuantConfig(
         "static-qoperator", "static", quant_format="QOperator", per_channel=True, calibrate_method="minmax",
-        op_types=("Conv", "MatMul", "Gemm", "Add", "Relu", "MaxPool", "GlobalAveragePool"),
-        why="CNNs: QLinearConv kernels, per-channel weights, min/max calibration"),
+        op_types=CNN_OPS, why="CNNs: QLinearConv kernels, per-channel weights, min/max calibration"),
     "static-qdq": QuantConfig(
         "static-qdq", "static", quant_format="QDQ", per_channel=True, calibrate_method="minmax",
-        op_types=("Conv", "MatMul", "Gemm", "Add", "MaxPool", "GlobalAveragePool"),
-        why="CNNs: QDQ graph; measured slower than FP32 on AVX2-only CPUs"),
+        op_types=CNN_OPS, why="CNNs: QDQ graph; measured slower than FP32 on AVX2-only CPUs"),
     "static-qdq-matmul": QuantConfig(
         "static-qdq-matmul", "static", quant_format="QDQ", per_channel=True, calibrate_method="minmax",
         op_types=("MatMul", "Gemm"),
@@ -83,7 +86,7 @@ PRESETS: dict[str, QuantConfig] = {
             "saturate), same speed; the portable INT8 engine"),
     "static-qoperator-7bit": QuantConfig(
         "static-qoperator-7bit", "static", quant_format="QOperator", per_channel=True, calibrate_method="minmax",
-        op_types=("Conv", "MatMul", "Gemm", "Add", "Relu", "MaxPool", "GlobalAveragePool"), reduce_range=True,
+        op_types=CNN_OPS, reduce_range=True,
         why="static-qoperator with 7-bit weights: exact on every x86 CPU (without VNNI the 8-bit kernels "
             "saturate), same speed; the portable INT8 engine"),
     "static-qdq-matmul-percentile": QuantConfig(
