@@ -94,13 +94,15 @@ def test_a_new_backend_is_one_registration(monkeypatch):
     fake = Backend("fake", "artifact", lambda d: ("fp32",), open_, lambda d: None)
     monkeypatch.setitem(backends.BACKENDS, "fake", fake)
     engines = ({"id": "fake-fp32", "backend": "fake", "precision": "fp32", "files": {"model": "model.onnx"}},)
-    model = BenchModel(get_spec("test-resnet-tiny"), RANDOM0, [ArtifactRef(Path("/x/fp32"), "fp32", "passed", engines),
+    model = BenchModel(get_spec("test-resnet-tiny"), RANDOM0, [ArtifactRef(Path("/x/fp32"), "fp32", "passed", engines,
+                                                                            (("model.onnx", "0" * 64),)),
                                                                 ArtifactRef(Path("/x/int8"), "int8", "passed")])
     variants = {v.label: v for v in plan_variants(model, "cpu")}
     assert "fake-fp32" in variants and "fake-int8" not in variants
-    with pytest.raises(ArtifactError):  # the factory ran: /x/fp32/model.onnx does not exist
-        build_runner(model, variants["fake-fp32"], "cpu", 1, OriginalCache(model))
-    assert built == [("fake-fp32", "cpu", 1)]
+    runner = build_runner(model, variants["fake-fp32"], "cpu", 1, OriginalCache(model))
+    assert built == [("fake-fp32", "cpu", 1)] and isinstance(runner, OrtRunner)  # the factory ran
+    with pytest.raises(ArtifactError, match="model.onnx"):  # its file is read (and verified) only on activation
+        runner.activate()
     with pytest.raises(BackendUnavailableError, match="'nope'.*expected one of"):
         build_runner(model, Variant("nope-fp32", "nope", "fp32"), "cpu", 1, OriginalCache(model))
 
