@@ -88,10 +88,10 @@ def test_cnn_int8_is_static_with_calibration(artifact_dir):
     assert q["calibration"]["images"] == 32 and "built-in" in q["calibration"]["source"]
     ort = {r["id"]: r for r in m["selection"]["candidates"] if r["backend"] == "onnxruntime"}
     vnni = int8_kernels("onnxruntime") == "vnni"
-    recipes = {"onnxruntime-int8-cle", *(["onnxruntime-int8-cle-7bit"] if vnni else [])}
+    recipes = {"onnxruntime-int8-cle", "onnxruntime-int8-mixed", *(["onnxruntime-int8-cle-7bit"] if vnni else [])}
     assert set(ort) == {"onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq",
                         "onnxruntime-int8-static-qoperator-7bit", *recipes}
-    for recipe in recipes:   # equalization only where the presets fail
+    for recipe in recipes:   # equalization and mixed precision only where the presets fail
         assert ort[recipe]["why_not"].startswith("not needed"), ort[recipe]
     ops = op_counts(artifact_dir("test-resnet-tiny", "int8") / MODEL_FILE)
     assert ops.get("QLinearConv", 0) + ops.get("QuantizeLinear", 0) > 0
