@@ -12,7 +12,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import numpy as np
 import typer
@@ -29,6 +29,9 @@ from rich.table import Table
 
 from .cli_common import err_console, errors, out_console, steps
 from .user_module import TRUST_FLAG
+
+if TYPE_CHECKING:
+    from .artifact import Manifest, TextTower
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export image-embedding models to ONNX Runtime / OpenVINO engines, check parity, "
@@ -174,27 +177,29 @@ def export_cmd(
                                    input_size=input_size, weights=module_weights, normalize=normalize,
                                    transformer=transformer, step=step, **options)
     m = result.manifest
-    print_candidates(m)
-    if (m.get("preprocess_source") or {}).get("differs_from_registry"):
+    print_candidates(m, m.precision)
+    source = m.preprocess_source.model_dump() if m.preprocess_source is not None else {}
+    if source.get("differs_from_registry"):
         from .checkpoint import describe
 
-        out_console.print(describe(m["preprocess_source"]), highlight=False)
-    out_console.print(format_report(ParityReport.from_dict(m["parity"])), highlight=False)
-    if m.get("text"):
-        print_candidates({**m, "selection": m["text"]["selection"], "engines": m["text"]["engines"],
-                          "default_engine": m["text"]["default_engine"]}, tower="text tower")
-        tok = m["text"]["tokenizer_check"]
-        out_console.print(f"text tokenizer: ids identical to transformers {tok['reference']} on {tok['captions']} "
-                          "captions", highlight=False)
-        text_report = format_report(ParityReport.from_dict(m["text"]["parity"]))
-        out_console.print(text_report.replace(" images ", " captions ", 1), highlight=False)
+        out_console.print(describe(source), highlight=False)
+    if m.parity is not None:
+        out_console.print(format_report(ParityReport.from_dict(m.parity.model_dump())), highlight=False)
+    if m.text is not None:
+        print_candidates(m.text, m.precision, tower="text tower")
+        tok = m.text.tokenizer_check or {}
+        out_console.print(f"text tokenizer: ids identical to transformers {tok.get('reference')} on "
+                          f"{tok.get('captions')} captions", highlight=False)
+        if m.text.parity is not None:
+            text_report = format_report(ParityReport.from_dict(m.text.parity.model_dump()))
+            out_console.print(text_report.replace(" images ", " captions ", 1), highlight=False)
     for note in result.warnings:
         err_console.print(f"[bold yellow]WARNING[/]: {note}", highlight=False)
-    size_mb = m["export"]["model_bytes"] / 1e6
-    status = "[green]passed[/]" if m["status"] == "passed" else "[red]FAILED (kept by --keep-failed)[/]"
-    out_console.print(f"artifact {out} ({size_mb:.1f} MB, {precision}, default engine {m['default_engine']}, "
-                      f"{m['export']['seconds']:.1f} s): {status}", highlight=False)
-    if m["status"] != "passed":
+    size_mb = (m.export.model_bytes or 0) / 1e6
+    status = "[green]passed[/]" if m.status == "passed" else "[red]FAILED (kept by --keep-failed)[/]"
+    out_console.print(f"artifact {out} ({size_mb:.1f} MB, {precision}, default engine {m.default_engine}, "
+                      f"{m.export.seconds or 0:.1f} s): {status}", highlight=False)
+    if m.status != "passed":
         raise typer.Exit(2)
     if trt_opts is not None:
         trt_opts.module = module
@@ -226,24 +231,22 @@ def _export_target(name: Optional[str], module: Optional[str], module_args: dict
     return module_args["--name"]
 
 
-def print_candidates(manifest: dict, tower: str = "engines") -> None:
+def print_candidates(tower_record: "Manifest | TextTower", precision: str, tower: str = "engines") -> None:
     """The engine race of an export: each candidate, passed or why not, its metrics and speed here."""
-    sel = manifest.get("selection") or {}
-    rows = sel.get("candidates") or []
-    if not rows:
+    sel = tower_record.selection
+    if sel is None or not sel.candidates:
         return
-    cpu = sel.get("cpu") or {}
-    table = Table(title=f"{tower} ({manifest['precision']}, batch {sel.get('batch_size')}, threads "
-                        f"{sel.get('threads') or 'all'}; CPU {cpu.get('model')}: {' '.join(cpu.get('flags', []))})")
+    cpu = f"; CPU {sel.cpu.model}: {' '.join(sel.cpu.flags)}" if sel.cpu is not None else ""
+    table = Table(title=f"{tower} ({precision}, batch {sel.batch_size}, threads {sel.threads or 'all'}{cpu})")
     for col in ("engine", "gate", "min cos", "mean cos", "batch var", "img/s", "kept"):
         table.add_column(col)
-    kept = {e["id"]: e for e in manifest.get("engines", [])}
-    for r in rows:
-        met = r.get("metrics") or {}
-        gate = "[green]pass[/]" if r["passed"] else f"[red]{escape(r['why_not'] or 'fail')}[/]"
-        mark = "default" if r["id"] == manifest.get("default_engine") else ("yes" if r["id"] in kept else "")
-        table.add_row(r["id"], gate, _fmt(met.get("min_cosine"), ".6f"), _fmt(met.get("mean_cosine"), ".6f"),
-                      _fmt(met.get("batch_variation"), ".2g"), _fmt(r.get("img_per_s"), ".1f"), mark)
+    kept = {e.id for e in tower_record.engines}
+    for r in sel.candidates:
+        met = r.metrics or {}
+        gate = "[green]pass[/]" if r.passed else f"[red]{escape(r.why_not or 'fail')}[/]"
+        mark = "default" if r.id == tower_record.default_engine else ("yes" if r.id in kept else "")
+        table.add_row(r.id, gate, _fmt(met.get("min_cosine"), ".6f"), _fmt(met.get("mean_cosine"), ".6f"),
+                      _fmt(met.get("batch_variation"), ".2g"), _fmt(r.img_per_s, ".1f"), mark)
     out_console.print(table)
 
 
@@ -329,7 +332,7 @@ def _recheck_text(artifact: Path, weights: Optional[Path], threads: Optional[int
     from .artifact import read_manifest
 
     manifest = read_manifest(artifact)
-    if not manifest.get("text"):
+    if manifest.text is None:
         return None
     from .export.text_tower import recheck_text
 

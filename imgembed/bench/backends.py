@@ -50,9 +50,9 @@ class OriginalCache:
 
 
 def _engine_label(backend: Backend, engine: dict) -> str:
-    label = f"{backend.name}-{engine['precision']}"
-    if engine.get("inference_precision", "fp32") != "fp32" and engine["precision"] != engine["inference_precision"]:
-        label += f"+{engine['inference_precision']}"
+    label = f"{backend.name}-{engine.precision}"
+    if engine.inference_precision != "fp32" and engine.precision != engine.inference_precision:
+        label += f"+{engine.inference_precision}"
     return label
 
 
@@ -68,18 +68,18 @@ def _variants_of(backend: Backend, model: BenchModel, device: str, notes: list[s
     for art in model.artifacts:
         seen: set[str] = set()   # an artifact's first engine of a kind (its default or fastest) gets the plain label
         for engine in art.engine_records():
-            if engine["backend"] != backend.name:
+            if engine.backend != backend.name:
                 continue
-            if engine["precision"] not in runs:
-                notes.append(f"{model.spec.name}: {backend.name} does not run {engine['precision']} engines on "
+            if engine.precision not in runs:
+                notes.append(f"{model.spec.name}: {backend.name} does not run {engine.precision} engines on "
                              f"{device}; skipped {art.path}")
                 continue
             label = _engine_label(backend, engine)
             if label in seen:
-                prefix = f"{backend.name}-{engine['precision']}-"
-                label += f"[{engine['id'].removeprefix(prefix)}]"
+                prefix = f"{backend.name}-{engine.precision}-"
+                label += f"[{engine.id.removeprefix(prefix)}]"
             seen.add(label)
-            out.append(Variant(label, backend.name, engine["precision"], art, engine))
+            out.append(Variant(label, backend.name, engine.precision, art, engine))
     return out
 
 
@@ -134,5 +134,5 @@ def build_runner(model: BenchModel, variant: Variant, device: str, threads: int,
         assert variant.artifact is not None
         engine = variant.engine or variant.artifact.engine_records()[0]
         target = EngineRef(variant.artifact.path, engine, model.spec.embedding.dim,
-                           f"{variant.artifact.path.name}-{engine['precision']}", variant.artifact.files())
+                           f"{variant.artifact.path.name}-{engine.precision}", variant.artifact.files())
     return backend.open(target, device, threads, variant.precision)

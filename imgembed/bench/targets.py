@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..artifact import read_manifest, verify
-from ..artifact_files import ArtifactFiles
+from ..artifact import ArtifactFiles, Engine, Manifest, read_manifest, verify
 from ..errors import ArtifactError, ParityError, UnknownModelError
 from ..registry import ModelSpec, get_spec, registry
 
@@ -37,19 +36,20 @@ class ArtifactRef:
 
     def files(self) -> ArtifactFiles:
         """The artifact's resolver: engines read their verified bytes through it."""
-        return ArtifactFiles(self.path, dict(self.checksums) or read_manifest(self.path)["files"])
+        return ArtifactFiles(self.path, dict(self.checksums) or read_manifest(self.path).files)
 
-    def engine_records(self) -> list[dict]:
-        from ..runtime.backends import engines_of
-
-        return list(self.engines) or engines_of({"precision": self.precision})
+    def engine_records(self) -> list[Engine]:
+        if self.engines:
+            return list(self.engines)
+        return [Engine(id="onnxruntime", backend="onnxruntime", precision=self.precision,
+                       files={"model": "model.onnx"})]
 
     @classmethod
-    def from_manifest(cls, path: Path, manifest: dict) -> "ArtifactRef":
+    def from_manifest(cls, path: Path, manifest: Manifest) -> "ArtifactRef":
         from ..runtime.backends import engines_of
 
-        return cls(path, manifest["precision"], manifest.get("status", "unknown"), tuple(engines_of(manifest)),
-                   tuple(sorted(manifest["files"].items())))
+        return cls(path, manifest.precision, manifest.status, tuple(engines_of(manifest)),
+                   tuple(sorted(manifest.files.items())))
 
 
 @dataclass
@@ -114,10 +114,9 @@ def _cached(out: Path, spec: ModelSpec, precision: str, source: dict, input_form
         m = verify(out)
     except ArtifactError:
         return False
-    return (m.get("status") == "passed" and m.get("precision") == precision and bool(m.get("engines"))
-            and m.get("input", {}).get("dtype", "float32") == input_format
-            and _normalized(m.get("model")) == _normalized(spec.to_dict())
-            and _normalized(m.get("source")) == _normalized(source))
+    return (m.status == "passed" and m.precision == precision and m.input.dtype == input_format
+            and _normalized(m.model) == _normalized(spec.to_dict())
+            and _normalized(m.source_record()) == _normalized(source))
 
 
 def ensure_artifact(spec: ModelSpec | str, precision: str, source: dict, cache_dir: str | Path | None = None, *,
@@ -180,8 +179,8 @@ def add_artifact_dir(models: dict[str, BenchModel], path: Path, weights: Path | 
     """Verify the artifact at ``path`` and add it to the BenchModel of its original (created if new); a module
     artifact's original comes from ``module`` or, with ``trust_manifest_factory``, the recorded factory."""
     manifest = verify(path, read_manifest(path))
-    spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
-    model = BenchModel(spec, manifest["source"], weights_override=weights, module=module,
+    spec = manifest.model_spec()
+    model = BenchModel(spec, manifest.source_record(), weights_override=weights, module=module,
                        trust_manifest_factory=trust_manifest_factory)
     model = models.setdefault(model.key, model)
     ref = ArtifactRef.from_manifest(path, manifest)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..artifact import Engine
 from ..errors import BackendUnavailableError, ExportError, ImgembedError
 from ..parity import ParityReport, gate_thresholds, parity_report
 from ..registry import ModelSpec
@@ -397,9 +398,8 @@ def _gate(outcome: Outcome, inputs: Inputs, thresholds: dict[str, float], step: 
 
 def _runner(inputs: Inputs, outcome: Outcome):
     c = outcome.candidate
-    record = {"id": c.id, "backend": c.backend, "precision": c.precision,
-              "inference_precision": c.inference_precision,
-              "files": {k: str(p.relative_to(inputs.work)) for k, p in outcome.files.items()}}
+    record = Engine(id=c.id, backend=c.backend, precision=c.precision, inference_precision=c.inference_precision,
+                    files={k: str(p.relative_to(inputs.work)) for k, p in outcome.files.items()})
     ref = EngineRef(inputs.work, record, inputs.spec.embedding.dim, f"{inputs.spec.name}-{c.id}")
     return get_backend(c.backend).open(ref, "cpu", inputs.threads, c.precision)
 

@@ -23,7 +23,19 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__
-from ..artifact import FORMAT_VERSION, MANIFEST, export_lock, file_checksums, staged_directory, write_json_atomic
+from ..artifact import (
+    FORMAT_VERSION,
+    Candidate,
+    Engine,
+    ExportRecord,
+    Manifest,
+    Selection,
+    TextTower,
+    export_lock,
+    file_checksums,
+    staged_directory,
+    write_manifest,
+)
 from ..checkpoint import check_artifact_preprocess, with_checkpoint_preprocess
 from ..checkpoint import describe as describe_preprocess
 from ..errors import ExportError, ImageDecodeError, ParityError
@@ -81,7 +93,7 @@ class Original:
 @dataclass
 class ExportResult:
     path: Path | None
-    manifest: dict
+    manifest: Manifest
     warnings: list[str] = field(default_factory=list)
 
 
@@ -156,45 +168,51 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     artifact = Path(artifact)
     manifest = verify(artifact, read_manifest(artifact))
     engine, _ = select_engine(manifest, backend, "cpu", where=str(artifact))
-    spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
-    step(f"rebuilding the original ({manifest['source']['kind']})")
-    head = original_from_source(spec, manifest["source"], weights_override=weights, module=module,
+    spec = manifest.model_spec()
+    source = manifest.source_record()
+    step(f"rebuilding the original ({manifest.source.kind})")
+    head = original_from_source(spec, source, weights_override=weights, module=module,
                                 trust_manifest_factory=trust_manifest_factory)
-    check_artifact_preprocess(spec, manifest["source"], weights, str(artifact))
+    check_artifact_preprocess(spec, source, weights, str(artifact))
     if isinstance(images, (str, Path)):
         images, skipped = load_image_dir(images)
         for why in skipped:
             step(f"skipped {why}")
     step("computing PyTorch reference embeddings")
     ps = reference_set(head, spec, threads, images=images)
-    step(f"running engine {engine['id']} at batch sizes 1, 3, 8")
+    step(f"running engine {engine.id} at batch sizes 1, 3, 8")
     from ..parity import gate_thresholds
 
-    thresholds = gate_thresholds(spec.thresholds(engine["precision"]), bool(engine.get("batch_invariant")))
+    thresholds = gate_thresholds(spec.thresholds(engine.precision), engine.batch_invariant)
     with open_engine(artifact, manifest, engine, threads=threads) as runner:
-        report = parity_report(ps.reference, runner, ps.inputs(runner), thresholds, engine["precision"], ps.names)
-    return report.with_engine(engine["id"])
+        report = parity_report(ps.reference, runner, ps.inputs(runner), thresholds, engine.precision, ps.names)
+    return report.with_engine(engine.id)
 
 
-def _write_artifact(out: Path, kept: list[engines.Outcome], manifest: dict, text=None) -> None:
+def _write_artifact(out: Path, kept: list[engines.Outcome], fields: dict, text=None) -> Manifest:
     """Copy the kept engines' files into the artifact (the first ONNX Runtime engine as ``model.onnx``,
     every other engine under a directory named by its id; the text tower's the same way under ``text/``,
-    with its tokenizer.json) and record them in the manifest."""
+    with its tokenizer.json), record them, and write the typed manifest. Returns it."""
     taken: set[str] = set()
-    manifest["towers"] = ["image", "text"] if text is not None else ["image"]
     with staged_directory(out) as stage:
-        manifest["engines"] = _place_engines(stage, kept, "", taken)
+        image_engines = _place_engines(stage, kept, "", taken)
+        text_tower = space = None
         if text is not None:
             (stage / "text").mkdir(exist_ok=True)
             (stage / text.section["tokenizer"]["file"]).write_text(text.tokenizer_json, encoding="utf-8")
-            manifest["text"] = {**text.section, "engines": _place_engines(stage, text.kept, "text/", taken)}
-            manifest["space"] = text.space
-        manifest["export"]["model_bytes"] = sum((stage / rel).stat().st_size for rel in taken)
-        manifest["files"] = file_checksums(stage)
-        write_json_atomic(stage / MANIFEST, manifest)
+            text_tower = TextTower.model_validate({**text.section,
+                                                  "engines": _place_engines(stage, text.kept, "text/", taken)})
+            space = text.space
+        export = fields["export"].model_copy(update={"model_bytes": sum((stage / rel).stat().st_size
+                                                                        for rel in taken)})
+        manifest = Manifest.model_validate({
+            **fields, "export": export, "engines": image_engines, "text": text_tower, "space": space,
+            "towers": ["image", "text"] if text is not None else ["image"], "files": file_checksums(stage)})
+        write_manifest(stage, manifest)
+    return manifest
 
 
-def _place_engines(stage: Path, kept: list[engines.Outcome], prefix: str, taken: set[str]) -> list[dict]:
+def _place_engines(stage: Path, kept: list[engines.Outcome], prefix: str, taken: set[str]) -> list[Engine]:
     records = []
     for o in kept:
         c = o.candidate
@@ -210,12 +228,12 @@ def _place_engines(stage: Path, kept: list[engines.Outcome], prefix: str, taken:
     return records
 
 
-def _engine_record(o: engines.Outcome, files: dict[str, str]) -> dict:
+def _engine_record(o: engines.Outcome, files: dict[str, str]) -> Engine:
     c = o.candidate
-    return {"id": c.id, "backend": c.backend, "precision": c.precision, "inference_precision": c.inference_precision,
-            "batch_invariant": c.batch_invariant, "needs_vnni": c.needs_vnni, "files": files,
-            "quantization": o.record or None, "img_per_s": None if o.img_per_s is None else round(o.img_per_s, 2),
-            "parity": None if o.report is None else o.report.metrics}
+    return Engine(id=c.id, backend=c.backend, precision=c.precision, inference_precision=c.inference_precision,
+                  batch_invariant=c.batch_invariant, needs_vnni=c.needs_vnni, files=files,
+                  quantization=o.record or None, img_per_s=None if o.img_per_s is None else round(o.img_per_s, 2),
+                  parity=None if o.report is None else o.report.metrics)
 
 
 def export_model(name: str | ModelSpec, out: str | Path, opts: ExportOptions | None = None,
@@ -334,13 +352,13 @@ def export_original(original: Original, out: str | Path, opts: ExportOptions, st
             from .text_tower import export_text
 
             text = export_text(spec, opts, work, step)
-        manifest, notes = _manifest(spec, opts, winner, outcomes, graph_record, time.perf_counter() - t0,
-                                    original.source)
-        manifest["preprocess_source"] = original.preprocess_source
+        fields, notes = _manifest(spec, opts, winner, outcomes, graph_record, time.perf_counter() - t0,
+                                  original.source)
+        fields["preprocess_source"] = original.preprocess_source
         if text is not None and text.section["status"] != "passed":
-            manifest["status"] = "failed"
+            fields["status"] = "failed"
         step(f"writing artifact to {out}")
-        _write_artifact(out, kept, manifest, text)
+        manifest = _write_artifact(out, kept, fields, text)
     return ExportResult(out, manifest, notes)
 
 
@@ -360,6 +378,8 @@ def _speed_notes(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome) 
 
 def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, outcomes: list[engines.Outcome],
               graph_record: dict, seconds: float, source: dict) -> tuple[dict, list[str]]:
+    """The manifest's fields of the image tower (typed records; the engines and files are added when the
+    artifact is written: :func:`_write_artifact`)."""
     report = winner.report
     notes = _speed_notes(spec, opts, winner)
     model_file = winner.files.get("model")
@@ -377,11 +397,12 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, out
         "preprocess": spec.preprocess.to_dict(),
         "default_engine": winner.candidate.id,
         "batch_invariant": winner.candidate.batch_invariant,
-        "selection": {"cpu": cpu_summary(), "threads": opts.threads, "batch_size": SPEED_BATCH,
-                      "forced_engine": opts.engine, "candidates": [o.row() for o in outcomes]},
-        "export": {**graph_record, "quantization": winner.record or None,
-                   "op_counts": op_counts(model_file) if model_file and model_file.suffix == ".onnx" else {},
-                   "seconds": round(seconds, 2)},
+        "selection": Selection(cpu=cpu_summary(), threads=opts.threads, batch_size=SPEED_BATCH,
+                               forced_backend=opts.engine,
+                               candidates=[Candidate.model_validate(o.row()) for o in outcomes]),
+        "export": ExportRecord(**graph_record, quantization=winner.record or None,
+                               op_counts=op_counts(model_file) if model_file and model_file.suffix == ".onnx" else {},
+                               seconds=round(seconds, 2)),
         "parity": report.to_dict(),
         "warnings": notes,
         "versions": _versions(),

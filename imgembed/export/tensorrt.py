@@ -32,15 +32,17 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifact import (
-    MANIFEST,
     MODEL_FILE,
+    Engine,
+    GpuTarget,
+    Manifest,
     export_lock,
     file_checksums,
     read_manifest,
     staged_directory,
     verify,
     write_bytes_atomic,
-    write_json_atomic,
+    write_manifest,
 )
 from ..errors import ArtifactError, BackendUnavailableError, ExportError, ParityError
 from ..parity import ParityReport
@@ -50,10 +52,9 @@ from ..runtime.trt_engines import (
     EngineEnv,
     engine_record,
     parse_profile,
-    replace_record,
     slug,
 )
-from ..runtime.trt_runner import current_env, engine_records, import_tensorrt, tensorrt_unavailable
+from ..runtime.trt_runner import current_env, import_tensorrt, tensorrt_unavailable
 
 Step = Callable[[str], None]
 TRT_INT8_PRESET = "static-qdq-trt"
@@ -249,15 +250,14 @@ def engine_parity(manifest: dict, engine_path: Path, options: TrtOptions) -> Par
     """The parity report of an engine against the PyTorch original rebuilt from the manifest's source."""
     from ..families import original_from_source
     from ..parity import parity_report
-    from ..registry import ModelSpec
     from ..runtime.trt_runner import TrtRunner
     from .reference import reference_set
 
-    spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
+    spec = manifest.model_spec()
     weights = Path(options.weights) if options.weights else None
-    head = original_from_source(spec, manifest["source"], weights_override=weights, module=options.module)
+    head = original_from_source(spec, manifest.source_record(), weights_override=weights, module=options.module)
     ps = reference_set(head, spec, options.threads)
-    precision = manifest["precision"]
+    precision = manifest.precision
     with TrtRunner(engine_path, spec.embedding.dim) as runner:
         return parity_report(ps.reference, runner, ps.inputs(runner), spec.thresholds(precision), precision,
                              ps.names)
@@ -273,7 +273,7 @@ def add_engine(artifact: str | Path, options: TrtOptions | None = None, step: St
     options, artifact = options or TrtOptions(), Path(artifact)
     with export_lock(artifact):
         manifest = verify(artifact, read_manifest(artifact))
-        precision = manifest["precision"]
+        precision = manifest.precision
         check_trt_onnx(artifact / MODEL_FILE)
         env = current_env()
         step(f"building a TensorRT {precision} engine for {env.gpu.name} (TensorRT {env.tensorrt}, "
@@ -296,10 +296,11 @@ def add_engine(artifact: str | Path, options: TrtOptions | None = None, step: St
     return record
 
 
-def _write_with_engine(artifact: Path, manifest: dict, engine: Path, record: dict) -> None:
-    """Rewrite ``artifact`` atomically with ``engine`` added (hard links for the unchanged files)."""
+def _write_with_engine(artifact: Path, manifest: Manifest, engine: Path, record: dict) -> None:
+    """Rewrite ``artifact`` atomically with ``engine`` added to its engines (hard links for the unchanged
+    files); a plan built for the same GPU, TensorRT version, precision and profile is replaced."""
     with staged_directory(artifact) as stage:
-        for rel in manifest["files"]:
+        for rel in manifest.files:
             if rel == record["file"]:
                 continue  # replaced below
             dst = stage / rel
@@ -311,8 +312,18 @@ def _write_with_engine(artifact: Path, manifest: dict, engine: Path, record: dic
 
                 shutil.copy2(artifact / rel, dst)
         os.replace(engine, stage / record["file"])
-        updated = {**manifest, "tensorrt": {"engines": replace_record(engine_records(manifest), record)}}
-        updated["files"] = file_checksums(stage)
-        if set(updated["files"]) != set(manifest["files"]) | {record["file"]}:
+        new = trt_engine(record)
+        engines = [e for e in manifest.engines if e.id != new.id] + [new]
+        files = file_checksums(stage)
+        if set(files) != set(manifest.files) | {record["file"]}:
             raise ArtifactError(f"{artifact}: files changed while adding an engine; nothing written")
-        write_json_atomic(stage / MANIFEST, updated)
+        write_manifest(stage, manifest.model_copy(update={"engines": engines, "files": files}))
+
+
+def trt_engine(record: dict) -> Engine:
+    """The artifact engine of a built TensorRT plan (:func:`~imgembed.runtime.trt_engines.engine_record`)."""
+    parity = record.get("parity") or {}
+    return Engine(id=f"tensorrt-{record['key']}", backend="tensorrt", precision=record["precision"], device="cuda",
+                  batch_invariant=True, files={"plan": record["file"]}, parity=parity.get("metrics"),
+                  target=GpuTarget(**{k: record.get(k) for k in ("key", "gpu", "tensorrt", "profile", "build",
+                                                                 "created")}))

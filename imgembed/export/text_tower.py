@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..artifact import Manifest
 from ..errors import ExportError, WeightsError
 from ..families import DEFAULT_SEED, TextTower, _from_pretrained, _transformers_attr, family_of, has_safetensors
 from ..registry import EmbeddingSpec, ModelSpec, TextSpec
@@ -407,37 +408,39 @@ def _check_vocab(original: TextOriginal, tok_json: str, spec: ModelSpec) -> None
 
 
 # ------------------------------------------------------------------------------------------ re-check
-def recheck_text(artifact: str | Path, manifest: dict, weights: str | Path | None = None, threads: int | None = None,
+def recheck_text(artifact: str | Path, manifest: Manifest, weights: str | Path | None = None,
+                 threads: int | None = None,
                  backend: str = "auto", step: Step = lambda s: None):
     """Re-run the text gate of an artifact's text engine (the one ``backend`` selects here) against the text
     original rebuilt from the manifest's source, with the transformers tokenizer of that source."""
-    from ..artifact_files import ArtifactFiles
+    from ..artifact import ArtifactFiles
     from ..parity import gate_thresholds, parity_report
     from ..runtime.backends import open_engine, select_engine
-    from ..runtime.text import read_tokenizer, text_view
+    from ..runtime.text import read_tokenizer
+    from ..runtime.text import text_tower as artifact_text_tower
 
     artifact = Path(artifact)
-    view = text_view(manifest, str(artifact))
-    engine, _ = select_engine(view, backend, "cpu", where=f"{artifact} (text tower)")
-    spec = ModelSpec.from_dict(manifest["name"], manifest["model"])
+    tower = artifact_text_tower(manifest, str(artifact))
+    engine, _ = select_engine(tower, backend, "cpu", where=f"{artifact} (text tower)")
+    spec = manifest.model_spec()
     _, record = text_tower(spec)
-    source = manifest["source"]
+    source = manifest.source_record()
     kind = source.get("kind")
     local = weights if weights is not None else (source.get("path") if kind == "local" else None)
-    text_src = manifest["text"].get("source") or {}
-    tokenizer = text_src.get("tokenizer")
+    tokenizer = (tower.source or {}).get("tokenizer")
     step("loading the text tokenizer and the text original")
     tf_tok = reference_tokenizer(spec, local, tokenizer)
-    tok = read_tokenizer(ArtifactFiles.of(artifact, manifest), manifest["text"]["tokenizer"])
-    captions = tuple(manifest["text"]["parity"].get("images") or parity_captions())
+    tok = read_tokenizer(ArtifactFiles.of(artifact, manifest), tower.tokenizer)
+    captions = tuple((tower.parity.images if tower.parity is not None else None) or parity_captions())
     check_token_ids(tf_tok, tok, captions, record.reference_mask)
     original = load_text_original(spec, weights=local, random_init=kind == "random-init",
                                   seed=int(source.get("seed", DEFAULT_SEED)), special_ids=special_ids(tf_tok))
     step("computing PyTorch reference text embeddings")
     parity = text_parity_set(original, tf_tok, tok, record.reference_mask, threads, captions)
-    thresholds = gate_thresholds(spec.thresholds(engine["precision"]), bool(engine.get("batch_invariant")))
-    step(f"running text engine {engine['id']} at batch sizes 1, 3, 8")
-    with open_engine(artifact, view, engine, threads=threads) as runner:
-        report = parity_report(parity.reference, runner, parity.inputs(runner), thresholds, engine["precision"],
+    thresholds = gate_thresholds(spec.thresholds(engine.precision), engine.batch_invariant)
+    step(f"running text engine {engine.id} at batch sizes 1, 3, 8")
+    with open_engine(artifact, manifest, engine, threads=threads, dim=tower.dim,
+                     name=f"{manifest.name}-text") as runner:
+        report = parity_report(parity.reference, runner, parity.inputs(runner), thresholds, engine.precision,
                                parity.names)
-    return report.with_engine(engine["id"])
+    return report.with_engine(engine.id)

@@ -72,13 +72,13 @@ def check_artifact(artifact: str | Path, index: Embeddings, where: str) -> None:
     from .folder import manifest_sha256
 
     recorded, sha = meta.get("manifest_sha256"), manifest_sha256(artifact)
-    dim = int(manifest["output"]["dim"])
+    dim = manifest.output.dim
     if recorded is not None and recorded != sha:
         problem = f"manifest sha256 {sha[:12]}..., the index records {recorded[:12]}..."
     elif dim != index.vectors.shape[1]:
         problem = f"dim {dim}, the index has {index.vectors.shape[1]}"
-    elif recorded is None and meta.get("model") not in (None, manifest["name"]):
-        problem = f"model {manifest['name']!r}, the index records {meta.get('model')!r}"
+    elif recorded is None and meta.get("model") not in (None, manifest.name):
+        problem = f"model {manifest.name!r}, the index records {meta.get('model')!r}"
     else:
         return
     raise IndexMismatchError(f"{artifact} did not embed {where} ({problem}; index model {meta.get('model')!r}, "

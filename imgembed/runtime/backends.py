@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifact_files import ArtifactFile, ArtifactFiles
+from ..artifact import ArtifactFile, ArtifactFiles, Engine, Manifest, TextTower
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import Runner
 
@@ -35,7 +35,7 @@ class EngineRef:
     """One engine of an artifact directory, as recorded in its manifest."""
 
     directory: Path
-    record: dict                  # {"id", "backend", "precision", "files": {...}, ...}
+    record: Engine
     output_dim: int
     label: str                    # for runner names: "<artifact>-<precision>"
     files: ArtifactFiles | None = None   # the artifact's resolver; None for the work directory of an export
@@ -43,17 +43,15 @@ class EngineRef:
     def file(self, key: str = "model") -> Path | ArtifactFile:
         """The engine's ``key`` file: through the artifact's resolver (verified bytes on read), or a plain path
         in an export's own work directory."""
-        files = self.record.get("files")
-        rel = files.get(key) if isinstance(files, dict) else None
+        rel = self.record.files.get(key)
         if not rel:
-            raise ArtifactError(f"{self.directory}: engine {self.record.get('id')!r} records no {key!r} file")
+            raise ArtifactError(f"{self.directory}: engine {self.record.id!r} records no {key!r} file")
         if self.files is not None:
-            return self.files.file(rel, f"engine {self.record.get('id')!r} file {key!r}")
+            return self.files.file(rel, f"engine {self.record.id!r} file {key!r}")
         return self.directory / rel
 
     def has_file(self, key: str) -> bool:
-        files = self.record.get("files")
-        return isinstance(files, dict) and bool(files.get(key))
+        return bool(self.record.files.get(key))
 
 
 @dataclass(frozen=True)
@@ -141,54 +139,52 @@ def backend_table(device: str | None = None) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- engines
-def engines_of(manifest: dict) -> list[dict]:
-    """The engines an artifact holds, default first, then by measured speed (fastest first).
-
-    Manifests without an ``engines`` list hold one ONNX Runtime engine, ``model.onnx``; TensorRT engines
-    (``manifest["tensorrt"]``) are listed as one ``tensorrt`` engine at the artifact's precision.
-    """
-    engines = [dict(e) for e in manifest.get("engines") or []]
-    if not engines:
-        engines = [{"id": "onnxruntime", "backend": "onnxruntime", "precision": manifest.get("precision", "fp32"),
-                    "files": {"model": "model.onnx"}}]
-    default = manifest.get("default_engine")
-    engines.sort(key=lambda e: (e.get("id") != default, -(e.get("img_per_s") or 0.0)))
-    if (manifest.get("tensorrt") or {}).get("engines"):
-        engines.append({"id": "tensorrt", "backend": "tensorrt", "precision": manifest.get("precision", "fp32"),
-                        "files": {}})
-    return engines
+def engines_of(manifest: Manifest | TextTower) -> list[Engine]:
+    """The engines of an artifact's tower, default first, then by measured speed (fastest first)."""
+    default = manifest.default_engine
+    return sorted(manifest.engines, key=lambda e: (e.id != default, -(e.img_per_s or 0.0)))
 
 
-def _unmet(engine: dict) -> str | None:
+def _unmet(engine: Engine) -> str | None:
     """Why this host lacks what ``engine`` needs to run as exported and gated (CPU instructions), or None."""
     from .host import int8_saturation, missing_bf16_instructions
 
-    reasons = [missing_bf16_instructions() if engine.get("inference_precision") == "bf16" else None,
-               int8_saturation(engine.get("backend")) if engine.get("needs_vnni") else None]
+    reasons = [missing_bf16_instructions() if engine.inference_precision == "bf16" else None,
+               int8_saturation(engine.backend) if engine.needs_vnni else None]
     return "; ".join(r for r in reasons if r) or None
 
 
-def _degraded(engine: dict, unmet: str, where: str) -> dict:
+def _target_mismatch(engine: Engine) -> str | None:
+    """Why a TensorRT plan cannot run on this GPU / TensorRT version (it was built for another), or None."""
+    if engine.target is None:
+        return None
+    from .trt_engines import incompatibilities
+    from .trt_runner import current_env
+
+    return "; ".join(incompatibilities(engine.target, current_env())) or None
+
+
+def _degraded(engine: Engine, unmet: str, where: str) -> Engine:
     """``engine`` as it runs on a host that lacks what it needs, with a :class:`DegradedEngineWarning`: a BF16
     hint falls back to FP32 (exact), an 8-bit engine gated with VNNI runs on saturating kernels (may drift)."""
     from .host import int8_saturation, missing_bf16_instructions
 
     what, how = [], []
-    if engine.get("inference_precision") == "bf16" and missing_bf16_instructions():
-        engine = {**engine, "inference_precision": "fp32"}
+    if engine.inference_precision == "bf16" and missing_bf16_instructions():
+        engine = engine.model_copy(update={"inference_precision": "fp32"})
         what.append("was exported for native BF16")
         how.append("it runs in FP32 here (same vectors within the FP32 gate, slower)")
-    if engine.get("needs_vnni") and int8_saturation(engine.get("backend")):
+    if engine.needs_vnni and int8_saturation(engine.backend):
         what.append("was gated with VNNI int8 kernels")
         how.append("its vectors may drift past the gate here: check with `imgembed parity` on this host, or "
                    "re-export here (the portable 7-bit engine of an INT8 export runs exactly everywhere)")
-    warnings.warn(f"{where}: engine {engine['id']} {' and '.join(what)} but {unmet}; {'; '.join(how)}",
+    warnings.warn(f"{where}: engine {engine.id} {' and '.join(what)} but {unmet}; {'; '.join(how)}",
                   DegradedEngineWarning, stacklevel=3)
     return engine
 
 
-def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
-                  where: str = "artifact") -> tuple[dict, list[str]]:
+def select_engine(manifest: Manifest | TextTower, backend: str = AUTO, device: str = "cpu",
+                  where: str = "artifact") -> tuple[Engine, list[str]]:
     """The engine of ``manifest`` to run on ``device`` here, and notes on what was passed over.
 
     ``backend="auto"``: the first engine (default first, then fastest) whose backend is usable here and whose
@@ -199,24 +195,24 @@ def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
     """
     check_device(device)
     engines = engines_of(manifest)
-    held = ", ".join(f"{e['id']} ({e['backend']}, {e['precision']})" for e in engines)
+    held = ", ".join(f"{e.id} ({e.backend}, {e.precision})" for e in engines)
     if backend != AUTO:
         get_backend(backend)
-        engines = [e for e in engines if e["backend"] == backend]
+        engines = [e for e in engines if e.backend == backend]
         if not engines:
             raise BackendUnavailableError(f"{where} has no {backend!r} engine; it holds: {held}")
     notes, degraded = [], []
     for engine in engines:
-        b = BACKENDS.get(engine["backend"])
-        reason = (f"backend {engine['backend']!r} is not known to this imgembed" if b is None
-                  else (b.unavailable(device) if engine["precision"] in b.precisions(device)
-                        else f"{b.name} does not run {engine['precision']} on {device}"))
+        b = BACKENDS.get(engine.backend)
+        reason = (f"backend {engine.backend!r} is not known to this imgembed" if b is None
+                  else (b.unavailable(device) if engine.precision in b.precisions(device)
+                        else f"{b.name} does not run {engine.precision} on {device}")) or _target_mismatch(engine)
         if reason:
-            notes.append(f"{engine['id']}: {reason}")
+            notes.append(f"{engine.id}: {reason}")
             continue
         unmet = _unmet(engine) if device == "cpu" else None
         if unmet:
-            notes.append(f"{engine['id']}: {unmet}")
+            notes.append(f"{engine.id}: {unmet}")
             degraded.append((engine, unmet))
             continue
         return engine, notes
@@ -226,14 +222,16 @@ def select_engine(manifest: dict, backend: str = AUTO, device: str = "cpu",
                                   f"the artifact holds: {held}")
 
 
-def open_engine(directory: Path, manifest: dict, engine: dict, *, device: str = "cpu",
-                threads: int | None = None, files: ArtifactFiles | None = None) -> Runner:
+def open_engine(directory: Path, manifest: Manifest, engine: Engine, *, device: str = "cpu",
+                threads: int | None = None, files: ArtifactFiles | None = None, dim: int | None = None,
+                name: str | None = None) -> Runner:
     """A (not yet active) runner over one engine of an artifact; its files are read through ``files`` (by
-    default the resolver of ``manifest["files"]`` with sha256 checks)."""
+    default the resolver of the manifest's ``files`` with sha256 checks). ``dim`` / ``name``: the tower's
+    (default: the image tower's)."""
     files = files or ArtifactFiles.of(directory, manifest)
-    ref = EngineRef(Path(directory), engine, int(manifest["output"]["dim"]),
-                    f"{manifest['name']}-{engine['precision']}", files)
-    return get_backend(engine["backend"]).open(ref, device, threads, engine["precision"])
+    ref = EngineRef(Path(directory), engine, dim or manifest.output.dim,
+                    f"{name or manifest.name}-{engine.precision}", files)
+    return get_backend(engine.backend).open(ref, device, threads, engine.precision)
 
 
 def open_original(module: Any, input_hw: tuple[int, int], output_dim: int, label: str, *, backend: str = "torch",
@@ -300,7 +298,7 @@ def _open_openvino(target: Target, device: str, threads: int | None, precision: 
     assert isinstance(target, EngineRef)
     weights = target.file("weights") if target.has_file("weights") else None
     return OpenVinoRunner(target.file(), target.output_dim, weights=weights, device=device, threads=threads,
-                          inference_precision=target.record.get("inference_precision", "fp32"),
+                          inference_precision=target.record.inference_precision,
                           name=f"openvino[{target.label}]")
 
 
@@ -311,12 +309,12 @@ def _openvino_unavailable(device: str) -> str | None:
 
 
 def _open_tensorrt(target: Target, device: str, threads: int | None, precision: str) -> Runner:
-    from .trt_runner import TrtRunner, artifact_engine
+    from .trt_runner import TrtRunner
 
     assert isinstance(target, EngineRef)
-    path, record = artifact_engine(target.directory, precision, files=target.files)
-    return TrtRunner(path, target.output_dim,
-                     name=f"tensorrt[{target.label}-b{record['profile']['max']}]")
+    profile = target.record.target.profile if target.record.target else {}
+    return TrtRunner(target.file("plan"), target.output_dim,
+                     name=f"tensorrt[{target.label}-b{profile.get('max', '?')}]")
 
 
 def _tensorrt_unavailable(device: str) -> str | None:

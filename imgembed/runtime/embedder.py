@@ -17,9 +17,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..artifact import MANIFEST, read_manifest, verify
-from ..artifact_files import ArtifactFiles, engine_files
-from ..errors import ArtifactError, ImageDecodeError, ImgembedError, UnknownModelError
+from ..artifact import ArtifactFiles, Engine, Manifest, engine_files, read_manifest, verify
+from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
 from ..fastdecode import check_mode, load_crop
 from ..preprocess import PreprocessSpec
 from ..registry import ModelSpec, get_spec, registry
@@ -36,7 +35,7 @@ class Embedder:
     """Embeds images with one runner. Thread-safe for concurrent ``embed`` calls on ORT and torch CPU."""
 
     def __init__(self, runner: Runner, preprocess: PreprocessSpec, *, name: str, precision: str,
-                 normalized: bool, manifest: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 normalized: bool, manifest: Manifest | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_pixels: int = 64_000_000, decode: str = "exact", workers: int = 0):
         self.runner = runner.activate()
         self.preprocess = preprocess
@@ -49,7 +48,7 @@ class Embedder:
         self.decode = check_mode(decode)
         self.workers = workers
         self.artifact_path: Path | None = None   # set by load_artifact
-        self.engine: dict | None = None          # the artifact engine that runs (set by load_artifact)
+        self.engine: Engine | None = None         # the artifact engine that runs (set by load_artifact)
         self._text = None                        # the text tower's encoder, opened on first use
         self._text_options: dict = {}            # backend/device/threads of the text tower (load_artifact)
 
@@ -81,12 +80,13 @@ class Embedder:
         """The towers this embedder can run: ``["image"]``, or ``["image", "text"]``."""
         from .text import describe_towers
 
-        return describe_towers(self.manifest or {}) if self.artifact_path is not None else ["image"]
+        return describe_towers(self.manifest) if self.artifact_path is not None else ["image"]
 
     @property
     def space(self) -> dict | None:
         """The shared image-text space (dim, normalisation, scoring), or None without a text tower."""
-        return (self.manifest or {}).get("space")
+        space = self.manifest.space if self.manifest is not None else None
+        return None if space is None else space.model_dump()
 
     @property
     def text(self):
@@ -212,32 +212,27 @@ def load_artifact(path: str | Path, *, backend: str = "auto", device: str = "cpu
 
         verify_signature(path, require_signature, signature)
     manifest = read_manifest(path)
-    try:
-        return _open_artifact(path, manifest, backend=backend, device=device, threads=threads, batch_size=batch_size,
-                              verify_checksums=verify_checksums, allow_failed=allow_failed, decode=decode,
-                              workers=workers)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        if isinstance(e, ImgembedError):
-            raise
-        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
-        raise ArtifactError(f"{path / MANIFEST}: malformed manifest ({what:.300}); re-export the artifact") from None
+    return _open_artifact(path, manifest, backend=backend, device=device, threads=threads, batch_size=batch_size,
+                          verify_checksums=verify_checksums, allow_failed=allow_failed, decode=decode,
+                          workers=workers)
 
 
-def _open_artifact(path: Path, manifest: dict, *, backend: str, device: str, threads: int | None, batch_size: int,
+def _open_artifact(path: Path, manifest: Manifest, *, backend: str, device: str, threads: int | None, batch_size: int,
                    verify_checksums: bool, allow_failed: bool, decode: str, workers: int | None) -> Embedder:
     """:func:`load_artifact` after the manifest was read: select, verify and open the engine."""
     from .backends import open_engine, select_engine
 
-    if manifest.get("status") != "passed" and not allow_failed:
-        raise ArtifactError(f"{path} failed its parity gate at export ({manifest.get('parity', {}).get('failures')}); "
+    if manifest.status != "passed" and not allow_failed:
+        failures = manifest.parity.failures if manifest.parity is not None else []
+        raise ArtifactError(f"{path} failed its parity gate at export ({failures}); "
                             "pass allow_failed=True to load it anyway")
     engine, _ = select_engine(manifest, backend, device, where=str(path))
     if verify_checksums:  # the engine's own files are hashed once, when the runner reads them
         verify(path, manifest, hashed_on_read=engine_files(engine))
     files = ArtifactFiles.of(path, manifest, check_sha=verify_checksums)
     runner = open_engine(path, manifest, engine, device=device, threads=threads, files=files)
-    emb = Embedder(runner, PreprocessSpec.from_dict(manifest["preprocess"]), name=manifest["name"],
-                   precision=engine["precision"], normalized=bool(manifest["output"]["normalized"]),
+    emb = Embedder(runner, manifest.preprocess_spec(), name=manifest.name,
+                   precision=engine.precision, normalized=manifest.output.normalized,
                    manifest=manifest, batch_size=batch_size, decode=decode, workers=_workers(workers))
     emb.artifact_path = path
     emb.engine = engine

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..artifact_files import ArtifactFile
+from ..artifact import ArtifactFile
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import InputSpec, Runner
 

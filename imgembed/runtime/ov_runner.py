@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact_files import ArtifactFile
+from ..artifact import ArtifactFile
 from ..errors import ArtifactError, BackendUnavailableError, ImgembedError
 from .base import InputSpec, Runner
 

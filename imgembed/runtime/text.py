@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact_files import ArtifactFiles
+from ..artifact import ArtifactFiles, Engine, Manifest, TextTower, Tokenizer
 from ..errors import ArtifactError
 from ..tokenizer import TextTokenizer, check_texts
 from .base import Runner
@@ -21,22 +21,19 @@ from .base import Runner
 DEFAULT_TEXT_BATCH = 32
 
 
-def text_view(manifest: dict, where: str) -> dict:
-    """The manifest as the backend table sees the text tower (its engines, default engine and dim)."""
-    text = manifest.get("text")
-    if not isinstance(text, dict) or not text.get("engines"):
-        raise ArtifactError(f"{where} has no text tower; export it with `imgembed export {manifest.get('name')} "
+def text_tower(manifest: Manifest, where: str) -> TextTower:
+    """The artifact's text tower, or an ArtifactError saying how to export one."""
+    if manifest.text is None:
+        raise ArtifactError(f"{where} has no text tower; export it with `imgembed export {manifest.name} "
                             "--text` (CLIP and SigLIP models)")
-    return {"name": f"{manifest['name']}-text", "engines": text["engines"], "default_engine": text["default_engine"],
-            "output": {"dim": int(text["dim"])}, "precision": manifest.get("precision", "fp32"),
-            "files": manifest.get("files")}
+    return manifest.text
 
 
 class TextEncoder:
     """Embeds captions with one text runner. ``embed`` is safe to call from several threads (ONNX Runtime
     sessions and OpenVINO infer requests are per call / per thread)."""
 
-    def __init__(self, runner: Runner, tokenizer: TextTokenizer, *, name: str, engine: dict,
+    def __init__(self, runner: Runner, tokenizer: TextTokenizer, *, name: str, engine: Engine,
                  batch_size: int = DEFAULT_TEXT_BATCH):
         self.runner = runner.activate()
         self.tokenizer = tokenizer
@@ -66,35 +63,33 @@ class TextEncoder:
         self.runner.deactivate()
 
 
-def open_text(path: str | Path, manifest: dict, *, backend: str = "auto", device: str = "cpu",
+def open_text(path: str | Path, manifest: Manifest, *, backend: str = "auto", device: str = "cpu",
               threads: int | None = None, batch_size: int = DEFAULT_TEXT_BATCH,
               files: ArtifactFiles | None = None) -> TextEncoder:
     """The text encoder of an artifact; the tokenizer and engine files are read through ``files`` (by default
-    the resolver of ``manifest["files"]``, sha256 checked)."""
+    the resolver of the manifest's ``files``, sha256 checked)."""
     from .backends import open_engine, select_engine
 
     path = Path(path)
     files = files or ArtifactFiles.of(path, manifest)
-    view = text_view(manifest, str(path))
-    engine, _ = select_engine(view, backend, device, where=f"{path} (text tower)")
-    record = manifest["text"]["tokenizer"]
-    tokenizer = read_tokenizer(files, record)
-    runner = open_engine(path, view, engine, device=device, threads=threads, files=files)
-    return TextEncoder(runner, tokenizer, name=view["name"], engine=engine, batch_size=batch_size)
+    text = text_tower(manifest, str(path))
+    engine, _ = select_engine(text, backend, device, where=f"{path} (text tower)")
+    tokenizer = read_tokenizer(files, text.tokenizer)
+    name = f"{manifest.name}-text"
+    runner = open_engine(path, manifest, engine, device=device, threads=threads, files=files, dim=text.dim, name=name)
+    return TextEncoder(runner, tokenizer, name=name, engine=engine, batch_size=batch_size)
 
 
-def read_tokenizer(files: ArtifactFiles, record: dict) -> TextTokenizer:
+def read_tokenizer(files: ArtifactFiles, record: Tokenizer) -> TextTokenizer:
     """The text tower's tokenizer from the verified bytes of its tokenizer.json."""
-    if not isinstance(record, dict):
-        raise ArtifactError(f"{files.where}: 'text.tokenizer' must be an object, got {type(record).__name__}")
-    data = files.read(record.get("file"), "text tokenizer file")
+    data = files.read(record.file, "text tokenizer file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ArtifactError(f"{files.directory / record['file']}: tokenizer.json is not UTF-8 ({e})") from None
-    return TextTokenizer(files.directory / record["file"], record, json_text=text)
+        raise ArtifactError(f"{files.directory / record.file}: tokenizer.json is not UTF-8 ({e})") from None
+    return TextTokenizer(files.directory / record.file, record.model_dump(by_alias=True), json_text=text)
 
 
-def describe_towers(manifest: dict) -> list[str]:
+def describe_towers(manifest: Manifest | None) -> list[str]:
     """The towers an artifact holds ("image", and "text" when exported with --text)."""
-    return ["image", "text"] if isinstance(manifest.get("text"), dict) else ["image"]
+    return ["image", "text"] if manifest is not None and manifest.text is not None else ["image"]

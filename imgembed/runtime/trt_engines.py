@@ -98,6 +98,8 @@ def engine_record(env: EngineEnv, precision: str, profile: BatchProfile, **extra
 
 def incompatibilities(record: dict, env: EngineEnv) -> list[str]:
     """Why the engine of ``record`` cannot run in ``env`` (empty when it can): each reason names both sides."""
+    if not isinstance(record, dict):  # an artifact engine's target (imgembed.artifact.GpuTarget)
+        record = record.model_dump()
     reasons = []
     gpu = record.get("gpu") or {}
     if gpu.get("name") != env.gpu.name:

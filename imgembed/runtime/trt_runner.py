@@ -10,14 +10,18 @@ keys, compatibility, chunking) are tested, the CUDA path is written to the docum
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..artifact_files import ArtifactFile, ArtifactFiles
+from ..artifact import ArtifactFile, ArtifactFiles
 from ..errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ImgembedError
 from .base import InputSpec, Runner
 from .gpu import current_gpu
 from .trt_engines import BatchProfile, EngineEnv, plan_chunks, select_engine
+
+if TYPE_CHECKING:
+    from ..artifact import Manifest
 
 INSTALL_HINT = ("install TensorRT from NVIDIA's index (pip install tensorrt-cu12, or tensorrt-cu13 for CUDA 13) "
                 "on a machine with an NVIDIA GPU and a CUDA build of torch")
@@ -144,8 +148,13 @@ class TrtRunner(Runner):
                 "profile": None if self.profile is None else self.profile.to_dict()}
 
 
-def engine_records(manifest: dict) -> list[dict]:
-    return list((manifest.get("tensorrt") or {}).get("engines") or [])
+def engine_records(manifest: "Manifest") -> list[dict]:
+    """The artifact's TensorRT engines as the plan records :func:`~.trt_engines.select_engine` chooses from."""
+    out = []
+    for e in manifest.engines:
+        if e.backend == "tensorrt" and e.target is not None:
+            out.append({**e.target.model_dump(), "id": e.id, "file": e.files.get("plan"), "precision": e.precision})
+    return out
 
 
 def artifact_engine(artifact: str | Path, precision: str | None = None, env: EngineEnv | None = None,
@@ -169,5 +178,5 @@ def load_trt_runner(artifact: str | Path, precision: str | None = None) -> TrtRu
     from ..artifact import read_manifest
 
     path, record = artifact_engine(artifact, precision)
-    dim = int(read_manifest(artifact)["output"]["dim"])
+    dim = read_manifest(artifact).output.dim
     return TrtRunner(path, dim, name=f"tensorrt[{Path(artifact).name}-{record['precision']}]")

@@ -273,7 +273,7 @@ async def _embed_texts(state: ServerState, served: ServedModel, incoming: Incomi
         return _openai_response(served, incoming, vectors, tokens=tokens)
     data = [{"index": i, "embedding": row, "error": None} for i, row in enumerate(vectors.tolist())]
     text = served.embedder.text
-    body = {"model": served.id, "tower": "text", "precision": text.engine.get("precision"), "dim": text.dim,
+    body = {"model": served.id, "tower": "text", "precision": text.engine.precision, "dim": text.dim,
             "normalized": bool((served.embedder.space or {}).get("normalized", served.embedder.normalized)),
             "data": data, "embedded": len(texts), "failed": 0}
     return Response(json.dumps(body, separators=(",", ":")).encode(), media_type="application/json")

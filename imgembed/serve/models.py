@@ -49,15 +49,14 @@ class ServedModel:
 
     def describe(self) -> dict:
         e = self.embedder
-        engine = e.engine or {}
         text = None
         if self.has_text:
             t = e.text
-            text = {"max_length": t.tokenizer.max_length, "precision": t.engine.get("precision"),
-                    "backend": t.runner.backend, "engine": t.engine.get("id")}
+            text = {"max_length": t.tokenizer.max_length, "precision": t.engine.precision,
+                    "backend": t.runner.backend, "engine": t.engine.id}
         return {"id": self.id, "aliases": list(self.aliases), "name": e.name, "precision": e.precision,
                 "dim": e.dim, "normalized": e.normalized, "input_size": list(e.preprocess.output_hw),
-                "backend": e.runner.backend, "engine": engine.get("id"),
+                "backend": e.runner.backend, "engine": e.engine.id if e.engine is not None else None,
                 "batch_invariant": not self.batch_dependent, "towers": self.towers,
                 "space": e.space if self.has_text else None, "text": text}
 
@@ -66,11 +65,7 @@ class ServedModel:
         """True for an engine that quantizes activations per batch (dynamic INT8): an image's vector shifts
         slightly with the other images of its batch."""
         engine = self.embedder.engine
-        if engine is not None and "batch_invariant" in engine:
-            return not engine["batch_invariant"]
-        quant = (engine or {}).get("quantization") or \
-            ((self.embedder.manifest or {}).get("export") or {}).get("quantization") or {}
-        return (quant.get("preset") or {}).get("mode") == "dynamic"
+        return engine is not None and not engine.batch_invariant
 
     def infer_fn(self, batch_invariant: bool) -> Callable[[np.ndarray], np.ndarray]:
         """The batcher's inference function: the runner's, or -- for a batch-dependent artifact served
@@ -84,7 +79,7 @@ class ServedModel:
         """The text batcher's inference function: a 1-d object array of texts -> their vectors, in order, in
         one call of the text engine (one call per text for a batch-dependent engine served ``batch_invariant``)."""
         encoder = self.embedder.text
-        alone = batch_invariant and encoder.engine.get("batch_invariant") is False
+        alone = batch_invariant and not encoder.engine.batch_invariant
 
         def infer(texts: np.ndarray) -> np.ndarray:
             return encoder.embed(list(texts), batch_size=1 if alone else max(1, len(texts)))
@@ -119,7 +114,7 @@ def parse_artifact_arg(arg: str) -> ArtifactArg:
     else:
         path, model_id = Path(arg), None
     manifest = read_manifest(path)
-    return ArtifactArg(path, str(manifest["name"]), str(manifest["precision"]), model_id)
+    return ArtifactArg(path, manifest.name, manifest.precision, model_id)
 
 
 def assign_ids(args: Sequence[ArtifactArg]) -> list[tuple[str, tuple[str, ...]]]:

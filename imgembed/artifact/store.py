@@ -40,13 +40,10 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, writers are not serialised
     fcntl = None  # type: ignore[assignment]
 
-from .errors import ArtifactError, IntegrityError
+from ..errors import ArtifactError, IntegrityError
+from .schema import MANIFEST
 
-MANIFEST = "manifest.json"
-REQUIRED_KEYS = ("files", "model", "name", "precision", "input", "output", "preprocess")
 MODEL_FILE = "model.onnx"
-FORMAT_VERSION = 1
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -304,63 +301,3 @@ def _tensors(graph: Any) -> Iterator[Any]:
             yield from attr.tensors
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _tensors(sub)
-
-
-def read_manifest(directory: str | Path) -> dict:
-    """Load and sanity-check ``manifest.json`` (no checksum verification; see :func:`verify`)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise ArtifactError(f"artifact directory {directory} does not exist")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{directory} is not an imgembed artifact: no {MANIFEST}") from None
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable manifest ({e})") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise ArtifactError(f"{path}: not an imgembed manifest (missing {missing})")
-    if not isinstance(manifest["output"], dict) or not isinstance(manifest["output"].get("dim"), int):
-        raise ArtifactError(f"{path}: 'output' must record the embedding 'dim' as an integer")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and _SHA256.match(v)
-                                              for k, v in files.items()):
-        raise IntegrityError(f"{path}: 'files' must map relative paths to sha256 hex digests, got {files!r:.200}")
-    version = manifest.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ArtifactError(f"{path}: 'format_version' must be an integer, got {version!r:.80}")
-    if version > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest['format_version']} is newer than this imgembed "
-                            f"supports ({FORMAT_VERSION}); upgrade imgembed")
-    return manifest
-
-
-def verify(directory: str | Path, manifest: dict | None = None, hashed_on_read: Collection[str] = ()) -> dict:
-    """Check every file listed in the manifest against its sha256; extra or missing files are errors.
-
-    Every entry goes through the artifact's resolver (:mod:`imgembed.artifact_files`): a path that is not
-    relative or resolves outside the directory is refused. ``hashed_on_read``: listed files whose sha256 the
-    caller checks on the bytes it reads (:meth:`~imgembed.artifact_files.ArtifactFiles.read`), so they are
-    not hashed twice; they must still exist.
-    """
-    from .artifact_files import ArtifactFiles
-
-    directory = Path(directory)
-    manifest = manifest or read_manifest(directory)
-    expected: dict[str, str] = manifest["files"]
-    resolver = ArtifactFiles(directory, expected)
-    for rel in expected:
-        resolver.inside(rel, "file entry")
-    actual = file_checksums(directory, skip=set(hashed_on_read) & set(expected))
-    missing = sorted(set(expected) - set(actual))
-    if missing:
-        raise IntegrityError(f"{directory}: files listed in the manifest are missing: {missing}")
-    extra = sorted(set(actual) - set(expected))
-    if extra:
-        raise IntegrityError(f"{directory}: files not listed in the manifest: {extra}")
-    bad = [rel for rel in expected if expected[rel] != actual[rel] and actual[rel]]
-    if bad:
-        raise IntegrityError(f"{directory}: sha256 mismatch for {bad}: the artifact was modified or corrupted "
-                             "after export; re-export it")
-    return manifest

@@ -22,11 +22,13 @@ import posixpath
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .errors import IntegrityError
+from ..errors import IntegrityError
+from .schema import MANIFEST
 
-MANIFEST = "manifest.json"
+if TYPE_CHECKING:
+    from .schema import Engine, Manifest
 MAX_FILE_BYTES = 64 << 30   # 64 GiB: larger than any engine imgembed writes, small enough to refuse a runaway file
 MAX_PATH_CHARS = 1024
 _CHUNK = 1 << 30
@@ -51,8 +53,8 @@ class ArtifactFiles:
         self.where = self.directory / MANIFEST
 
     @classmethod
-    def of(cls, directory: str | Path, manifest: Mapping[str, Any], *, check_sha: bool = True) -> "ArtifactFiles":
-        return cls(directory, manifest.get("files"), check_sha=check_sha)
+    def of(cls, directory: str | Path, manifest: "Manifest", *, check_sha: bool = True) -> "ArtifactFiles":
+        return cls(directory, manifest.files, check_sha=check_sha)
 
     def _refuse(self, field: str, rel: Any, problem: str) -> IntegrityError:
         shown = repr(rel) if isinstance(rel, str) else f"{rel!r:.80} ({type(rel).__name__})"
@@ -162,10 +164,9 @@ class ArtifactFile:
         return self.files.file(posixpath.join(posixpath.dirname(self.rel), location), field)
 
 
-def engine_files(engine: Any) -> set[str]:
-    """The paths an engine record names in its ``files`` (strings only; the resolver judges them)."""
-    files = engine.get("files") if isinstance(engine, dict) else None
-    return {v for v in files.values() if isinstance(v, str)} if isinstance(files, dict) else set()
+def engine_files(engine: "Engine") -> set[str]:
+    """The paths an engine record names in its ``files`` (the resolver judges them)."""
+    return set(engine.files.values())
 
 
 def _read_exactly(f: Any, size: int) -> bytes | None:
