@@ -116,3 +116,17 @@ def post_json(client, path: str, payload) -> tuple[int, dict, dict]:
 
     status, headers, body = client.post_json(path, payload)
     return status, headers, json.loads(body)
+
+
+def minimal_manifest(**changes) -> dict:
+    """The smallest valid format-2 manifest (one ONNX Runtime engine, ``model.onnx``); ``files`` empty."""
+    return {"format_version": 2, "status": "passed", "name": "m", "model": {},
+            "source": {"kind": "random-init", "seed": 0, "arch": {}}, "precision": "fp32",
+            "input": {"name": "pixel_values", "dtype": "float32", "shape": [None, 3, 8, 8], "layout": "NCHW"},
+            "output": {"dim": 1, "normalized": False},
+            "preprocess": {"processor": "CLIPImageProcessor", "size": {"shortest_edge": 8}, "resample": "bicubic",
+                           "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0]},
+            "default_engine": "onnxruntime",
+            "engines": [{"id": "onnxruntime", "backend": "onnxruntime", "precision": "fp32",
+                         "files": {"model": "model.onnx"}}],
+            "files": {}, **changes}

@@ -1,4 +1,4 @@
-"""imgembed/artifact.py on its own: atomic file writes, the staged-directory swap (exchange and fallback,
+"""imgembed/artifact/store.py on its own: atomic file writes, the staged-directory swap (exchange and fallback,
 crash recovery, concurrent writers), checksum verification, the external-data refusal and manifest errors.
 Through the loader and under SIGKILL: test_artifact_integrity.py."""
 from __future__ import annotations
@@ -14,25 +14,25 @@ from pathlib import Path
 import pytest
 
 from imgembed import artifact as A
+from imgembed.artifact import store as S
 from imgembed.errors import ArtifactError, IntegrityError
 
-from .helpers import REPO, cli_env, external_data_model, hidden_leftovers
+from .helpers import REPO, cli_env, external_data_model, hidden_leftovers, minimal_manifest
 
 
 def _manifest(**changes) -> dict:
     """The smallest manifest read_manifest accepts (``files`` filled in by :func:`_make_artifact`)."""
-    return {"model": {}, "name": "m", "precision": "fp32", "input": {}, "output": {"dim": 1}, "preprocess": {},
-            "files": {}, **changes}
+    return minimal_manifest(**changes)
 
 
-def _make_artifact(directory: Path, files: dict[str, bytes], **changes) -> dict:
-    """Write ``files`` into ``directory`` with a manifest listing their sha256; returns the manifest."""
+def _make_artifact(directory: Path, files: dict[str, bytes], **changes) -> A.Manifest:
+    """Write ``files`` into ``directory`` with a manifest listing their sha256; returns the typed manifest."""
     for rel, data in files.items():
         (directory / rel).parent.mkdir(parents=True, exist_ok=True)
         (directory / rel).write_bytes(data)
     manifest = _manifest(files=A.file_checksums(directory), **changes)
     A.write_json_atomic(directory / A.MANIFEST, manifest)
-    return manifest
+    return A.parse_manifest(manifest)
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
@@ -77,7 +77,7 @@ def test_staged_directory_creates_the_artifact(tmp_path):
     with A.staged_directory(out) as stage:
         assert stage.parent == tmp_path and stage.name.startswith(".D.staging-") and not out.exists()
         _make_artifact(stage, {"model.onnx": b"v1"})
-    assert A.verify(out)["files"] == {"model.onnx": A.sha256_file(out / "model.onnx")}
+    assert A.verify(out).files == {"model.onnx": A.sha256_file(out / "model.onnx")}
     assert hidden_leftovers(out) == []
 
 
@@ -86,7 +86,7 @@ def test_staged_directory_swaps_an_existing_artifact(tmp_path, monkeypatch, exch
     out = tmp_path / "D"
     _make_artifact(out, {"model.onnx": b"v1", "old-only.bin": b"x"})
     if not exchange:
-        monkeypatch.setattr(A, "_exchange", lambda a, b: False)  # the path taken where renameat2 is missing
+        monkeypatch.setattr(S, "_exchange", lambda a, b: False)  # the path taken where renameat2 is missing
     with A.staged_directory(out) as stage:
         _make_artifact(stage, {"model.onnx": b"v2"})
     assert (out / "model.onnx").read_bytes() == b"v2" and not (out / "old-only.bin").exists()
@@ -148,7 +148,7 @@ def test_verify_refuses_an_entry_outside_the_directory(tmp_path):
     art = tmp_path / "art"
     manifest = _make_artifact(art, {"model.onnx": b"m"})
     (tmp_path / "evil.bin").write_bytes(b"w")
-    manifest["files"]["../evil.bin"] = A.sha256_file(tmp_path / "evil.bin")
+    manifest.files["../evil.bin"] = A.sha256_file(tmp_path / "evil.bin")
     with pytest.raises(IntegrityError, match=re.escape("file entry '../evil.bin' points outside the artifact")):
         A.verify(art, manifest)
 
@@ -188,14 +188,23 @@ def test_read_manifest_without_a_manifest(tmp_path):
 
 @pytest.mark.parametrize("text, error, message", [
     ("{not json", ArtifactError, r"unreadable manifest"),
-    ("[1, 2]", ArtifactError, r"not an imgembed manifest \(missing \['files', 'model'"),
-    (json.dumps({"files": {}}), ArtifactError, r"missing \['model', 'name', 'precision', 'input', 'output', "
-                                                r"'preprocess'\]"),
-    (json.dumps(_manifest(output={"dim": "512"})), ArtifactError, r"'output' must record the embedding 'dim'"),
+    ("[1, 2]", ArtifactError, r"not an imgembed manifest \(missing \['files', 'name'"),
+    (json.dumps({"files": {}}), ArtifactError, r"missing \['name', 'precision', 'input', 'output', 'preprocess'\]"),
+    (json.dumps(_manifest(output={"dim": "512", "normalized": True})), ArtifactError,
+     r"not a valid imgembed manifest \(format 2\): output\.dim: Input should be a valid integer"),
+    (json.dumps(_manifest(status=None)), ArtifactError, r"status: Input should be 'passed' or 'failed'"),
+    (json.dumps(_manifest(default_engine="gone")), ArtifactError,
+     r"default_engine 'gone' is not one of the engines \['onnxruntime'\]"),
+    (json.dumps(_manifest(engines=[{"id": "../x", "backend": "onnxruntime", "precision": "fp32", "files": {}}])),
+     ArtifactError, r"engines\.0\.id: String should match pattern"),
     (json.dumps(_manifest(files={"model.onnx": "abc"})), IntegrityError, r"'files' must map relative paths"),
-    (json.dumps(_manifest(format_version=A.FORMAT_VERSION + 1)), ArtifactError,
-     rf"format_version {A.FORMAT_VERSION + 1} is newer than this imgembed supports .*upgrade imgembed"),
-], ids=["invalid-json", "not-an-object", "missing-keys", "dim-not-int", "bad-digest", "newer-format"])
+    (json.dumps(_manifest(format_version=A.FORMAT_VERSION + 1, versions={"imgembed": "9.1"})), ArtifactError,
+     rf"artifact format {A.FORMAT_VERSION + 1} is newer than this imgembed reads \(formats up to "
+     rf"{A.FORMAT_VERSION}\); install the imgembed release that wrote it \(imgembed 9\.1\) or newer"),
+    (json.dumps(_manifest(format_version="2")), ArtifactError, r"'format_version' must be an integer, got '2'"),
+    (json.dumps(_manifest(surprise=1)), ArtifactError, r"surprise: Extra inputs are not permitted"),
+], ids=["invalid-json", "not-an-object", "missing-keys", "dim-not-int", "status-null", "default-not-held",
+        "engine-id-path", "bad-digest", "newer-format", "string-version", "unknown-key"])
 def test_read_manifest_errors(tmp_path, text, error, message):
     (tmp_path / A.MANIFEST).write_text(text)
     with pytest.raises(error, match=message):
@@ -212,9 +221,8 @@ for r in range(rounds):
     with A.staged_directory(out) as stage:
         payload = os.urandom(200_000) + f"{wid}-{r}".encode()
         (stage / "model.onnx").write_bytes(payload)
-        A.write_json_atomic(stage / "manifest.json", {"model": {}, "name": "m", "precision": "fp32", "input": {},
-                                                      "output": {"dim": 1}, "preprocess": {},
-                                                      "writer": f"{wid}-{r}",
+        manifest = json.loads(sys.argv[4])
+        A.write_json_atomic(stage / "manifest.json", {**manifest, "created": f"{wid}-{r}",
                                                       "files": A.file_checksums(stage)})
 print("done")
 """
@@ -225,14 +233,15 @@ def test_many_processes_writing_one_artifact(tmp_path):
     cleanup away from the others' staging dirs), the survivor is complete and consistent, no leftovers."""
     out = tmp_path / "D"
     env = cli_env(OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(w), "5"], cwd=REPO, env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(w), "5", json.dumps(_manifest())],
+                              cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(6)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, [err[-1500:] for _, err in outputs]
     manifest = A.verify(out)
-    assert (out / "model.onnx").read_bytes().endswith(manifest["writer"].encode())
+    assert (out / "model.onnx").read_bytes().endswith(manifest.created.encode())
     assert hidden_leftovers(out) == []
-    assert json.loads((out / "manifest.json").read_text())["writer"] in {f"{w}-{r}" for w in range(6)
+    assert json.loads((out / "manifest.json").read_text())["created"] in {f"{w}-{r}" for w in range(6)
                                                                          for r in range(5)}
 
 

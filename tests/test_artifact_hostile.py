@@ -1,4 +1,4 @@
-"""Hostile artifacts: every path a manifest names goes through one resolver (imgembed/artifact_files.py), and
+"""Hostile artifacts: every path a manifest names goes through one resolver (imgembed/artifact/files.py), and
 the bytes that were hashed are the bytes an engine runs. Each case ends in one typed error and runs nothing.
 (Checksums, atomic writes and external data of plain model files: test_artifact_integrity.py.)"""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 import imgembed
 from imgembed import artifact as A
-from imgembed.artifact_files import ArtifactFiles
+from imgembed.artifact import ArtifactFiles
 from imgembed.errors import ImgembedError, IntegrityError
 
 from .helpers import cli_env, run_cli

@@ -20,6 +20,7 @@ import pytest
 
 import imgembed
 from imgembed import artifact as A
+from imgembed.artifact import store as S
 from imgembed.errors import ArtifactError, IntegrityError
 
 from .helpers import REPO, cli_env, external_data_model, hidden_leftovers, start_cli
@@ -151,7 +152,7 @@ def test_checksum_valid_artifact_with_escaping_external_data_is_refused(art, mon
 
 def test_exported_artifact_has_no_external_data_and_skips_the_parse(artifact_dir):
     assert A.check_external_data(artifact_dir(MODEL) / A.MODEL_FILE) == []
-    assert not A._mentions_location(artifact_dir(MODEL) / A.MODEL_FILE)
+    assert not S._mentions_location(artifact_dir(MODEL) / A.MODEL_FILE)
 
 
 # ------------------------------------------------------------------------------------------- no pickle
@@ -226,12 +227,13 @@ INJECT = r"""
 import json, os, shutil, signal, sys
 from pathlib import Path
 import imgembed.artifact as A
+import imgembed.artifact.store as S
 src, out, point = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 die = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 if point.startswith("fallback"):
-    A._exchange = lambda a, b: False          # the rename-aside path of non-Linux systems
+    S._exchange = lambda a, b: False          # the rename-aside path of non-Linux systems
 if point in ("after-exchange", "fallback-after-swap"):
-    A._discard = die                           # killed before the old artifact is deleted
+    S._discard = die                           # killed before the old artifact is deleted
 if point == "fallback-mid-swap":
     real = os.replace
     def replace(a, b):
@@ -266,7 +268,7 @@ def test_kill_at_each_point_of_the_swap(artifact_dir, tmp_path, point, expect):
         assert not out.exists() and hidden_leftovers(out)  # the documented fallback window
         with A.export_lock(out):
             pass  # the next writer's lock runs clean_stale
-    created = A.verify(out)["created"]
+    created = A.verify(out).created
     assert (created == "NEW") == (expect == "new")
     with A.export_lock(out):
         assert hidden_leftovers(out) == []
@@ -311,9 +313,9 @@ def test_two_exports_to_one_directory_at_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
     manifest = A.verify(out)
     ops = _ops(out / A.MODEL_FILE)
-    assert dict(ops) == manifest["export"]["op_counts"]
+    assert dict(ops) == manifest.export.op_counts
     quantized = ops["QuantizeLinear"] + ops["DequantizeLinear"] > 0   # static Q/DQ INT8
-    assert quantized == (manifest["precision"] == "int8")
+    assert quantized == (manifest.precision == "int8")
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
     assert not [n for n in hidden_leftovers(out) if ".staging-" in n or ".old-" in n]
     assert imgembed.load(out).embed([np.zeros((64, 64, 3), np.uint8)]).shape == (1, 24)

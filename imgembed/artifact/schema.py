@@ -37,7 +37,7 @@ Record = dict[str, Any]      # free-form records whose keys depend on the recipe
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, strict=True)
 
 
 class Host(_Model):

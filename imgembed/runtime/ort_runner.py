@@ -67,7 +67,7 @@ def verified_external_data(source: ArtifactFile, model: bytes) -> dict[str, byte
         return {}
     import onnx
 
-    from ..artifact import _tensors
+    from ..artifact.store import _tensors
 
     try:
         proto = onnx.load_model_from_string(model)
