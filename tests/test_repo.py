@@ -244,3 +244,14 @@ def test_relative_links_in_readme_security_and_docs_resolve():
                 assert anchor in _anchors(file), f"{where}: no such heading in {file.relative_to(ROOT)}"
             checked += 1
     assert checked >= 10  # the parser found the links
+
+
+def test_docs_pages_named_in_the_code_exist():
+    sources = [*sorted((ROOT / "imgembed").rglob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
+               ROOT / "Makefile", ROOT / "SECURITY.md"]
+    named = {(path, name) for path in sources for name in re.findall(r"\bdocs/[\w.-]*\w", path.read_text())}
+    assert named  # the code points readers at docs/
+    for path, name in sorted(named):
+        if name in LINKED_BEFORE_WRITTEN and not (ROOT / name).exists():
+            continue
+        assert (ROOT / name).is_file(), f"{path.relative_to(ROOT)} names {name}, which does not exist"
