@@ -255,3 +255,12 @@ def test_docs_pages_named_in_the_code_exist():
         if name in LINKED_BEFORE_WRITTEN and not (ROOT / name).exists():
             continue
         assert (ROOT / name).is_file(), f"{path.relative_to(ROOT)} names {name}, which does not exist"
+
+
+def test_repository_paths_named_in_readme_security_and_docs_exist():
+    """``tests/...``, ``benchmarks/...``, ``examples/...`` and ``imgembed/...`` paths the pages name exist."""
+    pattern = r"(?<![\w/~.])((?:tests|benchmarks|examples|imgembed)/[\w/.-]*\w)"
+    named = {(page, path) for page in _markdown_pages() for path in re.findall(pattern, page.read_text())}
+    assert len(named) >= 10  # the parser found the paths
+    missing = [f"{page.relative_to(ROOT)}: {path}" for page, path in sorted(named) if not (ROOT / path).exists()]
+    assert missing == []
