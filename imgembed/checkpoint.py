@@ -3,7 +3,7 @@
 A checkpoint (a ``save_pretrained`` directory or a hub repo) owns its preprocessing: when it ships a
 ``preprocessor_config.json``, :func:`resolve_preprocess` reads it with
 :meth:`~imgembed.preprocess.PreprocessSpec.from_hf_config` (slow and ``*Fast`` processor names alike; imgembed
-runs the slow processors' semantics, see the README) and the registry's ``preprocess`` is only the default
+runs the slow processors' semantics, see docs/export.md) and the registry's ``preprocess`` is only the default
 for checkpoints without one, and for ``random_init``. Where the processor config has no ``size``, the input
 size comes from the checkpoint's ``config.json`` (``image_size``, for families whose ``image_size`` is the
 input size), as the model would otherwise refuse the processor's class default.

@@ -411,7 +411,7 @@ def embed_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decode threads overlapped with "
                                           "inference (default: one per core; 0 = decode in the main thread)."),
     decode: str = typer.Option("exact", "--decode", help="exact (identical to the HF processor) or fast "
-                               "(reduced-size JPEG decoding, crop-only resize; see README)."),
+                               "(reduced-size JPEG decoding, crop-only resize; see docs/performance.md)."),
     part_rows: int = typer.Option(1024, "--part-rows", min=1, help="Parquet: checkpoint every N rows."),
     ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (local instance unless --ray-address)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (implies --ray)."),

@@ -9,7 +9,7 @@
            a full resize) with ``reducing_gap=1`` (PIL first box-reduces by the integer part of the scale, so
            a 2x-drafted JPEG is halved by ``Image.reduce`` and the bicubic filter only does the last <2x).
            Crops differ from exact ones by about one grey level on average; speed and agreement are
-           measured in README ("Fast end-to-end embedding") and tests/test_decode_fast.py.
+           measured in docs/performance.md ("Fast end-to-end embedding") and tests/test_decode_fast.py.
 
 Both modes return the same thing: a uint8 ``(H, W, 3)`` crop of the model's input size. Float inputs are
 made from crops with the HF-identical lookup table (:func:`crops_to_pixels`), uint8 artifacts take the crops

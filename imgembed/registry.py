@@ -23,7 +23,8 @@ from .preprocess import PreprocessSpec
 POOLINGS = ("none", "cls", "mean", "gap")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
-# Default parity thresholds (see README "Parity gate"). A registry entry may override any of them.
+# Default parity thresholds (docs/export.md, "What an export does", step 4: the parity gate). A registry entry
+# may override any of them.
 DEFAULT_PARITY: dict[str, dict[str, float]] = {
     "fp32": {"min_cosine": 0.99999},
     "bf16": {"min_cosine": 0.9999},

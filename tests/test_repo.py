@@ -1,14 +1,18 @@
 """Repository contracts: README's two commands are Makefile targets that set themselves up, CI runs the same
-test command, ruff is configured, and no large binaries can be committed."""
+test command, ruff is configured, and no large binaries can be committed; README is a short user page whose
+install, models and command lines match pyproject.toml, models.yaml and the CLI, and the links of README,
+SECURITY.md and docs/ resolve."""
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import tomllib
+import yaml
 
 from .helpers import cli_env
 
@@ -96,3 +100,167 @@ def test_security_md_cites_tests_that_exist():
         assert path.is_file(), f"SECURITY.md cites tests/{name}, which does not exist"
         if test:
             assert re.search(rf"^def {test}\(", path.read_text(), re.M), f"SECURITY.md cites tests/{name}::{test}"
+
+
+# README.md is a user page; design and measurements live in docs/.
+README_MAX_LINES = 250
+# Pages another change adds: a link to them is checked once they exist, and skipped only while they are missing.
+LINKED_BEFORE_WRITTEN = {"docs/artifact-format.md", "docs/artifact-format-2.schema.json"}
+
+
+def _markdown_pages() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _prose(text: str) -> str:
+    """``text`` without fenced code blocks and inline code spans (their brackets are not links)."""
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The ``## `` sections of a page: heading text -> body."""
+    parts = re.split(r"^## (.*)$", re.sub(r"^```.*?^```", lambda m: re.sub(r"^#", " #", m.group(0), flags=re.M),
+                                              text, flags=re.S | re.M), flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def _readme_section(prefix: str) -> str:
+    found = [body for title, body in _sections((ROOT / "README.md").read_text()).items() if title.startswith(prefix)]
+    assert len(found) == 1, f"README.md must have one section '## {prefix}...', has {len(found)}"
+    return found[0]
+
+
+def _table(body: str) -> list[dict[str, str]]:
+    """The first Markdown table of ``body`` as rows keyed by its header cells."""
+    lines = [line.strip() for line in body.splitlines() if line.strip().startswith("|")]
+    assert len(lines) >= 3, "no table"
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header, rows = cells[0], cells[2:]
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def _code(cell: str) -> str:
+    match = re.fullmatch(r"`([^`]+)`", cell)
+    assert match, f"expected one `code` span, got {cell!r}"
+    return match.group(1)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown page (lower case, punctuation dropped, spaces to hyphens)."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.*)$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M),
+                              re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def test_readme_is_a_short_user_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines (at most {README_MAX_LINES})"
+    for prefix in ("The two commands", "Install", "Quick start", "Models", "Known limitations"):
+        assert _readme_section(prefix).strip(), prefix
+
+
+def test_readme_install_table_names_every_extra():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    rows = _table(_readme_section("Install"))
+    named = [_code(row["extra"]) for row in rows]
+    assert sorted(named) == sorted(extras), "README's extras table must name each extra of pyproject.toml once"
+    assert all(row["adds"] and row["needed for"] for row in rows)
+
+
+def test_readme_quick_start_exports_loads_and_embeds_in_about_ten_lines():
+    body = _readme_section("Quick start")
+    code = [line for block in re.findall(r"```\w*\n(.*?)```", body, re.S) for line in block.splitlines()
+            if line.strip()]
+    assert len(code) <= 12, code
+    text = "\n".join(code)
+    for step in ("imgembed export ", "imgembed embed ", "imgembed.load(", ".embed("):
+        assert step in text, step
+
+
+def test_readme_models_table_matches_the_registry():
+    models = yaml.safe_load((ROOT / "models.yaml").read_text())["models"]
+    public = {name: spec for name, spec in models.items() if "test" not in (spec.get("tags") or [])}
+    rows = {_code(row["name"]): row for row in _table(_readme_section("Models"))}
+    assert sorted(rows) == sorted(public), "README's models table must name every public model of models.yaml"
+    for name, spec in public.items():
+        row = rows[name]
+        assert row["family"] == spec["family"], name
+        assert _code(row["hub source"]) == spec["source"]["hub"], name
+        assert int(row["dim"]) == spec["embedding"]["dim"], name
+        assert bool(row["text tower"]) == ("text" in spec), name
+
+
+def _command_lines(page: Path) -> list[str]:
+    """``imgembed ...`` command lines of a page: ```bash blocks (continuations joined), indented code lines and
+    inline code spans."""
+    text = page.read_text()
+    blocks = re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", text, re.S | re.M)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    blocks += ["\n".join(re.findall(r"^    (imgembed .*)$", prose, re.M))]
+    blocks += ["\n".join(re.findall(r"`(imgembed [^`]*)`", prose.replace("\n", " ")))]
+    lines = [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line.startswith("imgembed ")]
+
+
+def test_command_lines_in_readme_and_docs_use_real_commands_and_options():
+    import typer.main
+
+    from imgembed.cli import app
+
+    commands = typer.main.get_command(app).commands
+    checked = 0
+    for page in _markdown_pages():
+        for line in _command_lines(page):
+            words = shlex.split(line, comments=True)
+            where = f"{page.relative_to(ROOT)}: {line}"
+            assert words[1] in commands, f"{where}: no command {words[1]!r}"
+            options = {opt for param in commands[words[1]].params for opt in (*param.opts, *param.secondary_opts)}
+            for word in words[2:]:  # an option, or an optional one in brackets: [--plain]
+                for option in re.findall(r"^\[?(--?[A-Za-z][\w-]*)", word):
+                    assert option in options | {"--help"}, f"{where}: {words[1]} has no {option}"
+            checked += 1
+    assert checked >= 40  # the parser found the command lines
+
+
+def test_relative_links_in_readme_security_and_docs_resolve():
+    checked = 0
+    for page in _markdown_pages():
+        for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", _prose(page.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # absolute URL
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)} links to {target}"
+            if not file.exists() and file.relative_to(ROOT).as_posix() in LINKED_BEFORE_WRITTEN:
+                continue
+            assert file.exists(), f"{where}, which does not exist"
+            if anchor and file.suffix == ".md":
+                assert anchor in _anchors(file), f"{where}: no such heading in {file.relative_to(ROOT)}"
+            checked += 1
+    assert checked >= 10  # the parser found the links
+
+
+def test_docs_pages_named_in_the_code_exist():
+    sources = [*sorted((ROOT / "imgembed").rglob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
+               ROOT / "Makefile", ROOT / "SECURITY.md"]
+    named = {(path, name) for path in sources for name in re.findall(r"\bdocs/[\w.-]*\w", path.read_text())}
+    assert named  # the code points readers at docs/
+    for path, name in sorted(named):
+        if name in LINKED_BEFORE_WRITTEN and not (ROOT / name).exists():
+            continue
+        assert (ROOT / name).is_file(), f"{path.relative_to(ROOT)} names {name}, which does not exist"
+
+
+def test_repository_paths_named_in_readme_security_and_docs_exist():
+    """``tests/...``, ``benchmarks/...``, ``examples/...`` and ``imgembed/...`` paths the pages name exist."""
+    pattern = r"(?<![\w/~.])((?:tests|benchmarks|examples|imgembed)/[\w/.-]*\w)"
+    named = {(page, path) for page in _markdown_pages() for path in re.findall(pattern, page.read_text())}
+    assert len(named) >= 10  # the parser found the paths
+    missing = [f"{page.relative_to(ROOT)}: {path}" for page, path in sorted(named) if not (ROOT / path).exists()]
+    assert missing == []

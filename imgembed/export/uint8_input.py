@@ -13,7 +13,7 @@ lookup table (HF's float64 rescale cast to float32, then float32 ``(x - mean) / 
 for all 256 x 3 values at export -- so the model part receives exactly the float pixels of the float path.
 Where it would not be exact (an unusual rescale factor), the table itself is used instead (Cast int64, add
 channel offset c*256, Gather from the (768,) table), which is exact by construction but slower than the
-arithmetic (README, "Fast end-to-end embedding").
+arithmetic (docs/performance.md, "Fast end-to-end embedding").
 """
 from __future__ import annotations
 

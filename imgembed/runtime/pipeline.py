@@ -24,7 +24,7 @@ from .results import Embeddings
 
 
 def default_workers() -> int:
-    """Decode threads when none are given: every core (decode and inference share them; see README)."""
+    """Decode threads when none are given: every core (decode and inference share them; see docs/performance.md)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
