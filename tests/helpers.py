@@ -130,3 +130,12 @@ def minimal_manifest(**changes) -> dict:
             "engines": [{"id": "onnxruntime", "backend": "onnxruntime", "precision": "fp32",
                          "files": {"model": "model.onnx"}}],
             "files": {}, **changes}
+
+
+def manifest_json(artifact) -> dict:
+    """The artifact's ``manifest.json`` as written (the format-2 JSON a reader in any language sees);
+    ``artifact`` is a directory or an export result."""
+    import json as _json
+
+    path = Path(getattr(artifact, "path", artifact))
+    return _json.loads((path / "manifest.json").read_text(encoding="utf-8"))

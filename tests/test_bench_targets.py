@@ -61,7 +61,7 @@ def test_every_engine_of_an_artifact_is_a_variant_and_engines_restrict_the_plan(
     labels = [v.label for v in variants]
     assert labels == ["torch-fp32", "torch-bf16", "onnxruntime-int8", "onnxruntime-int8[static-qdq]",
                       "openvino-int8", "openvino-int8+bf16"]
-    assert [v.engine["id"] for v in variants if v.engine] == [
+    assert [v.engine.id for v in variants if v.engine] == [
         "onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq", "openvino-int8", "openvino-int8-bf16"]
     only = [v.label for v in plan_variants(model, "cpu", engines=("openvino",))]
     assert only == ["torch-fp32", "openvino-int8", "openvino-int8+bf16"]       # the baseline stays

@@ -28,7 +28,7 @@ from imgembed.samples import parity_images
 from imgembed.user_module import FactoryMismatchWarning
 
 from . import byo_models
-from .helpers import cosine, run_cli
+from .helpers import cosine, manifest_json, run_cli
 
 CONV = "tests.byo_models:conv_encoder"
 TWIN = "tests.byo_models:siamese_twin"
@@ -82,7 +82,7 @@ def conv_fp32(tmp_path_factory):
 def test_python_api_exports_the_conv_encoder_on_every_engine(conv_fp32):
     from imgembed.runtime.backends import get_backend
 
-    m = read_manifest(conv_fp32)
+    m = manifest_json(conv_fp32)
     assert m["status"] == "passed" and m["name"] == "conv-encoder" and m["model"]["family"] == "module"
     assert m["parity"]["metrics"]["min_cosine"] >= 0.99999
     assert m["output"] == {"name": "embedding", "dim": byo_models.DIM, "normalized": True, "dtype": "float32"}
@@ -104,7 +104,7 @@ def test_python_api_exports_the_conv_encoder_on_every_engine(conv_fp32):
 
 def test_artifact_matches_the_module_on_a_real_photo(conv_fp32, tmp_path):
     photo = next(p for p in write_sample_files(tmp_path) if p.name == "astronaut.jpg")
-    m = read_manifest(conv_fp32)
+    m = manifest_json(conv_fp32)
     spec = PreprocessSpec.from_dict(m["preprocess"])
     assert spec == preset("imagenet", SIZE) and spec.size == {"shortest_edge": 73}   # floor(64 / 0.875)
     vec = imgembed.load(conv_fp32).embed([photo])
@@ -117,7 +117,7 @@ def test_artifact_matches_the_module_on_a_real_photo(conv_fp32, tmp_path):
 def test_instance_export_without_normalization_restores_the_training_flag(tmp_path):
     module = _seeded(byo_models.siamese_twin, 3).train()
     res = _export(module, tmp_path / "twin", preprocess="clip", normalize=False)
-    m = res.manifest
+    m = manifest_json(res)
     assert module.training is True
     assert m["output"]["normalized"] is False and m["source"]["factory"] is None
     assert m["model"]["arch"]["transformer"] is True   # nn.MultiheadAttention inside
@@ -131,7 +131,7 @@ def test_instance_export_without_normalization_restores_the_training_flag(tmp_pa
 
 # ------------------------------------------------------------------------------------------ INT8
 def test_int8_conv_encoder_passes_its_gate_with_cnn_presets(tmp_path):
-    m = _export(byo_models.conv_encoder, tmp_path / "conv-int8", precision="int8").manifest
+    m = manifest_json(_export(byo_models.conv_encoder, tmp_path / "conv-int8", precision="int8"))
     assert m["source"]["factory"] == CONV             # an importable callable is recorded by its path
     limits = {"mean_cosine": 0.995, "min_cosine": 0.99, "knn_agreement": 0.9}
     assert m["status"] == "passed" and m["precision"] == "int8" and m["batch_invariant"] is True
@@ -152,7 +152,7 @@ def test_weights_file_is_loaded_safely_and_rechecked(tmp_path, fmt):
     path = tmp_path / ("enc.safetensors" if fmt == "safetensors" else "enc.pt")
     save_file(state, str(path)) if fmt == "safetensors" else torch.save(state, path)
     res = _export(CONV, tmp_path / "art", weights=path)
-    src = res.manifest["source"]
+    src = manifest_json(res)["source"]
     assert src["weights"] == {"path": str(path.resolve()), "sha256": sha256_file(path)}
     pixels = _parity_pixels(preset("imagenet", SIZE))
     got = imgembed.load(res.path).embed([im for _, im in parity_images()[:6]])
@@ -317,7 +317,7 @@ def test_cli_exports_the_siamese_twin_and_rechecks_it(tmp_path):
                   "--engine", "onnxruntime", "--no-speed-check", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert "parity (fp32) over 26 images at batch sizes 1, 3, 8: PASS" in res.stdout
-    m = read_manifest(out)
+    m = manifest_json(out)
     assert (m["name"], m["source"]["factory"], m["model"]["arch"]["transformer"]) == ("twin", TWIN, True)
     assert m["preprocess"] == preset("clip", SIZE).to_dict()
     assert {p.suffix for p in out.rglob("*") if p.is_file()} <= ARTIFACT_SUFFIXES

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 
 import imgembed
-from imgembed.artifact import read_manifest
 from imgembed.preprocess import resize_crop
 from imgembed.samples import parity_images
 
-from .helpers import cosine
+from .helpers import cosine, manifest_json
 
 if platform.machine().lower() not in ("x86_64", "amd64"):
     pytest.skip("an emulated x86 CPU is an x86 matter", allow_module_level=True)
@@ -47,7 +46,7 @@ def _portable_feeds(artifacts) -> dict[str, np.ndarray]:
     feeds = {}
     images = [img for _, img in parity_images()[:6]]
     for art in artifacts:
-        m = read_manifest(art)
+        m = manifest_json(art)
         with imgembed.load(art, backend="onnxruntime", workers=0) as emb:
             x = emb.model_input(np.stack([resize_crop(img, emb.preprocess) for img in images]))
         for e in m["engines"]:

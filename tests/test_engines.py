@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import imgembed
-from imgembed.artifact import read_manifest, sha256_file
+from imgembed.artifact import sha256_file
 from imgembed.errors import BackendUnavailableError, ExportError, IntegrityError
 from imgembed.export import engines
 from imgembed.export.pipeline import ExportOptions, export_model
@@ -24,7 +24,7 @@ from imgembed.runtime.backends import DegradedEngineWarning, engines_of, select_
 from imgembed.runtime.host import CPU_FLAGS_ENV, missing_bf16_instructions
 from imgembed.samples import parity_images
 
-from .helpers import cosine, run_cli
+from .helpers import cosine, manifest_json, run_cli
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -54,7 +54,7 @@ def images():
 
 
 def test_int8_race_records_every_candidate_and_keeps_the_fastest_passing_one(int8_all):
-    m = int8_all.manifest
+    m = manifest_json(int8_all)
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
     assert {"onnxruntime-int8-static-qdq-matmul", "openvino-int8"} <= set(rows)
     if rows["onnxruntime-int8-static-qdq-matmul"]["passed"]:    # the outlier recipe is built only when needed
@@ -75,7 +75,7 @@ def test_int8_race_records_every_candidate_and_keeps_the_fastest_passing_one(int
 
 
 def test_every_engine_file_is_checksummed(int8_all, tmp_path):
-    m = int8_all.manifest
+    m = manifest_json(int8_all)
     listed = {rel for e in m["engines"] for rel in e["files"].values()}
     assert listed and listed == set(m["files"])
     for rel in listed:
@@ -90,9 +90,9 @@ def test_every_engine_file_is_checksummed(int8_all, tmp_path):
 
 def test_each_engine_loads_by_name_and_gives_the_same_vectors(int8_all, images):
     ref = imgembed.load(MODEL, random_init=True, workers=0).embed(images)
-    for engine in int8_all.manifest["engines"]:
+    for engine in manifest_json(int8_all)["engines"]:
         emb = imgembed.load(int8_all.path, backend=engine["backend"], threads=2)
-        if emb.engine["id"] != engine["id"]:
+        if emb.engine.id != engine["id"]:
             continue  # two engines of one backend: the named backend runs its first (default/fastest)
         assert emb.runner.backend == engine["backend"]
         assert cosine(emb.embed(images), ref).min() >= 0.99
@@ -119,7 +119,7 @@ def test_cuda_without_a_gpu_is_one_clear_error(int8_all):
 
 
 def test_an_avx512_tuned_artifact_runs_on_an_avx2_only_host(int8_all, images, monkeypatch):
-    m = read_manifest(int8_all.path)
+    m = manifest_json(int8_all.path)
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)
     engine, notes = select_engine(m, "auto", "cpu")
     assert engine.get("inference_precision", "fp32") == "fp32"      # no BF16 hint without BF16 instructions
@@ -139,7 +139,7 @@ for backend in ("auto", "openvino"):
     emb = imgembed.load(sys.argv[1], backend=backend, threads=2, workers=0)
     v = emb.embed(imgs)
     cos = (v * ref).sum(1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)
-    print(backend, emb.engine["id"], emb.engine.get("inference_precision"), float(cos.min()))
+    print(backend, emb.engine.id, emb.engine.inference_precision, float(cos.min()))
 """
 
 
@@ -164,9 +164,9 @@ def test_openvino_engines_run_with_avx2_kernels_only(int8_all):
 
 def test_forced_engine_builds_only_that_backend(tmp_path):
     res = _export(tmp_path, precision="fp32", engine="openvino")
-    assert [e["backend"] for e in res.manifest["engines"]] == ["openvino"]
-    assert [r["id"] for r in res.manifest["selection"]["candidates"]] == ["openvino-fp32"]
-    assert res.manifest["parity"]["metrics"]["min_cosine"] >= 0.99999
+    assert [e["backend"] for e in manifest_json(res)["engines"]] == ["openvino"]
+    assert [r["id"] for r in manifest_json(res)["selection"]["candidates"]] == ["openvino-fp32"]
+    assert res.manifest.parity.metrics["min_cosine"] >= 0.99999
     with pytest.raises(BackendUnavailableError, match="unknown backend 'tvm'"):
         _export(tmp_path / "x", precision="fp32", engine="tvm")
     with pytest.raises(ExportError, match="engine 'openvino' offers no fp16 candidate"):
@@ -175,7 +175,7 @@ def test_forced_engine_builds_only_that_backend(tmp_path):
 
 def test_dynamic_int8_is_an_explicit_opt_in_recorded_as_batch_dependent(tmp_path, images):
     res = _export(tmp_path, precision="int8", int8_preset="dynamic")
-    m = res.manifest
+    m = manifest_json(res)
     assert m["default_engine"] == "onnxruntime-int8-dynamic" and m["batch_invariant"] is False
     assert "batch_variation" not in m["parity"]["thresholds"]          # not claimed, so not gated
     from imgembed.serve.models import ServedModel
@@ -183,8 +183,8 @@ def test_dynamic_int8_is_an_explicit_opt_in_recorded_as_batch_dependent(tmp_path
     served = ServedModel("m", (), res.path, imgembed.load(res.path))
     assert served.batch_dependent and served.describe()["batch_invariant"] is False
     default = _export(tmp_path / "static", precision="int8")
-    assert default.manifest["batch_invariant"] is True
-    assert default.manifest["parity"]["thresholds"]["batch_variation"] == BATCH_INVARIANCE_LIMIT
+    assert default.manifest.batch_invariant is True
+    assert default.manifest.parity.thresholds["batch_variation"] == BATCH_INVARIANCE_LIMIT
 
 
 def test_default_int8_vectors_do_not_depend_on_batch_mates(int8_all, images):
@@ -197,7 +197,7 @@ def test_default_int8_vectors_do_not_depend_on_batch_mates(int8_all, images):
 @needs_bf16
 def test_bf16_export_runs_openvino_with_a_portable_fp32_fallback(tmp_path, images, monkeypatch):
     res = _export(tmp_path, precision="bf16")
-    m = res.manifest
+    m = manifest_json(res)
     assert m["default_engine"] == "openvino-bf16" and m["precision"] == "bf16"
     assert m["parity"]["metrics"]["min_cosine"] >= 0.9999
     assert {e["id"] for e in m["engines"]} == {"openvino-bf16", "onnxruntime-fp32"}
@@ -207,7 +207,7 @@ def test_bf16_export_runs_openvino_with_a_portable_fp32_fallback(tmp_path, image
     assert cosine(emb.embed(images), ref).min() >= 0.9999
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)     # the same artifact on an AVX2-only host
     emb = imgembed.load(res.path, threads=2)
-    assert emb.engine["id"] == "onnxruntime-fp32"
+    assert emb.engine.id == "onnxruntime-fp32"
     assert cosine(emb.embed(images), ref).min() >= 0.99999
     only_ov = {**m, "engines": [e for e in m["engines"] if e["backend"] == "openvino"]
                + [{"id": "nope", "backend": "tensorrt", "precision": "bf16", "files": {}}]}

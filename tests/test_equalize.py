@@ -16,6 +16,8 @@ from imgembed.families import load_original
 from imgembed.runtime.host import int8_kernels
 from imgembed.testing.outliers import add_conv_channel_imbalance
 
+from .helpers import manifest_json
+
 
 def _run(path, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
@@ -99,16 +101,16 @@ def test_int8_export_of_an_imbalanced_cnn_passes_through_equalization(tmp_path):
         res = export_model("test-resnet-tiny", tmp_path / "art",
                            ExportOptions(precision="int8", weights=tmp_path / "ckpt", engine="onnxruntime",
                                          speed_check=False))
-    rows = {r["id"]: r for r in res.manifest["selection"]["candidates"]}
+    rows = {r["id"]: r for r in manifest_json(res)["selection"]["candidates"]}
     assert not rows["onnxruntime-int8-static-qoperator"]["passed"]
     assert rows["onnxruntime-int8-static-qoperator"]["metrics"]["min_cosine"] < 0.98
     assert rows["onnxruntime-int8-cle"]["passed"]
     seven = rows.get("onnxruntime-int8-cle-7bit")   # raced on a VNNI CPU only; wins untimed ties (portable)
     assert (seven is not None) == (int8_kernels("onnxruntime") == "vnni")
-    assert res.manifest["default_engine"] == ("onnxruntime-int8-cle-7bit" if seven and seven["passed"]
+    assert res.manifest.default_engine == ("onnxruntime-int8-cle-7bit" if seven and seven["passed"]
                                               else "onnxruntime-int8-cle")
     assert rows["onnxruntime-int8-cle"]["metrics"]["min_cosine"] >= 0.99
-    eq = res.manifest["export"]["quantization"]["equalization"]
+    eq = res.manifest.export.quantization["equalization"]
     assert eq["pairs"] == 8 and eq["worst_ratio_after"] < eq["worst_ratio_before"]
 
 

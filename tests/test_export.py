@@ -19,6 +19,7 @@ from imgembed.runtime.host import int8_kernels
 from imgembed.samples import parity_images
 
 from .conftest import TINY
+from .helpers import manifest_json
 
 TRANSFORMERS = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny")
 
@@ -27,7 +28,7 @@ TRANSFORMERS = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_export_passes_parity_at_batch_1_3_8(artifact_dir, name, precision):
     path = artifact_dir(name, precision)
-    m = read_manifest(path)
+    m = manifest_json(path)
     rep = m["parity"]
     assert m["status"] == "passed" and rep["passed"] and rep["precision"] == precision
     assert set(rep["by_batch_size"]) == {"1", "3", "8"}
@@ -55,7 +56,7 @@ def test_onnx_graph_has_dynamic_batch_and_passes_checker(artifact_dir, name):
 @pytest.mark.parametrize("name", TRANSFORMERS)
 def test_transformer_int8_is_static_and_quantizes_every_matmul(artifact_dir, name):
     int8 = artifact_dir(name, "int8")
-    m = read_manifest(int8)
+    m = manifest_json(int8)
     q = m["export"]["quantization"]
     # untimed: the first passing candidate (the 8-bit preset; its 7-bit twin where 8-bit fails on this CPU)
     assert m["default_engine"].startswith("onnxruntime-int8-static-qdq-matmul") and m["batch_invariant"] is True
@@ -73,7 +74,7 @@ def test_transformer_int8_is_static_and_quantizes_every_matmul(artifact_dir, nam
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
 def test_transformer_fp32_graph_has_one_fused_attention_per_layer(artifact_dir, name):
-    m = read_manifest(artifact_dir(name, "fp32"))
+    m = manifest_json(artifact_dir(name, "fp32"))
     layers = get_spec(name).arch["num_hidden_layers"]
     assert m["export"]["optimizations"][-1] == "ort-transformer-fusion"
     assert m["export"]["fused_ops"].get("Attention", 0) == layers
@@ -82,7 +83,7 @@ def test_transformer_fp32_graph_has_one_fused_attention_per_layer(artifact_dir, 
 
 
 def test_cnn_int8_is_static_with_calibration(artifact_dir):
-    m = read_manifest(artifact_dir("test-resnet-tiny", "int8"))
+    m = manifest_json(artifact_dir("test-resnet-tiny", "int8"))
     q = m["export"]["quantization"]
     assert q["preset"]["mode"] == "static"
     assert q["calibration"]["images"] == 32 and "built-in" in q["calibration"]["source"]
@@ -100,7 +101,7 @@ def test_cnn_int8_is_static_with_calibration(artifact_dir):
 
 def test_manifest_records_how_it_was_made(artifact_dir):
     path = artifact_dir("test-clip-tiny", "int8")
-    m = read_manifest(path)
+    m = manifest_json(path)
     assert m["name"] == "test-clip-tiny" and m["precision"] == "int8" and m["opset"] == 17
     assert m["source"] == {"kind": "random-init", "seed": 0, "arch": dict(get_spec("test-clip-tiny").arch)}
     assert m["input"] == {"name": "pixel_values", "dtype": "float32", "shape": [None, 3, 64, 64], "layout": "NCHW",
@@ -148,7 +149,7 @@ def test_failing_gate_leaves_no_artifact_and_names_each_metric(tmp_path, strict_
 def test_keep_failed_marks_manifest_and_load_refuses_it(tmp_path, strict_registry):
     out = tmp_path / "kept"
     res = export_model(strict_registry, out, ExportOptions(random_init=True, keep_failed=True))
-    assert res.manifest["status"] == "failed" and read_manifest(out)["status"] == "failed"
+    assert res.manifest.status == "failed" and read_manifest(out).status == "failed"
     with pytest.raises(ArtifactError, match="failed its parity gate"):
         imgembed.load(out)
     assert imgembed.load(out, allow_failed=True).dim == 32
@@ -157,9 +158,9 @@ def test_keep_failed_marks_manifest_and_load_refuses_it(tmp_path, strict_registr
 def test_reexport_replaces_previous_artifact_atomically(tmp_path):
     out = tmp_path / "a"
     export_model("test-resnet-tiny", out, ExportOptions(random_init=True, seed=1, speed_check=False))
-    first = read_manifest(out)["files"][MODEL_FILE]
+    first = read_manifest(out).files[MODEL_FILE]
     export_model("test-resnet-tiny", out, ExportOptions(random_init=True, seed=2, speed_check=False))
-    assert read_manifest(out)["files"][MODEL_FILE] != first
+    assert read_manifest(out).files[MODEL_FILE] != first
     leftovers = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))  # lock files stay
     assert leftovers == ["a"]
 
@@ -222,4 +223,4 @@ def test_fp16_artifact_has_half_weights_float_io_and_fp32_normalisations(artifac
     fp32 = onnx.load(str(artifact_dir(name, "fp32") / MODEL_FILE))
     weight_bytes = [sum(len(t.raw_data) for t in m.graph.initializer if len(t.dims) >= 2) for m in (model, fp32)]
     assert weight_bytes[0] == pytest.approx(weight_bytes[1] / 2, rel=0.01)
-    assert read_manifest(path)["default_engine"] == "onnxruntime-fp16"
+    assert read_manifest(path).default_engine == "onnxruntime-fp16"

@@ -15,11 +15,13 @@ import pytest
 import torch
 import transformers
 
-from imgembed.artifact import MODEL_FILE, read_manifest
+from imgembed.artifact import MODEL_FILE
 from imgembed.errors import RegistryError, WeightsError
 from imgembed.export.onnx_export import op_counts
 from imgembed.families import FAMILIES, family_of, load_original, original_from_source, source_record
 from imgembed.registry import get_spec, parse_registry, registry
+
+from .helpers import manifest_json
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_TINY = ("test-siglip-tiny", "test-dinov3-tiny", "test-dinov2-reg-tiny")
@@ -220,7 +222,7 @@ def test_dinov2_registers_surgery_keeps_the_embedding():
 @pytest.mark.parametrize("name", NEW_TINY)
 def test_tiny_fp32_export_passes_the_parity_gate(artifact_dir, name):
     path = artifact_dir(name, "fp32")
-    m = read_manifest(path)
+    m = manifest_json(path)
     assert m["status"] == "passed" and m["parity"]["passed"]
     assert m["parity"]["metrics"]["min_cosine"] >= 0.99999
     ops = op_counts(path / MODEL_FILE)
@@ -228,7 +230,7 @@ def test_tiny_fp32_export_passes_the_parity_gate(artifact_dir, name):
 
 
 def test_tiny_registers_export_fuses_attention_in_every_layer(artifact_dir):
-    m = read_manifest(artifact_dir("test-dinov2-reg-tiny", "fp32"))
+    m = manifest_json(artifact_dir("test-dinov2-reg-tiny", "fp32"))
     assert m["export"]["fused_ops"]["Attention"] == get_spec("test-dinov2-reg-tiny").arch["num_hidden_layers"]
 
 
@@ -242,6 +244,6 @@ def test_full_size_fp32_export_passes_the_gate(tmp_path, name):
         warnings.simplefilter("ignore")
         res = export_model(name, tmp_path / name, ExportOptions(precision="fp32", random_init=True, speed_check=False,
                                                                   engine="onnxruntime"))
-    m = read_manifest(res.path)
+    m = manifest_json(res.path)
     assert m["status"] == "passed" and m["output"]["dim"] == get_spec(name).embedding.dim
     assert m["parity"]["metrics"]["min_cosine"] >= 0.99999, m["parity"]["metrics"]

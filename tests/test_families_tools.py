@@ -12,7 +12,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import imgembed
-from imgembed.artifact import read_manifest
 from imgembed.cli import app
 from imgembed.samples import parity_images
 from imgembed.serve.app import create_app
@@ -20,7 +19,7 @@ from imgembed.serve.client import encode_multipart
 from imgembed.serve.config import ServeConfig
 from imgembed.serve.models import ServedModel
 
-from .helpers import cosine
+from .helpers import cosine, manifest_json
 
 NEW_TINY = ("test-siglip-tiny", "test-dinov3-tiny", "test-dinov2-reg-tiny")
 
@@ -33,7 +32,7 @@ def _jpeg(img: Image.Image) -> bytes:
 
 @pytest.mark.parametrize("name", NEW_TINY)
 def test_int8_export_passes_the_gate_and_matches_the_original(artifact_dir, name):
-    m = read_manifest(artifact_dir(name, "int8"))
+    m = manifest_json(artifact_dir(name, "int8"))
     assert m["status"] == "passed" and m["batch_invariant"] is True
     assert m["parity"]["metrics"]["min_cosine"] >= 0.99 and m["parity"]["metrics"]["batch_variation"] <= 1e-4
     images = [img for _, img in parity_images()[:5]]

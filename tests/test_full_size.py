@@ -11,10 +11,12 @@ import warnings
 import onnx
 import pytest
 
-from imgembed.artifact import MODEL_FILE, read_manifest
+from imgembed.artifact import MODEL_FILE
 from imgembed.export.onnx_export import op_counts
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.registry import get_spec
+
+from .helpers import manifest_json
 
 FULL = ("clip-vit-b32", "vit-b16", "dinov2-small", "resnet50")
 pytestmark = pytest.mark.slow
@@ -41,7 +43,7 @@ def full_artifacts(tmp_path_factory):
 @pytest.mark.parametrize("name", FULL)
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_full_size_export_passes_the_gate(full_artifacts, name, precision):
-    m = read_manifest(full_artifacts(name, precision))
+    m = manifest_json(full_artifacts(name, precision))
     spec = get_spec(name)
     assert m["status"] == "passed" and m["output"]["dim"] == spec.embedding.dim
     for key, limit in spec.thresholds(precision).items():
@@ -52,7 +54,7 @@ def test_full_size_export_passes_the_gate(full_artifacts, name, precision):
 @pytest.mark.parametrize("name", ["clip-vit-b32", "vit-b16", "dinov2-small"])
 def test_full_size_transformers_fuse_attention_and_quantize_every_matmul(full_artifacts, name):
     layers = get_spec(name).arch["num_hidden_layers"]
-    m = read_manifest(full_artifacts(name, "fp32"))
+    m = manifest_json(full_artifacts(name, "fp32"))
     assert m["export"]["fused_ops"]["Attention"] == layers
     model = onnx.load(str(full_artifacts(name, "int8") / MODEL_FILE))
     producers = {out: n.op_type for n in model.graph.node for out in n.output}
@@ -64,7 +66,7 @@ def test_full_size_transformers_fuse_attention_and_quantize_every_matmul(full_ar
 
 def test_full_size_resnet_int8_quantizes_every_conv(full_artifacts):
     fp32 = op_counts(full_artifacts("resnet50", "fp32") / MODEL_FILE)
-    int8 = read_manifest(full_artifacts("resnet50", "int8"))
+    int8 = manifest_json(full_artifacts("resnet50", "int8"))
     assert int8["export"]["quantization"]["preset"]["mode"] == "static"
     ops = op_counts(full_artifacts("resnet50", "int8") / MODEL_FILE)
     assert fp32["Conv"] == 53

@@ -225,8 +225,8 @@ def test_fused_transformer_artifacts_are_refused_and_trt_exports_are_accepted(ar
         warnings.simplefilter("ignore")
         res = export_model("test-vit-tiny", tmp_path / "int8", ExportOptions(
             precision="int8", random_init=True, speed_check=False, **trt_export_overrides("int8", None)))
-    assert res.manifest["status"] == "passed" and res.manifest["export"]["optimizations"] == []
-    assert res.manifest["export"]["quantization"]["preset"]["name"] == TRT_INT8_PRESET
+    assert res.manifest.status == "passed" and res.manifest.export.optimizations == []
+    assert res.manifest.export.quantization["preset"]["name"] == TRT_INT8_PRESET
     model = onnx.load(str(res.path / MODEL_FILE))
     check_trt_onnx(model)
     ops = [n.op_type for n in model.graph.node]
@@ -318,12 +318,12 @@ def test_add_engine_writes_a_keyed_engine_and_keeps_the_artifact_verifiable(arti
     fake_gpu["env"] = A100                                    # the same artifact, built again on another GPU
     rec_a = trt_export.add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))
     trt_export.add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))   # same key: replaced
-    engines = verify(art)["tensorrt"]["engines"]
+    engines = verify(art).tensorrt["engines"]
     assert [e["key"] for e in engines] == [rec["key"], rec_a["key"]]
     assert artifact_engine(art, env=A100)[1]["gpu"]["name"] == "NVIDIA A100-SXM4-40GB"
     assert sorted(p.name for p in art.iterdir()) == sorted([MANIFEST, MODEL_FILE, rec["file"], rec_a["file"]])
     vecs = imgembed.load(art, threads=1).embed([np.zeros((40, 50, 3), np.uint8)])   # the CPU path is unchanged
-    assert vecs.shape == (1, read_manifest(art)["output"]["dim"])
+    assert vecs.shape == (1, read_manifest(art).output.dim)
 
 
 def test_failing_engine_parity_or_a_fused_graph_leaves_the_artifact_untouched(artifact_dir, tmp_path, fake_gpu):
@@ -361,4 +361,4 @@ def test_real_engine_export_parity_and_reload(tmp_path):
         with load_trt_runner(out) as runner:
             hw = get_spec("test-dinov2-tiny").input_hw
             x = np.random.default_rng(0).standard_normal((37, 3, *hw)).astype(np.float32)
-            assert runner.infer(x).shape == (37, read_manifest(out)["output"]["dim"])   # split above max 16
+            assert runner.infer(x).shape == (37, read_manifest(out).output.dim)   # split above max 16

@@ -24,13 +24,12 @@ import pytest
 from onnx import numpy_helper
 
 import imgembed
-from imgembed.artifact import read_manifest
 from imgembed.export import engines
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.runtime.backends import DegradedEngineWarning, select_engine
 from imgembed.runtime.host import CPU_FLAGS_ENV, int8_kernels, int8_saturation
 
-from .helpers import cli_env, cosine
+from .helpers import cli_env, cosine, manifest_json
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -107,7 +106,7 @@ def _int8_weights(path) -> list[np.ndarray]:
 
 
 def test_7bit_weights_stay_in_half_the_int8_range(vnni_export):
-    m = vnni_export.manifest
+    m = manifest_json(vnni_export)
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
     assert rows["onnxruntime-int8-static-qdq-matmul-7bit"]["passed"], rows
     by_id = {e["id"]: e for e in m["engines"]}
@@ -124,7 +123,7 @@ def test_7bit_weights_stay_in_half_the_int8_range(vnni_export):
 
 
 def test_a_cpu_without_vnni_runs_a_portable_engine(vnni_export, monkeypatch):
-    m = read_manifest(vnni_export.path)
+    m = manifest_json(vnni_export.path)
     vnni_only = [e["id"] for e in m["engines"] if e.get("needs_vnni")]
     assert vnni_only and any(not e.get("needs_vnni") for e in m["engines"])
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)
@@ -134,7 +133,7 @@ def test_a_cpu_without_vnni_runs_a_portable_engine(vnni_export, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegradedEngineWarning)   # a portable engine runs without a warning
         with imgembed.load(vnni_export.path, threads=2, workers=0) as emb:
-            assert not emb.engine.get("needs_vnni")
+            assert not emb.engine.needs_vnni
     only_vnni = {**m, "engines": [e for e in m["engines"] if e.get("needs_vnni")]}
     with pytest.warns(DegradedEngineWarning, match="gated with VNNI int8 kernels but this CPU .*lacks VNNI.*"
                                                    "imgembed parity"):
@@ -143,7 +142,7 @@ def test_a_cpu_without_vnni_runs_a_portable_engine(vnni_export, monkeypatch):
 
 
 def test_nncf_keeps_every_layer_7bit_when_the_cpu_lacks_vnni(avx2_export):
-    m = avx2_export.manifest
+    m = manifest_json(avx2_export)
     ov = [e for e in m["engines"] if e["backend"] == "openvino"]
     assert ov, m["selection"]["candidates"]
     for e in ov:
@@ -187,7 +186,7 @@ def test_the_7bit_onnxruntime_engine_is_exact_on_an_emulated_avx2_cpu(vnni_expor
     from imgembed.preprocess import resize_crop
     from imgembed.samples import parity_images
 
-    engine = next(e for e in vnni_export.manifest["engines"] if e["id"].endswith("-7bit"))
+    engine = next(e for e in manifest_json(vnni_export)["engines"] if e["id"].endswith("-7bit"))
     model = vnni_export.path / engine["files"]["model"]
     with imgembed.load(vnni_export.path, backend="onnxruntime", workers=0) as emb:
         crops = np.stack([resize_crop(img, emb.preprocess) for _, img in parity_images()[:6]])
@@ -202,7 +201,7 @@ def test_the_7bit_onnxruntime_engine_is_exact_on_an_emulated_avx2_cpu(vnni_expor
 
 
 def test_a_forced_7bit_preset_is_one_portable_engine(tmp_path):
-    m = _export(tmp_path / "a", int8_preset="static-qdq-matmul-7bit", engine="onnxruntime").manifest
+    m = manifest_json(_export(tmp_path / "a", int8_preset="static-qdq-matmul-7bit", engine="onnxruntime"))
     assert [e["id"] for e in m["engines"]] == ["onnxruntime-int8-static-qdq-matmul-7bit"]
     engine = m["engines"][0]
     assert engine["needs_vnni"] is False and engine["quantization"]["preset"]["reduce_range"] is True

@@ -23,6 +23,8 @@ from imgembed.registry import get_spec
 from imgembed.runtime.host import int8_kernels
 from imgembed.testing.outliers import add_outlier_channels
 
+from .helpers import manifest_json
+
 TRANSFORMERS = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny", "test-dinov3-tiny", "test-siglip-tiny")
 
 
@@ -89,13 +91,13 @@ def test_smoothing_is_fp32_equivalent_and_removes_the_outliers():
 @pytest.mark.parametrize("preset", ["static-qdq-matmul", "dynamic"])
 def test_plain_onnxruntime_int8_fails_on_outliers_and_passes_without(checkpoints, tmp_path, preset):
     res = _export(checkpoints["plain"], tmp_path / "plain", int8_preset=preset, engine="onnxruntime")
-    assert res.manifest["status"] == "passed"
+    assert res.manifest.status == "passed"
     with pytest.raises(ParityError):
         _export(checkpoints["outlier"], tmp_path / "outlier", int8_preset=preset, engine="onnxruntime")
 
 
 def test_smoothquant_candidate_passes_on_outliers_and_records_its_recipe(checkpoints, tmp_path):
-    m = _export(checkpoints["outlier"], tmp_path / "art", engine="onnxruntime", keep_candidates=True).manifest
+    m = manifest_json(_export(checkpoints["outlier"], tmp_path / "art", engine="onnxruntime", keep_candidates=True))
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
     assert not rows["onnxruntime-int8-static-qdq-matmul"]["passed"]
     assert rows["onnxruntime-int8-smoothquant"]["passed"], rows["onnxruntime-int8-smoothquant"]["why_not"]

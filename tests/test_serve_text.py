@@ -130,7 +130,7 @@ def test_models_list_their_towers_space_and_text_length(client, artifacts):
     assert (siglip["space"]["scores"], siglip["space"]["logit_bias"] is not None) == ("sigmoid", True)
     emb = imgembed.load(artifacts["test-clip-tiny"])
     assert clip["text"] == {"max_length": emb.text.tokenizer.max_length, "precision": "fp32",
-                            "backend": "onnxruntime", "engine": emb.text.engine["id"]}
+                            "backend": "onnxruntime", "engine": emb.text.engine.id}
     assert (dino["space"], dino["text"]) == (None, None)
 
 

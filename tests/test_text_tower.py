@@ -23,6 +23,8 @@ from imgembed.samples import calibration_captions, parity_captions
 from imgembed.tokenizer import TextTokenizer
 from tests.helpers import run_cli, unbuildable_here
 
+from .helpers import manifest_json
+
 FAMILIES = ("test-clip-tiny", "test-siglip-tiny")
 FULL = {"test-clip-tiny": transformers.CLIPModel, "test-siglip-tiny": transformers.SiglipModel}
 EXTRA = ("another caption, never seen by the gate", "", "ÀÉÎÕÜ ñ ç ß", "tab\tand\nnewline", "x" * 3000,
@@ -159,7 +161,7 @@ def test_int8_text_race_passes_its_gate_batch_invariant(text_artifact):
     for backend in {e["backend"] for e in text["engines"]}:  # the text tower's own engines, whichever won
         enc = open_text(art, m, backend=backend)
         try:
-            assert enc.engine["backend"] == backend
+            assert enc.engine.backend == backend
             v = enc.embed(["a photo of a cat", "a red bicycle at night"])
             assert v.shape == (2, m["output"]["dim"]) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
         finally:
@@ -254,7 +256,7 @@ def test_random_init_text_tower_with_a_tokenizer_dir(text_checkpoint, tmp_path):
         res = export_model("test-clip-tiny", tmp_path / "art", ExportOptions(random_init=True, text=True,
                                                                             tokenizer=ckpt, engine="onnxruntime",
                                                                             speed_check=False))
-    text = res.manifest["text"]
+    text = manifest_json(res)["text"]
     assert text["parity"]["metrics"]["min_cosine"] >= 0.99999
     assert text["tokenizer_check"]["identical"] and text["source"]["tokenizer"] == str(ckpt.resolve())
     from imgembed.export.text_tower import recheck_text
@@ -285,7 +287,7 @@ def test_text_tower_at_the_other_precisions(precision, text_checkpoint, tmp_path
         warnings.simplefilter("ignore")
         res = export_model("test-clip-tiny", tmp_path / "art", ExportOptions(
             precision=precision, weights=text_checkpoint("test-clip-tiny"), text=True, speed_check=False))
-    text = res.manifest["text"]
+    text = manifest_json(res)["text"]
     rows = {r["id"]: r for r in text["selection"]["candidates"]}
     own = [r for r in rows.values() if r["precision"] == precision]
     assert own and all(r["metrics"] for r in own)  # built and gated
@@ -315,7 +317,7 @@ def test_siglip_v1_sentencepiece_checkpoint_is_converted_and_gated(tmp_path):
         warnings.simplefilter("ignore")
         res = export_model("test-siglip-tiny", tmp_path / "art", ExportOptions(
             weights=ckpt, text=True, engine="onnxruntime", speed_check=False))
-    text = res.manifest["text"]
+    text = manifest_json(res)["text"]
     assert text["tokenizer"]["converted_from"].startswith("SentencePiece")
     assert text["tokenizer_check"] == {"captions": len(parity_captions() + calibration_captions()),
                                        "identical": True, "reference": "SiglipTokenizer"}
@@ -341,8 +343,8 @@ def test_left_padding_tokenizer_is_reproduced(text_checkpoint, tmp_path):
         warnings.simplefilter("ignore")
         res = export_model("test-siglip-tiny", tmp_path / "art", ExportOptions(
             weights=ckpt, text=True, engine="onnxruntime", speed_check=False))
-    record = res.manifest["text"]["tokenizer"]
+    record = manifest_json(res)["text"]["tokenizer"]
     assert record["padding_side"] == "left"
     ids = TextTokenizer(res.path / record["file"], record)(["a cat"])[0]
     assert ids[0] == record["pad_id"] and ids[-1] != record["pad_id"]
-    assert res.manifest["text"]["parity"]["metrics"]["min_cosine"] >= 0.99999
+    assert res.manifest.text.parity.metrics["min_cosine"] >= 0.99999

@@ -17,6 +17,7 @@ from imgembed.runtime.ort_runner import OrtRunner
 from imgembed.samples import parity_images
 
 from .conftest import TINY
+from .helpers import manifest_json
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +47,10 @@ def test_uint8_artifact_equals_float_artifact_on_every_family(name, uint8_artifa
     res = uint8_artifact(name)
     spec = get_spec(name)
     h, w = spec.input_hw
-    assert res.manifest["input"] == {"name": "pixel_values", "dtype": "uint8", "shape": [None, h, w, 3],
-                                     "layout": "NHWC", "values": res.manifest["input"]["values"]}
-    assert res.manifest["status"] == "passed" and "uint8-input" in res.manifest["export"]["optimizations"]
-    assert res.manifest["parity"]["metrics"]["min_cosine"] >= 0.99999
+    assert manifest_json(res)["input"] == {"name": "pixel_values", "dtype": "uint8", "shape": [None, h, w, 3],
+                                     "layout": "NHWC", "values": manifest_json(res)["input"]["values"]}
+    assert res.manifest.status == "passed" and "uint8-input" in res.manifest.export.optimizations
+    assert res.manifest.parity.metrics["min_cosine"] >= 0.99999
     crops = crops_of(images, spec.preprocess)
     dim = spec.embedding.dim
     with OrtRunner(res.path / "model.onnx", dim) as u8, OrtRunner(artifact_dir(name) / "model.onnx", dim) as f32:
@@ -68,7 +69,7 @@ def test_int8_uint8_artifact_matches_int8_float_artifact(uint8_artifact, artifac
         for b in (1, 8):  # same batches -> same dynamic quantization ranges
             np.testing.assert_allclose(u8.infer(crops[:b]), f32.infer(crops_to_pixels(crops[:b], spec.preprocess)),
                                        rtol=0, atol=1e-6)
-    assert res.manifest["parity"]["passed"] and res.manifest["export"]["quantization"]["quantized_ops"]
+    assert res.manifest.parity.passed and res.manifest.export.quantization["quantized_ops"]
 
 
 def test_graph_normalises_inside(uint8_artifact):
