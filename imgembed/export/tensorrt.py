@@ -3,8 +3,9 @@
 Flow (:func:`add_engine`): the artifact's ``model.onnx`` -> checked for TensorRT (:func:`check_trt_onnx`) ->
 parsed and built with an explicit batch profile and a persistent timing cache (:func:`build_engine`) ->
 parity-gated against the PyTorch original on this GPU -> written into the artifact as
-``engine-<key>.plan``, recorded in ``manifest["tensorrt"]["engines"]`` (key: GPU name, compute capability,
-TensorRT version, precision, profile) with the sha256 of every file updated, atomically.
+``engine-<key>.plan``, recorded as one more engine of the manifest (``backend: tensorrt``, with a ``target``
+naming the GPU, compute capability, TensorRT version and profile) with the sha256 of every file updated,
+atomically.
 
 Precision, per TensorRT generation:
 * TensorRT >= 10: *strongly typed* networks (TensorRT 11 removed weak typing, the FP16/INT8 builder flags,

@@ -7,7 +7,8 @@ devices and at which precisions, whether it is usable here (library, device, CPU
 module plus one :func:`register_backend` line at the bottom of this file, and it must pass the conformance
 suite (tests/test_runtime_conformance.py).
 
-Artifacts hold one or more *engines* (``manifest["engines"]``: backend, precision, files, measured speed);
+Artifacts hold one or more *engines* (the manifest's ``engines``, :class:`imgembed.artifact.Engine`: backend,
+precision, files, measured speed);
 :func:`select_engine` picks the one to run for ``backend="auto"`` or a named backend on this host.
 """
 from __future__ import annotations

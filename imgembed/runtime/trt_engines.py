@@ -3,8 +3,8 @@
 A serialized TensorRT engine runs only with the TensorRT version that built it and on the GPU model it was
 built (and tuned) for. imgembed therefore keys every engine by GPU name, compute capability, TensorRT
 version, precision and batch profile, puts the key in the engine's file name, and records it in the
-artifact manifest (``manifest["tensorrt"]["engines"]``). Loading picks the engine recorded for this
-machine; none compatible is an :class:`~imgembed.errors.EngineMismatchError` naming what differs.
+artifact manifest (an engine with ``backend: tensorrt`` and its ``target``). Loading picks the engine recorded
+for this machine; none compatible is an :class:`~imgembed.errors.EngineMismatchError` naming what differs.
 
 No TensorRT import here: everything is testable on a machine without a GPU.
 """
