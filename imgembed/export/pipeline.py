@@ -25,11 +25,9 @@ import numpy as np
 from .. import __version__
 from ..artifact import (
     FORMAT_VERSION,
-    Candidate,
     Engine,
     ExportRecord,
     Manifest,
-    Selection,
     TextTower,
     export_lock,
     file_checksums,
@@ -38,16 +36,15 @@ from ..artifact import (
 )
 from ..checkpoint import check_artifact_preprocess, with_checkpoint_preprocess
 from ..checkpoint import describe as describe_preprocess
-from ..errors import ExportError, ImageDecodeError, ParityError
+from ..errors import ExportError, ImageDecodeError
 from ..families import DEFAULT_SEED, family_of, load_original, original_from_source, source_record
 from ..fastdecode import crops_of, crops_to_pixels
 from ..imagedir import load_image_dir
-from ..parity import ParityReport, format_report, parity_report
+from ..parity import ParityReport
 from ..preprocess import load_image
 from ..registry import ModelSpec, get_spec
-from ..runtime.host import cpu_summary
 from ..samples import calibration_images
-from . import engines
+from . import engines, tower
 from .onnx_export import DEFAULT_OPSET, OUTPUT_NAME, export_onnx, op_counts, optimize_transformer
 from .quantize import Int8SlowerWarning
 from .reference import reference_set
@@ -163,7 +160,7 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     A module artifact is rebuilt from the caller's factory ``module`` (a path or a callable), or from the
     recorded factory only when ``trust_manifest_factory``: nothing a manifest names is imported otherwise."""
     from ..artifact import read_manifest, verify
-    from ..runtime.backends import open_engine, select_engine
+    from ..runtime.backends import select_engine
 
     artifact = Path(artifact)
     manifest = verify(artifact, read_manifest(artifact))
@@ -181,12 +178,7 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     step("computing PyTorch reference embeddings")
     ps = reference_set(head, spec, threads, images=images)
     step(f"running engine {engine.id} at batch sizes 1, 3, 8")
-    from ..parity import gate_thresholds
-
-    thresholds = gate_thresholds(spec.thresholds(engine.precision), engine.batch_invariant)
-    with open_engine(artifact, manifest, engine, threads=threads) as runner:
-        report = parity_report(ps.reference, runner, ps.inputs(runner), thresholds, engine.precision, ps.names)
-    return report.with_engine(engine.id)
+    return tower.gate_engine(artifact, manifest, engine, ps, spec.thresholds(engine.precision), threads=threads)
 
 
 def _write_artifact(out: Path, kept: list[engines.Outcome], fields: dict, text=None) -> Manifest:
@@ -331,28 +323,16 @@ def export_original(original: Original, out: str | Path, opts: ExportOptions, st
 
         inputs = engines.Inputs(spec, work, plain, ort_graph, opts.input_format, parity_set, calibrate,
                                 opts.threads, family.transformer(spec), head=head, opset=opts.opset)
-        outcomes = engines.run(candidates, inputs, spec.thresholds(opts.precision), step,
-                               speed_check=opts.speed_check)
-        winner, kept = engines.choose(outcomes, opts.keep_candidates)
-        if winner is None:
-            built = [o for o in outcomes if o.report is not None]
-            if not built:
-                raise ExportError(f"{spec.name} {opts.precision}: no engine could be built ("
-                                  + "; ".join(f"{o.candidate.id}: {o.error or o.candidate.unavailable}"
-                                              for o in outcomes) + ")")
-            best = max(built, key=lambda o: o.report.metrics["min_cosine"])
-            if not opts.keep_failed:
-                lines = "; ".join(f"{o.candidate.id}: {', '.join(o.report.failures)}" for o in built)
-                raise ParityError(f"{spec.name} {opts.precision} export failed the parity gate on every engine "
-                                  f"({lines}); no artifact written (pass --keep-failed to keep the closest one, "
-                                  f"marked failed)\n{format_report(best.report)}", best.report)
-            winner, kept = best, [best]
+        raced = tower.race(tower.Tower(spec.name, opts.precision, candidates, inputs,
+                                       spec.thresholds(opts.precision)), step, speed_check=opts.speed_check,
+                           keep_candidates=opts.keep_candidates, keep_failed=opts.keep_failed)
+        kept = raced.kept
         text = None
         if opts.text:
             from .text_tower import export_text
 
             text = export_text(spec, opts, work, step)
-        fields, notes = _manifest(spec, opts, winner, outcomes, graph_record, time.perf_counter() - t0,
+        fields, notes = _manifest(spec, opts, raced, graph_record, time.perf_counter() - t0,
                                   original.source)
         fields["preprocess_source"] = original.preprocess_source
         if text is not None and text.section["status"] != "passed":
@@ -376,10 +356,11 @@ def _speed_notes(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome) 
     return [msg]
 
 
-def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, outcomes: list[engines.Outcome],
+def _manifest(spec: ModelSpec, opts: ExportOptions, raced: tower.Raced,
               graph_record: dict, seconds: float, source: dict) -> tuple[dict, list[str]]:
     """The manifest's fields of the image tower (typed records; the engines and files are added when the
     artifact is written: :func:`_write_artifact`)."""
+    winner = raced.winner
     report = winner.report
     notes = _speed_notes(spec, opts, winner)
     model_file = winner.files.get("model")
@@ -397,9 +378,7 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, winner: engines.Outcome, out
         "preprocess": spec.preprocess.to_dict(),
         "default_engine": winner.candidate.id,
         "batch_invariant": winner.candidate.batch_invariant,
-        "selection": Selection(cpu=cpu_summary(), threads=opts.threads, batch_size=SPEED_BATCH,
-                               forced_backend=opts.engine,
-                               candidates=[Candidate.model_validate(o.row()) for o in outcomes]),
+        "selection": tower.selection(raced, opts.threads, opts.engine),
         "export": ExportRecord(**graph_record, quantization=winner.record or None,
                                op_counts=op_counts(model_file) if model_file and model_file.suffix == ".onnx" else {},
                                seconds=round(seconds, 2)),

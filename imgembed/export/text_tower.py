@@ -32,6 +32,7 @@ from ..registry import EmbeddingSpec, ModelSpec, TextSpec
 from ..samples import calibration_captions, parity_captions
 from ..tokenizer import TextTokenizer, TokenBatches
 from .onnx_export import DEFAULT_OPSET, OUTPUT_NAME, check_onnx
+from .tower import Tower, gate_engine, race, selection
 
 TEXT_INPUT = "input_ids"
 TEXT_DIR = "text"
@@ -325,9 +326,6 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
 
     A tower whose every engine fails the gate raises ParityError (unless ``opts.keep_failed``: the closest
     engine is kept and the artifact is marked failed)."""
-    from ..errors import ParityError
-    from ..parity import format_report
-    from ..runtime.host import cpu_summary
     from . import engines
 
     text, record = text_tower(spec)
@@ -354,20 +352,10 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
                               reexport=False)
     inputs = engines.Inputs(view, directory, graph, graph, "float32", parity, lambda: calibration_tokens(tok),
                             opts.threads, True, opset=opts.opset, input_name=TEXT_INPUT)
-    outcomes = engines.run(candidates, inputs, view.thresholds(opts.precision), _prefixed(step),
-                           speed_check=opts.speed_check)
-    winner, kept = engines.choose(outcomes, opts.keep_candidates)
-    if winner is None:
-        built = [o for o in outcomes if o.report is not None]
-        if not built:
-            raise ExportError(f"{spec.name} text tower {opts.precision}: no engine could be built (" + "; ".join(
-                f"{o.candidate.id}: {o.error or o.candidate.unavailable}" for o in outcomes) + ")")
-        best = max(built, key=lambda o: o.report.metrics["min_cosine"])
-        if not opts.keep_failed:
-            raise ParityError(f"{spec.name} text tower {opts.precision} failed the parity gate on every engine ("
-                              + "; ".join(f"{o.candidate.id}: {', '.join(o.report.failures)}" for o in built)
-                              + f"); no artifact written\n{format_report(best.report)}", best.report)
-        winner, kept = best, [best]
+    raced = race(Tower(f"{spec.name} text tower", opts.precision, candidates, inputs,
+                       view.thresholds(opts.precision)), _prefixed(step), speed_check=opts.speed_check,
+                 keep_candidates=opts.keep_candidates, keep_failed=opts.keep_failed)
+    winner = raced.winner
     if winner.candidate.precision != opts.precision:
         step(f"text: no {opts.precision} engine passed the gate; the text tower keeps its "
              f"{winner.candidate.precision} engine {winner.candidate.id}")
@@ -383,12 +371,11 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
                      f"truncation=True, max_length={tok_record['max_length']}))",
         "default_engine": winner.candidate.id,
         "batch_invariant": winner.candidate.batch_invariant,
-        "selection": {"cpu": cpu_summary(), "threads": opts.threads, "batch_size": engines.SPEED_BATCH,
-                      "candidates": [o.row() for o in outcomes]},
+        "selection": selection(raced, opts.threads, opts.engine),
         "quantization": winner.record or None,
         "parity": winner.report.to_dict(),  # its "images" are the parity captions
     }
-    return TextExport(section, space_record(spec, original), kept, tok_json)
+    return TextExport(section, space_record(spec, original), raced.kept, tok_json)
 
 
 def _prefixed(step: Step) -> Step:
@@ -414,8 +401,7 @@ def recheck_text(artifact: str | Path, manifest: Manifest, weights: str | Path |
     """Re-run the text gate of an artifact's text engine (the one ``backend`` selects here) against the text
     original rebuilt from the manifest's source, with the transformers tokenizer of that source."""
     from ..artifact import ArtifactFiles
-    from ..parity import gate_thresholds, parity_report
-    from ..runtime.backends import open_engine, select_engine
+    from ..runtime.backends import select_engine
     from ..runtime.text import read_tokenizer
     from ..runtime.text import text_tower as artifact_text_tower
 
@@ -437,10 +423,6 @@ def recheck_text(artifact: str | Path, manifest: Manifest, weights: str | Path |
                                   seed=int(source.get("seed", DEFAULT_SEED)), special_ids=special_ids(tf_tok))
     step("computing PyTorch reference text embeddings")
     parity = text_parity_set(original, tf_tok, tok, record.reference_mask, threads, captions)
-    thresholds = gate_thresholds(spec.thresholds(engine.precision), engine.batch_invariant)
     step(f"running text engine {engine.id} at batch sizes 1, 3, 8")
-    with open_engine(artifact, manifest, engine, threads=threads, dim=tower.dim,
-                     name=f"{manifest.name}-text") as runner:
-        report = parity_report(parity.reference, runner, parity.inputs(runner), thresholds, engine.precision,
-                               parity.names)
-    return report.with_engine(engine.id)
+    return gate_engine(artifact, manifest, engine, parity, spec.thresholds(engine.precision), threads=threads,
+                       dim=tower.dim, name=f"{manifest.name}-text")
