@@ -279,7 +279,7 @@ def plan_candidates(spec: ModelSpec, opts: ExportOptions) -> list[engines.Candid
 
         text_tower(spec)  # fail before any work when the model has no text tower
     candidates = engines.plan(opts.precision, transformer=family_of(spec).transformer(spec),
-                              int8_preset=opts.int8_preset, engine=opts.engine)
+                              int8_preset=opts.int8_preset, backend=opts.engine)
     engines.check_available(candidates, opts.precision)
     return candidates
 

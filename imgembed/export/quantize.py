@@ -5,10 +5,12 @@ depend on what else is in its batch (batch invariance, gated at export). *Dynami
 activations per batch at run time (no calibration, often fast on transformers, but a vector moves slightly
 with its batch-mates); they run only when asked for by name (``--int8-preset dynamic``).
 
-* transformer families (``TRANSFORMER_CANDIDATES``): static QDQ on the MatMuls only (per-channel weights;
-  residual adds, softmax and LayerNorm stay float: quantizing them is what breaks transformer INT8).
-* CNNs (``CNN_CANDIDATES``): static QOperator and QDQ with per-channel weights.
-* portability (``PORTABLE_PRESETS``): the first preset again with 7-bit weights (``reduce_range``). ONNX
+Which presets an export races, for which graphs, is the recipe registry's (:mod:`.recipes.onnxruntime`):
+
+* transformer families: static QDQ on the MatMuls only (per-channel weights; residual adds, softmax and
+  LayerNorm stay float: quantizing them is what breaks transformer INT8).
+* CNNs: static QOperator and QDQ with per-channel weights.
+* portability: the first preset again with 7-bit weights (``reduce_range``). ONNX
   Runtime multiplies uint8 activations by int8 weights; on x86 CPUs without VNNI its kernels add pairs of
   8-bit products in int16 and saturate, so an 8-bit engine gated on a VNNI CPU can drift on such a CPU.
   7-bit weights never saturate: that engine computes the same everywhere, at the same speed.
@@ -105,10 +107,6 @@ PRESETS: dict[str, QuantConfig] = {
         why="TensorRT explicit quantization (export --trt --int8): symmetric int8 Q/DQ (TensorRT rejects "
             "non-zero zero points) on the compute-heavy ops, per-tensor scales; unfused graph"),
 }
-TRANSFORMER_CANDIDATES = ("static-qdq-matmul",)
-CNN_CANDIDATES = ("static-qoperator", "static-qdq")
-# The 7-bit twin of each family kind's first preset: raced too, and kept as the portable engine.
-PORTABLE_PRESETS = {"static-qdq-matmul": "static-qdq-matmul-7bit", "static-qoperator": "static-qoperator-7bit"}
 
 
 def saturates(config: QuantConfig) -> bool:

@@ -348,8 +348,7 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
     step("exporting the text tower to ONNX")
     graph = export_text_onnx(original.head, tok, directory / "exported.onnx", opts.opset)
     view = text_spec_view(spec)
-    candidates = engines.plan(opts.precision, transformer=True, int8_preset=opts.int8_preset, engine=opts.engine,
-                              reexport=False)
+    candidates = engines.plan(opts.precision, kind="text", int8_preset=opts.int8_preset, backend=opts.engine)
     inputs = engines.Inputs(view, directory, graph, graph, "float32", parity, lambda: calibration_tokens(tok),
                             opts.threads, True, opset=opts.opset, input_name=TEXT_INPUT)
     raced = race(Tower(f"{spec.name} text tower", opts.precision, candidates, inputs,

@@ -1,0 +1,58 @@
+"""Engine recipes as data: every way an export can build an engine is a registered :class:`Recipe`, and the
+candidate plan of an export (:func:`plan`) is computed from the registry. A new recipe is one module that
+defines its builder and registers its record; tests and callers refer to recipes by record
+(``recipes.ORT_INT8_SMOOTHQUANT.id``), never by a copied id string.
+
+Modules, by what they build: :mod:`.onnxruntime` (float graphs, INT8 presets and their 7-bit portable twins),
+:mod:`.smoothquant`, :mod:`.cle`, :mod:`.mixed` (ONNX Runtime outlier recipes), :mod:`.openvino` (IR and NNCF).
+"""
+from ..engines import LAST_RESORT
+from .cle import ORT_INT8_CLE, ORT_INT8_CLE_7BIT
+from .mixed import ORT_INT8_MIXED
+from .onnxruntime import (
+    ORT_FP16,
+    ORT_FP32,
+    ORT_INT8_FORCED_ONLY,
+    ORT_INT8_STATIC_QDQ,
+    ORT_INT8_STATIC_QDQ_MATMUL,
+    ORT_INT8_STATIC_QDQ_MATMUL_7BIT,
+    ORT_INT8_STATIC_QOPERATOR,
+    ORT_INT8_STATIC_QOPERATOR_7BIT,
+)
+from .openvino import (
+    OV_BF16,
+    OV_FP32,
+    OV_INT8,
+    OV_INT8_BF16,
+    OV_INT8_CLE,
+    OV_INT8_CLE_BF16,
+    OV_INT8_SMOOTHQUANT,
+    OV_INT8_SMOOTHQUANT_BF16,
+)
+from .registry import (
+    KINDS,
+    Recipe,
+    always,
+    get,
+    kind_of,
+    never,
+    plan,
+    presets,
+    recipes,
+    register,
+    registered,
+    unregister,
+    with_vnni,
+    without_vnni,
+)
+from .smoothquant import ORT_INT8_SMOOTHQUANT, ORT_INT8_SMOOTHQUANT_7BIT
+
+__all__ = [
+    "KINDS", "LAST_RESORT", "Recipe", "always", "get", "kind_of", "never", "plan", "presets", "recipes", "register",
+    "registered", "unregister", "with_vnni", "without_vnni",
+    "ORT_FP16", "ORT_FP32", "ORT_INT8_FORCED_ONLY", "ORT_INT8_STATIC_QDQ", "ORT_INT8_STATIC_QDQ_MATMUL",
+    "ORT_INT8_STATIC_QDQ_MATMUL_7BIT", "ORT_INT8_STATIC_QOPERATOR", "ORT_INT8_STATIC_QOPERATOR_7BIT",
+    "ORT_INT8_SMOOTHQUANT", "ORT_INT8_SMOOTHQUANT_7BIT", "ORT_INT8_CLE", "ORT_INT8_CLE_7BIT", "ORT_INT8_MIXED",
+    "OV_BF16", "OV_FP32", "OV_INT8", "OV_INT8_BF16", "OV_INT8_CLE", "OV_INT8_CLE_BF16", "OV_INT8_SMOOTHQUANT",
+    "OV_INT8_SMOOTHQUANT_BF16",
+]
