@@ -92,8 +92,9 @@ def export_cmd(
                               "gated at min cosine >= 0.9999."),
     fp16: bool = typer.Option(False, "--fp16", help="FP16 weights and compute (for GPUs; LayerNorm/softmax "
                               "kept in FP32; gated at cosine >= 0.999 vs the FP32 original)."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="Build only this engine (onnxruntime, "
-                                         "openvino) instead of racing every installed one."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Build only this backend's engines "
+                                          "(onnxruntime, openvino) instead of racing every installed backend."),
+    engine: Optional[str] = typer.Option(None, "--engine", hidden=True, help="Deprecated spelling of --backend."),
     keep_candidates: bool = typer.Option(False, "--keep-candidates", help="Keep every engine that passes the "
                                          "gate, so `load(backend='auto')` can choose per host."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact directory "
@@ -155,12 +156,13 @@ def export_cmd(
                    "--input-size": input_size, "--no-normalize": None if normalize else False,
                    "--transformer/--cnn": transformer}
     name = _export_target(name, module, module_args, weights, random_init)
+    backend = _deprecated_engine_option(engine, backend)
     precision = "int8" if int8 else "fp16" if fp16 else "bf16" if bf16 else "fp32"
     trt_opts, trt_overrides = _trt_prepare(trt, precision, int8_preset, trt_batch, uint8_input)
     out = out or (Path("artifacts") / f"{name}-{precision}-trt" if trt else None)
     out = out or Path("artifacts") / f"{name}-{precision}{'-uint8' if uint8_input else ''}"
     opts = ExportOptions(precision=precision, weights=weights, random_init=random_init, calibration=calibration,
-                         int8_preset=int8_preset, engine=engine, keep_candidates=keep_candidates,
+                         int8_preset=int8_preset, backend=backend, keep_candidates=keep_candidates,
                          optimize=not no_optimize, keep_failed=keep_failed,
                          threads=threads, speed_check=not no_speed_check,
                          input_format="uint8" if uint8_input else "float32", text=text, tokenizer=tokenizer)
@@ -204,6 +206,17 @@ def export_cmd(
     if trt_opts is not None:
         trt_opts.module = module
         _trt_engine(out, trt_opts, weights, threads)
+
+
+def _deprecated_engine_option(engine: str | None, backend: str | None) -> str | None:
+    """``--engine`` is the old spelling of ``--backend``: accepted with a one-line warning."""
+    if engine is None:
+        return backend
+    err_console.print("[bold yellow]WARNING[/]: --engine is deprecated; use --backend", highlight=False)
+    if backend is not None and backend != engine:
+        err_console.print(f"[bold red]error[/]: --engine {engine} and --backend {backend} disagree", highlight=False)
+        raise typer.Exit(2)
+    return engine
 
 
 def _export_target(name: Optional[str], module: Optional[str], module_args: dict, weights: Optional[Path],

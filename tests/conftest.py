@@ -22,29 +22,29 @@ TINY = ("test-clip-tiny", "test-vit-tiny", "test-dinov2-tiny", "test-resnet-tiny
 
 @pytest.fixture(scope="session")
 def artifact_dir(tmp_path_factory):
-    """``artifact_dir(name, precision, engine="onnxruntime")`` -> path of a random-init artifact, exported once
-    per session with only that backend's candidates (``engine=None`` races every installed engine; the race
+    """``artifact_dir(name, precision, backend="onnxruntime")`` -> path of a random-init artifact, exported once
+    per session with only that backend's candidates (``backend=None`` races every installed backend; the race
     itself is tested in tests/test_engines.py)."""
     from imgembed.export.pipeline import ExportOptions
 
-    return _cached_exports(tmp_path_factory.mktemp("artifacts"), lambda name, precision, engine: ExportOptions(
-        precision=precision, random_init=True, speed_check=False, engine=engine))
+    return _cached_exports(tmp_path_factory.mktemp("artifacts"), lambda name, precision, backend: ExportOptions(
+        precision=precision, random_init=True, speed_check=False, backend=backend))
 
 
 def _cached_exports(root: Path, options):
-    """``get(name, precision="fp32", engine="onnxruntime")`` exporting each key once into ``root`` with
-    ``options(name, precision, engine)`` (an ExportOptions)."""
+    """``get(name, precision="fp32", backend="onnxruntime")`` exporting each key once into ``root`` with
+    ``options(name, precision, backend)`` (an ExportOptions)."""
     from imgembed.export.pipeline import export_model
 
     cache: dict[tuple[str, str, str | None], Path] = {}
 
-    def get(name: str, precision: str = "fp32", engine: str | None = "onnxruntime") -> Path:
-        key = (name, precision, engine)
+    def get(name: str, precision: str = "fp32", backend: str | None = "onnxruntime") -> Path:
+        key = (name, precision, backend)
         if key not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Int8SlowerWarning is expected on toy models
-                suffix = "" if engine == "onnxruntime" else f"-{engine or 'race'}"
-                res = export_model(name, root / f"{name}-{precision}{suffix}", options(name, precision, engine))
+                suffix = "" if backend == "onnxruntime" else f"-{backend or 'race'}"
+                res = export_model(name, root / f"{name}-{precision}{suffix}", options(name, precision, backend))
             cache[key] = res.path
         return cache[key]
 
@@ -70,9 +70,9 @@ def text_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def text_artifact(tmp_path_factory, text_checkpoint):
-    """``text_artifact(name, precision="fp32", engine="onnxruntime")`` -> an artifact with image and text
-    towers, exported once per session from :func:`text_checkpoint` (``engine=None`` races every engine)."""
+    """``text_artifact(name, precision="fp32", backend="onnxruntime")`` -> an artifact with image and text
+    towers, exported once per session from :func:`text_checkpoint` (``backend=None`` races every backend)."""
     from imgembed.export.pipeline import ExportOptions
 
-    return _cached_exports(tmp_path_factory.mktemp("text-artifacts"), lambda name, precision, engine: ExportOptions(
-        precision=precision, weights=text_checkpoint(name), text=True, speed_check=engine is None, engine=engine))
+    return _cached_exports(tmp_path_factory.mktemp("text-artifacts"), lambda name, precision, backend: ExportOptions(
+        precision=precision, weights=text_checkpoint(name), text=True, speed_check=backend is None, backend=backend))

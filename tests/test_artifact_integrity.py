@@ -307,7 +307,7 @@ def test_two_exports_to_one_directory_at_once(tmp_path):
     """fp32 and int8 exports of one model race to the same directory: both succeed and the result is one
     complete, verified artifact whose manifest describes the model file beside it."""
     out = tmp_path / "D"
-    procs = [start_cli("export", "test-clip-tiny", "--random-init", "--engine", "onnxruntime", "--out", str(out),
+    procs = [start_cli("export", "test-clip-tiny", "--random-init", "--backend", "onnxruntime", "--out", str(out),
                        *extra) for extra in ([], ["--int8", "--no-speed-check"])]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]

@@ -34,7 +34,7 @@ def conv_artifact(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trust") / "conv"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        imgembed.export_module(CONV, out, name="conv", input_size=64, engine="onnxruntime", speed_check=False)
+        imgembed.export_module(CONV, out, name="conv", input_size=64, backend="onnxruntime", speed_check=False)
     return out
 
 

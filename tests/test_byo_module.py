@@ -74,7 +74,7 @@ def _trained_like(seed: int) -> torch.nn.Module:
 def conv_fp32(tmp_path_factory):
     """The conv encoder exported through the Python API, every installed engine raced and kept."""
     out = tmp_path_factory.mktemp("byo") / "conv-fp32"
-    _export(CONV, out, name="conv-encoder", engine=None, keep_candidates=True)
+    _export(CONV, out, name="conv-encoder", backend=None, keep_candidates=True)
     return out
 
 
@@ -314,7 +314,7 @@ def test_trusting_the_manifest_factory_prints_the_module_first(conv_fp32, tmp_pa
 def test_cli_exports_the_siamese_twin_and_rechecks_it(tmp_path):
     out = tmp_path / "twin"
     res = run_cli("export", "--module", TWIN, "--name", "twin", "--preprocess", "clip", "--input-size", str(SIZE),
-                  "--engine", "onnxruntime", "--no-speed-check", "--out", str(out))
+                  "--backend", "onnxruntime", "--no-speed-check", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert "parity (fp32) over 26 images at batch sizes 1, 3, 8: PASS" in res.stdout
     m = manifest_json(out)
@@ -349,7 +349,7 @@ def test_cli_int8_of_a_depthwise_relu6_module_reports_every_recipe(tmp_path):
     one typed outcome (here the closest engine kept and marked failed: exit 2), never a traceback."""
     out = tmp_path / "dw"
     res = run_cli("export", "--module", "tests.byo_models:depthwise_separable", "--name", "dw", "--input-size",
-                  str(SIZE), "--int8", "--engine", "onnxruntime", "--no-speed-check", "--keep-failed",
+                  str(SIZE), "--int8", "--backend", "onnxruntime", "--no-speed-check", "--keep-failed",
                   "--out", str(out))
     assert "Traceback" not in res.stderr and "FileNotFoundError" not in res.stderr
     assert res.returncode == 2, res.stderr

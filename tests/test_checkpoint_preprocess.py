@@ -119,7 +119,7 @@ def checkpoint(tmp_path_factory):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res = export_model(CASES[family][0], root / f"{family}-art",
-                                   ExportOptions(weights=ckpt, speed_check=False, engine="onnxruntime"))
+                                   ExportOptions(weights=ckpt, speed_check=False, backend="onnxruntime"))
             cache[family] = (ckpt, res.path)
         return cache[family]
 

@@ -162,15 +162,15 @@ def test_openvino_engines_run_with_avx2_kernels_only(int8_all):
         assert hint == "fp32" and float(cos) >= 0.99, (engine, hint, cos)
 
 
-def test_forced_engine_builds_only_that_backend(tmp_path):
-    res = _export(tmp_path, precision="fp32", engine="openvino")
+def test_forced_backend_builds_only_that_backend(tmp_path):
+    res = _export(tmp_path, precision="fp32", backend="openvino")
     assert [e["backend"] for e in manifest_json(res)["engines"]] == ["openvino"]
     assert [r["id"] for r in manifest_json(res)["selection"]["candidates"]] == ["openvino-fp32"]
     assert res.manifest.parity.metrics["min_cosine"] >= 0.99999
     with pytest.raises(BackendUnavailableError, match="unknown backend 'tvm'"):
-        _export(tmp_path / "x", precision="fp32", engine="tvm")
-    with pytest.raises(ExportError, match="engine 'openvino' offers no fp16 candidate"):
-        _export(tmp_path / "y", precision="fp16", engine="openvino")
+        _export(tmp_path / "x", precision="fp32", backend="tvm")
+    with pytest.raises(ExportError, match="backend 'openvino' offers no fp16 candidate"):
+        _export(tmp_path / "y", precision="fp16", backend="openvino")
 
 
 def test_dynamic_int8_is_an_explicit_opt_in_recorded_as_batch_dependent(tmp_path, images):
@@ -247,6 +247,7 @@ def test_export_cli_prints_the_engine_table_and_parity_rechecks_an_engine(tmp_pa
     proc = run_cli("export", MODEL, "--random-init", "--threads", "2", "--engine", "openvino",
                    "--out", str(tmp_path / "b"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--engine is deprecated; use --backend" in proc.stderr   # the old spelling still works, with a warning
     proc = run_cli("parity", str(tmp_path / "b"), "--backend", "openvino", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)

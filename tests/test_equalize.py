@@ -99,7 +99,7 @@ def test_int8_export_of_an_imbalanced_cnn_passes_through_equalization(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = export_model("test-resnet-tiny", tmp_path / "art",
-                           ExportOptions(precision="int8", weights=tmp_path / "ckpt", engine="onnxruntime",
+                           ExportOptions(precision="int8", weights=tmp_path / "ckpt", backend="onnxruntime",
                                          speed_check=False))
     rows = {r["id"]: r for r in manifest_json(res)["selection"]["candidates"]}
     assert not rows["onnxruntime-int8-static-qoperator"]["passed"]

@@ -243,7 +243,7 @@ def test_full_size_fp32_export_passes_the_gate(tmp_path, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = export_model(name, tmp_path / name, ExportOptions(precision="fp32", random_init=True, speed_check=False,
-                                                                  engine="onnxruntime"))
+                                                                  backend="onnxruntime"))
     m = manifest_json(res.path)
     assert m["status"] == "passed" and m["output"]["dim"] == get_spec(name).embedding.dim
     assert m["parity"]["metrics"]["min_cosine"] >= 0.99999, m["parity"]["metrics"]

@@ -34,7 +34,7 @@ def full_artifacts(tmp_path_factory):
                 cache[name, precision] = export_model(
                     name, root / f"{name}-{precision}",
                     ExportOptions(precision=precision, random_init=True, speed_check=False,
-                                  engine="onnxruntime")).path
+                                  backend="onnxruntime")).path
         return cache[name, precision]
 
     return get

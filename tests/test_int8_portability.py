@@ -65,7 +65,7 @@ def avx2_export(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv(CPU_FLAGS_ENV, AVX2_ONLY)
     try:
-        return _export(tmp_path_factory.mktemp("avx2") / "a", engine="openvino", keep_candidates=True)
+        return _export(tmp_path_factory.mktemp("avx2") / "a", backend="openvino", keep_candidates=True)
     finally:
         mp.undo()
 
@@ -201,7 +201,7 @@ def test_the_7bit_onnxruntime_engine_is_exact_on_an_emulated_avx2_cpu(vnni_expor
 
 
 def test_a_forced_7bit_preset_is_one_portable_engine(tmp_path):
-    m = manifest_json(_export(tmp_path / "a", int8_preset="static-qdq-matmul-7bit", engine="onnxruntime"))
+    m = manifest_json(_export(tmp_path / "a", int8_preset="static-qdq-matmul-7bit", backend="onnxruntime"))
     assert [e["id"] for e in m["engines"]] == ["onnxruntime-int8-static-qdq-matmul-7bit"]
     engine = m["engines"][0]
     assert engine["needs_vnni"] is False and engine["quantization"]["preset"]["reduce_range"] is True

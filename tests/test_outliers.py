@@ -90,14 +90,14 @@ def test_smoothing_is_fp32_equivalent_and_removes_the_outliers():
 
 @pytest.mark.parametrize("preset", ["static-qdq-matmul", "dynamic"])
 def test_plain_onnxruntime_int8_fails_on_outliers_and_passes_without(checkpoints, tmp_path, preset):
-    res = _export(checkpoints["plain"], tmp_path / "plain", int8_preset=preset, engine="onnxruntime")
+    res = _export(checkpoints["plain"], tmp_path / "plain", int8_preset=preset, backend="onnxruntime")
     assert res.manifest.status == "passed"
     with pytest.raises(ParityError):
-        _export(checkpoints["outlier"], tmp_path / "outlier", int8_preset=preset, engine="onnxruntime")
+        _export(checkpoints["outlier"], tmp_path / "outlier", int8_preset=preset, backend="onnxruntime")
 
 
 def test_smoothquant_candidate_passes_on_outliers_and_records_its_recipe(checkpoints, tmp_path):
-    m = manifest_json(_export(checkpoints["outlier"], tmp_path / "art", engine="onnxruntime", keep_candidates=True))
+    m = manifest_json(_export(checkpoints["outlier"], tmp_path / "art", backend="onnxruntime", keep_candidates=True))
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
     assert not rows["onnxruntime-int8-static-qdq-matmul"]["passed"]
     assert rows["onnxruntime-int8-smoothquant"]["passed"], rows["onnxruntime-int8-smoothquant"]["why_not"]
@@ -156,5 +156,5 @@ def test_full_size_clip_outliers_break_static_int8_but_not_fp32(tmp_path):
     with warnings.catch_warnings(), pytest.raises(ParityError):
         warnings.simplefilter("ignore")
         export_model("clip-vit-b32", tmp_path / "art", ExportOptions(
-            precision="int8", weights=tmp_path / "outlier", int8_preset="static-qdq-matmul", engine="onnxruntime",
+            precision="int8", weights=tmp_path / "outlier", int8_preset="static-qdq-matmul", backend="onnxruntime",
             speed_check=False, optimize=False))

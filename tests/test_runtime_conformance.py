@@ -60,7 +60,7 @@ def _make(kind: str, artifact_dir):
 
 
 def _make_openvino(precision: str, artifact_dir):
-    """The OpenVINO engine of an artifact exported with engine="openvino", opened through the backend table."""
+    """The OpenVINO engine of an artifact exported with backend="openvino", opened through the backend table."""
     from imgembed.artifact import read_manifest
     from imgembed.runtime.backends import get_backend, open_engine, select_engine
     from imgembed.runtime.host import missing_bf16_instructions
@@ -70,7 +70,7 @@ def _make_openvino(precision: str, artifact_dir):
         pytest.skip(reason)
     if precision == "bf16" and missing_bf16_instructions():
         pytest.skip(missing_bf16_instructions())
-    path = artifact_dir(MODEL, precision, engine="openvino")
+    path = artifact_dir(MODEL, precision, backend="openvino")
     manifest = read_manifest(path)
     engine, _ = select_engine(manifest, "openvino")
     return open_engine(path, manifest, engine, threads=2), precision

@@ -138,7 +138,7 @@ def test_classify_and_rank_equal_transformers_scores(name, text_artifact, text_c
 
 
 def test_int8_text_race_passes_its_gate_batch_invariant(text_artifact):
-    art = text_artifact("test-clip-tiny", "int8", engine=None)
+    art = text_artifact("test-clip-tiny", "int8", backend=None)
     m = json.loads((art / "manifest.json").read_text())
     text = m["text"]
     rows = {r["id"]: r for r in text["selection"]["candidates"]}
@@ -171,7 +171,7 @@ def test_int8_text_race_passes_its_gate_batch_invariant(text_artifact):
 def test_cli_export_text_prints_the_text_race_and_gate(text_checkpoint, tmp_path):
     out = tmp_path / "art"
     proc = run_cli("export", "test-siglip-tiny", "--weights", str(text_checkpoint("test-siglip-tiny")), "--text",
-                   "--engine", "onnxruntime", "--no-speed-check", "--out", str(out))
+                   "--backend", "onnxruntime", "--no-speed-check", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "text tower (fp32" in proc.stdout and "ids identical to transformers" in proc.stdout
     assert "over 34 captions" in proc.stdout
@@ -233,7 +233,7 @@ def test_text_errors_are_typed_and_name_the_problem(artifact_dir, text_artifact,
     bigger.save_pretrained(str(big))
     with pytest.raises(ExportError, match="not from one checkpoint"):
         export_model("test-clip-tiny", tmp_path / "y", ExportOptions(weights=text_checkpoint("test-clip-tiny"),
-                                                                     text=True, tokenizer=big, engine="onnxruntime"))
+                                                                     text=True, tokenizer=big, backend="onnxruntime"))
     with pytest.raises(ExportError, match="does not exist"):
         reference_tokenizer(imgembed.get_spec("test-clip-tiny"), None, tmp_path / "missing")
 
@@ -254,7 +254,7 @@ def test_random_init_text_tower_with_a_tokenizer_dir(text_checkpoint, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = export_model("test-clip-tiny", tmp_path / "art", ExportOptions(random_init=True, text=True,
-                                                                            tokenizer=ckpt, engine="onnxruntime",
+                                                                            tokenizer=ckpt, backend="onnxruntime",
                                                                             speed_check=False))
     text = manifest_json(res)["text"]
     assert text["parity"]["metrics"]["min_cosine"] >= 0.99999
@@ -316,7 +316,7 @@ def test_siglip_v1_sentencepiece_checkpoint_is_converted_and_gated(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = export_model("test-siglip-tiny", tmp_path / "art", ExportOptions(
-            weights=ckpt, text=True, engine="onnxruntime", speed_check=False))
+            weights=ckpt, text=True, backend="onnxruntime", speed_check=False))
     text = manifest_json(res)["text"]
     assert text["tokenizer"]["converted_from"].startswith("SentencePiece")
     assert text["tokenizer_check"] == {"captions": len(parity_captions() + calibration_captions()),
@@ -342,7 +342,7 @@ def test_left_padding_tokenizer_is_reproduced(text_checkpoint, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = export_model("test-siglip-tiny", tmp_path / "art", ExportOptions(
-            weights=ckpt, text=True, engine="onnxruntime", speed_check=False))
+            weights=ckpt, text=True, backend="onnxruntime", speed_check=False))
     record = manifest_json(res)["text"]["tokenizer"]
     assert record["padding_side"] == "left"
     ids = TextTokenizer(res.path / record["file"], record)(["a cat"])[0]

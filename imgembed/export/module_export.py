@@ -52,7 +52,7 @@ def export_module(module: Any, out: str | Path, *, name: str, preprocess: str | 
     ``.safetensors`` file or a ``torch.save(state_dict)`` file (``weights_only=True``), loaded into the module.
     ``normalize``: L2-normalise the vectors. ``transformer``: INT8 presets for transformers (True) or CNNs
     (False); None guesses from the module (attention layers). ``seed``: the torch seed the factory runs under.
-    ``options``: :class:`~imgembed.export.pipeline.ExportOptions` fields (``precision="int8"``, ``engine``,
+    ``options``: :class:`~imgembed.export.pipeline.ExportOptions` fields (``precision="int8"``, ``backend``,
     ``calibration``, ``keep_candidates``, ``speed_check``, ...).
     """
     opts = _options(options)

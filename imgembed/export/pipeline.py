@@ -64,7 +64,7 @@ class ExportOptions:
     seed: int = DEFAULT_SEED
     calibration: str | Path | None = None   # directory of images for static INT8
     int8_preset: str | None = None          # force one ONNX Runtime preset (None: the batch-invariant defaults)
-    engine: str | None = None               # force one backend ("onnxruntime", "openvino"); None: race them
+    backend: str | None = None              # build only this backend's engines ("onnxruntime", ...); None: race all
     keep_candidates: bool = False           # keep every passing engine, not just the winner + a portable one
     optimize: bool = True                   # ORT transformer fusion for ViT-like families
     opset: int = DEFAULT_OPSET
@@ -279,7 +279,7 @@ def plan_candidates(spec: ModelSpec, opts: ExportOptions) -> list[engines.Candid
 
         text_tower(spec)  # fail before any work when the model has no text tower
     candidates = engines.plan(opts.precision, transformer=family_of(spec).transformer(spec),
-                              int8_preset=opts.int8_preset, backend=opts.engine)
+                              int8_preset=opts.int8_preset, backend=opts.backend)
     engines.check_available(candidates, opts.precision)
     return candidates
 
@@ -378,7 +378,7 @@ def _manifest(spec: ModelSpec, opts: ExportOptions, raced: tower.Raced,
         "preprocess": spec.preprocess.to_dict(),
         "default_engine": winner.candidate.id,
         "batch_invariant": winner.candidate.batch_invariant,
-        "selection": tower.selection(raced, opts.threads, opts.engine),
+        "selection": tower.selection(raced, opts.threads, opts.backend),
         "export": ExportRecord(**graph_record, quantization=winner.record or None,
                                op_counts=op_counts(model_file) if model_file and model_file.suffix == ".onnx" else {},
                                seconds=round(seconds, 2)),

@@ -348,7 +348,7 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
     step("exporting the text tower to ONNX")
     graph = export_text_onnx(original.head, tok, directory / "exported.onnx", opts.opset)
     view = text_spec_view(spec)
-    candidates = engines.plan(opts.precision, kind="text", int8_preset=opts.int8_preset, backend=opts.engine)
+    candidates = engines.plan(opts.precision, kind="text", int8_preset=opts.int8_preset, backend=opts.backend)
     inputs = engines.Inputs(view, directory, graph, graph, "float32", parity, lambda: calibration_tokens(tok),
                             opts.threads, True, opset=opts.opset, input_name=TEXT_INPUT)
     raced = race(Tower(f"{spec.name} text tower", opts.precision, candidates, inputs,
@@ -370,7 +370,7 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
                      f"truncation=True, max_length={tok_record['max_length']}))",
         "default_engine": winner.candidate.id,
         "batch_invariant": winner.candidate.batch_invariant,
-        "selection": selection(raced, opts.threads, opts.engine),
+        "selection": selection(raced, opts.threads, opts.backend),
         "quantization": winner.record or None,
         "parity": winner.report.to_dict(),  # its "images" are the parity captions
     }
