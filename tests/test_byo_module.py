@@ -19,6 +19,7 @@ from imgembed.artifact import read_manifest, sha256_file
 from imgembed.bench.suite import write_sample_files
 from imgembed.bench.targets import source_tag
 from imgembed.errors import ArtifactError, CheckpointPreprocessError, ExportError, RegistryError, WeightsError
+from imgembed.export import recipes
 from imgembed.export.module_export import resolve_preprocess
 from imgembed.export.pipeline import recheck_artifact
 from imgembed.preprocess import PreprocessSpec, load_image, preprocess
@@ -137,8 +138,8 @@ def test_int8_conv_encoder_passes_its_gate_with_cnn_presets(tmp_path):
     assert m["status"] == "passed" and m["precision"] == "int8" and m["batch_invariant"] is True
     assert all(m["parity"]["metrics"][k] >= v for k, v in limits.items())
     ids = [c["id"] for c in m["selection"]["candidates"]]
-    assert ids[:2] == ["onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq"]   # CNN presets
-    assert "onnxruntime-int8-cle" in ids  # the equalized fallback (built only if the presets fail)
+    assert ids[:2] == [recipes.ORT_INT8_STATIC_QOPERATOR.id, recipes.ORT_INT8_STATIC_QDQ.id]   # CNN presets
+    assert recipes.ORT_INT8_CLE.id in ids  # the equalized fallback (built only if the presets fail)
     assert m["export"]["quantization"]["quantized_ops"]
 
 
@@ -355,8 +356,8 @@ def test_cli_int8_of_a_depthwise_relu6_module_reports_every_recipe(tmp_path):
     assert res.returncode == 2, res.stderr
     manifest = read_manifest(out)
     rows = {r["id"]: r for r in manifest["selection"]["candidates"]}
-    assert "cross-layer equalization does not apply" in rows["onnxruntime-int8-cle"]["why_not"]
+    assert "cross-layer equalization does not apply" in rows[recipes.ORT_INT8_CLE.id]["why_not"]
     full = [r for i, r in rows.items() if i.startswith("onnxruntime-int8-static")]
     assert len(full) == 3 and not any(r["passed"] for r in full)
-    assert rows["onnxruntime-int8-mixed"]["metrics"] is not None  # built: no full-INT8 candidate passed
+    assert rows[recipes.ORT_INT8_MIXED.id]["metrics"] is not None  # built: no full-INT8 candidate passed
     assert manifest["status"] == "failed"

@@ -17,7 +17,7 @@ import pytest
 import imgembed
 from imgembed.artifact import sha256_file
 from imgembed.errors import BackendUnavailableError, ExportError, IntegrityError
-from imgembed.export import engines
+from imgembed.export import engines, recipes
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.parity import BATCH_INVARIANCE_LIMIT
 from imgembed.runtime.backends import DegradedEngineWarning, engines_of, select_engine
@@ -56,10 +56,10 @@ def images():
 def test_int8_race_records_every_candidate_and_keeps_the_fastest_passing_one(int8_all):
     m = manifest_json(int8_all)
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
-    assert {"onnxruntime-int8-static-qdq-matmul", "openvino-int8"} <= set(rows)
-    if rows["onnxruntime-int8-static-qdq-matmul"]["passed"]:    # the outlier recipe is built only when needed
-        assert rows["onnxruntime-int8-smoothquant"]["why_not"] == \
-            "not needed: onnxruntime-int8-static-qdq-matmul passed the gate"
+    assert {recipes.ORT_INT8_STATIC_QDQ_MATMUL.id, recipes.OV_INT8.id} <= set(rows)
+    if rows[recipes.ORT_INT8_STATIC_QDQ_MATMUL.id]["passed"]:    # the outlier recipe is built only when needed
+        assert rows[recipes.ORT_INT8_SMOOTHQUANT.id]["why_not"] == \
+            f"not needed: {recipes.ORT_INT8_STATIC_QDQ_MATMUL.id} passed the gate"
     assert m["selection"]["cpu"]["flags"] and m["selection"]["batch_size"] == 8
     passing = [r for r in rows.values() if r["passed"]]
     assert passing, rows
@@ -165,7 +165,7 @@ def test_openvino_engines_run_with_avx2_kernels_only(int8_all):
 def test_forced_backend_builds_only_that_backend(tmp_path):
     res = _export(tmp_path, precision="fp32", backend="openvino")
     assert [e["backend"] for e in manifest_json(res)["engines"]] == ["openvino"]
-    assert [r["id"] for r in manifest_json(res)["selection"]["candidates"]] == ["openvino-fp32"]
+    assert [r["id"] for r in manifest_json(res)["selection"]["candidates"]] == [recipes.OV_FP32.id]
     assert res.manifest.parity.metrics["min_cosine"] >= 0.99999
     with pytest.raises(BackendUnavailableError, match="unknown backend 'tvm'"):
         _export(tmp_path / "x", precision="fp32", backend="tvm")
@@ -176,7 +176,7 @@ def test_forced_backend_builds_only_that_backend(tmp_path):
 def test_dynamic_int8_is_an_explicit_opt_in_recorded_as_batch_dependent(tmp_path, images):
     res = _export(tmp_path, precision="int8", int8_preset="dynamic")
     m = manifest_json(res)
-    assert m["default_engine"] == "onnxruntime-int8-dynamic" and m["batch_invariant"] is False
+    assert m["default_engine"] == recipes.ORT_INT8_FORCED_ONLY["dynamic"].id and m["batch_invariant"] is False
     assert "batch_variation" not in m["parity"]["thresholds"]          # not claimed, so not gated
     from imgembed.serve.models import ServedModel
 
@@ -198,16 +198,16 @@ def test_default_int8_vectors_do_not_depend_on_batch_mates(int8_all, images):
 def test_bf16_export_runs_openvino_with_a_portable_fp32_fallback(tmp_path, images, monkeypatch):
     res = _export(tmp_path, precision="bf16")
     m = manifest_json(res)
-    assert m["default_engine"] == "openvino-bf16" and m["precision"] == "bf16"
+    assert m["default_engine"] == recipes.OV_BF16.id and m["precision"] == "bf16"
     assert m["parity"]["metrics"]["min_cosine"] >= 0.9999
-    assert {e["id"] for e in m["engines"]} == {"openvino-bf16", "onnxruntime-fp32"}
+    assert {e["id"] for e in m["engines"]} == {recipes.OV_BF16.id, recipes.ORT_FP32.id}
     ref = imgembed.load(MODEL, random_init=True, workers=0).embed(images)
     emb = imgembed.load(res.path, threads=2)
     assert emb.runner.backend == "openvino" and emb.runner.inference_precision == "bf16"
     assert cosine(emb.embed(images), ref).min() >= 0.9999
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)     # the same artifact on an AVX2-only host
     emb = imgembed.load(res.path, threads=2)
-    assert emb.engine.id == "onnxruntime-fp32"
+    assert emb.engine.id == recipes.ORT_FP32.id
     assert cosine(emb.embed(images), ref).min() >= 0.99999
     only_ov = {**m, "engines": [e for e in m["engines"] if e["backend"] == "openvino"]
                + [{"id": "nope", "backend": "tensorrt", "precision": "bf16", "files": {}}]}
@@ -242,7 +242,7 @@ def test_legacy_manifests_list_one_onnxruntime_engine():
 def test_export_cli_prints_the_engine_table_and_parity_rechecks_an_engine(tmp_path):
     proc = run_cli("export", MODEL, "--random-init", "--int8", "--threads", "2", "--out", str(tmp_path / "a"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "onnxruntime-int8-static-qdq-matmul" in proc.stdout and "openvino-int8" in proc.stdout
+    assert recipes.ORT_INT8_STATIC_QDQ_MATMUL.id in proc.stdout and recipes.OV_INT8.id in proc.stdout
     assert "default engine" in proc.stdout
     proc = run_cli("export", MODEL, "--random-init", "--threads", "2", "--engine", "openvino",
                    "--out", str(tmp_path / "b"))
@@ -251,5 +251,5 @@ def test_export_cli_prints_the_engine_table_and_parity_rechecks_an_engine(tmp_pa
     proc = run_cli("parity", str(tmp_path / "b"), "--backend", "openvino", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
-    assert report["engine"] == "openvino-fp32" and report["passed"]
+    assert report["engine"] == recipes.OV_FP32.id and report["passed"]
     assert report["metrics"]["min_cosine"] >= 0.99999

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import torch
 
 import imgembed
+from imgembed.export import recipes
 from imgembed.export.equalize import equalize
 from imgembed.export.onnx_export import export_onnx
 from imgembed.export.pipeline import ExportOptions, export_model
@@ -102,14 +103,14 @@ def test_int8_export_of_an_imbalanced_cnn_passes_through_equalization(tmp_path):
                            ExportOptions(precision="int8", weights=tmp_path / "ckpt", backend="onnxruntime",
                                          speed_check=False))
     rows = {r["id"]: r for r in manifest_json(res)["selection"]["candidates"]}
-    assert not rows["onnxruntime-int8-static-qoperator"]["passed"]
-    assert rows["onnxruntime-int8-static-qoperator"]["metrics"]["min_cosine"] < 0.98
-    assert rows["onnxruntime-int8-cle"]["passed"]
-    seven = rows.get("onnxruntime-int8-cle-7bit")   # raced on a VNNI CPU only; wins untimed ties (portable)
+    assert not rows[recipes.ORT_INT8_STATIC_QOPERATOR.id]["passed"]
+    assert rows[recipes.ORT_INT8_STATIC_QOPERATOR.id]["metrics"]["min_cosine"] < 0.98
+    assert rows[recipes.ORT_INT8_CLE.id]["passed"]
+    seven = rows.get(recipes.ORT_INT8_CLE_7BIT.id)   # raced on a VNNI CPU only; wins untimed ties (portable)
     assert (seven is not None) == (int8_kernels("onnxruntime") == "vnni")
-    assert res.manifest.default_engine == ("onnxruntime-int8-cle-7bit" if seven and seven["passed"]
-                                              else "onnxruntime-int8-cle")
-    assert rows["onnxruntime-int8-cle"]["metrics"]["min_cosine"] >= 0.99
+    assert res.manifest.default_engine == (recipes.ORT_INT8_CLE_7BIT.id if seven and seven["passed"]
+                                              else recipes.ORT_INT8_CLE.id)
+    assert rows[recipes.ORT_INT8_CLE.id]["metrics"]["min_cosine"] >= 0.99
     eq = res.manifest.export.quantization["equalization"]
     assert eq["pairs"] == 8 and eq["worst_ratio_after"] < eq["worst_ratio_before"]
 
@@ -119,5 +120,5 @@ def test_equalization_is_offered_to_cnns_only():
 
     assert not any("cle" in c.id for c in plan("int8", transformer=True))
     cnn = {c.id: c for c in plan("int8", transformer=False)}
-    assert cnn["onnxruntime-int8-cle"].fallback_for == "onnxruntime-int8-static-qoperator"
-    assert cnn["openvino-int8-cle"].fallback_for == "openvino-int8"
+    assert cnn[recipes.ORT_INT8_CLE.id].fallback_for == recipes.ORT_INT8_STATIC_QOPERATOR.id
+    assert cnn[recipes.OV_INT8_CLE.id].fallback_for == recipes.OV_INT8.id

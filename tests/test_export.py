@@ -12,6 +12,7 @@ import pytest
 import imgembed
 from imgembed.artifact import MANIFEST, MODEL_FILE, read_manifest, sha256_file
 from imgembed.errors import ArtifactError, ExportError, ParityError
+from imgembed.export import recipes
 from imgembed.export.onnx_export import op_counts
 from imgembed.export.pipeline import ExportOptions, calibration_batches, export_model
 from imgembed.registry import _load, get_spec
@@ -59,7 +60,8 @@ def test_transformer_int8_is_static_and_quantizes_every_matmul(artifact_dir, nam
     m = manifest_json(int8)
     q = m["export"]["quantization"]
     # untimed: the first passing candidate (the 8-bit preset; its 7-bit twin where 8-bit fails on this CPU)
-    assert m["default_engine"].startswith("onnxruntime-int8-static-qdq-matmul") and m["batch_invariant"] is True
+    assert m["default_engine"] in (recipes.ORT_INT8_STATIC_QDQ_MATMUL.id, recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id)
+    assert m["batch_invariant"] is True
     assert q["preset"]["mode"] == "static" and q["preset"]["op_types"] == ["MatMul", "Gemm"]
     model = onnx.load(str(int8 / MODEL_FILE))
     producers = {out: n.op_type for n in model.graph.node for out in n.output}
@@ -89,10 +91,11 @@ def test_cnn_int8_is_static_with_calibration(artifact_dir):
     assert q["calibration"]["images"] == 32 and "built-in" in q["calibration"]["source"]
     ort = {r["id"]: r for r in m["selection"]["candidates"] if r["backend"] == "onnxruntime"}
     vnni = int8_kernels("onnxruntime") == "vnni"
-    recipes = {"onnxruntime-int8-cle", "onnxruntime-int8-mixed", *(["onnxruntime-int8-cle-7bit"] if vnni else [])}
-    assert set(ort) == {"onnxruntime-int8-static-qoperator", "onnxruntime-int8-static-qdq",
-                        "onnxruntime-int8-static-qoperator-7bit", *recipes}
-    for recipe in recipes:   # equalization and mixed precision only where the presets fail
+    outlier_recipes = {recipes.ORT_INT8_CLE.id, recipes.ORT_INT8_MIXED.id,
+                       *([recipes.ORT_INT8_CLE_7BIT.id] if vnni else [])}
+    assert set(ort) == {recipes.ORT_INT8_STATIC_QOPERATOR.id, recipes.ORT_INT8_STATIC_QDQ.id,
+                        recipes.ORT_INT8_STATIC_QOPERATOR_7BIT.id, *outlier_recipes}
+    for recipe in outlier_recipes:   # equalization and mixed precision only where the presets fail
         assert ort[recipe]["why_not"].startswith("not needed"), ort[recipe]
     ops = op_counts(artifact_dir("test-resnet-tiny", "int8") / MODEL_FILE)
     assert ops.get("QLinearConv", 0) + ops.get("QuantizeLinear", 0) > 0
@@ -223,4 +226,4 @@ def test_fp16_artifact_has_half_weights_float_io_and_fp32_normalisations(artifac
     fp32 = onnx.load(str(artifact_dir(name, "fp32") / MODEL_FILE))
     weight_bytes = [sum(len(t.raw_data) for t in m.graph.initializer if len(t.dims) >= 2) for m in (model, fp32)]
     assert weight_bytes[0] == pytest.approx(weight_bytes[1] / 2, rel=0.01)
-    assert read_manifest(path).default_engine == "onnxruntime-fp16"
+    assert read_manifest(path).default_engine == recipes.ORT_FP16.id

@@ -24,7 +24,7 @@ import pytest
 from onnx import numpy_helper
 
 import imgembed
-from imgembed.export import engines
+from imgembed.export import engines, recipes
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.runtime.backends import DegradedEngineWarning, select_engine
 from imgembed.runtime.host import CPU_FLAGS_ENV, int8_kernels, int8_saturation
@@ -82,22 +82,22 @@ def test_the_cpu_flags_decide_the_int8_kernels(monkeypatch):
 def test_the_race_plans_a_portable_7bit_engine_and_marks_what_needs_vnni(monkeypatch):
     monkeypatch.setenv(CPU_FLAGS_ENV, VNNI)
     vit = {c.id: c for c in engines.plan("int8", transformer=True)}
-    assert vit["onnxruntime-int8-static-qdq-matmul"].needs_vnni
-    assert not vit["onnxruntime-int8-static-qdq-matmul"].portable
-    assert vit["onnxruntime-int8-static-qdq-matmul-7bit"].portable
-    assert not vit["onnxruntime-int8-static-qdq-matmul-7bit"].needs_vnni
-    assert vit["openvino-int8"].needs_vnni and vit["onnxruntime-int8-smoothquant"].needs_vnni
-    assert vit["onnxruntime-int8-smoothquant-7bit"].portable
-    assert vit["onnxruntime-int8-smoothquant-7bit"].fallback_for == "onnxruntime-int8-static-qdq-matmul-7bit"
+    assert vit[recipes.ORT_INT8_STATIC_QDQ_MATMUL.id].needs_vnni
+    assert not vit[recipes.ORT_INT8_STATIC_QDQ_MATMUL.id].portable
+    assert vit[recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id].portable
+    assert not vit[recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id].needs_vnni
+    assert vit[recipes.OV_INT8.id].needs_vnni and vit[recipes.ORT_INT8_SMOOTHQUANT.id].needs_vnni
+    assert vit[recipes.ORT_INT8_SMOOTHQUANT_7BIT.id].portable
+    assert vit[recipes.ORT_INT8_SMOOTHQUANT_7BIT.id].fallback_for == recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id
     cnn = {c.id: c for c in engines.plan("int8", transformer=False)}
-    assert cnn["onnxruntime-int8-static-qoperator-7bit"].portable and cnn["onnxruntime-int8-static-qdq"].needs_vnni
-    assert cnn["onnxruntime-int8-cle-7bit"].fallback_for == "onnxruntime-int8-static-qoperator-7bit"
+    assert cnn[recipes.ORT_INT8_STATIC_QOPERATOR_7BIT.id].portable and cnn[recipes.ORT_INT8_STATIC_QDQ.id].needs_vnni
+    assert cnn[recipes.ORT_INT8_CLE_7BIT.id].fallback_for == recipes.ORT_INT8_STATIC_QOPERATOR_7BIT.id
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)   # gated with the saturating kernels themselves: all portable
     for c in [*engines.plan("int8", transformer=True), *engines.plan("int8", transformer=False)]:
         assert not c.needs_vnni and not c.id.endswith(("smoothquant-7bit", "cle-7bit")), c.id
         assert c.portable or c.backend == "openvino", c.id
     forced = engines.plan("int8", transformer=True, int8_preset="static-qdq-matmul")
-    assert [c.id for c in forced] == ["onnxruntime-int8-static-qdq-matmul"]   # a forced preset has no twin
+    assert [c.id for c in forced] == [recipes.ORT_INT8_STATIC_QDQ_MATMUL.id]   # a forced preset has no twin
 
 
 def _int8_weights(path) -> list[np.ndarray]:
@@ -108,15 +108,15 @@ def _int8_weights(path) -> list[np.ndarray]:
 def test_7bit_weights_stay_in_half_the_int8_range(vnni_export):
     m = manifest_json(vnni_export)
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
-    assert rows["onnxruntime-int8-static-qdq-matmul-7bit"]["passed"], rows
+    assert rows[recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id]["passed"], rows
     by_id = {e["id"]: e for e in m["engines"]}
-    seven = _int8_weights(vnni_export.path / by_id["onnxruntime-int8-static-qdq-matmul-7bit"]["files"]["model"])
+    seven = _int8_weights(vnni_export.path / by_id[recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id]["files"]["model"])
     assert seven and max(int(np.abs(w.astype(np.int16)).max()) for w in seven) <= 64
-    assert by_id["onnxruntime-int8-static-qdq-matmul-7bit"]["quantization"]["preset"]["reduce_range"] is True
-    if "onnxruntime-int8-static-qdq-matmul" in by_id:
-        eight = _int8_weights(vnni_export.path / by_id["onnxruntime-int8-static-qdq-matmul"]["files"]["model"])
+    assert by_id[recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id]["quantization"]["preset"]["reduce_range"] is True
+    if recipes.ORT_INT8_STATIC_QDQ_MATMUL.id in by_id:
+        eight = _int8_weights(vnni_export.path / by_id[recipes.ORT_INT8_STATIC_QDQ_MATMUL.id]["files"]["model"])
         assert max(int(np.abs(w.astype(np.int16)).max()) for w in eight) == 127
-        assert by_id["onnxruntime-int8-static-qdq-matmul"]["needs_vnni"] is True
+        assert by_id[recipes.ORT_INT8_STATIC_QDQ_MATMUL.id]["needs_vnni"] is True
     for e in m["engines"]:
         if e["backend"] == "openvino":
             assert e["needs_vnni"] and e["quantization"]["overflow_fix"] == "first_layer"
@@ -202,7 +202,7 @@ def test_the_7bit_onnxruntime_engine_is_exact_on_an_emulated_avx2_cpu(vnni_expor
 
 def test_a_forced_7bit_preset_is_one_portable_engine(tmp_path):
     m = manifest_json(_export(tmp_path / "a", int8_preset="static-qdq-matmul-7bit", backend="onnxruntime"))
-    assert [e["id"] for e in m["engines"]] == ["onnxruntime-int8-static-qdq-matmul-7bit"]
+    assert [e["id"] for e in m["engines"]] == [recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id]
     engine = m["engines"][0]
     assert engine["needs_vnni"] is False and engine["quantization"]["preset"]["reduce_range"] is True
     weights = _int8_weights(tmp_path / "a" / engine["files"]["model"])

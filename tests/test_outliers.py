@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from imgembed.errors import ParityError
+from imgembed.export import recipes
 from imgembed.export.pipeline import ExportOptions, calibration_set, export_model
 from imgembed.export.smoothquant import activation_absmax, norm_linear_pairs, smooth
 from imgembed.families import load_original
@@ -99,17 +100,17 @@ def test_plain_onnxruntime_int8_fails_on_outliers_and_passes_without(checkpoints
 def test_smoothquant_candidate_passes_on_outliers_and_records_its_recipe(checkpoints, tmp_path):
     m = manifest_json(_export(checkpoints["outlier"], tmp_path / "art", backend="onnxruntime", keep_candidates=True))
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
-    assert not rows["onnxruntime-int8-static-qdq-matmul"]["passed"]
-    assert rows["onnxruntime-int8-smoothquant"]["passed"], rows["onnxruntime-int8-smoothquant"]["why_not"]
+    assert not rows[recipes.ORT_INT8_STATIC_QDQ_MATMUL.id]["passed"]
+    assert rows[recipes.ORT_INT8_SMOOTHQUANT.id]["passed"], rows[recipes.ORT_INT8_SMOOTHQUANT.id]["why_not"]
     # on a VNNI CPU its 7-bit twin (re-quantizing the same smoothed graph) is raced too and wins untimed ties
-    seven = rows.get("onnxruntime-int8-smoothquant-7bit")
+    seven = rows.get(recipes.ORT_INT8_SMOOTHQUANT_7BIT.id)
     assert (seven is not None) == (int8_kernels("onnxruntime") == "vnni")
-    assert m["default_engine"] == ("onnxruntime-int8-smoothquant-7bit" if seven and seven["passed"]
-                                   else "onnxruntime-int8-smoothquant") and m["batch_invariant"]
+    assert m["default_engine"] == (recipes.ORT_INT8_SMOOTHQUANT_7BIT.id if seven and seven["passed"]
+                                   else recipes.ORT_INT8_SMOOTHQUANT.id) and m["batch_invariant"]
     if seven:
         engines = {e["id"]: e for e in m["engines"]}
-        assert engines["onnxruntime-int8-smoothquant-7bit"]["quantization"]["smoothquant"] == \
-            engines["onnxruntime-int8-smoothquant"]["quantization"]["smoothquant"]   # one search, two widths
+        assert engines[recipes.ORT_INT8_SMOOTHQUANT_7BIT.id]["quantization"]["smoothquant"] == \
+            engines[recipes.ORT_INT8_SMOOTHQUANT.id]["quantization"]["smoothquant"]   # one search, two widths
     recipe = m["export"]["quantization"]["smoothquant"]
     assert recipe["alpha"] in (0.5, 0.65, 0.8) and set(recipe["simulated_alphas"]) == {"0.5", "0.65", "0.8"}
     assert recipe["pairs"] == 4 and recipe["activation_max_over_median"]["before"] > 20

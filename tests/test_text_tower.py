@@ -17,6 +17,7 @@ import transformers
 
 import imgembed
 from imgembed.errors import ArtifactError, ExportError, IntegrityError
+from imgembed.export import recipes
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.export.text_tower import reference_tokenizer
 from imgembed.samples import calibration_captions, parity_captions
@@ -142,16 +143,16 @@ def test_int8_text_race_passes_its_gate_batch_invariant(text_artifact):
     m = json.loads((art / "manifest.json").read_text())
     text = m["text"]
     rows = {r["id"]: r for r in text["selection"]["candidates"]}
-    assert {"onnxruntime-int8-static-qdq-matmul", "onnxruntime-int8-static-qdq-matmul-7bit"} <= set(rows)
+    assert {recipes.ORT_INT8_STATIC_QDQ_MATMUL.id, recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id} <= set(rows)
     # every row gated (passed, or failed with the metric that missed), not needed, or not buildable on this CPU
     for row in rows.values():
         assert (row["passed"] or "required" in row["why_not"] or row["why_not"].startswith("not needed")
                 or row["why_not"] in unbuildable_here()), row
-    assert rows["onnxruntime-int8-static-qdq-matmul-7bit"]["portable"]
+    assert rows[recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id]["portable"]
     assert text["default_engine"] in {r["id"] for r in rows.values() if r["passed"]}
     assert any(e["backend"] == "onnxruntime" and not e["needs_vnni"] for e in text["engines"]) or \
-        not rows["onnxruntime-int8-static-qdq-matmul-7bit"]["passed"]   # the portable engine is kept
-    assert "onnxruntime-int8-smoothquant" not in rows  # the image-only SmoothQuant re-export is not a text candidate
+        not rows[recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id]["passed"]   # the portable engine is kept
+    assert recipes.ORT_INT8_SMOOTHQUANT.id not in rows  # the image-only SmoothQuant re-export is not a text candidate
     metrics = text["parity"]["metrics"]
     assert metrics["mean_cosine"] >= 0.995 and metrics["min_cosine"] >= 0.99 and metrics["knn_agreement"] >= 0.9
     assert text["batch_invariant"] and metrics["batch_variation"] <= 1e-4
