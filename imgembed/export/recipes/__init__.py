@@ -1,11 +1,14 @@
 """Engine recipes as data: every way an export can build an engine is a registered :class:`Recipe`, and the
-candidate plan of an export (:func:`plan`) is computed from the registry. A new recipe is one module that
-defines its builder and registers its record; tests and callers refer to recipes by record
-(``recipes.ORT_INT8_SMOOTHQUANT.id``), never by a copied id string.
+candidate plan of an export (:func:`plan`) is computed from the registry. A new recipe is one module here that
+defines its builder and registers its record (every module of the package is imported with it); tests and
+callers refer to recipes by record (``recipes.ORT_INT8_SMOOTHQUANT.id``), never by a copied id string.
 
 Modules, by what they build: :mod:`.onnxruntime` (float graphs, INT8 presets and their 7-bit portable twins),
 :mod:`.smoothquant`, :mod:`.cle`, :mod:`.mixed` (ONNX Runtime outlier recipes), :mod:`.openvino` (IR and NNCF).
 """
+import importlib
+import pkgutil
+
 from ..engines import LAST_RESORT
 from .cle import ORT_INT8_CLE, ORT_INT8_CLE_7BIT
 from .mixed import ORT_INT8_MIXED
@@ -46,6 +49,10 @@ from .registry import (
     without_vnni,
 )
 from .smoothquant import ORT_INT8_SMOOTHQUANT, ORT_INT8_SMOOTHQUANT_7BIT
+
+# every module of this package registers its records when imported: a new recipe module needs no import here
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "KINDS", "LAST_RESORT", "Recipe", "always", "get", "kind_of", "never", "plan", "presets", "recipes", "register",

@@ -75,7 +75,7 @@ ORT_INT8_STATIC_QOPERATOR = preset_recipe("static-qoperator", CNNS, 100)
 ORT_INT8_STATIC_QDQ = preset_recipe("static-qdq", CNNS, 101)
 ORT_INT8_STATIC_QDQ_MATMUL_7BIT = preset_recipe("static-qdq-matmul-7bit", TRANSFORMERS, 110)
 ORT_INT8_STATIC_QOPERATOR_7BIT = preset_recipe("static-qoperator-7bit", CNNS, 110)
-ORT_INT8_FORCED_ONLY = {name: preset_recipe(name) for name in PRESETS
-                        if name not in {r.preset for r in (ORT_INT8_STATIC_QDQ_MATMUL, ORT_INT8_STATIC_QOPERATOR,
-                                                           ORT_INT8_STATIC_QDQ, ORT_INT8_STATIC_QDQ_MATMUL_7BIT,
-                                                           ORT_INT8_STATIC_QOPERATOR_7BIT)}}
+_RACED = {r.preset for r in (ORT_INT8_STATIC_QDQ_MATMUL, ORT_INT8_STATIC_QOPERATOR, ORT_INT8_STATIC_QDQ,
+                              ORT_INT8_STATIC_QDQ_MATMUL_7BIT, ORT_INT8_STATIC_QOPERATOR_7BIT)}
+# every other preset (dynamic, percentile, entropy, TensorRT's): built only when forced by name
+ORT_INT8_FORCED_ONLY = {name: preset_recipe(name) for name in PRESETS if name not in _RACED}
