@@ -35,7 +35,7 @@ CONV = "tests.byo_models:conv_encoder"
 TWIN = "tests.byo_models:siamese_twin"
 SIZE = 64
 ARTIFACT_SUFFIXES = {".onnx", ".json", ".xml", ".bin"}  # ONNX, manifest, OpenVINO IR: no pickle, no code
-FAST = {"engine": "onnxruntime", "speed_check": False}
+FAST = {"backend": "onnxruntime", "speed_check": False}
 
 
 def _export(module, out: Path, **kw):
