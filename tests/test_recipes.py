@@ -15,6 +15,8 @@ from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.export.quantize import PRESETS, saturates
 from imgembed.runtime import backends, host
 
+from .helpers import manifest_json
+
 # ------------------------------------------------------------------------------ the plan, as a table of records
 PRESET_RECIPES = {r.preset: r for r in (R.ORT_INT8_STATIC_QDQ_MATMUL, R.ORT_INT8_STATIC_QDQ_MATMUL_7BIT,
                                         R.ORT_INT8_STATIC_QOPERATOR, R.ORT_INT8_STATIC_QOPERATOR_7BIT,
@@ -157,7 +159,7 @@ def test_a_registered_int8_recipe_is_planned_built_gated_raced_and_unregistered(
         assert ids.index(copy.id) == ids.index(R.ORT_INT8_STATIC_QDQ.id) + 1  # order 105: behind the presets
         assert ids.index(copy.id) == ids.index(R.ORT_INT8_STATIC_QOPERATOR_7BIT.id) - 1
         assert copy.id not in [c.id for c in R.plan("int8", kind="transformer")]
-        m = _export(tmp_path, "onnxruntime").manifest
+        m = manifest_json(_export(tmp_path, "onnxruntime"))
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
     assert list(rows).index(copy.id) == list(rows).index(R.ORT_INT8_STATIC_QDQ.id) + 1
     row = rows[copy.id]
@@ -180,10 +182,10 @@ def test_a_registered_backend_and_its_recipe_are_raced(tmp_path, monkeypatch):
     with R.registered(engine):
         ids = [c.id for c in R.plan("int8", kind="cnn")]
         assert ids.index(engine.id) == ids.index(R.OV_INT8.id) - 1  # order 250: behind ONNX Runtime, before OpenVINO
-        m = _export(tmp_path, "test-backend").manifest
+        m = manifest_json(_export(tmp_path, "test-backend"))
     assert [r["id"] for r in m["selection"]["candidates"]] == [engine.id]
     (row,) = m["selection"]["candidates"]
     assert row["backend"] == "test-backend" and row["passed"] and row["img_per_s"] > 0
-    assert m["default_engine"] == engine.id and m["selection"]["forced_engine"] == "test-backend"
+    assert m["default_engine"] == engine.id and m["selection"]["forced_backend"] == "test-backend"
     assert m["export"]["quantization"]["speed_check"]["fp32_ms"] > 0  # timed against ONNX Runtime's FP32 graph
     assert engine.id not in [r.id for r in R.recipes()]
