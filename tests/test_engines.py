@@ -253,3 +253,10 @@ def test_export_cli_prints_the_engine_table_and_parity_rechecks_an_engine(tmp_pa
     report = json.loads(proc.stdout)
     assert report["engine"] == recipes.OV_FP32.id and report["passed"]
     assert report["metrics"]["min_cosine"] >= 0.99999
+
+
+def test_export_cli_rejects_an_engine_and_a_backend_that_disagree(tmp_path):
+    proc = run_cli("export", MODEL, "--random-init", "--engine", "openvino", "--backend", "onnxruntime",
+                   "--out", str(tmp_path / "a"))
+    assert proc.returncode == 2 and "--engine openvino and --backend onnxruntime disagree" in proc.stderr
+    assert "--engine is deprecated; use --backend" in proc.stderr and not (tmp_path / "a").exists()
