@@ -26,7 +26,7 @@ def _artifact_summary(records: list[dict], model: str, precision: str) -> str:
     paths = {r["artifact"] for r in records if r["model"] == model and r["precision"] == precision and r["artifact"]}
     if not paths:
         return "| – | – | – |"
-    m = read_manifest(Path(paths.pop()))
+    m = read_manifest(Path(paths.pop())).model_dump(mode="json", by_alias=True)
     met = m["parity"]["metrics"]
     size = m["export"]["model_bytes"] / 1e6
     parity = (f"min cos {met['min_cosine']:.6f}, max abs {met['max_abs']:.2g}" if precision == "fp32" else

@@ -53,7 +53,7 @@ def run(name: str, cache: Path, fixture: bool, threads: int) -> dict:
         res = export_model(name, cache / f"{ckpt.name}-int8", ExportOptions(
             precision="int8", weights=ckpt, threads=threads, keep_failed=True),
             step=lambda s: print(f"    {s}", flush=True))
-    m = res.manifest
+    m = res.manifest.model_dump(mode="json", by_alias=True)
     speed = (m["export"]["quantization"] or {}).get("speed_check") or {}
     keys = ("id", "passed", "why_not", "metrics", "img_per_s")
     rows = [{k: r[k] for k in keys} for r in m["selection"]["candidates"]]

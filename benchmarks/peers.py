@@ -293,7 +293,7 @@ def imgembed_artifact(export: ImgembedExport, threads: int) -> list[Contestant]:
     path = export.wait()
     emb = imgembed.load(path, threads=threads)
     emb.runner.activate()
-    manifest = read_manifest(path)
+    manifest = read_manifest(path).model_dump(mode="json", by_alias=True)
     precision = export.precision
     export_record = {k: v for k, v in manifest.get("export", {}).items() if k not in ("op_counts", "fused_ops")}
     info = {"what": export.what, "backend": emb.runner.backend, "runner": emb.runner.describe(),

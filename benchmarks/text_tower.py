@@ -81,7 +81,7 @@ def main() -> None:
     model = full_cls.from_pretrained(str(ckpt)).eval()          # transformers' default attention (sdpa)
     tok = transformers.AutoTokenizer.from_pretrained(str(ckpt))
     emb = imgembed.load(art, threads=args.threads)
-    record = emb.manifest["text"]["tokenizer"]
+    record = emb.manifest.model_dump(mode="json", by_alias=True)["text"]["tokenizer"]
     padding = "max_length" if record["padding"] == "max_length" else True
     texts = captions(args.captions)
 
@@ -135,9 +135,9 @@ def main() -> None:
         "end_to_end_speedup": med["torch-e2e"] / med["engine-e2e"],
         "captions_per_s": {"torch": len(texts) / med["torch-e2e"], "imgembed": len(texts) / med["engine-e2e"]},
         "cosine_vs_torch": {"min": float(cos.min()), "mean": float(cos.mean())},
-        "text_gate": emb.manifest["text"]["parity"]["metrics"],
+        "text_gate": emb.manifest.model_dump(mode="json", by_alias=True)["text"]["parity"]["metrics"],
         "text_race": [{k: r[k] for k in ("id", "passed", "why_not", "img_per_s")}
-                      for r in emb.manifest["text"]["selection"]["candidates"]],
+                      for r in emb.manifest.model_dump(mode="json", by_alias=True)["text"]["selection"]["candidates"]],
     }
     print(f"CPU {cpu['model']}: {' '.join(cpu['flags'])}")
     print(f"{args.model} text tower, {args.precision} ({result['default_text_engine']}), {args.threads} threads")

@@ -11,11 +11,10 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from imgembed.artifact import read_manifest
 from imgembed.bench.cli import parse_batch_sizes, parse_engines
 from imgembed.cli import app
 
-from .helpers import REPO, cli_env, gpu_available, run_cli
+from .helpers import REPO, cli_env, gpu_available, manifest_json, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def test_bench_cli_writes_json_markdown_and_plot_with_the_original_and_ratios(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
     rows = {(r["variant"], r["batch_size"]): r for r in data["results"]}
-    cached = {p.name: read_manifest(p) for p in bench_cache.iterdir() if not p.name.startswith(".")}
+    cached = {p.name: manifest_json(p) for p in bench_cache.iterdir() if not p.name.startswith(".")}
     engines = [e for m in cached.values() for e in m["engines"]]     # every engine that passed its gate
     assert {"onnxruntime-fp32", "openvino-fp32"} <= {e["id"] for e in engines}
     variants = {v for v, _ in rows}

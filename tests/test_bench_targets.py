@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgembed.artifact import MODEL_FILE
+from imgembed.artifact import MODEL_FILE, Engine
 from imgembed.bench import backends
 from imgembed.bench.backends import Backend, OriginalCache, Variant, build_runner, plan_variants
 from imgembed.bench.measure import MeasureSettings
@@ -51,11 +51,11 @@ def test_two_artifacts_at_one_precision_get_distinct_labels():
 
 
 def test_every_engine_of_an_artifact_is_a_variant_and_engines_restrict_the_plan():
-    engines = ({"id": "openvino-int8", "backend": "openvino", "precision": "int8", "files": {}},
-               {"id": "openvino-int8-bf16", "backend": "openvino", "precision": "int8",
-                "inference_precision": "bf16", "files": {}},
-               {"id": "onnxruntime-int8-static-qoperator", "backend": "onnxruntime", "precision": "int8", "files": {}},
-               {"id": "onnxruntime-int8-static-qdq", "backend": "onnxruntime", "precision": "int8", "files": {}})
+    engines = (Engine(id="openvino-int8", backend="openvino", precision="int8", files={}),
+               Engine(id="openvino-int8-bf16", backend="openvino", precision="int8", inference_precision="bf16",
+                      files={}),
+               Engine(id="onnxruntime-int8-static-qoperator", backend="onnxruntime", precision="int8", files={}),
+               Engine(id="onnxruntime-int8-static-qdq", backend="onnxruntime", precision="int8", files={}))
     model = BenchModel(get_spec("test-resnet-tiny"), RANDOM0, [ArtifactRef(Path("/x/a"), "int8", "passed", engines)])
     variants = plan_variants(model, "cpu")
     labels = [v.label for v in variants]
@@ -88,12 +88,12 @@ def test_a_new_backend_is_one_registration(monkeypatch):
     built = []
 
     def open_(target, device, threads, precision):
-        built.append((target.record["id"], device, threads))
+        built.append((target.record.id, device, threads))
         return OrtRunner(target.file(), target.output_dim, threads=threads)
 
     fake = Backend("fake", "artifact", lambda d: ("fp32",), open_, lambda d: None)
     monkeypatch.setitem(backends.BACKENDS, "fake", fake)
-    engines = ({"id": "fake-fp32", "backend": "fake", "precision": "fp32", "files": {"model": "model.onnx"}},)
+    engines = (Engine(id="fake-fp32", backend="fake", precision="fp32", files={"model": "model.onnx"}),)
     model = BenchModel(get_spec("test-resnet-tiny"), RANDOM0, [ArtifactRef(Path("/x/fp32"), "fp32", "passed", engines,
                                                                             (("model.onnx", "0" * 64),)),
                                                                 ArtifactRef(Path("/x/int8"), "int8", "passed")])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import imgembed
-from imgembed.artifact import sha256_file
+from imgembed.artifact import parse_manifest, read_manifest, sha256_file
 from imgembed.errors import BackendUnavailableError, ExportError, IntegrityError
 from imgembed.export import engines, recipes
 from imgembed.export.pipeline import ExportOptions, export_model
@@ -24,7 +24,7 @@ from imgembed.runtime.backends import DegradedEngineWarning, engines_of, select_
 from imgembed.runtime.host import CPU_FLAGS_ENV, missing_bf16_instructions
 from imgembed.samples import parity_images
 
-from .helpers import cosine, manifest_json, run_cli
+from .helpers import cosine, manifest_json, minimal_manifest, run_cli
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -119,11 +119,11 @@ def test_cuda_without_a_gpu_is_one_clear_error(int8_all):
 
 
 def test_an_avx512_tuned_artifact_runs_on_an_avx2_only_host(int8_all, images, monkeypatch):
-    m = manifest_json(int8_all.path)
+    m = read_manifest(int8_all.path)
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)
     engine, notes = select_engine(m, "auto", "cpu")
-    assert engine.get("inference_precision", "fp32") == "fp32"      # no BF16 hint without BF16 instructions
-    assert not engine.get("needs_vnni")                              # no 8-bit engine gated with VNNI kernels
+    assert engine.inference_precision == "fp32"      # no BF16 hint without BF16 instructions
+    assert not engine.needs_vnni                      # no 8-bit engine gated with VNNI kernels
     assert all("lacks native BF16" in n or "lacks VNNI" in n for n in notes)
     emb = imgembed.load(int8_all.path, threads=2)
     ref = imgembed.load(MODEL, random_init=True, workers=0).embed(images)
@@ -209,12 +209,12 @@ def test_bf16_export_runs_openvino_with_a_portable_fp32_fallback(tmp_path, image
     emb = imgembed.load(res.path, threads=2)
     assert emb.engine.id == recipes.ORT_FP32.id
     assert cosine(emb.embed(images), ref).min() >= 0.99999
-    only_ov = {**m, "engines": [e for e in m["engines"] if e["backend"] == "openvino"]
-               + [{"id": "nope", "backend": "tensorrt", "precision": "bf16", "files": {}}]}
+    only_ov = parse_manifest({**m, "engines": [e for e in m["engines"] if e["backend"] == "openvino"]
+                              + [{"id": "nope", "backend": "tensorrt", "precision": "bf16", "files": {}}]})
     with pytest.warns(DegradedEngineWarning, match="openvino-bf16 was exported for native BF16 but this CPU .*lacks "
                                                    "native BF16 instructions.*runs in FP32 here"):
         engine, _ = select_engine(only_ov)
-    assert engine["inference_precision"] == "fp32"
+    assert engine.inference_precision == "fp32"
 
 
 def test_bf16_without_bf16_instructions_names_them(tmp_path, monkeypatch):
@@ -234,9 +234,14 @@ def _env_with(flags: str) -> dict[str, str]:
 
 
 def test_legacy_manifests_list_one_onnxruntime_engine():
-    engines = engines_of({"precision": "int8"})
-    assert engines == [{"id": "onnxruntime", "backend": "onnxruntime", "precision": "int8",
-                        "files": {"model": "model.onnx"}}]
+    """A manifest of the first releases (no ``engines``) holds one ONNX Runtime engine, ``model.onnx``."""
+    legacy = minimal_manifest(format_version=1, precision="int8", batch_invariant=True)
+    del legacy["engines"], legacy["default_engine"]
+    m = parse_manifest(legacy)
+    assert [e.model_dump(exclude_defaults=True) for e in engines_of(m)] == [
+        {"id": "onnxruntime", "backend": "onnxruntime", "precision": "int8", "batch_invariant": True,
+         "files": {"model": "model.onnx"}}]
+    assert m.default_engine == "onnxruntime"
 
 
 def test_export_cli_prints_the_engine_table_and_parity_rechecks_an_engine(tmp_path):

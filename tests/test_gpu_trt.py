@@ -290,7 +290,7 @@ def fake_gpu(monkeypatch):
 
     def parity(manifest, engine_path, options):
         assert engine_path.read_bytes().startswith(b"engine ")
-        return ParityReport(manifest["precision"], state["passed"],
+        return ParityReport(manifest.precision, state["passed"],
                             [] if state["passed"] else ["min_cosine 0.9 < 0.99999"], {}, {}, {}, [])
 
     monkeypatch.setattr(trt_export, "build_engine", build)
@@ -308,7 +308,11 @@ def test_add_engine_writes_a_keyed_engine_and_keeps_the_artifact_verifiable(arti
     assert fake_gpu["built"] == [(MODEL_FILE, "fp32", BatchProfile(1, 8, 64), "NVIDIA H100 80GB HBM3")]
     assert rec["key"] == "nvidia-h100-80gb-hbm3-sm90-trt10.5.0-fp32-b1-8-64" and (art / rec["file"]).is_file()
     manifest = verify(art)                                    # checksums cover the engine
-    assert rec["file"] in manifest["files"] and manifest["tensorrt"]["engines"] == [rec]
+    assert rec["file"] in manifest.files
+    trt = [e for e in manifest.engines if e.backend == "tensorrt"]          # one engine list for every backend
+    assert [(e.id, e.device, e.files, e.target.key) for e in trt] == [
+        (f"tensorrt-{rec['key']}", "cuda", {"plan": rec["file"]}, rec["key"])]
+    assert manifest.default_engine == "onnxruntime-fp32"                      # the CPU default is unchanged
     assert rec["parity"]["passed"] and rec["build"]["typing"] == "strong"
     plan = artifact_engine(art, "fp32", env=H100)[0]  # through the artifact's resolver: verified bytes on read
     assert plan.path == art / rec["file"] and plan.read() == (art / rec["file"]).read_bytes()
@@ -318,8 +322,8 @@ def test_add_engine_writes_a_keyed_engine_and_keeps_the_artifact_verifiable(arti
     fake_gpu["env"] = A100                                    # the same artifact, built again on another GPU
     rec_a = trt_export.add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))
     trt_export.add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))   # same key: replaced
-    engines = verify(art).tensorrt["engines"]
-    assert [e["key"] for e in engines] == [rec["key"], rec_a["key"]]
+    engines = [e for e in verify(art).engines if e.backend == "tensorrt"]
+    assert [e.target.key for e in engines] == [rec["key"], rec_a["key"]]
     assert artifact_engine(art, env=A100)[1]["gpu"]["name"] == "NVIDIA A100-SXM4-40GB"
     assert sorted(p.name for p in art.iterdir()) == sorted([MANIFEST, MODEL_FILE, rec["file"], rec_a["file"]])
     vecs = imgembed.load(art, threads=1).embed([np.zeros((40, 50, 3), np.uint8)])   # the CPU path is unchanged

@@ -24,6 +24,7 @@ import pytest
 from onnx import numpy_helper
 
 import imgembed
+from imgembed.artifact import parse_manifest
 from imgembed.export import engines, recipes
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.runtime.backends import DegradedEngineWarning, select_engine
@@ -127,18 +128,19 @@ def test_a_cpu_without_vnni_runs_a_portable_engine(vnni_export, monkeypatch):
     vnni_only = [e["id"] for e in m["engines"] if e.get("needs_vnni")]
     assert vnni_only and any(not e.get("needs_vnni") for e in m["engines"])
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)
-    engine, notes = select_engine({**m, "default_engine": vnni_only[0]}, "auto", "cpu")
-    assert not engine.get("needs_vnni")
+    engine, notes = select_engine(parse_manifest({**m, "default_engine": vnni_only[0]}), "auto", "cpu")
+    assert not engine.needs_vnni
     assert any(n.startswith(vnni_only[0] + ":") and "lacks VNNI" in n for n in notes), notes
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegradedEngineWarning)   # a portable engine runs without a warning
         with imgembed.load(vnni_export.path, threads=2, workers=0) as emb:
             assert not emb.engine.needs_vnni
-    only_vnni = {**m, "engines": [e for e in m["engines"] if e.get("needs_vnni")]}
+    only_vnni = parse_manifest({**m, "engines": [e for e in m["engines"] if e.get("needs_vnni")],
+                                "default_engine": vnni_only[0]})
     with pytest.warns(DegradedEngineWarning, match="gated with VNNI int8 kernels but this CPU .*lacks VNNI.*"
                                                    "imgembed parity"):
         engine, _ = select_engine(only_vnni)
-    assert engine["needs_vnni"]
+    assert engine.needs_vnni
 
 
 def test_nncf_keeps_every_layer_7bit_when_the_cpu_lacks_vnni(avx2_export):

@@ -34,7 +34,7 @@ from imgembed.serve.uploads import (
     prepare,
 )
 
-from .helpers import run_cli
+from .helpers import minimal_manifest, run_cli
 
 SPEC = get_spec("test-clip-tiny").preprocess
 
@@ -177,9 +177,7 @@ def fake_artifact(path: Path, name: str, precision: str) -> Path:
     import json
 
     path.mkdir(parents=True)
-    (path / "manifest.json").write_text(json.dumps({"name": name, "precision": precision, "files": {},
-                                                    "model": {}, "input": {}, "output": {"dim": 8},
-                                                    "preprocess": {}}))
+    (path / "manifest.json").write_text(json.dumps(minimal_manifest(name=name, precision=precision)))
     return path
 
 

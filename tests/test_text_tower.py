@@ -16,6 +16,7 @@ import torch
 import transformers
 
 import imgembed
+from imgembed.artifact import read_manifest
 from imgembed.errors import ArtifactError, ExportError, IntegrityError
 from imgembed.export import recipes
 from imgembed.export.pipeline import ExportOptions, export_model
@@ -160,7 +161,7 @@ def test_int8_text_race_passes_its_gate_batch_invariant(text_artifact):
     from imgembed.runtime.text import open_text
 
     for backend in {e["backend"] for e in text["engines"]}:  # the text tower's own engines, whichever won
-        enc = open_text(art, m, backend=backend)
+        enc = open_text(art, read_manifest(art), backend=backend)
         try:
             assert enc.engine.backend == backend
             v = enc.embed(["a photo of a cat", "a red bicycle at night"])

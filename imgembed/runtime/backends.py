@@ -310,12 +310,15 @@ def _openvino_unavailable(device: str) -> str | None:
 
 
 def _open_tensorrt(target: Target, device: str, threads: int | None, precision: str) -> Runner:
-    from .trt_runner import TrtRunner
+    from .trt_runner import TrtRunner, artifact_engine
 
     assert isinstance(target, EngineRef)
-    profile = target.record.target.profile if target.record.target else {}
-    return TrtRunner(target.file("plan"), target.output_dim,
-                     name=f"tensorrt[{target.label}-b{profile.get('max', '?')}]")
+    if target.record.backend == "tensorrt" and target.record.target is not None:
+        plan, profile = target.file("plan"), target.record.target.profile
+    else:  # asked for by backend name (bench): the artifact's plan for this GPU, or EngineMismatchError
+        plan, record = artifact_engine(target.directory, precision, files=target.files)
+        profile = record["profile"]
+    return TrtRunner(plan, target.output_dim, name=f"tensorrt[{target.label}-b{profile.get('max', '?')}]")
 
 
 def _tensorrt_unavailable(device: str) -> str | None:
