@@ -1,7 +1,8 @@
 # The two commands of README.md on a fresh machine (Python >= 3.10, make):
 #   make demo   export the main job's artifact (CLIP ViT-B/32, INT8, random weights: offline) and embed the
 #               bundled sample photos with it
-#   make test   lint (ruff) and the test suite (CPU; GPU tests skip)
+#   make test   lint (ruff), the import contract of the architecture (lint-imports) and the test suite
+#               (CPU; GPU tests skip)
 #   make test-cpu-classes  the CPU-dependent tests on every x86 CPU class reachable here: oneDNN capped with
 #               ONEDNN_MAX_CPU_ISA (AVX2, AVX-512 without VNNI, AVX-512 VNNI), ONNX Runtime under
 #               qemu-x86_64 -cpu Haswell (Debian package qemu-user), and this CPU uncapped (tests/cpu_classes.py)
@@ -26,6 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-cpu-classes: $(STAMP)

@@ -99,8 +99,8 @@ def sample_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_pixels():
     """``sample_pixels(spec)`` -> the parity photos preprocessed for ``spec`` (cached per model)."""
+    from imgembed.gate.samples import parity_images
     from imgembed.preprocess import preprocess_batch
-    from imgembed.samples import parity_images
 
     cache = {}
 

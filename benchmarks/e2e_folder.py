@@ -36,11 +36,11 @@ from PIL import Image
 
 import imgembed
 from imgembed.bench.targets import ensure_artifact
-from imgembed.families import load_original, source_record
-from imgembed.fastdecode import crops_of, crops_to_pixels
-from imgembed.registry import get_spec
+from imgembed.gate.samples import parity_images
+from imgembed.models.families import load_original, source_record
+from imgembed.models.registry import get_spec
+from imgembed.preprocess.fast import crops_of, crops_to_pixels
 from imgembed.runtime.host import host_info
-from imgembed.samples import parity_images
 
 MEGAPIXELS = (1.0, 1.5, 2.0, 2.5, 3.0)
 SEED_BATCH = 8

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import imgembed
 from imgembed.export.pipeline import ExportOptions, export_model
-from imgembed.families import family_of, load_original
+from imgembed.models.families import family_of, load_original
 from imgembed.runtime.host import cpu_summary
 from imgembed.testing.outliers import add_conv_channel_imbalance, add_outlier_channels
 

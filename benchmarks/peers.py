@@ -8,17 +8,17 @@ Needs the ``peers`` extra (Optimum) and ``openvino``: ``pip install 'imgembed[pe
 
 Per model, one random-init checkpoint (seeded, the registry's ``arch``) is written with ``save_pretrained`` and
 every tool loads *that* directory, so all contestants run the same weights. The common input is imgembed's
-parity set (``imgembed.samples.parity_images``) preprocessed by ``imgembed.preprocess.preprocess_batch``; the
+parity set (``imgembed.gate.samples.parity_images``) preprocessed by ``imgembed.preprocess.preprocess_batch``; the
 timed batch is its first ``--batch`` images. Timing is model-only (preprocessed float32 NCHW in, embedding out),
 every contestant at the same thread count, in interleaved rounds (round-robin, order reversed every other
 round, one time window per contestant per round); the reported img/s is the median over the rounds. Parity is
-min/mean cosine (``imgembed.parity.compare``) against the PyTorch FP32 original on all parity images.
+min/mean cosine (``imgembed.gate.parity.compare``) against the PyTorch FP32 original on all parity images.
 
 Contestants (each one that fails is reported with its reason; the run goes on; one this CPU cannot run, BF16
 without AVX512_BF16/AMX-BF16, is not planned and the report's ``plan.skipped`` says why):
 
 * ``pytorch-fp32``    the transformers model from the checkpoint (default SDPA attention) wrapped in
-                      ``imgembed.families.EmbeddingHead``, eager, ``torch.inference_mode``.
+                      ``imgembed.models.families.EmbeddingHead``, eager, ``torch.inference_mode``.
 * ``imgembed-fp32/int8/bf16``  ``imgembed export NAME --weights CKPT [--int8|--bf16]`` (CLI, default options),
                       loaded with ``imgembed.load(dir, threads=T)``, timed through ``emb.runner.infer``
                       (BF16 only when ``imgembed export --help`` offers ``--bf16`` and the CPU has BF16).
@@ -164,10 +164,10 @@ def prepare(name: str, work: Path, batch: int) -> Prepared:
     """Write the seeded random-init checkpoint, preprocess the parity images, compute the reference."""
     import torch
 
-    from imgembed.families import load_original
+    from imgembed.gate.samples import parity_images
+    from imgembed.models.families import load_original
+    from imgembed.models.registry import get_spec
     from imgembed.preprocess import preprocess_batch
-    from imgembed.registry import get_spec
-    from imgembed.samples import parity_images
 
     spec = get_spec(name)
     weights = work / "checkpoint"
@@ -205,8 +205,8 @@ def run_padded(infer: Infer, pixels: np.ndarray, batch: int) -> np.ndarray:
 def calibration_items(spec: Any) -> list[np.ndarray]:
     """imgembed's built-in calibration images (the set its own static INT8 uses), preprocessed, in items of
     ``CALIBRATION_ITEM`` images."""
+    from imgembed.gate.samples import calibration_images
     from imgembed.preprocess import preprocess_batch
-    from imgembed.samples import calibration_images
 
     pixels = preprocess_batch(list(calibration_images()), spec.preprocess)
     return [np.ascontiguousarray(pixels[i:i + CALIBRATION_ITEM]) for i in range(0, len(pixels), CALIBRATION_ITEM)]
@@ -325,7 +325,7 @@ def openvino_all(p: Prepared, threads: int, bf16: bool) -> list[Contestant | tup
     import openvino as ov
     import torch
 
-    from imgembed.families import family_of
+    from imgembed.models.families import family_of
 
     ov_model = ov.convert_model(p.head, example_input=torch.from_numpy(p.batch))
     base = {"what": "openvino.convert_model(EmbeddingHead, example_input=batch)"}
@@ -464,7 +464,7 @@ def build_contestants(p: Prepared, threads: int, plan: dict, quick: bool) -> tup
 
 
 def parity(c: Contestant, p: Prepared, batch: int) -> dict:
-    from imgembed.parity import compare
+    from imgembed.gate.parity import compare
 
     m = compare(p.reference, run_padded(c.infer, p.pixels, batch))
     return {"min_cosine": m["min_cosine"], "mean_cosine": m["mean_cosine"], "max_abs": m["max_abs"]}
@@ -628,7 +628,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from imgembed.artifact import write_bytes_atomic, write_json_atomic
-    from imgembed.registry import get_spec
+    from imgembed.models.registry import get_spec
 
     for name in args.models:
         get_spec(name)  # unknown names fail before any work

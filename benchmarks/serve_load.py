@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 import imgembed
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 from imgembed.serve.client import EmbeddingClient
 from imgembed.serve.testing import ServerProcess
 
@@ -150,7 +150,7 @@ def interleaved(emb, url: str, images: list[bytes], batch: int, clients: int, n:
 
 def _pixels(emb, images: list[bytes]) -> np.ndarray:
     """The runner inputs of ``images`` (decoded and preprocessed once, outside any timing)."""
-    from imgembed.fastdecode import load_crop
+    from imgembed.preprocess.fast import load_crop
 
     crops = np.stack([load_crop(data, emb.preprocess) for data in images])
     return emb.model_input(crops)

@@ -17,11 +17,11 @@ import time
 import numpy as np
 from PIL import Image
 
-from imgembed.fastdecode import load_crop
+from imgembed.gate.samples import parity_images
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import load_image, preprocess
-from imgembed.registry import get_spec
+from imgembed.preprocess.fast import load_crop
 from imgembed.runtime.pipeline import pipelined_batches
-from imgembed.samples import parity_images
 
 
 def _jpeg_bytes(img: Image.Image, megapixels: float) -> bytes:

@@ -30,8 +30,8 @@ import numpy as np
 
 import imgembed
 from imgembed.export.pipeline import ExportOptions, export_model
+from imgembed.gate.samples import calibration_captions, parity_captions
 from imgembed.runtime.host import cpu_summary
-from imgembed.samples import calibration_captions, parity_captions
 
 
 def captions(n: int) -> list[str]:

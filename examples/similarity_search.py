@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from imgembed.jobs.parquet import read_embeddings
-from imgembed.pca import PCA
+from imgembed.jobs.pca import PCA
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (
+from imgembed.errors import (
     ArtifactError,
     BackendUnavailableError,
     ExportError,
@@ -28,19 +28,19 @@ from .errors import (
     UnknownModelError,
     WeightsError,
 )
-from .registry import ModelSpec, get_spec, list_models
+from imgembed.models.registry import ModelSpec, get_spec, list_models
 
 
 def load(name_or_path, **kwargs):
     """Load an embedder from an artifact directory or a registry name; see :func:`imgembed.runtime.load`."""
-    from .runtime.embedder import load as _load
+    from imgembed.runtime.embedder import load as _load
 
     return _load(name_or_path, **kwargs)
 
 
 def similarity(a, b):
-    """Cosine similarity matrix of two sets of vectors; see :func:`imgembed.scoring.similarity`."""
-    from .scoring import similarity as _similarity
+    """Cosine similarity matrix of two sets of vectors; see :func:`imgembed.text.scoring.similarity`."""
+    from imgembed.text.scoring import similarity as _similarity
 
     return _similarity(a, b)
 
@@ -48,7 +48,7 @@ def similarity(a, b):
 def export_module(module, out, **kwargs):
     """Export your own ``torch.nn.Module`` (images -> vectors) to an artifact, gated on parity against itself;
     see :func:`imgembed.export.module_export.export_module`."""
-    from .export.module_export import export_module as _export_module
+    from imgembed.export.module_export import export_module as _export_module
 
     return _export_module(module, out, **kwargs)
 

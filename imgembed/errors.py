@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # parity imports this module
-    from .parity import ParityReport
+    from imgembed.gate.parity import ParityReport
 
 
 class ImgembedError(Exception):

@@ -206,7 +206,7 @@ def test_external_data_of_an_artifact_engine_is_read_through_the_resolver(art):
     data.write_bytes(bytes(blob))
     with pytest.raises(IntegrityError, match=r"sha256 mismatch for \['model\.onnx\.data'\]: "):
         imgembed.load(art, workers=0)  # the whole-directory check
-    from imgembed.runtime.ort_runner import OrtRunner
+    from imgembed.runtime.runners.onnxruntime import OrtRunner
 
     source = ArtifactFiles(art, manifest["files"]).file(A.MODEL_FILE, "engine 'x' file 'model'")
     with pytest.raises(IntegrityError, match=r"sha256 mismatch for \['model\.onnx\.data'\] \(engine 'x' file 'model' "

@@ -110,7 +110,7 @@ def _forbid_ort_sessions(monkeypatch) -> None:
 
 @pytest.mark.parametrize("location", ["../evil.bin", "sub/../../evil.bin", "ABSOLUTE", "link.bin"])
 def test_external_data_outside_the_directory_is_refused_before_ort(tmp_path, monkeypatch, location):
-    from imgembed.runtime.ort_runner import OrtRunner
+    from imgembed.runtime.runners.onnxruntime import OrtRunner
 
     art = tmp_path / "art"
     art.mkdir()
@@ -129,7 +129,7 @@ def test_external_data_outside_the_directory_is_refused_before_ort(tmp_path, mon
 
 def test_external_data_inside_the_directory_runs(tmp_path):
     """Positive control: the same model with its data beside it loads and computes x + w."""
-    from imgembed.runtime.ort_runner import OrtRunner
+    from imgembed.runtime.runners.onnxruntime import OrtRunner
 
     (tmp_path / "weights.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
     model = external_data_model(tmp_path, "weights.bin")

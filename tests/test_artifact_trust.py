@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import imgembed
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 
 from .helpers import REPO, cli_env, run_cli
 
@@ -128,4 +128,4 @@ def _module_imports(tree: ast.AST) -> list[str]:
 def test_imgembed_imports_modules_by_name_only_for_user_factories_and_its_commands():
     calls = {f"{p.relative_to(REPO).as_posix()}:{name}"
              for p in (REPO / "imgembed").rglob("*.py") for name in _module_imports(ast.parse(p.read_text()))}
-    assert calls == {"imgembed/user_module.py:import_factory", "imgembed/cli.py:_register_subcommands"}
+    assert calls == {"imgembed/models/user_module.py:import_factory"}

@@ -11,8 +11,8 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from imgembed.bench.cli import parse_batch_sizes, parse_engines
 from imgembed.cli import app
+from imgembed.cli.bench import parse_batch_sizes, parse_engines
 
 from .helpers import REPO, cli_env, gpu_available, manifest_json, run_cli
 

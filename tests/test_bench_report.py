@@ -13,7 +13,7 @@ from imgembed.bench.measure import Measurement
 from imgembed.bench.stats import summarize_latencies
 from imgembed.bench.suite import SCHEMA, BenchConfig, add_speedups, make_record
 from imgembed.bench.targets import ArtifactRef, BenchModel
-from imgembed.registry import get_spec
+from imgembed.models.registry import get_spec
 from imgembed.runtime import host
 
 RECORD_KEYS = {"model", "family", "source", "mode", "variant", "backend", "precision", "original", "artifact",

@@ -16,10 +16,10 @@ from imgembed.bench.measure import MeasureSettings
 from imgembed.bench.suite import BenchConfig, run_benchmark, write_sample_files
 from imgembed.bench.targets import ArtifactRef, BenchModel, _cached, ensure_artifact, resolve_targets, source_tag
 from imgembed.errors import ArtifactError, BackendUnavailableError, UnknownModelError
+from imgembed.gate.samples import parity_images
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import load_image, preprocess_batch
-from imgembed.registry import get_spec
-from imgembed.runtime.ort_runner import OrtRunner, available_providers
-from imgembed.samples import parity_images
+from imgembed.runtime.runners.onnxruntime import OrtRunner, available_providers
 
 RANDOM0 = {"kind": "random-init", "seed": 0}
 

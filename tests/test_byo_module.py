@@ -22,11 +22,11 @@ from imgembed.errors import ArtifactError, CheckpointPreprocessError, ExportErro
 from imgembed.export import recipes
 from imgembed.export.module_export import resolve_preprocess
 from imgembed.export.pipeline import recheck_artifact
+from imgembed.gate.samples import parity_images
+from imgembed.models.registry import parse_registry
+from imgembed.models.user_module import FactoryMismatchWarning
 from imgembed.preprocess import PreprocessSpec, load_image, preprocess
 from imgembed.preprocess.presets import preset
-from imgembed.registry import parse_registry
-from imgembed.samples import parity_images
-from imgembed.user_module import FactoryMismatchWarning
 
 from . import byo_models
 from .helpers import cosine, manifest_json, run_cli

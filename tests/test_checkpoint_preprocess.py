@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 import imgembed
-from imgembed.checkpoint import resolve_preprocess
 from imgembed.errors import ArtifactError, CheckpointPreprocessError, ImageSetError, WeightsError
-from imgembed.families import family_of
+from imgembed.gate.samples import parity_images
+from imgembed.models.checkpoint import resolve_preprocess
+from imgembed.models.families import family_of
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import PreprocessSpec, preprocess_batch
-from imgembed.registry import get_spec
-from imgembed.samples import parity_images
 from tests.helpers import cosine
 
 # family -> (registry test entry, config overrides, HF slow processor class or None, processor kwargs)
@@ -89,7 +89,7 @@ def _hf_reference(family: str, directory: Path, images: list[Image.Image]) -> np
     import torch
     import transformers
 
-    from imgembed.embedding_head import EmbeddingHead
+    from imgembed.models.heads import EmbeddingHead
 
     name, _, proc_cls, kw = CASES[family]
     spec = get_spec(name)
@@ -225,7 +225,7 @@ def test_fast_processor_names_map_to_their_slow_twins(tmp_path, slow, name):
 def test_hub_preprocessor_config_offline_is_a_clear_weights_error(monkeypatch):
     from dataclasses import replace
 
-    from imgembed.registry import Source
+    from imgembed.models.registry import Source
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     spec = replace(get_spec("test-vit-tiny"), source=Source("no-such-org/no-such-model", "main"))
@@ -270,7 +270,7 @@ def test_parity_on_a_directory_of_user_images_skips_unreadable_files(checkpoint,
 
 
 def test_image_dir_with_only_unreadable_files_names_them(tmp_path):
-    from imgembed.imagedir import load_image_dir
+    from imgembed.preprocess.imagedir import load_image_dir
 
     (tmp_path / "a.png").write_bytes(b"nope")
     with pytest.raises(ImageSetError, match=r"1 file\(s\), none readable.*a.png"):

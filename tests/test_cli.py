@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import imgembed
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 
 from .helpers import run_cli
 

@@ -402,7 +402,7 @@ def test_decode_deadline_is_checked_between_chunks(monkeypatch):
     call), long before it could finish; the same bytes decode fine on the real clock."""
     import types
 
-    import imgembed.decode_guard as guard
+    import imgembed.preprocess.guard as guard
 
     data = _enc(_noise(600, 600, 12), "PNG", compress_level=1)  # ~1 MB: ~17 reads of 64 KiB
     clock = {"t": 0.0}
@@ -442,7 +442,7 @@ def test_extreme_aspect_ratio_memory_is_bounded():
     """1 x 1,000,000 px: HF's resize would need 64 x 64,000,000 px (12 GB); ours stays small and exact in
     shape, and the line's content shows in the crop. (Its time bound: benchmarks/speed_bounds.py.)"""
     import imgembed.preprocess as P
-    from imgembed.registry import get_spec
+    from imgembed.models.registry import get_spec
 
     line = np.zeros((1, 1_000_000, 3), np.uint8)
     line[:, 500_000 - 8:500_000 + 8] = 255  # a white segment in the middle, inside the center crop

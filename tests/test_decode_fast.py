@@ -10,10 +10,10 @@ from PIL import Image
 
 import imgembed
 from imgembed.errors import ImageDecodeError
-from imgembed.fastdecode import crops_to_pixels, draft_request, fast_resize_crop, load_crop
+from imgembed.gate.samples import parity_images
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import load_image, preprocess, resize_crop
-from imgembed.registry import get_spec
-from imgembed.samples import parity_images
+from imgembed.preprocess.fast import crops_to_pixels, draft_request, fast_resize_crop, load_crop
 
 from .helpers import cosine
 

@@ -25,8 +25,8 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from imgembed.errors import ImageDecodeError
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import load_image, preprocess
-from imgembed.registry import get_spec
 
 EXAMPLES = int(os.environ.get("IMGEMBED_FUZZ_EXAMPLES", "200"))
 LONG_RUN = "IMGEMBED_FUZZ_EXAMPLES" in os.environ

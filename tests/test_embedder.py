@@ -11,8 +11,8 @@ from PIL import Image
 import imgembed
 from imgembed.artifact import MANIFEST, MODEL_FILE
 from imgembed.errors import ArtifactError, ImageDecodeError, IntegrityError, UnknownModelError, WeightsError
-from imgembed.registry import get_spec
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
+from imgembed.models.registry import get_spec
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_load_errors_are_typed(tmp_path):
 def test_local_save_pretrained_directory_loads_through_the_same_path(name, tmp_path, photos):
     """Random weights saved with save_pretrained load back (as users' local checkpoints do) and give the
     same vectors as the in-memory original."""
-    from imgembed.families import load_original
+    from imgembed.models.families import load_original
 
     head = load_original(get_spec(name), random_init=True, seed=7)
     head.model.save_pretrained(tmp_path / "ckpt")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import imgembed
+from imgembed.gate.samples import parity_images
 from imgembed.preprocess import resize_crop
-from imgembed.samples import parity_images
 
 from .helpers import cosine, manifest_json
 

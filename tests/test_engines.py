@@ -19,10 +19,10 @@ from imgembed.artifact import parse_manifest, read_manifest, sha256_file
 from imgembed.errors import BackendUnavailableError, ExportError, IntegrityError
 from imgembed.export import engines, recipes
 from imgembed.export.pipeline import ExportOptions, export_model
-from imgembed.parity import BATCH_INVARIANCE_LIMIT
+from imgembed.gate.parity import BATCH_INVARIANCE_LIMIT
+from imgembed.gate.samples import parity_images
 from imgembed.runtime.backends import DegradedEngineWarning, engines_of, select_engine
 from imgembed.runtime.host import CPU_FLAGS_ENV, missing_bf16_instructions
-from imgembed.samples import parity_images
 
 from .helpers import cosine, manifest_json, minimal_manifest, run_cli
 
@@ -132,7 +132,7 @@ def test_an_avx512_tuned_artifact_runs_on_an_avx2_only_host(int8_all, images, mo
 
 AVX2_SCRIPT = """
 import sys, numpy as np, imgembed
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 imgs = [i for _, i in parity_images()[:6]]
 ref = imgembed.load("{model}", random_init=True, workers=0).embed(imgs)
 for backend in ("auto", "openvino"):

@@ -13,7 +13,7 @@ from imgembed.export import recipes
 from imgembed.export.equalize import equalize
 from imgembed.export.onnx_export import export_onnx
 from imgembed.export.pipeline import ExportOptions, export_model
-from imgembed.families import load_original
+from imgembed.models.families import load_original
 from imgembed.runtime.host import int8_kernels
 from imgembed.testing.outliers import add_conv_channel_imbalance
 
@@ -116,7 +116,7 @@ def test_int8_export_of_an_imbalanced_cnn_passes_through_equalization(tmp_path):
 
 
 def test_equalization_is_offered_to_cnns_only():
-    from imgembed.export.engines import plan
+    from imgembed.export.recipes import plan
 
     assert not any("cle" in c.id for c in plan("int8", transformer=True))
     cnn = {c.id: c for c in plan("int8", transformer=False)}

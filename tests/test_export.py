@@ -15,9 +15,9 @@ from imgembed.errors import ArtifactError, ExportError, ParityError
 from imgembed.export import recipes
 from imgembed.export.onnx_export import op_counts
 from imgembed.export.pipeline import ExportOptions, calibration_batches, export_model
-from imgembed.registry import _load, get_spec
+from imgembed.gate.samples import parity_images
+from imgembed.models.registry import _load, get_spec
 from imgembed.runtime.host import int8_kernels
-from imgembed.samples import parity_images
 
 from .conftest import TINY
 from .helpers import manifest_json

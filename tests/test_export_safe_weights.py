@@ -65,8 +65,8 @@ class _Payload:
 @pytest.fixture(scope="module")
 def tiny_model():
     """(spec, seeded random-init transformers model) of the tiny ViT."""
-    from imgembed.families import _build
-    from imgembed.registry import get_spec
+    from imgembed.models.families import _build
+    from imgembed.models.registry import get_spec
 
     spec = get_spec(MODEL)
     return spec, _build(spec, None, True, 3, "eager")
@@ -81,7 +81,7 @@ def _same_weights(a, b) -> bool:
 
 
 def test_safetensors_weights_load(tiny_model, tmp_path):
-    from imgembed.families import load_original
+    from imgembed.models.families import load_original
 
     spec, model = tiny_model
     model.save_pretrained(tmp_path)
@@ -93,7 +93,7 @@ def test_safetensors_weights_load(tiny_model, tmp_path):
 def test_pickle_checkpoint_loads_only_through_weights_only(tiny_model, tmp_path):
     """A plain state-dict .bin loads (torch.load weights_only=True); one carrying code is refused with a
     typed error and the code never runs."""
-    from imgembed.families import load_original
+    from imgembed.models.families import load_original
 
     spec, model = tiny_model
     model.save_pretrained(tmp_path / "plain", safe_serialization=False)
@@ -108,7 +108,7 @@ def test_pickle_checkpoint_loads_only_through_weights_only(tiny_model, tmp_path)
 
 
 def test_safetensors_wins_over_a_malicious_bin_beside_it(tiny_model, tmp_path):
-    from imgembed.families import load_original
+    from imgembed.models.families import load_original
 
     spec, model = tiny_model
     model.save_pretrained(tmp_path)

@@ -18,8 +18,8 @@ import transformers
 from imgembed.artifact import MODEL_FILE
 from imgembed.errors import RegistryError, WeightsError
 from imgembed.export.onnx_export import op_counts
-from imgembed.families import FAMILIES, family_of, load_original, original_from_source, source_record
-from imgembed.registry import get_spec, parse_registry, registry
+from imgembed.models.families import FAMILIES, family_of, load_original, original_from_source, source_record
+from imgembed.models.registry import get_spec, parse_registry, registry
 
 from .helpers import manifest_json
 
@@ -70,7 +70,7 @@ def test_unknown_family_is_rejected_listing_the_records():
 
 
 def test_registry_and_core_import_without_torch():
-    code = ("import sys, imgembed, imgembed.registry, imgembed.families, imgembed.preprocess; "
+    code = ("import sys, imgembed, imgembed.models.registry, imgembed.models.families, imgembed.preprocess; "
             "print(sorted(m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import imgembed
 from imgembed.cli import app
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 from imgembed.serve.app import create_app
 from imgembed.serve.client import encode_multipart
 from imgembed.serve.config import ServeConfig

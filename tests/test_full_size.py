@@ -14,7 +14,7 @@ import pytest
 from imgembed.artifact import MODEL_FILE
 from imgembed.export.onnx_export import op_counts
 from imgembed.export.pipeline import ExportOptions, export_model
-from imgembed.registry import get_spec
+from imgembed.models.registry import get_spec
 
 from .helpers import manifest_json
 

@@ -16,10 +16,15 @@ from imgembed.artifact import MODEL_FILE
 from imgembed.bench.backends import BACKENDS, OriginalCache, Variant, build_runner, plan_variants
 from imgembed.bench.targets import ArtifactRef, BenchModel
 from imgembed.errors import BackendUnavailableError, EngineMismatchError
-from imgembed.registry import get_spec
+from imgembed.models.registry import get_spec
 from imgembed.runtime import gpu
-from imgembed.runtime.ort_runner import OrtRunner, _with_cuda_options, available_providers, cuda_provider_options
-from imgembed.runtime.trt_runner import tensorrt_unavailable
+from imgembed.runtime.runners.onnxruntime import (
+    OrtRunner,
+    _with_cuda_options,
+    available_providers,
+    cuda_provider_options,
+)
+from imgembed.runtime.runners.tensorrt import tensorrt_unavailable
 
 from .conftest import gpu_available
 
@@ -141,9 +146,9 @@ def test_cpu_plan_has_no_gpu_only_variants():
 
 
 def test_tensorrt_bench_runner_requires_an_engine_for_this_gpu(artifact_dir, monkeypatch):
-    from imgembed.runtime import trt_runner
     from imgembed.runtime.gpu import GpuIdentity
-    from imgembed.runtime.trt_engines import EngineEnv
+    from imgembed.runtime.runners import tensorrt as trt_runner
+    from imgembed.runtime.runners.tensorrt_plans import EngineEnv
 
     monkeypatch.setattr(trt_runner, "current_env", lambda: EngineEnv(GpuIdentity("NVIDIA L4", "8.9"), "10.5.0"))
     art = artifact_dir("test-resnet-tiny", "fp32")

@@ -29,9 +29,10 @@ from imgembed.export.tensorrt import (
     prepare_trt_export,
     trt_export_overrides,
 )
-from imgembed.parity import ParityReport
+from imgembed.gate.parity import ParityReport
 from imgembed.runtime.gpu import GpuIdentity
-from imgembed.runtime.trt_engines import (
+from imgembed.runtime.runners.tensorrt import TrtRunner, artifact_engine, tensorrt_unavailable
+from imgembed.runtime.runners.tensorrt_plans import (
     DEFAULT_PROFILE,
     BatchProfile,
     EngineEnv,
@@ -42,7 +43,6 @@ from imgembed.runtime.trt_engines import (
     plan_chunks,
     select_engine,
 )
-from imgembed.runtime.trt_runner import TrtRunner, artifact_engine, tensorrt_unavailable
 
 H100 = EngineEnv(GpuIdentity("NVIDIA H100 80GB HBM3", "9.0"), "10.5.0")
 A100 = EngineEnv(GpuIdentity("NVIDIA A100-SXM4-40GB", "8.0"), "10.5.0")
@@ -352,8 +352,8 @@ def test_real_engine_export_parity_and_reload(tmp_path):
     if reason:
         pytest.skip(f"TensorRT unavailable: {reason}")
     from imgembed.export.pipeline import ExportOptions, export_model
-    from imgembed.registry import get_spec
-    from imgembed.runtime.trt_runner import load_trt_runner
+    from imgembed.models.registry import get_spec
+    from imgembed.runtime.runners.tensorrt import load_trt_runner
 
     for precision in ("fp32", "fp16", "int8"):
         out = tmp_path / precision

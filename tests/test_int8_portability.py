@@ -25,7 +25,7 @@ from onnx import numpy_helper
 
 import imgembed
 from imgembed.artifact import parse_manifest
-from imgembed.export import engines, recipes
+from imgembed.export import recipes
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.runtime.backends import DegradedEngineWarning, select_engine
 from imgembed.runtime.host import CPU_FLAGS_ENV, int8_kernels, int8_saturation
@@ -82,7 +82,7 @@ def test_the_cpu_flags_decide_the_int8_kernels(monkeypatch):
 
 def test_the_race_plans_a_portable_7bit_engine_and_marks_what_needs_vnni(monkeypatch):
     monkeypatch.setenv(CPU_FLAGS_ENV, VNNI)
-    vit = {c.id: c for c in engines.plan("int8", transformer=True)}
+    vit = {c.id: c for c in recipes.plan("int8", transformer=True)}
     assert vit[recipes.ORT_INT8_STATIC_QDQ_MATMUL.id].needs_vnni
     assert not vit[recipes.ORT_INT8_STATIC_QDQ_MATMUL.id].portable
     assert vit[recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id].portable
@@ -90,14 +90,14 @@ def test_the_race_plans_a_portable_7bit_engine_and_marks_what_needs_vnni(monkeyp
     assert vit[recipes.OV_INT8.id].needs_vnni and vit[recipes.ORT_INT8_SMOOTHQUANT.id].needs_vnni
     assert vit[recipes.ORT_INT8_SMOOTHQUANT_7BIT.id].portable
     assert vit[recipes.ORT_INT8_SMOOTHQUANT_7BIT.id].fallback_for == recipes.ORT_INT8_STATIC_QDQ_MATMUL_7BIT.id
-    cnn = {c.id: c for c in engines.plan("int8", transformer=False)}
+    cnn = {c.id: c for c in recipes.plan("int8", transformer=False)}
     assert cnn[recipes.ORT_INT8_STATIC_QOPERATOR_7BIT.id].portable and cnn[recipes.ORT_INT8_STATIC_QDQ.id].needs_vnni
     assert cnn[recipes.ORT_INT8_CLE_7BIT.id].fallback_for == recipes.ORT_INT8_STATIC_QOPERATOR_7BIT.id
     monkeypatch.setenv(CPU_FLAGS_ENV, AVX2_ONLY)   # gated with the saturating kernels themselves: all portable
-    for c in [*engines.plan("int8", transformer=True), *engines.plan("int8", transformer=False)]:
+    for c in [*recipes.plan("int8", transformer=True), *recipes.plan("int8", transformer=False)]:
         assert not c.needs_vnni and not c.id.endswith(("smoothquant-7bit", "cle-7bit")), c.id
         assert c.portable or c.backend == "openvino", c.id
-    forced = engines.plan("int8", transformer=True, int8_preset="static-qdq-matmul")
+    forced = recipes.plan("int8", transformer=True, int8_preset="static-qdq-matmul")
     assert [c.id for c in forced] == [recipes.ORT_INT8_STATIC_QDQ_MATMUL.id]   # a forced preset has no twin
 
 
@@ -153,7 +153,7 @@ def test_nncf_keeps_every_layer_7bit_when_the_cpu_lacks_vnni(avx2_export):
 
 OV_SCRIPT = """
 import sys, numpy as np, imgembed
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 emb = imgembed.load(sys.argv[1], backend="openvino", threads=2, workers=0)
 np.save(sys.argv[2], emb.embed([i for _, i in parity_images()[:6]]))
 """
@@ -185,8 +185,8 @@ np.save(sys.argv[3], s.run(None, {s.get_inputs()[0].name: x})[0])
 def test_the_7bit_onnxruntime_engine_is_exact_on_an_emulated_avx2_cpu(vnni_export, tmp_path):
     """ONNX Runtime's kernels on an emulated Haswell (AVX2, no VNNI) against this CPU's: the 7-bit engine gives
     the same vectors."""
+    from imgembed.gate.samples import parity_images
     from imgembed.preprocess import resize_crop
-    from imgembed.samples import parity_images
 
     engine = next(e for e in manifest_json(vnni_export)["engines"] if e["id"].endswith("-7bit"))
     model = vnni_export.path / engine["files"]["model"]

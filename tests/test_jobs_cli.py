@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import imgembed
+from imgembed.gate.samples import parity_images
 from imgembed.jobs.parquet import read_embeddings, read_table
-from imgembed.samples import parity_images
 
 from .helpers import run_cli
 

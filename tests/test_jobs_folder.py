@@ -14,10 +14,10 @@ import pytest
 
 import imgembed
 from imgembed.artifact import sha256_file
+from imgembed.gate.samples import parity_images
 from imgembed.jobs import JobError
 from imgembed.jobs.folder import FolderJob, job_metadata, list_images, local_batches, walk_inputs
 from imgembed.jobs.parquet import read_embeddings, read_table
-from imgembed.samples import parity_images
 
 from .helpers import cli_env, cosine, start_cli
 

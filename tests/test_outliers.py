@@ -19,8 +19,8 @@ from imgembed.errors import ParityError
 from imgembed.export import recipes
 from imgembed.export.pipeline import ExportOptions, calibration_set, export_model
 from imgembed.export.smoothquant import activation_absmax, norm_linear_pairs, smooth
-from imgembed.families import load_original
-from imgembed.registry import get_spec
+from imgembed.models.families import load_original
+from imgembed.models.registry import get_spec
 from imgembed.runtime.host import int8_kernels
 from imgembed.testing.outliers import add_outlier_channels
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from imgembed.errors import ParityError
-from imgembed.parity import check, compare, format_report, knn_agreement, parity_report
+from imgembed.gate.parity import check, compare, format_report, knn_agreement, parity_report
 from imgembed.runtime.base import InputSpec, Runner
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgembed.pca import PCA, PCAError
+from imgembed.jobs.pca import PCA, PCAError
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import imgembed
+from imgembed.gate.samples import parity_images
 from imgembed.jobs.folder import FolderJob, job_metadata, list_images, local_batches
 from imgembed.jobs.parquet import read_embeddings
-from imgembed.samples import parity_images
 
 from .helpers import run_cli
 
@@ -34,7 +34,7 @@ def photos(tmp_path_factory):
 
 
 def test_ray_vectors_equal_the_local_runtime(local_ray, photos, artifact_dir):
-    from imgembed.distributed import embed_with_ray
+    from imgembed.jobs.ray import embed_with_ray
 
     art = artifact_dir("test-clip-tiny")  # FP32: vectors do not depend on batch composition
     table = embed_with_ray(art, str(photos), batch_size=3, concurrency=2)
@@ -46,7 +46,7 @@ def test_ray_vectors_equal_the_local_runtime(local_ray, photos, artifact_dir):
 
 
 def test_ray_engine_runs_a_resumable_folder_job(local_ray, photos, artifact_dir, tmp_path):
-    from imgembed.distributed import ray_batches
+    from imgembed.jobs.ray import ray_batches
 
     art = artifact_dir("test-clip-tiny")
     emb = imgembed.load(art, decode="fast")

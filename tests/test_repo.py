@@ -47,7 +47,7 @@ def test_make_targets_set_up_the_environment_then_run_the_main_job_and_the_tests
         assert recipe.index("touch .venv/.installed") < len(recipe) - 1  # installed before anything runs
     main_job = ".venv/bin/imgembed export clip-vit-b32 --random-init --int8 --out artifacts/clip-vit-b32-int8"
     assert main_job in demo and any(line.startswith(".venv/bin/imgembed embed ") for line in demo)
-    assert test[-2:] == [".venv/bin/ruff check .", ".venv/bin/python -m pytest"]
+    assert test[-3:] == [".venv/bin/ruff check .", ".venv/bin/lint-imports", ".venv/bin/python -m pytest"]
     stamp_rule = re.search(r"^\$\(STAMP\): (.*)$", (ROOT / "Makefile").read_text(), re.M)
     assert stamp_rule and "pyproject.toml" in stamp_rule.group(1).split()  # reinstall when it changes
 
@@ -264,3 +264,20 @@ def test_repository_paths_named_in_readme_security_and_docs_exist():
     assert len(named) >= 10  # the parser found the paths
     missing = [f"{page.relative_to(ROOT)}: {path}" for page, path in sorted(named) if not (ROOT / path).exists()]
     assert missing == []
+
+
+def test_the_architecture_is_an_import_contract_that_holds():
+    """pyproject's import-linter contracts: the layers of the tree (each imports only those below it) and no
+    import cycles inside a package; `make test` (and so CI) runs lint-imports, and the tree keeps them."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    kinds = {c["type"] for c in config["contracts"]}
+    assert kinds == {"layers", "acyclic_siblings"}
+    layers = next(c for c in config["contracts"] if c["type"] == "layers")["layers"]
+    top = {m for layer in layers for m in layer.replace(":", "|").split("|")}
+    packages = {f"imgembed.{p.name}" for p in (ROOT / "imgembed").iterdir() if (p / "__init__.py").is_file()}
+    assert packages <= {m.strip() for m in top}, "every package of imgembed/ is placed in a layer"
+    assert sorted(p.name for p in (ROOT / "imgembed").glob("*.py")) == ["__init__.py", "errors.py"]
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "Contracts: 2 kept, 0 broken." in proc.stdout

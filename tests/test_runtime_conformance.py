@@ -13,13 +13,13 @@ import pytest
 
 from imgembed.artifact import MODEL_FILE
 from imgembed.errors import BackendUnavailableError, ImgembedError
-from imgembed.families import load_original
+from imgembed.gate.samples import parity_images
+from imgembed.models.families import load_original
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import preprocess_batch
-from imgembed.registry import get_spec
 from imgembed.runtime.backends import BACKENDS
-from imgembed.runtime.ort_runner import OrtRunner, available_providers, resolve_providers
-from imgembed.runtime.torch_runner import TorchRunner
-from imgembed.samples import parity_images
+from imgembed.runtime.runners.onnxruntime import OrtRunner, available_providers, resolve_providers
+from imgembed.runtime.runners.pytorch import TorchRunner
 
 from .helpers import gpu_available
 
@@ -78,14 +78,14 @@ def _make_openvino(precision: str, artifact_dir):
 
 def _make_trt(precision: str, artifact_dir):
     """A TensorRT engine built (not parity-gated: the suite checks it) from an unfused artifact."""
-    from imgembed.runtime.trt_runner import TrtRunner, current_env, tensorrt_unavailable
+    from imgembed.runtime.runners.tensorrt import TrtRunner, current_env, tensorrt_unavailable
 
     reason = tensorrt_unavailable("cuda")
     if reason:
         pytest.skip(f"TensorRT unavailable: {reason}")
     from imgembed.export.pipeline import ExportOptions, export_model
     from imgembed.export.tensorrt import build_engine, trt_export_overrides
-    from imgembed.runtime.trt_engines import BatchProfile
+    from imgembed.runtime.runners.tensorrt_plans import BatchProfile
 
     root = artifact_dir(MODEL, "fp32").parent / f"trt-{precision}"
     if not (root / "engine.plan").is_file():

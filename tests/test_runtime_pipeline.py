@@ -11,8 +11,8 @@ import pytest
 
 import imgembed
 from imgembed.errors import ImageDecodeError
+from imgembed.gate.samples import parity_images
 from imgembed.runtime.pipeline import ordered_map, pipelined_batches
-from imgembed.samples import parity_images
 
 
 def slow_square(x: int) -> int:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import load_image, preprocess_batch
-from imgembed.registry import get_spec
 from imgembed.runtime.base import InputSpec, Runner
 from imgembed.runtime.embedder import Embedder
 from imgembed.serve.app import create_app

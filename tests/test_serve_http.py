@@ -20,8 +20,8 @@ from PIL import Image
 import imgembed
 from imgembed.errors import ImageDecodeError
 from imgembed.export.pipeline import ExportOptions, export_model
+from imgembed.gate.samples import parity_images
 from imgembed.preprocess import load_image
-from imgembed.samples import parity_images
 from imgembed.serve.client import EmbeddingClient, encode_multipart
 from imgembed.serve.testing import ServerProcess
 

@@ -17,7 +17,7 @@ import pytest
 
 import imgembed
 from imgembed.export.pipeline import ExportOptions, export_model
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 from imgembed.serve.client import EmbeddingClient
 from imgembed.serve.testing import ServerProcess
 

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from PIL import Image
 
 import imgembed
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 from imgembed.serve.client import EmbeddingClient
 from imgembed.serve.testing import ServerProcess
 

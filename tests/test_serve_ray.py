@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import imgembed
-from imgembed.samples import parity_images
+from imgembed.gate.samples import parity_images
 from imgembed.serve.client import EmbeddingClient
 from imgembed.serve.config import ServeConfig
 

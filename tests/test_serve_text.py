@@ -15,10 +15,10 @@ import pytest
 
 import imgembed
 from imgembed.bench.suite import write_sample_files
-from imgembed.scoring import rank
 from imgembed.serve.client import EmbeddingClient, ServerResponseError
 from imgembed.serve.config import ServeConfig, ServeConfigError
 from imgembed.serve.testing import ServerProcess
+from imgembed.text.scoring import rank
 
 from .helpers import post_json
 

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from imgembed.errors import BackendUnavailableError, ImageDecodeError, UnknownModelError
-from imgembed.fastdecode import crops_to_pixels
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import load_image, preprocess_batch
-from imgembed.registry import get_spec
+from imgembed.preprocess.fast import crops_to_pixels
 from imgembed.serve.auth import key_matches, read_keys
 from imgembed.serve.client import EmbeddingClient, encode_multipart
 from imgembed.serve.config import ServeConfig, ServeConfigError
@@ -229,7 +229,7 @@ def test_prepare_decodes_much_larger_images_at_reduced_scale_close_to_exact():
     data = jpeg(2400, 1800)  # short edge 1800 >= 4 x the 32-pixel resize target
     exact = prepare([Upload("image 0", data)], SPEC, limits(10_000_000))
     reduced = prepare([Upload("image 0", data)], SPEC, limits(10_000_000, draft_ratio=4))
-    from imgembed.fastdecode import load_crop
+    from imgembed.preprocess.fast import load_crop
 
     crop = load_crop(data, SPEC, "fast")
     np.testing.assert_array_equal(reduced.pixels, crops_to_pixels(crop[None], SPEC))

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import imgembed
+from imgembed.artifact.signing import sign_artifact, signature_path, verify_signature
 from imgembed.errors import ArtifactError, SignatureError
-from imgembed.samples import parity_images
-from imgembed.signing import sign_artifact, signature_path, verify_signature
+from imgembed.gate.samples import parity_images
 
 from .helpers import run_cli
 

@@ -21,8 +21,8 @@ from imgembed.errors import ArtifactError, ExportError, IntegrityError
 from imgembed.export import recipes
 from imgembed.export.pipeline import ExportOptions, export_model
 from imgembed.export.text_tower import reference_tokenizer
-from imgembed.samples import calibration_captions, parity_captions
-from imgembed.tokenizer import TextTokenizer
+from imgembed.gate.samples import calibration_captions, parity_captions
+from imgembed.text.tokenizer import TextTokenizer
 from tests.helpers import run_cli, unbuildable_here
 
 from .helpers import manifest_json

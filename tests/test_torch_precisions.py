@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from imgembed.errors import BackendUnavailableError
-from imgembed.families import load_original
+from imgembed.gate.samples import parity_images
+from imgembed.models.families import load_original
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import preprocess_batch
-from imgembed.registry import get_spec
-from imgembed.runtime.torch_runner import TorchRunner
-from imgembed.samples import parity_images
+from imgembed.runtime.runners.pytorch import TorchRunner
 
 from .conftest import TINY
 from .helpers import cosine, gpu_available

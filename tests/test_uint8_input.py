@@ -10,11 +10,11 @@ import pytest
 import imgembed
 from imgembed.errors import ExportError
 from imgembed.export.pipeline import ExportOptions, export_model, recheck_artifact
-from imgembed.fastdecode import crops_of, crops_to_pixels
+from imgembed.gate.samples import parity_images
+from imgembed.models.registry import get_spec
 from imgembed.preprocess import preprocess_batch
-from imgembed.registry import get_spec
-from imgembed.runtime.ort_runner import OrtRunner
-from imgembed.samples import parity_images
+from imgembed.preprocess.fast import crops_of, crops_to_pixels
+from imgembed.runtime.runners.onnxruntime import OrtRunner
 
 from .conftest import TINY
 from .helpers import manifest_json

@@ -6,9 +6,9 @@
 * :mod:`.files` — the one resolver for every path a manifest names, and verified bytes for engines;
 * :mod:`.store` — atomic writes, the export lock, ONNX external-data checks.
 """
-from .files import ArtifactFile, ArtifactFiles, engine_files
-from .read import parse_manifest, read_manifest, verify, write_manifest
-from .schema import (
+from imgembed.artifact.files import ArtifactFile, ArtifactFiles, engine_files
+from imgembed.artifact.read import parse_manifest, read_manifest, verify, write_manifest
+from imgembed.artifact.schema import (
     FORMAT_VERSION,
     MANIFEST,
     Candidate,
@@ -27,7 +27,7 @@ from .schema import (
     Tokenizer,
     json_schema,
 )
-from .store import (
+from imgembed.artifact.store import (
     MODEL_FILE,
     atomic_path,
     check_external_data,

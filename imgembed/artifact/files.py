@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..errors import IntegrityError
-from .schema import MANIFEST
+from imgembed.artifact.schema import MANIFEST
+from imgembed.errors import IntegrityError
 
 if TYPE_CHECKING:
-    from .schema import Engine, Manifest
+    from imgembed.artifact.schema import Engine, Manifest
 MAX_FILE_BYTES = 64 << 30   # 64 GiB: larger than any engine imgembed writes, small enough to refuse a runaway file
 MAX_PATH_CHARS = 1024
 _CHUNK = 1 << 30

@@ -17,7 +17,7 @@ import copy
 from pathlib import PurePosixPath
 from typing import Any
 
-from .schema import FORMAT_VERSION, Engine, Manifest, Selection, TextTower
+from imgembed.artifact.schema import FORMAT_VERSION, Engine, Manifest, Selection, TextTower
 
 
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import Any, Collection
 
 from pydantic import ValidationError
 
-from ..errors import ArtifactError, IntegrityError
-from .schema import FORMAT_VERSION, MANIFEST, Manifest
+from imgembed.artifact.schema import FORMAT_VERSION, MANIFEST, Manifest
+from imgembed.errors import ArtifactError, IntegrityError
 
 REQUIRED_KEYS = ("files", "name", "precision", "input", "output", "preprocess")
 MAX_MANIFEST_BYTES = 64 << 20   # a manifest is kilobytes; refuse a runaway file before parsing it
@@ -42,7 +42,7 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     """A parsed ``manifest.json`` of any known format as a validated format-2 :class:`Manifest`."""
-    from .migrate import migrate
+    from imgembed.artifact.migrate import migrate
 
     missing = [k for k in REQUIRED_KEYS if not isinstance(raw, dict) or k not in raw]
     if missing:
@@ -88,8 +88,8 @@ def verify(directory: str | Path, manifest: Manifest | None = None, hashed_on_re
     outside the directory is refused. ``hashed_on_read``: listed files whose sha256 the caller checks on the
     bytes it reads (:meth:`~.files.ArtifactFiles.read`), so they are not hashed twice; they must still exist.
     """
-    from .files import ArtifactFiles
-    from .store import file_checksums
+    from imgembed.artifact.files import ArtifactFiles
+    from imgembed.artifact.store import file_checksums
 
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
@@ -113,7 +113,7 @@ def verify(directory: str | Path, manifest: Manifest | None = None, hashed_on_re
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> None:
     """Write ``manifest`` as ``directory/manifest.json`` atomically (validated on the way)."""
-    from .store import write_bytes_atomic
+    from imgembed.artifact.store import write_bytes_atomic
 
     checked = Manifest.model_validate(manifest.model_dump(by_alias=True))
     write_bytes_atomic(Path(directory) / MANIFEST, checked.to_json().encode("utf-8"))

@@ -105,7 +105,7 @@ class Selection(_Model):
 
 
 class ParityRecord(_Model):
-    """A parity gate's verdict (:class:`imgembed.parity.ParityReport` in JSON form)."""
+    """A parity gate's verdict (:class:`imgembed.gate.parity.ParityReport` in JSON form)."""
 
     precision: Precision
     passed: bool
@@ -256,7 +256,7 @@ class Manifest(_Model):
     format_version: Literal[2] = FORMAT_VERSION
     status: Status
     name: Name
-    model: Record                       # the registry entry (imgembed.registry.ModelSpec.to_dict)
+    model: Record                       # the registry entry (imgembed.models.registry.ModelSpec.to_dict)
     source: Source
     precision: Precision
     opset: int | None = None
@@ -295,13 +295,13 @@ class Manifest(_Model):
 
     def preprocess_spec(self):
         """The :class:`~imgembed.preprocess.PreprocessSpec` of the image tower."""
-        from ..preprocess import PreprocessSpec
+        from imgembed.preprocess import PreprocessSpec
 
         return PreprocessSpec.from_dict(self.preprocess.model_dump())
 
     def model_spec(self):
-        """The registry entry of the model (:class:`~imgembed.registry.ModelSpec`)."""
-        from ..registry import ModelSpec
+        """The registry entry of the model (:class:`~imgembed.models.registry.ModelSpec`)."""
+        from imgembed.models.registry import ModelSpec
 
         return ModelSpec.from_dict(self.name, self.model)
 

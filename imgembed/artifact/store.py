@@ -40,8 +40,8 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, writers are not serialised
     fcntl = None  # type: ignore[assignment]
 
-from ..errors import ArtifactError, IntegrityError
-from .schema import MANIFEST
+from imgembed.artifact.schema import MANIFEST
+from imgembed.errors import ArtifactError, IntegrityError
 
 MODEL_FILE = "model.onnx"
 

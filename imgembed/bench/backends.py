@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..errors import BackendUnavailableError
-from ..runtime.backends import BACKENDS, DEVICES, Backend, EngineRef, OriginalRef, get_backend
-from ..runtime.base import Runner
-from .targets import ArtifactRef, BenchModel
+from imgembed.bench.targets import ArtifactRef, BenchModel
+from imgembed.errors import BackendUnavailableError
+from imgembed.runtime.backends import BACKENDS, DEVICES, Backend, EngineRef, OriginalRef, get_backend
+from imgembed.runtime.base import Runner
 
 BASELINE = ("torch", "fp32")  # every ratio is against the PyTorch original in FP32
 

@@ -17,7 +17,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from .stats import STABILITY_TOLERANCE, STABILITY_WINDOWS, LatencySummary, is_stable, summarize_latencies, throughput
+from imgembed.bench.stats import (
+    STABILITY_TOLERANCE,
+    STABILITY_WINDOWS,
+    LatencySummary,
+    is_stable,
+    summarize_latencies,
+    throughput,
+)
 
 Clock = Callable[[], float]
 BatchFn = Callable[[], int]  # runs one batch, returns the number of images it processed

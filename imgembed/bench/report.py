@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..artifact import write_json_atomic
+from imgembed.artifact import write_json_atomic
 
 JSON_NAME, MARKDOWN_NAME, PLOT_NAME = "bench.json", "bench.md", "bench.png"
 TABLE_COLUMNS = ("model", "mode", "variant", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s",
@@ -53,7 +53,7 @@ def speedup_table(records: list[dict]) -> list[str]:
 
 def _host_lines(host: dict, settings: dict) -> list[str]:
     """Markdown bullets: CPU and SIMD, GPU, load, libraries, measurement settings."""
-    from ..runtime.gpu import describe_gpu
+    from imgembed.runtime.gpu import describe_gpu
 
     cpu, libs = host["cpu"], host["libraries"]
     simd = ", ".join(k for k, v in cpu["simd"].items() if v) or "none detected"

@@ -22,18 +22,18 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ImgembedError
-from ..fastdecode import check_mode, crops_of
-from ..preprocess import preprocess_batch
-from ..runtime.base import Runner
-from ..runtime.embedder import Embedder
-from ..runtime.host import default_threads, host_info
-from ..runtime.inputs import model_input
-from ..samples import parity_images
-from .backends import OriginalCache, Variant, build_runner, plan_variants
-from .measure import BatchFn, Measurement, MeasureSettings, Window, measure_interleaved
-from .stats import achieved_gflops, speedup
-from .targets import BenchModel, source_tag
+from imgembed.bench.backends import OriginalCache, Variant, build_runner, plan_variants
+from imgembed.bench.measure import BatchFn, Measurement, MeasureSettings, Window, measure_interleaved
+from imgembed.bench.stats import achieved_gflops, speedup
+from imgembed.bench.targets import BenchModel, source_tag
+from imgembed.errors import ImgembedError
+from imgembed.gate.samples import parity_images
+from imgembed.preprocess import preprocess_batch
+from imgembed.preprocess.fast import check_mode, crops_of
+from imgembed.runtime.base import Runner
+from imgembed.runtime.embedder import Embedder
+from imgembed.runtime.host import default_threads, host_info
+from imgembed.runtime.inputs import model_input
 
 SCHEMA = "imgembed-bench/1"
 MODES = {"model": "model-only", "e2e": "end-to-end", "pipeline": "end-to-end pipelined"}
@@ -121,7 +121,7 @@ def batch_function(runner: Runner, model: BenchModel, variant: Variant, mode: st
                    normalized=spec.embedding.normalize, batch_size=batch_size)
     paths = [str(p) for p in tile(files, batch_size)]
     if mode == "pipeline":
-        from ..runtime.pipeline import default_workers
+        from imgembed.runtime.pipeline import default_workers
 
         w = default_workers() if workers is None else workers
         return lambda: emb.embed(paths, batch_size=batch_size, workers=w, decode=decode).shape[0]

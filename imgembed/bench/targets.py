@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..artifact import ArtifactFiles, Engine, Manifest, read_manifest, verify
-from ..errors import ArtifactError, ParityError, UnknownModelError
-from ..registry import ModelSpec, get_spec, registry
+from imgembed.artifact import ArtifactFiles, Engine, Manifest, read_manifest, verify
+from imgembed.errors import ArtifactError, ParityError, UnknownModelError
+from imgembed.models.registry import ModelSpec, get_spec, registry
 
 Step = Callable[[str], None]
 CACHE_ENV = "IMGEMBED_BENCH_CACHE"
@@ -46,7 +46,7 @@ class ArtifactRef:
 
     @classmethod
     def from_manifest(cls, path: Path, manifest: Manifest) -> "ArtifactRef":
-        from ..runtime.backends import engines_of
+        from imgembed.runtime.backends import engines_of
 
         return cls(path, manifest.precision, manifest.status, tuple(engines_of(manifest)),
                    tuple(sorted(manifest.files.items())))
@@ -71,14 +71,14 @@ class BenchModel:
         """Raise the ArtifactError :meth:`build_original` would, before anything runs: a module artifact's
         original needs a factory the user named (or the explicit opt-in)."""
         if self.source.get("kind") == "module":
-            from ..user_module import require_factory_choice
+            from imgembed.models.user_module import require_factory_choice
 
             require_factory_choice(f"module artifact {self.spec.name!r}", self.source, self.module,
                                    self.trust_manifest_factory)
 
     def build_original(self, attn: str = "sdpa"):
         """The PyTorch original (an EmbeddingHead), rebuilt from the source record."""
-        from ..families import original_from_source
+        from imgembed.models.families import original_from_source
 
         return original_from_source(self.spec, self.source, self.weights_override, attn=attn, module=self.module,
                                     trust_manifest_factory=self.trust_manifest_factory)
@@ -127,7 +127,7 @@ def ensure_artifact(spec: ModelSpec | str, precision: str, source: dict, cache_d
     ``input_format="uint8"``: the uint8 NHWC input variant (cached under a ``-uint8`` suffix). Every engine
     that passes the gate is kept (``keep_candidates``), so a benchmark covers each installed engine.
     """
-    from ..export.pipeline import ExportOptions, export_model
+    from imgembed.export.pipeline import ExportOptions, export_model
 
     spec = get_spec(spec) if isinstance(spec, str) else spec
     if precision not in ARTIFACT_PRECISIONS:
@@ -155,7 +155,7 @@ def model_from_registry(name: str, *, precisions: Sequence[str] = ("fp32",), ran
     An export that fails its parity gate is left out with a line in ``notes`` (the original and the other
     precision are still benchmarked); without ``notes`` the ParityError propagates.
     """
-    from ..families import source_record
+    from imgembed.models.families import source_record
 
     spec = get_spec(name)
     source = source_record(spec, weights, random_init, seed)
@@ -196,7 +196,7 @@ def resolve_targets(items: Iterable[str], *, precisions: Sequence[str] = ("fp32"
 
     ``notes`` collects exports left out after failing their parity gate (see :func:`model_from_registry`).
     ``module`` / ``trust_manifest_factory``: where module artifacts' originals come from (see
-    :func:`imgembed.user_module.original_from_record`).
+    :func:`imgembed.models.user_module.original_from_record`).
     """
     models: dict[str, BenchModel] = {}
     for item in items:

@@ -18,18 +18,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..artifact import Engine
-from ..errors import BackendUnavailableError, ImgembedError
-from ..parity import ParityReport, gate_thresholds, parity_report
-from ..registry import ModelSpec
-from ..runtime.backends import EngineRef, get_backend
-from ..runtime.timing import interleaved_medians
-from .onnx_export import DEFAULT_OPSET
-from .reference import ParitySet
+from imgembed.artifact import Engine
+from imgembed.errors import BackendUnavailableError, ImgembedError
+from imgembed.export.onnx_export import DEFAULT_OPSET
+from imgembed.gate.parity import ParityReport, gate_thresholds, parity_report
+from imgembed.gate.reference import ParitySet
+from imgembed.models.registry import ModelSpec
+from imgembed.runtime.backends import EngineRef, get_backend
+from imgembed.runtime.timing import interleaved_medians
 
 SPEED_BATCH = 8
 TIE = 0.03  # speeds closer than this are a tie (the portable engine wins it: choose)
 Step = Callable[[str], None]
+Builder = Callable[["Inputs", Path], "tuple[dict[str, Path], dict]"]  # (inputs, directory) -> (files, record)
 LAST_RESORT = "*"  # fallback_for of a candidate built only when no candidate before it passed
 
 
@@ -57,7 +58,7 @@ class Inputs:
         if self.input_format != "uint8":
             return self.plain
         if self._uint8_plain is None:
-            from .uint8_input import add_uint8_input
+            from imgembed.export.uint8_input import add_uint8_input
 
             self._uint8_plain = add_uint8_input(self.plain, self.work / "plain-uint8.onnx", self.spec.preprocess)
         return self._uint8_plain
@@ -122,7 +123,7 @@ def with_input_format(inputs: Inputs, src: Path, dst: Path) -> Path:
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     if inputs.input_format == "uint8":
-        from .uint8_input import add_uint8_input
+        from imgembed.export.uint8_input import add_uint8_input
 
         return add_uint8_input(src, dst, inputs.spec.preprocess)
     if Path(src) != dst:
@@ -131,15 +132,6 @@ def with_input_format(inputs: Inputs, src: Path, dst: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ candidates
-def plan(precision: str, *, transformer: bool | None = None, kind: str | None = None, int8_preset: str | None = None,
-         backend: str | None = None, reexport: bool = True) -> list[Candidate]:
-    """Every candidate for ``precision``, computed from the recipe registry (:func:`.recipes.plan`)."""
-    from .recipes import plan as recipe_plan
-
-    return recipe_plan(precision, kind=kind, transformer=transformer, int8_preset=int8_preset, backend=backend,
-                       reexport=reexport)
-
-
 def check_available(candidates: Sequence[Candidate], precision: str) -> None:
     """Raise when no candidate computing at ``precision`` can be built here, naming each reason (e.g. the
     missing BF16 instructions); portable fallbacks at another precision do not count."""
@@ -169,9 +161,9 @@ def _runner(inputs: Inputs, outcome: Outcome):
 
 
 def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, float], step: Step, *,
-        speed_check: bool = True) -> list[Outcome]:
-    """Build and gate every available candidate, then time the passing ones side by side (with ONNX
-    Runtime's FP32 graph as the reference when the precision is not FP32: ``record["speed_check"]``)."""
+        speed_check: bool = True, fp32_reference: Builder | None = None) -> list[Outcome]:
+    """Build and gate every available candidate, then time the passing ones side by side (with the graph
+    ``fp32_reference`` builds as the reference when the precision is not FP32: ``record["speed_check"]``)."""
     outcomes = []
     for c in candidates:
         outcome = Outcome(c)
@@ -192,17 +184,15 @@ def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, f
             outcome.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     passing = [o for o in outcomes if o.passed]
     if speed_check and passing:
-        _time(passing, inputs, step)
+        _time(passing, inputs, step, fp32_reference)
     return outcomes
 
 
-def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step) -> None:
+def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step, fp32_reference: Builder | None) -> None:
     reference = None
-    if passing[0].candidate.precision != "fp32":
-        from .recipes import ORT_FP32
-
-        files, _ = ORT_FP32.builder(inputs, inputs.work / "fp32-reference")
-        reference = Outcome(Candidate("fp32-reference", "onnxruntime", "fp32", ORT_FP32.builder, True), files)
+    if passing[0].candidate.precision != "fp32" and fp32_reference is not None:
+        files, _ = fp32_reference(inputs, inputs.work / "fp32-reference")
+        reference = Outcome(Candidate("fp32-reference", "onnxruntime", "fp32", fp32_reference, True), files)
     timed = [*passing, *([reference] if reference else [])]
     step(f"timing {len(passing)} passing engine(s) side by side (batch {SPEED_BATCH})")
     runners = {o.candidate.id: _runner(inputs, o).activate() for o in timed}

@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .onnx_export import INPUT_NAME, export_onnx
-from .quantize import QuantConfig, prepare_static, quantize
-from .smoothquant import ALPHAS, activation_absmax, norm_linear_pairs, simulate_int8, smooth
+from imgembed.export.onnx_export import INPUT_NAME, export_onnx
+from imgembed.export.quantize import QuantConfig, prepare_static, quantize
+from imgembed.export.smoothquant import ALPHAS, activation_absmax, norm_linear_pairs, simulate_int8, smooth
 
 SENSITIVITY_IMAGES = 8
 

@@ -24,10 +24,10 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from ..errors import ExportError
-from .int8_search import _session, score
-from .onnx_export import INPUT_NAME
-from .quantize import QuantConfig, prepare_static, quantize
+from imgembed.errors import ExportError
+from imgembed.export.int8_search import _session, score
+from imgembed.export.onnx_export import INPUT_NAME
+from imgembed.export.quantize import QuantConfig, prepare_static, quantize
 
 DEFAULT_MAX_FLOAT_MACS = 0.25   # at most this share of the graph's multiply-accumulates stays in float
 MARGIN = 0.2                    # calibration target: threshold + MARGIN * (1 - threshold)

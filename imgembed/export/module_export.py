@@ -3,8 +3,8 @@ pixels to ``(N, D)`` vectors through the same flow as registry models (ONNX expo
 artifact); ``imgembed export --module pkg.module:factory`` calls it.
 
 Steps: resolve the preprocessing (a preset at ``input_size`` or a ``preprocessor_config.json``) -> build the
-module (:mod:`imgembed.user_module`: factory, safe weights) -> check its output on a dummy batch (D, or an
-ExportError naming the shape) -> a :class:`~imgembed.registry.ModelSpec` of family ``module`` -> the shared
+module (:mod:`imgembed.models.user_module`: factory, safe weights) -> check its output on a dummy batch (D, or an
+ExportError naming the shape) -> a :class:`~imgembed.models.registry.ModelSpec` of family ``module`` -> the shared
 :func:`~imgembed.export.pipeline.export_original`. The original of the parity gate is the module itself,
 wrapped to return float32 (L2-normalised unless ``normalize=False``).
 """
@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifact import export_lock
-from ..errors import ExportError
-from ..families import DEFAULT_SEED, MODULE_FAMILY
-from ..preprocess import PreprocessSpec
-from ..preprocess.presets import PRESETS, preset
-from ..registry import DEFAULT_PARITY, EmbeddingSpec, ModelSpec
-from ..user_module import (
+from imgembed.artifact import export_lock
+from imgembed.errors import ExportError
+from imgembed.export.pipeline import ExportOptions, ExportResult, Original, export_original
+from imgembed.models.families import DEFAULT_SEED, MODULE_FAMILY
+from imgembed.models.registry import DEFAULT_PARITY, EmbeddingSpec, ModelSpec
+from imgembed.models.user_module import (
     call_factory,
     check_output,
     factory_path,
@@ -31,7 +30,8 @@ from ..user_module import (
     looks_like_transformer,
     source_record,
 )
-from .pipeline import ExportOptions, ExportResult, Original, export_original
+from imgembed.preprocess import PreprocessSpec
+from imgembed.preprocess.presets import PRESETS, preset
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CHECKPOINT_OPTIONS = ("weights", "random_init", "seed")  # ExportOptions of registry checkpoints, not of modules
@@ -95,7 +95,7 @@ def resolve_preprocess(preprocess: str | Path | PreprocessSpec,
     """(PreprocessSpec, record for the manifest's ``preprocess_source``) of a preset name, a
     ``preprocessor_config.json`` path or a spec; ``input_size`` is the crop of a preset and, when given,
     must agree with a file or spec."""
-    from ..checkpoint import preprocess_from_file
+    from imgembed.models.checkpoint import preprocess_from_file
 
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int)
                                    or input_size <= 0):
@@ -130,7 +130,7 @@ def build_original(module: Any, name: str, pre: PreprocessSpec, pre_record: dict
                    normalize: bool, transformer: bool | None, seed: int, step: Step = lambda s: None) -> Original:
     """The module (from a factory path, a callable or an instance) with its weights, checked and wrapped, its
     ModelSpec and its source record."""
-    from ..embedding_head import ModuleHead
+    from imgembed.models.heads import ModuleHead
 
     if not isinstance(normalize, bool):
         raise ExportError(f"normalize must be True or False, got {normalize!r}")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import ExportError
-from ..families import family_of
-from ..registry import ModelSpec
+from imgembed.errors import ExportError
+from imgembed.models.families import family_of
+from imgembed.models.registry import ModelSpec
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "pixel_values"

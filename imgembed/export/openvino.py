@@ -2,7 +2,7 @@
 
 The IR is converted from the *plain* graph (before ONNX Runtime's fusions: the fused graph holds
 ``com.microsoft`` ops OpenVINO cannot read) and saved with FP32 weights (``compress_to_fp16=False``; BF16
-is an inference-time hint, see :mod:`imgembed.runtime.ov_runner`). INT8 uses ``nncf.quantize`` calibrated on
+is an inference-time hint, see :mod:`imgembed.runtime.runners.openvino`). INT8 uses ``nncf.quantize`` calibrated on
 the same images as the ONNX Runtime static path: with ``model_type=TRANSFORMER`` NNCF keeps softmax/LayerNorm
 paths in float and can apply SmoothQuant (activation outliers migrated into the weights); CNNs get the
 default preset with bias correction.
@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ExportError
+from imgembed.errors import ExportError
 
 # NNCF's SmoothQuant alpha for MatMuls when the model is a transformer (its own default, recorded).
 NNCF_SUBSET = 300
@@ -43,7 +43,7 @@ def _quiet():
 
 def convert_onnx(src: str | Path, dst_xml: str | Path) -> Path:
     """Convert an ONNX graph (no com.microsoft ops) to OpenVINO IR with FP32 weights."""
-    from ..runtime.ov_runner import import_openvino
+    from imgembed.runtime.runners.openvino import import_openvino
 
     ov = import_openvino()
     try:
@@ -63,7 +63,7 @@ def quantize_nncf(src_xml: str | Path, dst_xml: str | Path, calibration: Sequenc
     transformer (its scale migration costs accuracy on weights without outlier channels). ``overflow_fix``
     keeps every layer's weights 7-bit (NNCF's OverflowFix.ENABLE; its default fixes the first layer only):
     oneDNN's int8 kernels on x86 CPUs without VNNI saturate with full-range 8-bit weights."""
-    from ..runtime.ov_runner import import_openvino
+    from imgembed.runtime.runners.openvino import import_openvino
 
     ov = import_openvino()
     try:

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import __version__
-from ..artifact import (
+from imgembed import __version__
+from imgembed.artifact import (
     FORMAT_VERSION,
     Engine,
     ExportRecord,
@@ -34,21 +34,21 @@ from ..artifact import (
     staged_directory,
     write_manifest,
 )
-from ..checkpoint import check_artifact_preprocess, with_checkpoint_preprocess
-from ..checkpoint import describe as describe_preprocess
-from ..errors import ExportError, ImageDecodeError
-from ..families import DEFAULT_SEED, family_of, load_original, original_from_source, source_record
-from ..fastdecode import crops_of, crops_to_pixels
-from ..imagedir import load_image_dir
-from ..parity import ParityReport
-from ..preprocess import load_image
-from ..registry import ModelSpec, get_spec
-from ..samples import calibration_images
-from . import engines, tower
-from .onnx_export import DEFAULT_OPSET, OUTPUT_NAME, export_onnx, op_counts, optimize_transformer
-from .quantize import Int8SlowerWarning
-from .reference import reference_set
-from .uint8_input import input_record
+from imgembed.errors import ExportError, ImageDecodeError
+from imgembed.export import engines, recipes, tower
+from imgembed.export.onnx_export import DEFAULT_OPSET, OUTPUT_NAME, export_onnx, op_counts, optimize_transformer
+from imgembed.export.quantize import Int8SlowerWarning
+from imgembed.export.uint8_input import input_record
+from imgembed.gate.parity import ParityReport
+from imgembed.gate.reference import reference_set
+from imgembed.gate.samples import calibration_images
+from imgembed.models.checkpoint import check_artifact_preprocess, with_checkpoint_preprocess
+from imgembed.models.checkpoint import describe as describe_preprocess
+from imgembed.models.families import DEFAULT_SEED, family_of, load_original, original_from_source, source_record
+from imgembed.models.registry import ModelSpec, get_spec
+from imgembed.preprocess import load_image
+from imgembed.preprocess.fast import crops_of, crops_to_pixels
+from imgembed.preprocess.imagedir import load_image_dir
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPEED_BATCH = engines.SPEED_BATCH
@@ -103,7 +103,7 @@ def _versions() -> dict[str, str | None]:
     import torch
     import transformers
 
-    from ..runtime.host import library_versions
+    from imgembed.runtime.host import library_versions
 
     libs = library_versions()
     return {"imgembed": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -159,8 +159,8 @@ def recheck_artifact(artifact: str | Path, weights: str | Path | None = None, th
     of the built-in parity set (unreadable files in a directory are skipped and reported through ``step``).
     A module artifact is rebuilt from the caller's factory ``module`` (a path or a callable), or from the
     recorded factory only when ``trust_manifest_factory``: nothing a manifest names is imported otherwise."""
-    from ..artifact import read_manifest, verify
-    from ..runtime.backends import select_engine
+    from imgembed.artifact import read_manifest, verify
+    from imgembed.runtime.backends import select_engine
 
     artifact = Path(artifact)
     manifest = verify(artifact, read_manifest(artifact))
@@ -275,10 +275,10 @@ def plan_candidates(spec: ModelSpec, opts: ExportOptions) -> list[engines.Candid
     an engine can build the requested precision here."""
     _check_options(opts)
     if opts.text:
-        from .text_tower import text_tower
+        from imgembed.export.text_tower import text_tower
 
         text_tower(spec)  # fail before any work when the model has no text tower
-    candidates = engines.plan(opts.precision, transformer=family_of(spec).transformer(spec),
+    candidates = recipes.plan(opts.precision, transformer=family_of(spec).transformer(spec),
                               int8_preset=opts.int8_preset, backend=opts.backend)
     engines.check_available(candidates, opts.precision)
     return candidates
@@ -329,7 +329,7 @@ def export_original(original: Original, out: str | Path, opts: ExportOptions, st
         kept = raced.kept
         text = None
         if opts.text:
-            from .text_tower import export_text
+            from imgembed.export.text_tower import export_text
 
             text = export_text(spec, opts, work, step)
         fields, notes = _manifest(spec, opts, raced, graph_record, time.perf_counter() - t0,

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from ..errors import ExportError
+from imgembed.errors import ExportError
 
 
 class Int8SlowerWarning(UserWarning):
@@ -210,7 +210,7 @@ def prepare_static(src: str | Path, dst: str | Path) -> Path:
 
 def quantized_op_counts(path: str | Path) -> dict[str, int]:
     """How many nodes of each quantized op type a graph holds (for manifests and structure tests)."""
-    from .onnx_export import op_counts
+    from imgembed.export.onnx_export import op_counts
 
     qops = ("MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QAttention",
             "QuantizeLinear", "DequantizeLinear", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from ..errors import ExportError
+from imgembed.errors import ExportError
 
 SPIECE_UNDERLINE = "▁"
 CONVERTIBLE = ("SiglipTokenizer",)

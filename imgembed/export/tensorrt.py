@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..artifact import (
+from imgembed.artifact import (
     MODEL_FILE,
     Engine,
     GpuTarget,
@@ -45,9 +45,10 @@ from ..artifact import (
     write_bytes_atomic,
     write_manifest,
 )
-from ..errors import ArtifactError, BackendUnavailableError, ExportError, ParityError
-from ..parity import ParityReport
-from ..runtime.trt_engines import (
+from imgembed.errors import ArtifactError, BackendUnavailableError, ExportError, ParityError
+from imgembed.gate.parity import ParityReport
+from imgembed.runtime.runners.tensorrt import current_env, import_tensorrt, tensorrt_unavailable
+from imgembed.runtime.runners.tensorrt_plans import (
     DEFAULT_PROFILE,
     BatchProfile,
     EngineEnv,
@@ -55,7 +56,6 @@ from ..runtime.trt_engines import (
     parse_profile,
     slug,
 )
-from ..runtime.trt_runner import current_env, import_tensorrt, tensorrt_unavailable
 
 Step = Callable[[str], None]
 TRT_INT8_PRESET = "static-qdq-trt"
@@ -249,10 +249,10 @@ def build_engine(onnx_path: str | Path, precision: str, profile: BatchProfile, e
 
 def engine_parity(manifest: dict, engine_path: Path, options: TrtOptions) -> ParityReport:
     """The parity report of an engine against the PyTorch original rebuilt from the manifest's source."""
-    from ..families import original_from_source
-    from ..parity import parity_report
-    from ..runtime.trt_runner import TrtRunner
-    from .reference import reference_set
+    from imgembed.gate.parity import parity_report
+    from imgembed.gate.reference import reference_set
+    from imgembed.models.families import original_from_source
+    from imgembed.runtime.runners.tensorrt import TrtRunner
 
     spec = manifest.model_spec()
     weights = Path(options.weights) if options.weights else None
@@ -269,7 +269,7 @@ def add_engine(artifact: str | Path, options: TrtOptions | None = None, step: St
 
     The engine's precision is the artifact's. A failing gate raises ParityError and changes nothing.
     """
-    from ..parity import format_report
+    from imgembed.gate.parity import format_report
 
     options, artifact = options or TrtOptions(), Path(artifact)
     with export_lock(artifact):
@@ -322,7 +322,7 @@ def _write_with_engine(artifact: Path, manifest: Manifest, engine: Path, record:
 
 
 def trt_engine(record: dict) -> Engine:
-    """The artifact engine of a built TensorRT plan (:func:`~imgembed.runtime.trt_engines.engine_record`)."""
+    """The artifact engine of a built TensorRT plan (:func:`~imgembed.runtime.runners.tensorrt_plans.engine_record`)."""
     parity = record.get("parity") or {}
     return Engine(id=f"tensorrt-{record['key']}", backend="tensorrt", precision=record["precision"], device="cuda",
                   batch_invariant=True, files={"plan": record["file"]}, parity=parity.get("metrics"),

@@ -5,11 +5,11 @@
 * the original is the checkpoint's full image-text model (its text transformer and projection), so a text
   vector is exactly ``model.get_text_features(**tokenizer(texts))`` of transformers;
 * the tokenizer is the checkpoint's fast tokenizer serialised as ``text/tokenizer.json``; at inference it runs
-  through the ``tokenizers`` library (:mod:`imgembed.tokenizer`). The gate requires its ids to equal the
+  through the ``tokenizers`` library (:mod:`imgembed.text.tokenizer`). The gate requires its ids to equal the
   transformers tokenizer's on every parity caption;
 * the graph takes ``input_ids`` (int64, batch x tokens) and returns the (normalised) text embedding; the
   engines are raced exactly like the image tower's (:mod:`.engines`), gated on the parity captions
-  (:func:`imgembed.samples.parity_captions`) at batch sizes 1, 3 and 8, INT8 calibrated on other captions;
+  (:func:`imgembed.gate.samples.parity_captions`) at batch sizes 1, 3 and 8, INT8 calibrated on other captions;
 * the manifest's ``text`` entry records the tokenizer settings, the engines and the gate, and ``space`` the
   shared embedding space: dim, normalisation and how the model scores a (text, image) pair.
 """
@@ -25,14 +25,21 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..artifact import Manifest
-from ..errors import ExportError, WeightsError
-from ..families import DEFAULT_SEED, TextTower, _from_pretrained, _transformers_attr, family_of, has_safetensors
-from ..registry import EmbeddingSpec, ModelSpec, TextSpec
-from ..samples import calibration_captions, parity_captions
-from ..tokenizer import TextTokenizer, TokenBatches
-from .onnx_export import DEFAULT_OPSET, OUTPUT_NAME, check_onnx
-from .tower import Tower, gate_engine, race, selection
+from imgembed.artifact import Manifest
+from imgembed.errors import ExportError, WeightsError
+from imgembed.export.onnx_export import DEFAULT_OPSET, OUTPUT_NAME, check_onnx
+from imgembed.export.tower import Tower, gate_engine, race, selection
+from imgembed.gate.samples import calibration_captions, parity_captions
+from imgembed.models.families import (
+    DEFAULT_SEED,
+    TextTower,
+    _from_pretrained,
+    _transformers_attr,
+    family_of,
+    has_safetensors,
+)
+from imgembed.models.registry import EmbeddingSpec, ModelSpec, TextSpec
+from imgembed.text.tokenizer import TextTokenizer, TokenBatches
 
 TEXT_INPUT = "input_ids"
 TEXT_DIR = "text"
@@ -164,7 +171,7 @@ def reference_tokenizer(spec: ModelSpec, weights: str | Path | None, tokenizer: 
         raise ExportError(f"{spec.name} has random weights and no vocabulary: pass --tokenizer DIR (a directory "
                           "with tokenizer.json, e.g. the checkpoint's) to export its text tower")
     tok = _quiet_load(lambda: AutoTokenizer.from_pretrained(where, use_fast=True, **kwargs), where)
-    from .spm_tokenizer import convertible
+    from imgembed.export.spm_tokenizer import convertible
 
     if not getattr(tok, "is_fast", False) and not convertible(tok):
         raise ExportError(f"{where}: the tokenizer ({type(tok).__name__}) has no tokenizer.json (fast) form, which "
@@ -202,7 +209,7 @@ def runtime_tokenizer(tf_tok: Any, text: TextSpec) -> tuple[str, dict]:
               "class": type(tf_tok).__name__}
     if getattr(tf_tok, "is_fast", False):
         return tf_tok.backend_tokenizer.to_str(), record
-    from .spm_tokenizer import siglip_tokenizer_json
+    from imgembed.export.spm_tokenizer import siglip_tokenizer_json
 
     return siglip_tokenizer_json(tf_tok), {**record, "converted_from": "SentencePiece model (spiece.model)"}
 
@@ -326,7 +333,7 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
 
     A tower whose every engine fails the gate raises ParityError (unless ``opts.keep_failed``: the closest
     engine is kept and the artifact is marked failed)."""
-    from . import engines
+    from imgembed.export import engines, recipes
 
     text, record = text_tower(spec)
     step("loading the text tokenizer")
@@ -348,7 +355,7 @@ def export_text(spec: ModelSpec, opts: Any, work: Path, step: Step) -> TextExpor
     step("exporting the text tower to ONNX")
     graph = export_text_onnx(original.head, tok, directory / "exported.onnx", opts.opset)
     view = text_spec_view(spec)
-    candidates = engines.plan(opts.precision, kind="text", int8_preset=opts.int8_preset, backend=opts.backend)
+    candidates = recipes.plan(opts.precision, kind="text", int8_preset=opts.int8_preset, backend=opts.backend)
     inputs = engines.Inputs(view, directory, graph, graph, "float32", parity, lambda: calibration_tokens(tok),
                             opts.threads, True, opset=opts.opset, input_name=TEXT_INPUT)
     raced = race(Tower(f"{spec.name} text tower", opts.precision, candidates, inputs,
@@ -399,10 +406,10 @@ def recheck_text(artifact: str | Path, manifest: Manifest, weights: str | Path |
                  backend: str = "auto", step: Step = lambda s: None):
     """Re-run the text gate of an artifact's text engine (the one ``backend`` selects here) against the text
     original rebuilt from the manifest's source, with the transformers tokenizer of that source."""
-    from ..artifact import ArtifactFiles
-    from ..runtime.backends import select_engine
-    from ..runtime.text import read_tokenizer
-    from ..runtime.text import text_tower as artifact_text_tower
+    from imgembed.artifact import ArtifactFiles
+    from imgembed.runtime.backends import select_engine
+    from imgembed.runtime.text import read_tokenizer
+    from imgembed.runtime.text import text_tower as artifact_text_tower
 
     artifact = Path(artifact)
     tower = artifact_text_tower(manifest, str(artifact))

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..artifact import Candidate as CandidateRow
-from ..artifact import Engine, Manifest, Selection
-from ..errors import ExportError, ParityError
-from . import engines
+from imgembed.artifact import Candidate as CandidateRow
+from imgembed.artifact import Engine, Manifest, Selection
+from imgembed.errors import ExportError, ParityError
+from imgembed.export import engines
 
 Step = Callable[[str], None]
 
@@ -54,9 +54,11 @@ def race(tower: Tower, step: Step, *, speed_check: bool = True, keep_candidates:
 
     No candidate built: ExportError naming each one's reason. None passing: ParityError with every failure and the
     closest engine's report, unless ``keep_failed`` (the closest engine is kept; the caller marks it failed)."""
-    from ..parity import format_report
+    from imgembed.export.recipes import ORT_FP32
+    from imgembed.gate.parity import format_report
 
-    outcomes = engines.run(tower.candidates, tower.inputs, tower.thresholds, step, speed_check=speed_check)
+    outcomes = engines.run(tower.candidates, tower.inputs, tower.thresholds, step, speed_check=speed_check,
+                           fp32_reference=ORT_FP32.builder)
     winner, kept = engines.choose(outcomes, keep_candidates)
     if winner is None:
         built = [o for o in outcomes if o.report is not None]
@@ -76,7 +78,7 @@ def race(tower: Tower, step: Step, *, speed_check: bool = True, keep_candidates:
 
 def selection(raced: Raced, threads: int | None, forced_backend: str | None = None) -> Selection:
     """The manifest's record of a tower's race: the host, the timing setup and every candidate's row."""
-    from ..runtime.host import cpu_summary
+    from imgembed.runtime.host import cpu_summary
 
     return Selection(cpu=cpu_summary(), threads=threads, batch_size=engines.SPEED_BATCH,
                      forced_backend=forced_backend,
@@ -87,8 +89,8 @@ def gate_engine(artifact: Path, manifest: Manifest, engine: Engine, parity_set, 
                 threads: int | None = None, dim: int | None = None, name: str | None = None):
     """Re-run the parity gate of one engine of an artifact against ``parity_set`` (a fresh reference from the
     rebuilt original), with the thresholds of its precision; the report names the engine."""
-    from ..parity import gate_thresholds, parity_report
-    from ..runtime.backends import open_engine
+    from imgembed.gate.parity import gate_thresholds, parity_report
+    from imgembed.runtime.backends import open_engine
 
     thresholds = gate_thresholds(thresholds, engine.batch_invariant)
     with open_engine(artifact, manifest, engine, threads=threads, dim=dim, name=name) as runner:

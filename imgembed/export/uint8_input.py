@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ExportError
-from ..preprocess import PreprocessSpec
-from ..preprocess import normalize_table as _lut
-from .onnx_export import INPUT_NAME, check_onnx
+from imgembed.errors import ExportError
+from imgembed.export.onnx_export import INPUT_NAME, check_onnx
+from imgembed.preprocess import PreprocessSpec
+from imgembed.preprocess import normalize_table as _lut
 
 FLOAT_INPUT = "pixel_values_float"   # the float graph's input, renamed; fed by the prefix
 _PREFIX = "imgembed_uint8_"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from ..errors import ImgembedError
+from imgembed.errors import ImgembedError
 
 
 class JobError(ImgembedError):

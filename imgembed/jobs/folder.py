@@ -40,11 +40,10 @@ except ImportError:  # pragma: no cover - Windows: concurrent jobs on one output
 
 import numpy as np
 
-from .. import __version__
-from ..artifact import MANIFEST, sha256_file, write_json_atomic
-from ..runtime.results import Embeddings
-from . import JobError
-from .parquet import (
+from imgembed import __version__
+from imgembed.artifact import MANIFEST, sha256_file, write_json_atomic
+from imgembed.jobs import JobError
+from imgembed.jobs.parquet import (
     Identity,
     concat,
     iter_batches,
@@ -54,7 +53,8 @@ from .parquet import (
     write_atomic,
     write_batches_atomic,
 )
-from .walk import IMAGE_SUFFIXES, Listing, list_images, walk_inputs
+from imgembed.jobs.walk import IMAGE_SUFFIXES, Listing, list_images, walk_inputs
+from imgembed.runtime.results import Embeddings
 
 IDENTITY_KEYS = ("model", "precision", "dim", "manifest_sha256", "decode", "input_format")
 VERIFY_MODES = ("stat", "content")
@@ -116,7 +116,7 @@ def local_batches(embedder, *, batch_size: int | None = None, workers: int | Non
 
 def _message(e: BaseException) -> str:
     """An error row's text: decode errors as they are, anything unexpected with its type."""
-    from ..errors import ImageDecodeError
+    from imgembed.errors import ImageDecodeError
 
     return str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
 

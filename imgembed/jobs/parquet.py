@@ -27,10 +27,10 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..artifact import atomic_path
-from ..errors import BackendUnavailableError
-from ..runtime.results import Embeddings
-from . import JobError, printable
+from imgembed.artifact import atomic_path
+from imgembed.errors import BackendUnavailableError
+from imgembed.jobs import JobError, printable
+from imgembed.runtime.results import Embeddings
 
 META_KEY = b"imgembed"
 IDENTITY_COLUMNS = ("size", "mtime_ns", "content_hash")

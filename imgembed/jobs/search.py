@@ -14,20 +14,17 @@ is exact, with FAISS (``IndexFlatIP``) when it is installed and numpy otherwise.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import typer
 
-from ..artifact import read_manifest
-from ..errors import BackendUnavailableError
-from ..runtime.results import Embeddings
-from ..scoring import Ranking, rank
-from . import JobError, printable
-from .parquet import Limits
+from imgembed.artifact import read_manifest
+from imgembed.errors import BackendUnavailableError
+from imgembed.jobs import JobError
+from imgembed.jobs.parquet import Limits
+from imgembed.runtime.results import Embeddings
+from imgembed.text.scoring import Ranking, rank
 
 KINDS = ("image", "text")
 
@@ -51,7 +48,7 @@ class Hit:
 def load_index(path: str | Path, limits: Limits = Limits()) -> Embeddings:
     """The index's vectors (failed rows skipped), paths and metadata; SearchError if it has no vector,
     :class:`~imgembed.jobs.parquet.IndexFormatError` if it is not a well-formed job output within ``limits``."""
-    from .parquet import read_embeddings
+    from imgembed.jobs.parquet import read_embeddings
 
     path = Path(path)
     if not path.is_file():
@@ -69,7 +66,7 @@ def check_artifact(artifact: str | Path, index: Embeddings, where: str) -> None:
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     meta = index.metadata
-    from .folder import manifest_sha256
+    from imgembed.jobs.folder import manifest_sha256
 
     recorded, sha = meta.get("manifest_sha256"), manifest_sha256(artifact)
     dim = manifest.output.dim
@@ -128,7 +125,7 @@ def _faiss(required: bool | None):
 
 def nearest(vectors: np.ndarray, query: np.ndarray, k: int, use_faiss: bool | None = None) -> Ranking:
     """The ``k`` rows of ``vectors`` most cosine-similar to ``query`` (exact: FAISS IndexFlatIP on unit
-    vectors, or numpy via :func:`imgembed.scoring.rank`)."""
+    vectors, or numpy via :func:`imgembed.text.scoring.rank`)."""
     faiss = _faiss(use_faiss)
     if faiss is None:
         return rank(query, vectors, k)
@@ -165,56 +162,3 @@ def search(index_path: str | Path, query: str, *, k: int = 10, artifact: str | P
     hits = [Hit(r + 1, float(s), paths[int(i)]) for r, (i, s) in enumerate(zip(found.indices[0], found.scores[0],
                                                                                  strict=True))]
     return hits, kind, index
-
-
-# -------------------------------------------------------------------------------------------- the CLI
-def search_cmd(
-    index: Path = typer.Argument(..., help="Parquet index written by `imgembed embed ... --out X.parquet`."),
-    query: str = typer.Argument(..., help="A text, or an image file (an existing path is an image query)."),
-    k: int = typer.Option(10, "-k", "--top", min=1, help="Results to print."),
-    artifact: Optional[Path] = typer.Option(None, "--artifact", help="The artifact that embedded the index (the "
-                                            "index records its sha256, not its path); exported with --text for "
-                                            "text queries. Not needed for an image query that is in the index."),
-    image: bool = typer.Option(False, "--image", help="The query is an image file."),
-    text: bool = typer.Option(False, "--text", help="The query is a text, even if a file has that name."),
-    use_faiss: Optional[bool] = typer.Option(None, "--faiss/--numpy", help="Search with FAISS or numpy "
-                                             "(default: FAISS when it is installed, else numpy)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per result instead of a table."),
-    backend: str = typer.Option("auto", "--backend", help="Engine backend (auto, onnxruntime, openvino)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
-    max_rows: int = typer.Option(Limits.rows, "--max-rows", min=1, help="Refuse an index declaring more rows."),
-    max_bytes: int = typer.Option(Limits.bytes, "--max-bytes", min=1, help="Refuse an index declaring more "
-                                  "decoded bytes (vectors, paths, errors)."),
-) -> None:
-    """The photos of INDEX nearest to QUERY (a text or an image), by cosine similarity."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from ..cli_common import err_console, errors, out_console
-
-    if image and text:
-        raise typer.BadParameter("give at most one of --image and --text")
-    force = "image" if image else "text" if text else None
-    with errors():
-        hits, kind, found = search(index, query, k=k, artifact=artifact, kind=force, use_faiss=use_faiss,
-                                   backend=backend, threads=threads, limits=Limits(rows=max_rows, bytes=max_bytes))
-    meta = found.metadata
-    summary = escape(printable(f"{kind} query {query!r}: {len(found.vectors)} vectors of {meta.get('model')} "
-                               f"({meta.get('precision')})" + (f", {len(found.errors)} failed rows skipped"
-                                                               if found.errors else "")))
-    err_console.print(summary, highlight=False)
-    if as_json:
-        for h in hits:
-            print(json.dumps({"rank": h.rank, "score": h.score, "path": h.path}, ensure_ascii=False))
-        return
-    table = Table()
-    for col in ("rank", "score", "path"):
-        table.add_column(col)
-    for h in hits:
-        table.add_row(str(h.rank), f"{h.score:.4f}", escape(printable(h.path)))
-    out_console.print(table)
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``search`` to the imgembed CLI."""
-    app.command("search")(search_cmd)

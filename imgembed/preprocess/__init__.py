@@ -35,11 +35,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..decode_guard import DECODE_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SECONDS
-from .decode import check_pixels, describe, load_image, to_rgb
-from .processors import SUPPORTED_PROCESSORS
-from .spec import PreprocessSpec
-from .transforms import RESAMPLE_CODES, center_crop, normalize_into, normalize_table, resize_and_crop
+from imgembed.preprocess.decode import check_pixels, describe, load_image, to_rgb
+from imgembed.preprocess.guard import DECODE_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SECONDS
+from imgembed.preprocess.processors import SUPPORTED_PROCESSORS
+from imgembed.preprocess.spec import PreprocessSpec
+from imgembed.preprocess.transforms import RESAMPLE_CODES, center_crop, normalize_into, normalize_table, resize_and_crop
 
 __all__ = [
     "DECODE_FORMATS",

@@ -1,7 +1,7 @@
 """Decoding untrusted inputs into RGB PIL images, the way HF's ``convert_to_rgb`` sees them.
 
 Decoding is bounded (pixel cap before decoding, per-item deadline, allow-listed PIL plugins, regular files
-only); the limits live in :mod:`imgembed.decode_guard` and SECURITY.md.
+only); the limits live in :mod:`imgembed.preprocess.guard` and SECURITY.md.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..decode_guard import (
+from imgembed.errors import ImageDecodeError
+from imgembed.preprocess.guard import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SECONDS,
     DeadlineReader,
@@ -21,7 +22,6 @@ from ..decode_guard import (
     decode_formats,
     unidentified_error,
 )
-from ..errors import ImageDecodeError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ..errors import RegistryError
-from .processors import IMAGENET_DEFAULT, OPENAI_CLIP
-from .spec import PreprocessSpec
+from imgembed.errors import RegistryError
+from imgembed.preprocess.processors import IMAGENET_DEFAULT, OPENAI_CLIP
+from imgembed.preprocess.spec import PreprocessSpec
 
 IMAGENET_CROP_PCT = 0.875  # 224 of 256
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import RegistryError
-from .transforms import plan_crop_pct, plan_size_then_crop
+from imgembed.errors import RegistryError
+from imgembed.preprocess.transforms import plan_crop_pct, plan_size_then_crop
 
 SHORTEST_EDGE = frozenset({"shortest_edge"})
 HEIGHT_WIDTH = frozenset({"height", "width"})

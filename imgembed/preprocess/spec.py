@@ -12,9 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RegistryError
-from .processors import CROP_PCT, CROP_SIZE, HEIGHT_WIDTH, PROCESSORS, UNSUPPORTED_HINTS, Processor, processor
-from .transforms import RESAMPLE_CODES
+from imgembed.errors import RegistryError
+from imgembed.preprocess.processors import (
+    CROP_PCT,
+    CROP_SIZE,
+    HEIGHT_WIDTH,
+    PROCESSORS,
+    UNSUPPORTED_HINTS,
+    Processor,
+    processor,
+)
+from imgembed.preprocess.transforms import RESAMPLE_CODES
 
 _RESAMPLE_NAMES = {code: name for name, code in RESAMPLE_CODES.items()}
 

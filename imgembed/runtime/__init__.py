@@ -1,10 +1,10 @@
 """The unified runtime: one Runner interface over every backend, and the Embedder on top of it."""
-from .base import InputSpec, Runner
+from imgembed.runtime.base import InputSpec, Runner
 
 __all__ = ["InputSpec", "Runner", "load"]
 
 
 def load(name_or_path, **kwargs):
-    from .embedder import load as _load
+    from imgembed.runtime.embedder import load as _load
 
     return _load(name_or_path, **kwargs)

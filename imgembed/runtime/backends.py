@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifact import ArtifactFile, ArtifactFiles, Engine, Manifest, TextTower
-from ..errors import ArtifactError, BackendUnavailableError
-from .base import Runner
+from imgembed.artifact import ArtifactFile, ArtifactFiles, Engine, Manifest, TextTower
+from imgembed.errors import ArtifactError, BackendUnavailableError
+from imgembed.runtime.base import Runner
 
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -148,7 +148,7 @@ def engines_of(manifest: Manifest | TextTower) -> list[Engine]:
 
 def _unmet(engine: Engine) -> str | None:
     """Why this host lacks what ``engine`` needs to run as exported and gated (CPU instructions), or None."""
-    from .host import int8_saturation, missing_bf16_instructions
+    from imgembed.runtime.host import int8_saturation, missing_bf16_instructions
 
     reasons = [missing_bf16_instructions() if engine.inference_precision == "bf16" else None,
                int8_saturation(engine.backend) if engine.needs_vnni else None]
@@ -159,8 +159,8 @@ def _target_mismatch(engine: Engine) -> str | None:
     """Why a TensorRT plan cannot run on this GPU / TensorRT version (it was built for another), or None."""
     if engine.target is None:
         return None
-    from .trt_engines import incompatibilities
-    from .trt_runner import current_env
+    from imgembed.runtime.runners.tensorrt import current_env
+    from imgembed.runtime.runners.tensorrt_plans import incompatibilities
 
     return "; ".join(incompatibilities(engine.target, current_env())) or None
 
@@ -168,7 +168,7 @@ def _target_mismatch(engine: Engine) -> str | None:
 def _degraded(engine: Engine, unmet: str, where: str) -> Engine:
     """``engine`` as it runs on a host that lacks what it needs, with a :class:`DegradedEngineWarning`: a BF16
     hint falls back to FP32 (exact), an 8-bit engine gated with VNNI runs on saturating kernels (may drift)."""
-    from .host import int8_saturation, missing_bf16_instructions
+    from imgembed.runtime.host import int8_saturation, missing_bf16_instructions
 
     what, how = [], []
     if engine.inference_precision == "bf16" and missing_bf16_instructions():
@@ -252,7 +252,7 @@ def open_original(module: Any, input_hw: tuple[int, int], output_dim: int, label
 
 # ------------------------------------------------------------------------------------------- the rows
 def _open_torch(target: Target, device: str, threads: int | None, precision: str, compile: bool = False) -> Runner:
-    from .torch_runner import TorchRunner
+    from imgembed.runtime.runners.pytorch import TorchRunner
 
     assert isinstance(target, OriginalRef)
     prefix = "torch-compile" if compile else "torch"
@@ -274,7 +274,7 @@ def _torch_unavailable(device: str) -> str | None:
 
 
 def _open_ort(target: Target, device: str, threads: int | None, precision: str) -> Runner:
-    from .ort_runner import OrtRunner
+    from imgembed.runtime.runners.onnxruntime import OrtRunner
 
     assert isinstance(target, EngineRef)
     return OrtRunner(target.file(), target.output_dim, device=device, threads=threads,
@@ -282,7 +282,7 @@ def _open_ort(target: Target, device: str, threads: int | None, precision: str) 
 
 
 def _ort_unavailable(device: str) -> str | None:
-    from .ort_runner import available_providers
+    from imgembed.runtime.runners.onnxruntime import available_providers
 
     have = available_providers()
     if not have:
@@ -294,7 +294,7 @@ def _ort_unavailable(device: str) -> str | None:
 
 
 def _open_openvino(target: Target, device: str, threads: int | None, precision: str) -> Runner:
-    from .ov_runner import OpenVinoRunner
+    from imgembed.runtime.runners.openvino import OpenVinoRunner
 
     assert isinstance(target, EngineRef)
     weights = target.file("weights") if target.has_file("weights") else None
@@ -304,13 +304,13 @@ def _open_openvino(target: Target, device: str, threads: int | None, precision: 
 
 
 def _openvino_unavailable(device: str) -> str | None:
-    from .ov_runner import openvino_unavailable
+    from imgembed.runtime.runners.openvino import openvino_unavailable
 
     return openvino_unavailable(device)
 
 
 def _open_tensorrt(target: Target, device: str, threads: int | None, precision: str) -> Runner:
-    from .trt_runner import TrtRunner, artifact_engine
+    from imgembed.runtime.runners.tensorrt import TrtRunner, artifact_engine
 
     assert isinstance(target, EngineRef)
     if target.record.backend == "tensorrt" and target.record.target is not None:
@@ -322,7 +322,7 @@ def _open_tensorrt(target: Target, device: str, threads: int | None, precision: 
 
 
 def _tensorrt_unavailable(device: str) -> str | None:
-    from .trt_runner import tensorrt_unavailable
+    from imgembed.runtime.runners.tensorrt import tensorrt_unavailable
 
     return tensorrt_unavailable(device)
 

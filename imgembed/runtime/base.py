@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ImgembedError
+from imgembed.errors import ImgembedError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 :func:`~imgembed.runtime.backends.select_engine` picks for this host (after its checksums are verified), a
 registry name runs the PyTorch original. Whatever the backend, decoding and preprocessing are
 the one implementation in :mod:`imgembed.preprocess` (``decode="exact"``, the default, HF-identical) or its
-fast variant in :mod:`imgembed.fastdecode` (``decode="fast"``). Each item becomes a uint8 model-size crop;
+fast variant in :mod:`imgembed.preprocess.fast` (``decode="fast"``). Each item becomes a uint8 model-size crop;
 a uint8-input artifact takes the crops as they are, every other runner gets them normalised to float32
 NCHW. ``workers=N`` decodes in N threads overlapped with inference (:mod:`imgembed.runtime.pipeline`);
 ``load()`` pipelines by default (one decode thread per core), ``workers=0`` decodes inline.
@@ -17,15 +17,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..artifact import ArtifactFiles, Engine, Manifest, engine_files, read_manifest, verify
-from ..errors import ArtifactError, ImageDecodeError, UnknownModelError
-from ..fastdecode import check_mode, load_crop
-from ..preprocess import PreprocessSpec
-from ..registry import ModelSpec, get_spec, registry
-from .base import Runner
-from .inputs import model_input, takes_crops
-from .pipeline import default_workers, pipelined_batches
-from .results import Embeddings
+from imgembed.artifact import ArtifactFiles, Engine, Manifest, engine_files, read_manifest, verify
+from imgembed.errors import ArtifactError, ImageDecodeError, UnknownModelError
+from imgembed.models.registry import ModelSpec, get_spec, registry
+from imgembed.preprocess import PreprocessSpec
+from imgembed.preprocess.fast import check_mode, load_crop
+from imgembed.runtime.base import Runner
+from imgembed.runtime.inputs import model_input, takes_crops
+from imgembed.runtime.pipeline import default_workers, pipelined_batches
+from imgembed.runtime.results import Embeddings
 
 DEFAULT_BATCH_SIZE = 16
 ON_ERROR = ("raise", "report")
@@ -78,7 +78,7 @@ class Embedder:
     @property
     def towers(self) -> list[str]:
         """The towers this embedder can run: ``["image"]``, or ``["image", "text"]``."""
-        from .text import describe_towers
+        from imgembed.runtime.text import describe_towers
 
         return describe_towers(self.manifest) if self.artifact_path is not None else ["image"]
 
@@ -92,7 +92,7 @@ class Embedder:
     def text(self):
         """The :class:`~imgembed.runtime.text.TextEncoder` of this artifact (opened on first use)."""
         if self._text is None:
-            from .text import open_text
+            from imgembed.runtime.text import open_text
 
             if self.artifact_path is None:
                 raise ArtifactError(f"{self.name}: text embeddings need an artifact exported with --text "
@@ -111,17 +111,17 @@ class Embedder:
         return self.embed(images_or_vectors)
 
     def rank(self, images_or_vectors, texts, k: int | None = None):
-        """For each text, the images best first: a :class:`~imgembed.scoring.Ranking` (indices into the
+        """For each text, the images best first: a :class:`~imgembed.text.scoring.Ranking` (indices into the
         images, cosine scores). Images are anything :meth:`embed` takes, or their (N, dim) vectors."""
-        from ..scoring import rank
+        from imgembed.text.scoring import rank
 
         return rank(self.embed_text(texts), self._vectors(images_or_vectors), k)
 
     def classify(self, images_or_vectors, labels, template: str = "a photo of a {}.") -> np.ndarray:
         """Zero-shot label probabilities ``(N_images, N_labels)``: each label in ``template``, scored as the
         model defines (CLIP softmax over the labels, SigLIP sigmoid per label)."""
-        from ..scoring import probabilities
-        from ..tokenizer import check_texts
+        from imgembed.text.scoring import probabilities
+        from imgembed.text.tokenizer import check_texts
 
         labels = check_texts(labels, "labels")
         if not labels:
@@ -202,13 +202,13 @@ def load_artifact(path: str | Path, *, backend: str = "auto", device: str = "cpu
     picks for ``backend`` ("auto" or a backend name) and ``device``; ``decode``/``workers``: see
     :class:`Embedder`. ``require_signature``: a PEM public key; the artifact must carry a signature by its
     private key over exactly its files (``signature``, default ``NAME.sig`` beside the directory), checked
-    before the manifest is read (:func:`imgembed.signing.verify_signature`; SignatureError otherwise)."""
-    from .backends import require_device
+    before the manifest is read (:func:`imgembed.artifact.signing.verify_signature`; SignatureError otherwise)."""
+    from imgembed.runtime.backends import require_device
 
     path = Path(path)
     require_device(device)
     if require_signature is not None:
-        from ..signing import verify_signature
+        from imgembed.artifact.signing import verify_signature
 
         verify_signature(path, require_signature, signature)
     manifest = read_manifest(path)
@@ -220,7 +220,7 @@ def load_artifact(path: str | Path, *, backend: str = "auto", device: str = "cpu
 def _open_artifact(path: Path, manifest: Manifest, *, backend: str, device: str, threads: int | None, batch_size: int,
                    verify_checksums: bool, allow_failed: bool, decode: str, workers: int | None) -> Embedder:
     """:func:`load_artifact` after the manifest was read: select, verify and open the engine."""
-    from .backends import open_engine, select_engine
+    from imgembed.runtime.backends import open_engine, select_engine
 
     if manifest.status != "passed" and not allow_failed:
         failures = manifest.parity.failures if manifest.parity is not None else []
@@ -247,11 +247,11 @@ def load_original(spec: ModelSpec | str, *, weights: str | Path | None = None, r
     """An Embedder over the PyTorch original of a registry model (backend "torch" or "torch-compile").
 
     With ``weights`` (or the hub), the checkpoint's preprocessor_config.json decides the preprocessing
-    (:func:`imgembed.checkpoint.resolve_preprocess`); the registry's is the default.
+    (:func:`imgembed.models.checkpoint.resolve_preprocess`); the registry's is the default.
     """
-    from ..checkpoint import with_checkpoint_preprocess
-    from ..families import load_original as build
-    from .backends import open_original, require_device
+    from imgembed.models.checkpoint import with_checkpoint_preprocess
+    from imgembed.models.families import load_original as build
+    from imgembed.runtime.backends import open_original, require_device
 
     spec = get_spec(spec) if isinstance(spec, str) else spec
     spec, _ = with_checkpoint_preprocess(spec, weights, random_init)
@@ -277,7 +277,7 @@ def load(name_or_path: str | Path, **kwargs: Any) -> Embedder:
     batch_size, verify_checksums, allow_failed, decode, workers, require_signature (a PEM public key), signature.
     Registry keywords: weights (save_pretrained dir), random_init, backend ("torch" | "torch-compile"),
     device, threads, precision, batch_size, decode, workers.
-    ``decode="fast"`` decodes large JPEGs at reduced size (see :mod:`imgembed.fastdecode`); ``workers=N``
+    ``decode="fast"`` decodes large JPEGs at reduced size (see :mod:`imgembed.preprocess.fast`); ``workers=N``
     decodes in N threads overlapped with inference (default: one per core; 0 decodes inline).
     """
     p = Path(name_or_path)

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailableError
+from imgembed.errors import BackendUnavailableError
 
 # nvidia-smi --query-gpu fields, in the order asked for; "nounits" strips MiB / MHz / W suffixes.
 NVIDIA_SMI_FIELDS = ("index", "name", "driver_version", "memory.total", "memory.used", "clocks.sm",

@@ -203,7 +203,7 @@ def library_versions() -> dict[str, str | None]:
 def gpu_info() -> dict | None:
     """The CUDA GPU torch sees (name, memory, compute capability, CUDA version, count) plus the driver,
     memory and clocks of every GPU from ``nvidia-smi`` when present; None without a CUDA device."""
-    from .gpu import gpu_report
+    from imgembed.runtime.gpu import gpu_report
 
     return gpu_report()
 
@@ -211,7 +211,7 @@ def gpu_info() -> dict | None:
 def host_info() -> dict:
     """Everything above, plus OS, ONNX Runtime execution providers and the 1/5/15-minute load average (other
     work on the machine skews timings): the report's ``host`` block."""
-    from .ort_runner import available_providers
+    from imgembed.runtime.runners.onnxruntime import available_providers
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"hostname": platform.node(), "os": f"{platform.system()} {platform.release()}",

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..fastdecode import crops_to_pixels
-from ..preprocess import PreprocessSpec
-from .base import Runner
+from imgembed.preprocess import PreprocessSpec
+from imgembed.preprocess.fast import crops_to_pixels
+from imgembed.runtime.base import Runner
 
 
 def takes_crops(runner: Runner) -> bool:

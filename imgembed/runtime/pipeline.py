@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import ImageDecodeError
-from .results import Embeddings
+from imgembed.errors import ImageDecodeError
+from imgembed.runtime.results import Embeddings
 
 
 def default_workers() -> int:

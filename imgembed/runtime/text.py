@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact import ArtifactFiles, Engine, Manifest, TextTower, Tokenizer
-from ..errors import ArtifactError
-from ..tokenizer import TextTokenizer, check_texts
-from .base import Runner
+from imgembed.artifact import ArtifactFiles, Engine, Manifest, TextTower, Tokenizer
+from imgembed.errors import ArtifactError
+from imgembed.runtime.base import Runner
+from imgembed.text.tokenizer import TextTokenizer, check_texts
 
 DEFAULT_TEXT_BATCH = 32
 
@@ -68,7 +68,7 @@ def open_text(path: str | Path, manifest: Manifest, *, backend: str = "auto", de
               files: ArtifactFiles | None = None) -> TextEncoder:
     """The text encoder of an artifact; the tokenizer and engine files are read through ``files`` (by default
     the resolver of the manifest's ``files``, sha256 checked)."""
-    from .backends import open_engine, select_engine
+    from imgembed.runtime.backends import open_engine, select_engine
 
     path = Path(path)
     files = files or ArtifactFiles.of(path, manifest)

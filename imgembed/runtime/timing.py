@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .base import Runner
+from imgembed.runtime.base import Runner
 
 
 def interleaved_medians(runners: Mapping[str, Runner], batch: np.ndarray, *, warmup: int = 2, rounds: int = 7,

@@ -8,22 +8,22 @@ does not import them -- :func:`create_app` does.
 """
 from __future__ import annotations
 
-from .config import ServeConfig, ServeConfigError
+from imgembed.serve.config import ServeConfig, ServeConfigError
 
 
 def create_app(models, config=None):
     """The FastAPI app over loaded models; see :func:`imgembed.serve.app.create_app`."""
-    from .server import require_serve_extra
+    from imgembed.serve.server import require_serve_extra
 
     require_serve_extra()
-    from .app import create_app as _create
+    from imgembed.serve.app import create_app as _create
 
     return _create(models, config)
 
 
 def load_models(artifacts, config):
     """Verify and load artifact directories (``PATH`` or ``ID=PATH``) into served models."""
-    from .models import load_models as _load
+    from imgembed.serve.models import load_models as _load
 
     return _load(artifacts, config)
 

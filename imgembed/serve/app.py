@@ -31,11 +31,11 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import __version__
-from .auth import ApiKeyMiddleware
-from .batcher import Batcher
-from .config import ServeConfig
-from .errors import (
+from imgembed import __version__
+from imgembed.serve.auth import ApiKeyMiddleware
+from imgembed.serve.batcher import Batcher
+from imgembed.serve.config import ServeConfig
+from imgembed.serve.errors import (
     BadRequestError,
     DimensionsError,
     ModelNotFoundError,
@@ -46,10 +46,10 @@ from .errors import (
     UnavailableError,
     UndecodableImageError,
 )
-from .metrics import Metrics
-from .models import ServedModel
-from .schemas import EmbeddingResponse, ErrorResponse, Health, ModelInfo, ModelList, Readiness
-from .uploads import (
+from imgembed.serve.metrics import Metrics
+from imgembed.serve.models import ServedModel
+from imgembed.serve.schemas import EmbeddingResponse, ErrorResponse, Health, ModelInfo, ModelList, Readiness
+from imgembed.serve.uploads import (
     IMAGE_PREFIX,
     DecodeCancelled,
     DecodeLimits,

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .config import ServeConfigError
+from imgembed.serve.config import ServeConfigError
 
 KEY_ENV = "IMGEMBED_API_KEY"
 HEALTH_PATHS = ("/healthz", "/readyz")

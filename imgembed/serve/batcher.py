@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import QueueFullError, UnavailableError
+from imgembed.serve.errors import QueueFullError, UnavailableError
 
 log = logging.getLogger("imgembed.serve")
 

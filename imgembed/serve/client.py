@@ -22,8 +22,8 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from ..errors import ImgembedError
-from ..runtime.results import Embeddings
+from imgembed.errors import ImgembedError
+from imgembed.runtime.results import Embeddings
 
 
 class ServerResponseError(ImgembedError):

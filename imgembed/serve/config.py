@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..errors import ImgembedError
+from imgembed.errors import ImgembedError
 
 
 class ServeConfigError(ImgembedError, ValueError):

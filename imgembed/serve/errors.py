@@ -5,7 +5,7 @@ the bad value and the limit or the valid choices, like every imgembed error.
 """
 from __future__ import annotations
 
-from ..errors import ImageDecodeError, ImgembedError, UnknownModelError
+from imgembed.errors import ImageDecodeError, ImgembedError, UnknownModelError
 
 
 class ServeError(ImgembedError):

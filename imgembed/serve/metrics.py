@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .batcher import BatchStats
+from imgembed.serve.batcher import BatchStats
 
 NO_MODEL = "_none"  # label for requests that never resolved to a served model (keeps cardinality bounded)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..artifact import read_manifest
-from ..runtime.embedder import Embedder, load_artifact
-from .batcher import Batcher
-from .config import ServeConfig, ServeConfigError
-from .errors import DuplicateModelError
+from imgembed.artifact import read_manifest
+from imgembed.runtime.embedder import Embedder, load_artifact
+from imgembed.serve.batcher import Batcher
+from imgembed.serve.config import ServeConfig, ServeConfigError
+from imgembed.serve.errors import DuplicateModelError
 
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 

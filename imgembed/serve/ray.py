@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import ServeConfig
-from .errors import UnavailableError
-from .models import ServedModel
+from imgembed.serve.config import ServeConfig
+from imgembed.serve.errors import UnavailableError
+from imgembed.serve.models import ServedModel
 
 log = logging.getLogger("imgembed.serve")
 APP_NAME = "imgembed"
@@ -101,7 +101,7 @@ def ray_app(artifacts: Sequence[str], config: ServeConfig | None = None, *, repl
     and ``replicas`` .. ``max_replicas`` model replicas batching with ``@serve.batch``."""
     from ray import serve
 
-    from .server import require_serve_extra
+    from imgembed.serve.server import require_serve_extra
 
     require_serve_extra()
     config = config or ServeConfig()
@@ -114,7 +114,7 @@ def ray_app(artifacts: Sequence[str], config: ServeConfig | None = None, *, repl
                       ray_actor_options=model_actor_options or {"num_cpus": 1})
     class ModelReplica:
         def __init__(self) -> None:
-            from .models import load_models
+            from imgembed.serve.models import load_models
 
             self.models = {m.id: m for m in load_models(artifacts, config)}
             for m in self.models.values():
@@ -133,7 +133,7 @@ def ray_app(artifacts: Sequence[str], config: ServeConfig | None = None, *, repl
     @serve.ingress()
     class Ingress:
         def __init__(self, model_handle) -> None:
-            from .models import load_models
+            from imgembed.serve.models import load_models
 
             self.models = []
             for m in load_models(artifacts, config):
@@ -142,7 +142,7 @@ def ray_app(artifacts: Sequence[str], config: ServeConfig | None = None, *, repl
                 self.models.append(remote)
 
         def __serve_build_asgi_app__(self):
-            from .app import create_app
+            from imgembed.serve.app import create_app
 
             return create_app(self.models, config)
 

@@ -14,8 +14,8 @@ import sys
 import threading
 from typing import Sequence
 
-from ..errors import BackendUnavailableError
-from .config import ServeConfig
+from imgembed.errors import BackendUnavailableError
+from imgembed.serve.config import ServeConfig
 
 log = logging.getLogger("imgembed.serve")
 SERVE_EXTRA = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart",
@@ -153,8 +153,8 @@ def run(artifacts: Sequence[str], config: ServeConfig, *, log_level: str = "info
     require_serve_extra()
     import uvicorn
 
-    from .app import create_app
-    from .models import load_models
+    from imgembed.serve.app import create_app
+    from imgembed.serve.models import load_models
 
     models = load_models(artifacts, config)
     app = create_app(models, config)

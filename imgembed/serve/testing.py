@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .client import EmbeddingClient
+from imgembed.serve.client import EmbeddingClient
 
 _LISTENING = re.compile(r"listening on (https?://\S+)")
 

@@ -27,12 +27,12 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..decode_guard import DEFAULT_MAX_SECONDS, decode_formats
-from ..errors import ImageDecodeError
-from ..fastdecode import crops_to_pixels, load_crop
-from ..preprocess import PreprocessSpec, load_image, resize_crop, resize_plan
-from .config import ServeConfig
-from .errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
+from imgembed.errors import ImageDecodeError
+from imgembed.preprocess import PreprocessSpec, load_image, resize_crop, resize_plan
+from imgembed.preprocess.fast import crops_to_pixels, load_crop
+from imgembed.preprocess.guard import DEFAULT_MAX_SECONDS, decode_formats
+from imgembed.serve.config import ServeConfig
+from imgembed.serve.errors import BadRequestError, PayloadTooLargeError, PixelLimitError, UnsupportedMediaTypeError
 
 PROBE_FORMATS = decode_formats()  # the plugins load_image itself allows: header probes use no others
 FORM_LIMIT = 10_000  # parts per multipart body; the body-size limit is what really bounds a request

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsError
-from ..preprocess import PreprocessSpec
+from imgembed.errors import WeightsError
+from imgembed.preprocess import PreprocessSpec
 
 # (repeats, kernel, stride, expand ratio, in, out) of the seven stages at width and depth 1.0
 STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..export.smoothquant import norm_linear_pairs, scale_channels
+from imgembed.export.smoothquant import norm_linear_pairs, scale_channels
 
 
 @torch.no_grad()

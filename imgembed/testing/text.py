@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..registry import ModelSpec, get_spec
+from imgembed.models.registry import ModelSpec, get_spec
 
 _WORDS = ("a photo of the cat dog red blue green bicycle car night day beach snow city street table wooden "
           "astronaut rocket coffee cup moon clock tower brick wall coin page text colour wheel two people "
@@ -154,7 +154,7 @@ def write_image_text_checkpoint(name: str | ModelSpec, directory: str | Path, se
     import torch
     import transformers
 
-    from ..families import family_of
+    from imgembed.models.families import family_of
 
     spec = get_spec(name) if isinstance(name, str) else name
     record = family_of(spec).text

@@ -9,10 +9,10 @@ Modules, by what they build: :mod:`.onnxruntime` (float graphs, INT8 presets and
 import importlib
 import pkgutil
 
-from ..engines import LAST_RESORT
-from .cle import ORT_INT8_CLE, ORT_INT8_CLE_7BIT
-from .mixed import ORT_INT8_MIXED
-from .onnxruntime import (
+from imgembed.export.engines import LAST_RESORT
+from imgembed.export.recipes.cle import ORT_INT8_CLE, ORT_INT8_CLE_7BIT
+from imgembed.export.recipes.mixed import ORT_INT8_MIXED
+from imgembed.export.recipes.onnxruntime import (
     ORT_FP16,
     ORT_FP32,
     ORT_INT8_FORCED_ONLY,
@@ -22,7 +22,7 @@ from .onnxruntime import (
     ORT_INT8_STATIC_QOPERATOR,
     ORT_INT8_STATIC_QOPERATOR_7BIT,
 )
-from .openvino import (
+from imgembed.export.recipes.openvino import (
     OV_BF16,
     OV_FP32,
     OV_INT8,
@@ -32,7 +32,7 @@ from .openvino import (
     OV_INT8_SMOOTHQUANT,
     OV_INT8_SMOOTHQUANT_BF16,
 )
-from .registry import (
+from imgembed.export.recipes.registry import (
     KINDS,
     Recipe,
     always,
@@ -48,7 +48,7 @@ from .registry import (
     with_vnni,
     without_vnni,
 )
-from .smoothquant import ORT_INT8_SMOOTHQUANT, ORT_INT8_SMOOTHQUANT_7BIT
+from imgembed.export.recipes.smoothquant import ORT_INT8_SMOOTHQUANT, ORT_INT8_SMOOTHQUANT_7BIT
 
 # every module of this package registers its records when imported: a new recipe module needs no import here
 for _module in pkgutil.iter_modules(__path__):

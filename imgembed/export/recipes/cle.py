@@ -8,18 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ...errors import ExportError
-from ..engines import Inputs, batches_of, with_input_format
-from ..quantize import PRESETS, quantize, quantized_op_counts
-from .onnxruntime import ORT_INT8_STATIC_QOPERATOR, ORT_INT8_STATIC_QOPERATOR_7BIT, int8_rules
-from .registry import Recipe, register, with_vnni
+from imgembed.errors import ExportError
+from imgembed.export.engines import Inputs, batches_of, with_input_format
+from imgembed.export.quantize import PRESETS, quantize, quantized_op_counts
+from imgembed.export.recipes.onnxruntime import ORT_INT8_STATIC_QOPERATOR, ORT_INT8_STATIC_QOPERATOR_7BIT, int8_rules
+from imgembed.export.recipes.registry import Recipe, register, with_vnni
 
 
 def cle_graph(inputs: Inputs) -> tuple[Path, dict]:
     """The plain graph after cross-layer equalization, built once per export; an ExportError when the graph
     has no chain to equalize (the candidate would repeat its plain recipe)."""
     if "cle" not in inputs.built:
-        from ..equalize import equalize
+        from imgembed.export.equalize import equalize
 
         path = inputs.work / "cle.onnx"
         inputs.built["cle"] = path, equalize(inputs.plain, path)

@@ -7,18 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..engines import LAST_RESORT, Inputs, batches_of, with_input_format
-from ..quantize import PRESETS, quantized_op_counts
-from .onnxruntime import int8_rules
-from .registry import Recipe, register
+from imgembed.export.engines import LAST_RESORT, Inputs, batches_of, with_input_format
+from imgembed.export.quantize import PRESETS, quantized_op_counts
+from imgembed.export.recipes.onnxruntime import int8_rules
+from imgembed.export.recipes.registry import Recipe, register
 
 
 def ort_int8_mixed(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
     config = PRESETS[preset]
 
     def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
-        from ..int8_search import _embed
-        from ..mixed_precision import mixed_int8
+        from imgembed.export.int8_search import _embed
+        from imgembed.export.mixed_precision import mixed_int8
 
         pixels, _, info = inputs.calibration()
         batches = batches_of(pixels)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..engines import Inputs, batches_of, with_input_format
-from ..quantize import PRESETS, QuantConfig, quantize, quantized_op_counts, saturates
-from .registry import KernelRule, Recipe, always, never, register, with_vnni, without_vnni
+from imgembed.export.engines import Inputs, batches_of, with_input_format
+from imgembed.export.quantize import PRESETS, QuantConfig, quantize, quantized_op_counts, saturates
+from imgembed.export.recipes.registry import KernelRule, Recipe, always, never, register, with_vnni, without_vnni
 
 IMAGE_AND_TEXT = frozenset({"transformer", "cnn", "text"})
 TRANSFORMERS = frozenset({"transformer", "text"})
@@ -34,7 +34,7 @@ def ort_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
 
 
 def ort_fp16(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
-    from ..onnx_export import convert_fp16
+    from imgembed.export.onnx_export import convert_fp16
 
     directory.mkdir(parents=True, exist_ok=True)
     path = convert_fp16(inputs.ort_graph, directory / "fp16.onnx")

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ...runtime import host
-from ..engines import Inputs, batches_of, with_input_format
-from .cle import cle_graph
-from .registry import Recipe, register, with_vnni
+from imgembed.export.engines import Inputs, batches_of, with_input_format
+from imgembed.export.recipes.cle import cle_graph
+from imgembed.export.recipes.registry import Recipe, register, with_vnni
+from imgembed.runtime import host
 
 ALL = frozenset({"transformer", "cnn", "text"})
 TRANSFORMERS = frozenset({"transformer", "text"})
@@ -27,7 +27,7 @@ def bf16_instructions() -> str | None:
 
 
 def ov_float(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
-    from ..openvino import convert_onnx, ir_files
+    from imgembed.export.openvino import convert_onnx, ir_files
 
     directory.mkdir(parents=True, exist_ok=True)
     return ir_files(convert_onnx(inputs.plain_in_format(), directory / "model.xml")), {}
@@ -38,7 +38,7 @@ def ov_int8(smooth_quant: bool, equalized: bool = False) -> Callable[[Inputs, Pa
     key = f"openvino-int8{'-smoothquant' if smooth_quant else ''}{'-cle' if equalized else ''}"
 
     def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
-        from ..openvino import convert_onnx, ir_files, quantize_nncf
+        from imgembed.export.openvino import convert_onnx, ir_files, quantize_nncf
 
         if key in inputs.built:
             files, record = inputs.built[key]

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Union
 
-from ...errors import ExportError
-from ...runtime import host
-from ...runtime.backends import get_backend
-from ..engines import LAST_RESORT, Candidate
+from imgembed.errors import ExportError
+from imgembed.export.engines import LAST_RESORT, Candidate
+from imgembed.runtime import host
+from imgembed.runtime.backends import get_backend
 
 if TYPE_CHECKING:
-    from ..engines import Inputs
+    from imgembed.export.engines import Inputs
 
 Builder = Callable[["Inputs", Path], "tuple[dict[str, Path], dict]"]
 Probe = Callable[[], Union[str, None]]  # why the recipe cannot be built here, None when it can

@@ -10,18 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ...errors import ExportError
-from ..engines import Inputs, batches_of, with_input_format
-from ..quantize import PRESETS, quantize, quantized_op_counts
-from .onnxruntime import ORT_INT8_STATIC_QDQ_MATMUL, ORT_INT8_STATIC_QDQ_MATMUL_7BIT, int8_rules
-from .registry import Recipe, register, with_vnni
+from imgembed.errors import ExportError
+from imgembed.export.engines import Inputs, batches_of, with_input_format
+from imgembed.export.quantize import PRESETS, quantize, quantized_op_counts
+from imgembed.export.recipes.onnxruntime import ORT_INT8_STATIC_QDQ_MATMUL, ORT_INT8_STATIC_QDQ_MATMUL_7BIT, int8_rules
+from imgembed.export.recipes.registry import Recipe, register, with_vnni
 
 
 def ort_int8_smoothquant(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path], dict]]:
     config = PRESETS[preset]
 
     def build(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], dict]:
-        from ..int8_search import smoothquant_int8
+        from imgembed.export.int8_search import smoothquant_int8
 
         if inputs.head is None:
             raise ExportError("the smoothquant candidate needs the PyTorch original (Inputs.head)")

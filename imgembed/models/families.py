@@ -12,11 +12,11 @@ families; the registry validates ``family:`` against it, and no other code branc
 * the real architecture with random weights from the registry's ``arch`` (``random_init=True``), seeded
   so that the same original can be rebuilt later from a manifest (:func:`original_from_source`).
 
-The ``module`` family is the user's own ``torch.nn.Module`` (:mod:`imgembed.user_module`): it has no
+The ``module`` family is the user's own ``torch.nn.Module`` (:mod:`imgembed.models.user_module`): it has no
 transformers classes and no registry entries; its originals are rebuilt from a ``module`` source record.
 
 This module imports torch only inside the functions that need it, so the registry (and ``import imgembed``)
-can use the records without it. The original is an :class:`~imgembed.embedding_head.EmbeddingHead`.
+can use the records without it. The original is an :class:`~imgembed.models.heads.EmbeddingHead`.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .errors import WeightsError
+from imgembed.errors import WeightsError
 
 if TYPE_CHECKING:
-    from .embedding_head import EmbeddingHead
-    from .registry import ModelSpec
+    from imgembed.models.heads import EmbeddingHead
+    from imgembed.models.registry import ModelSpec
 
 DEFAULT_SEED = 0
-MODULE_FAMILY = "module"   # a user's own nn.Module (imgembed.user_module)
+MODULE_FAMILY = "module"   # a user's own nn.Module (imgembed.models.user_module)
 
 
 # ------------------------------------------------------------------------------- vision-tower hooks
@@ -237,7 +237,7 @@ def family_of(spec: "ModelSpec") -> Family:
 def __getattr__(name: str) -> Any:
     """``EmbeddingHead`` is importable from here without importing torch with this module."""
     if name == "EmbeddingHead":
-        from .embedding_head import EmbeddingHead
+        from imgembed.models.heads import EmbeddingHead
 
         return EmbeddingHead
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -325,7 +325,7 @@ def load_original(spec: "ModelSpec", weights: str | Path | None = None, random_i
 
     ``attn="eager"`` keeps attention as plain MatMul/Softmax so ONNX Runtime can fuse it after export.
     """
-    from .embedding_head import EmbeddingHead
+    from imgembed.models.heads import EmbeddingHead
 
     if weights is not None and random_init:
         raise WeightsError("pass either weights=DIR or random_init=True, not both")
@@ -353,13 +353,13 @@ def original_from_source(spec: "ModelSpec", source: Mapping[str, Any], weights_o
     directory, or ``weights_override`` when given (the directory moved); ``hub`` loads the recorded repo at
     the recorded revision, or ``weights_override`` when given (offline re-checks); ``module`` calls the factory
     the caller names in ``module`` (or the recorded one only with ``trust_manifest_factory``; see
-    :func:`imgembed.user_module.original_from_record`; ``weights_override`` is the weights file, which must have
+    :func:`imgembed.models.user_module.original_from_record`; ``weights_override`` is the weights file, which must have
     the recorded sha256). Unknown kinds raise
     :class:`~imgembed.errors.WeightsError`.
     """
     kind = source.get("kind") if isinstance(source, Mapping) else None
     if kind == "module":
-        from .user_module import original_from_record
+        from imgembed.models.user_module import original_from_record
 
         return original_from_record(spec, source, weights_override, module, trust_manifest_factory)
     if kind == "random-init":
@@ -369,9 +369,11 @@ def original_from_source(spec: "ModelSpec", source: Mapping[str, Any], weights_o
     if kind == "local":
         return load_original(spec, weights=source["path"], attn=attn)
     if kind == "hub":
-        from .registry import Source
-
-        pinned = replace(spec, source=Source(hub=str(source["repo"]), revision=str(source.get("revision", "main"))))
+        if spec.source is None:
+            raise WeightsError(f"{spec.name}: the source records hub repo {source.get('repo')!r}, but the model's "
+                               "registry entry has no hub source to pin")
+        pinned = replace(spec, source=replace(spec.source, hub=str(source["repo"]),
+                                              revision=str(source.get("revision", "main"))))
         return load_original(pinned, attn=attn)
     raise WeightsError(f"unknown source kind {kind!r} in {dict(source) if isinstance(source, Mapping) else source!r}; "
                        "expected 'random-init', 'local', 'hub' or 'module'")

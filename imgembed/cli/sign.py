@@ -1,4 +1,5 @@
-"""``imgembed sign`` / ``imgembed verify``: artifact signatures with offline key pairs (:mod:`imgembed.signing`)."""
+"""``imgembed sign`` / ``imgembed verify``: artifact signatures with offline key pairs
+(:mod:`imgembed.artifact.signing`)."""
 from __future__ import annotations
 
 import os
@@ -7,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .cli_common import errors, out_console
-from .errors import SignatureError
+from imgembed.cli.common import errors, out_console
+from imgembed.errors import SignatureError
 
 
 def sign_cmd(
@@ -20,7 +21,7 @@ def sign_cmd(
                                                "holding the private key's password (encrypted keys)."),
 ) -> None:
     """Sign ARTIFACT: a signature over the manifest and every file, by path and sha256."""
-    from .signing import sign_artifact
+    from imgembed.artifact.signing import sign_artifact
 
     with errors():
         password = None
@@ -39,8 +40,8 @@ def verify_cmd(
                                              "beside the directory)."),
 ) -> None:
     """Check ARTIFACT's signature with PUB and its files' checksums; exit 1 with the reason otherwise."""
-    from .artifact import verify
-    from .signing import signature_path, verify_signature
+    from imgembed.artifact import verify
+    from imgembed.artifact.signing import signature_path, verify_signature
 
     with errors():
         verify_signature(artifact, pub, signature)

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ..errors import EngineMismatchError
-from .gpu import GpuIdentity
+from imgembed.errors import EngineMismatchError
+from imgembed.runtime.gpu import GpuIdentity
 
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -14,7 +14,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from .cli_common import err_console, errors, out_console
+from imgembed.cli.common import err_console, errors, out_console
 
 
 def parse_labels(labels: Optional[str], labels_file: Optional[Path]) -> list[str]:
@@ -50,8 +50,7 @@ def classify_cmd(
 ) -> None:
     """Zero-shot classification: the most probable labels of each photo (CLIP softmax / SigLIP sigmoid)."""
     import imgembed
-
-    from .jobs.folder import list_images
+    from imgembed.jobs.folder import list_images
 
     names = parse_labels(labels, labels_file)
     if "{}" not in template:

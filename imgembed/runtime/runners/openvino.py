@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ArtifactFile
-from ..errors import ArtifactError, BackendUnavailableError, ImgembedError
-from .base import InputSpec, Runner
+from imgembed.artifact import ArtifactFile
+from imgembed.errors import ArtifactError, BackendUnavailableError, ImgembedError
+from imgembed.runtime.base import InputSpec, Runner
 
 INSTALL_HINT = "pip install 'imgembed[openvino]' (openvino and nncf)"
 HINTS = {"fp32": "f32", "bf16": "bf16"}

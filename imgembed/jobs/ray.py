@@ -1,6 +1,6 @@
 """Scale-out with Ray Data: the same artifact and decode path, one runner per actor.
 
-    import imgembed.distributed as dist
+    import imgembed.jobs.ray as dist
     table = dist.embed_with_ray("artifacts/clip-vit-b32-int8", ["photos/"], decode="fast")
     table.paths, table.vectors, table.failures           # input order; failures = (path, error)
 
@@ -22,9 +22,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BackendUnavailableError
-from .jobs.folder import Engine, list_images, local_batches
-from .runtime.results import Embeddings
+from imgembed.errors import BackendUnavailableError
+from imgembed.jobs.folder import Engine, list_images, local_batches
+from imgembed.runtime.results import Embeddings
 
 
 def _ray():
@@ -52,7 +52,7 @@ class EmbedActor:
 
     def __init__(self, artifact: str, decode: str = "exact", threads: int = 1, workers: int = 0,
                  backend: str = "auto"):
-        from .runtime.embedder import load_artifact
+        from imgembed.runtime.embedder import load_artifact
 
         self.embedder = load_artifact(artifact, backend=backend, threads=threads, decode=decode, workers=workers)
 

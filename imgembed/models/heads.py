@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .registry import ModelSpec
+    from imgembed.models.registry import ModelSpec
 
 
 class EmbeddingHead(torch.nn.Module):
@@ -43,7 +43,7 @@ class ModuleHead(torch.nn.Module):
 
     The output is cast to float32 and, when ``normalize``, L2-normalised inside the module, so the exported
     graph and the parity reference compute the same thing. The shape contract is checked before export
-    (:func:`imgembed.user_module.check_output`), not here.
+    (:func:`imgembed.models.user_module.check_output`), not here.
     """
 
     def __init__(self, module: torch.nn.Module, normalize: bool):

@@ -28,13 +28,13 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .decode_guard import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SECONDS, DeadlineReader, DecodeTimeout
-from .errors import ImageDecodeError
-from .preprocess import RESAMPLE_CODES, PreprocessSpec, load_image, normalize_into, resize_crop, to_rgb
-from .preprocess import center_crop as _center_crop
-from .preprocess import check_pixels as _check_pixels
-from .preprocess import describe as _describe
-from .preprocess import resize_plan as _resize_plan
+from imgembed.errors import ImageDecodeError
+from imgembed.preprocess import RESAMPLE_CODES, PreprocessSpec, load_image, normalize_into, resize_crop, to_rgb
+from imgembed.preprocess import center_crop as _center_crop
+from imgembed.preprocess import check_pixels as _check_pixels
+from imgembed.preprocess import describe as _describe
+from imgembed.preprocess import resize_plan as _resize_plan
+from imgembed.preprocess.guard import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SECONDS, DeadlineReader, DecodeTimeout
 
 DECODE_MODES = ("exact", "fast")
 DRAFT_FACTOR = 2.0     # drafted short edge >= DRAFT_FACTOR x the resize target's short edge

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..artifact import ArtifactFile, ArtifactFiles
-from ..errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ImgembedError
-from .base import InputSpec, Runner
-from .gpu import current_gpu
-from .trt_engines import BatchProfile, EngineEnv, plan_chunks, select_engine
+from imgembed.artifact import ArtifactFile, ArtifactFiles
+from imgembed.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ImgembedError
+from imgembed.runtime.base import InputSpec, Runner
+from imgembed.runtime.gpu import current_gpu
+from imgembed.runtime.runners.tensorrt_plans import BatchProfile, EngineEnv, plan_chunks, select_engine
 
 if TYPE_CHECKING:
-    from ..artifact import Manifest
+    from imgembed.artifact import Manifest
 
 INSTALL_HINT = ("install TensorRT from NVIDIA's index (pip install tensorrt-cu12, or tensorrt-cu13 for CUDA 13) "
                 "on a machine with an NVIDIA GPU and a CUDA build of torch")
@@ -161,7 +161,7 @@ def artifact_engine(artifact: str | Path, precision: str | None = None, env: Eng
                     files: ArtifactFiles | None = None) -> tuple[ArtifactFile, dict]:
     """The engine file (and its record) of ``artifact`` that runs on this machine, through the artifact's
     resolver (``files``; by default one that checks every sha256): its bytes are verified when read."""
-    from ..artifact import read_manifest, verify
+    from imgembed.artifact import read_manifest, verify
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
@@ -175,7 +175,7 @@ def artifact_engine(artifact: str | Path, precision: str | None = None, env: Eng
 
 def load_trt_runner(artifact: str | Path, precision: str | None = None) -> TrtRunner:
     """A TrtRunner over the engine of ``artifact`` built for this GPU and TensorRT version."""
-    from ..artifact import read_manifest
+    from imgembed.artifact import read_manifest
 
     path, record = artifact_engine(artifact, precision)
     dim = read_manifest(artifact).output.dim

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .errors import ParityError
+from imgembed.errors import ParityError
 
 if TYPE_CHECKING:  # core does not import runtime; a runner is only called here
-    from .runtime.base import Runner
+    from imgembed.runtime.base import Runner
 
 BATCH_SIZES = (1, 3, 8)
 KNN_K = 5

@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import RegistryError, UnknownModelError
-from .families import FAMILIES
-from .preprocess import PreprocessSpec
+from imgembed.errors import RegistryError, UnknownModelError
+from imgembed.models.families import FAMILIES
+from imgembed.preprocess import PreprocessSpec
 
 POOLINGS = ("none", "cls", "mean", "gap")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -36,9 +36,9 @@ PARITY_METRICS = ("min_cosine", "mean_cosine", "knn_agreement", "max_abs", "batc
 
 def _registry_paths() -> list[Path]:
     """The packaged registry (inside the wheel) or the repo-root one (editable install), then user files."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "models.yaml"
-    paths = [packaged if packaged.exists() else here.parent / "models.yaml"]
+    package = Path(__file__).resolve().parents[1]   # imgembed/
+    packaged = package / "models.yaml"
+    paths = [packaged if packaged.exists() else package.parent / "models.yaml"]
     extra = os.environ.get("IMGEMBED_MODELS", "")
     paths += [Path(p) for p in extra.split(os.pathsep) if p]
     return paths

@@ -15,8 +15,8 @@ import copy
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
-from .base import InputSpec, Runner
+from imgembed.errors import BackendUnavailableError
+from imgembed.runtime.base import InputSpec, Runner
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 GRAPH_WARMUP = 3

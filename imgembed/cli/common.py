@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .errors import ImgembedError, ParityError
+from imgembed.errors import ImgembedError, ParityError
 
 # Wide consoles when piped, so tables are not truncated to 80 columns in logs and CI.
 out_console = Console(width=None if sys.stdout.isatty() else 160)

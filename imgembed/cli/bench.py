@@ -14,8 +14,8 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from ..user_module import TRUST_FLAG
-from .measure import MeasureSettings, Window
+from imgembed.bench.measure import MeasureSettings, Window
+from imgembed.models.user_module import TRUST_FLAG
 
 MODE_CHOICES = {"model": ("model",), "e2e": ("e2e",), "both": ("model", "e2e"), "pipeline": ("pipeline",),
                 "all": ("model", "e2e", "pipeline")}
@@ -34,7 +34,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 def parse_engines(text: Optional[str]) -> tuple[str, ...] | None:
     """``"onnxruntime,openvino"`` -> the backend names, each checked against the backend table."""
-    from ..runtime.backends import BACKENDS
+    from imgembed.runtime.backends import BACKENDS
 
     if not text:
         return None
@@ -78,8 +78,8 @@ def _prepare(targets: List[str], precisions: tuple[str, ...], random_init: bool,
              trust_manifest_factory: bool = False) -> tuple[list, list[str]]:
     """Resolve the targets (exporting registry models into the cache) under a spinner; returns the models and
     notes: exports left out after failing parity, and INT8-slower-than-FP32 findings of fresh exports."""
-    from ..export.quantize import Int8SlowerWarning
-    from .targets import resolve_targets
+    from imgembed.bench.targets import resolve_targets
+    from imgembed.export.quantize import Int8SlowerWarning
 
     notes: list[str] = []
     with steps("preparing artifacts") as step, warnings.catch_warnings(record=True) as caught:
@@ -130,9 +130,9 @@ def bench_cmd(
                                                 "factory the manifest names (printed first). Code execution."),
 ) -> None:
     """Benchmark models against their PyTorch original: latency percentiles, throughput, speed-up."""
-    from ..cli_common import err_console, errors, out_console, steps
-    from .report import write_all
-    from .suite import BenchConfig, run_benchmark
+    from imgembed.bench.report import write_all
+    from imgembed.bench.suite import BenchConfig, run_benchmark
+    from imgembed.cli.common import err_console, errors, out_console, steps
 
     if mode not in MODE_CHOICES:
         raise typer.BadParameter(f"--mode {mode!r}; expected one of {list(MODE_CHOICES)}")
@@ -143,7 +143,7 @@ def bench_cmd(
     warn = lambda msg: err_console.print(f"[bold yellow]WARNING[/]: {msg}", highlight=False)  # noqa: E731
     sizes, backends = parse_batch_sizes(batch_sizes), parse_engines(engines)
     with errors():
-        from ..runtime.backends import require_device
+        from imgembed.runtime.backends import require_device
 
         require_device(device)
         settings = MeasureSettings(warmup=warmup, window_seconds=window_seconds, max_seconds=max_seconds)

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ArtifactError
+from imgembed.errors import ArtifactError
 
 PADDING = ("longest", "max_length")
 

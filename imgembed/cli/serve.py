@@ -74,10 +74,10 @@ def serve_cmd(
 ) -> None:
     """Serve ARTIFACTS over HTTP: POST /v1/embeddings (images; texts for artifacts exported with --text),
     GET /v1/models, /healthz, /readyz, /metrics."""
-    from ..cli_common import errors
-    from .auth import read_keys
-    from .config import ServeConfig
-    from .server import run
+    from imgembed.cli.common import errors
+    from imgembed.serve.auth import read_keys
+    from imgembed.serve.config import ServeConfig
+    from imgembed.serve.server import run
 
     with errors():
         config = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms,
@@ -94,7 +94,7 @@ def serve_cmd(
                              ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                              ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
         if ray:
-            from .ray import run_ray
+            from imgembed.serve.ray import run_ray
 
             run_ray(artifacts, config, replicas=replicas, max_replicas=max_replicas)
             return

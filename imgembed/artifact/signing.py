@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .artifact import atomic_path, verify
-from .errors import SignatureError
+from imgembed.artifact import atomic_path, verify
+from imgembed.errors import SignatureError
 
 EXTRA = "sign"
 SUFFIX = ".sig"

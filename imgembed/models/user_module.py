@@ -32,12 +32,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from .artifact import sha256_file
-from .errors import ArtifactError, ExportError, WeightsError
+from imgembed.errors import ArtifactError, ExportError, WeightsError
 
 if TYPE_CHECKING:
-    from .embedding_head import ModuleHead
-    from .registry import ModelSpec
+    from imgembed.models.heads import ModuleHead
+    from imgembed.models.registry import ModelSpec
 
 SOURCE_KIND = "module"
 FACTORY_FORM = "'pkg.module:factory' (a callable taking no arguments that returns a torch.nn.Module)"
@@ -237,7 +236,7 @@ def original_from_record(spec: "ModelSpec", source: Mapping[str, Any],
     """Rebuild the original of a module artifact: the caller's factory ``module`` (a path or a callable), or the
     recorded one when ``trust_manifest_factory``; call it under the recorded seed, load the recorded weights file
     (or ``weights_override``, which must have the same sha256), check the state digest."""
-    from .embedding_head import ModuleHead
+    from imgembed.models.heads import ModuleHead
 
     what = f"module artifact {spec.name!r}"
     factory, label = _chosen_factory(what, source, module, trust_manifest_factory)
@@ -318,3 +317,12 @@ def _recorded_weights(what: str, recorded: Mapping | None, override: str | Path 
         raise ArtifactError(f"{what}: weights file {path} has sha256 {digest}, the artifact was exported from "
                             f"{recorded['sha256']}; pass the original file with --weights FILE")
     return path
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a weights file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

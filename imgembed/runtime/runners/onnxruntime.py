@@ -6,9 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..artifact import ArtifactFile
-from ..errors import ArtifactError, BackendUnavailableError
-from .base import InputSpec, Runner
+from imgembed.artifact import ArtifactFile
+from imgembed.errors import ArtifactError, BackendUnavailableError
+from imgembed.runtime.base import InputSpec, Runner
 
 _ORT_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
                  "tensor(int64)": "int64"}
@@ -67,7 +67,7 @@ def verified_external_data(source: ArtifactFile, model: bytes) -> dict[str, byte
         return {}
     import onnx
 
-    from ..artifact.store import _tensors
+    from imgembed.artifact.store import _tensors
 
     try:
         proto = onnx.load_model_from_string(model)
@@ -113,7 +113,7 @@ class OrtRunner(Runner):
     def _activate_impl(self) -> None:
         import onnxruntime as ort
 
-        from ..artifact import check_external_data
+        from imgembed.artifact import check_external_data
 
         opts = ort.SessionOptions()
         if self.source is not None:  # an artifact's engine: ORT gets the verified bytes, never the path

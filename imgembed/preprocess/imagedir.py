@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import ImageDecodeError, ImageSetError
-from .preprocess import load_image
+from imgembed.errors import ImageDecodeError, ImageSetError
+from imgembed.preprocess import load_image
 
 
 def load_image_dir(directory: str | Path) -> tuple[list[tuple[str, Image.Image]], list[str]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import ImageDecodeError
+from imgembed.errors import ImageDecodeError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # declared width x height above this is refused before decoding
 DEFAULT_MAX_SECONDS = 20.0       # per-item decode deadline for encoded inputs (checked between input chunks)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImgembedError
+from imgembed.errors import ImgembedError
 
 _KEYS = ("mean", "components", "explained_variance", "explained_variance_ratio")
 

@@ -19,13 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointPreprocessError, RegistryError, WeightsError
-from .families import family_of
-from .preprocess import PreprocessSpec
-from .preprocess.processors import CROP_NONE, CROP_SIZE, processor
+from imgembed.errors import CheckpointPreprocessError, RegistryError, WeightsError
+from imgembed.models.families import family_of
+from imgembed.preprocess import PreprocessSpec
+from imgembed.preprocess.processors import CROP_NONE, CROP_SIZE, processor
 
 if TYPE_CHECKING:
-    from .registry import ModelSpec
+    from imgembed.models.registry import ModelSpec
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 MODEL_CONFIG = "config.json"
@@ -166,7 +166,7 @@ def _from_checkpoint(spec: "ModelSpec | None", cfg: dict, model_cfg: dict | None
 
 def _slow_name(cfg: dict) -> str:
     """The slow class name of a processor config's type (``*Fast`` and legacy FeatureExtractor names map)."""
-    from .preprocess.spec import _hf_processor_name
+    from imgembed.preprocess.spec import _hf_processor_name
 
     return _hf_processor_name(cfg)
 
@@ -199,8 +199,8 @@ def _key_of(message: str) -> str | None:
 def check_artifact_preprocess(spec: "ModelSpec", source: dict, weights: str | Path | None, where: str) -> None:
     """Raise ArtifactError if the checkpoint of an artifact (its manifest ``source``, or ``weights``) now
     asks for other preprocessing than the artifact's ``spec.preprocess`` (the artifact is stale)."""
-    from .errors import ArtifactError
-    from .registry import Source
+    from imgembed.errors import ArtifactError
+    from imgembed.models.registry import Source
 
     kind = source.get("kind") if isinstance(source, dict) else None
     if kind in ("random-init", "module"):  # no checkpoint directory: the manifest's preprocessing is the truth

@@ -27,11 +27,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .cli_common import err_console, errors, out_console, steps
-from .user_module import TRUST_FLAG
+from imgembed.cli.common import err_console, errors, out_console, steps
+from imgembed.models.user_module import TRUST_FLAG
 
 if TYPE_CHECKING:
-    from .artifact import Manifest, TextTower
+    from imgembed.artifact import Manifest, TextTower
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export image-embedding models to ONNX Runtime / OpenVINO engines, check parity, "
@@ -42,7 +42,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def models_cmd(all_: bool = typer.Option(False, "--all", help="Include tiny test models."),
                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the named models of the registry (models.yaml)."""
-    from .registry import list_models
+    from imgembed.models.registry import list_models
 
     with errors():
         specs = list_models(include_test=all_)
@@ -65,8 +65,8 @@ def models_cmd(all_: bool = typer.Option(False, "--all", help="Include tiny test
 def backends_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the runtime's backends: what each runs, on which device and precisions, and whether it is usable
     here (with the reason when not)."""
-    from .runtime.backends import backend_table
-    from .runtime.host import cpu_summary
+    from imgembed.runtime.backends import backend_table
+    from imgembed.runtime.host import cpu_summary
 
     rows = backend_table()
     if as_json:
@@ -146,8 +146,8 @@ def export_cmd(
 ) -> None:
     """Export NAME (or your own module with --module), race the installed engines, gate each on parity against
     PyTorch, write an artifact whose default engine is the fastest that passed on this machine."""
-    from .export.pipeline import ExportOptions, export_model
-    from .parity import ParityReport, format_report
+    from imgembed.export.pipeline import ExportOptions, export_model
+    from imgembed.gate.parity import ParityReport, format_report
 
     if int8 + fp16 + bf16 > 1:
         err_console.print("[bold red]error[/]: choose one of --int8, --bf16 and --fp16")
@@ -171,7 +171,7 @@ def export_cmd(
         if module is None:
             result = export_model(name, out, opts, step=step)
         else:
-            from .export.module_export import CHECKPOINT_OPTIONS, export_module
+            from imgembed.export.module_export import CHECKPOINT_OPTIONS, export_module
 
             options = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
                        if f.name not in CHECKPOINT_OPTIONS}
@@ -182,7 +182,7 @@ def export_cmd(
     print_candidates(m, m.precision)
     source = m.preprocess_source.model_dump() if m.preprocess_source is not None else {}
     if source.get("differs_from_registry"):
-        from .checkpoint import describe
+        from imgembed.models.checkpoint import describe
 
         out_console.print(describe(source), highlight=False)
     if m.parity is not None:
@@ -272,7 +272,7 @@ def _trt_prepare(trt: bool, precision: str, int8_preset: Optional[str], batch: s
     anything; returns (TrtOptions or None, ExportOptions overrides)."""
     if not trt:
         return None, {}
-    from .export.tensorrt import prepare_trt_export
+    from imgembed.export.tensorrt import prepare_trt_export
 
     try:
         with errors():
@@ -284,7 +284,7 @@ def _trt_prepare(trt: bool, precision: str, int8_preset: Optional[str], batch: s
 
 def _trt_engine(out: Path, trt_opts, weights: Optional[Path], threads: Optional[int]) -> None:
     """Build, gate and add the TensorRT engine to the artifact just written."""
-    from .export.tensorrt import add_engine
+    from imgembed.export.tensorrt import add_engine
 
     trt_opts.weights, trt_opts.threads = weights, threads
     with errors(), steps("building the TensorRT engine") as step:
@@ -315,15 +315,15 @@ def parity_cmd(
                                                 "for artifacts whose author you trust."),
 ) -> None:
     """Re-run the parity check of ARTIFACT's engine against its PyTorch original."""
-    from .export.pipeline import recheck_artifact
-    from .imagedir import load_image_dir
+    from imgembed.export.pipeline import recheck_artifact
+    from imgembed.preprocess.imagedir import load_image_dir
 
     with errors(), steps("checking parity") as step:
         pairs, skipped = load_image_dir(images) if images is not None else (None, [])
         report = recheck_artifact(artifact, weights=weights, threads=threads, step=step, backend=backend,
                                   images=pairs, module=module, trust_manifest_factory=trust_manifest_factory)
         text_report = _recheck_text(artifact, weights, threads, backend, step)
-    from .parity import format_report
+    from imgembed.gate.parity import format_report
 
     for why in skipped:
         err_console.print(f"[bold yellow]skipped[/]: {why}", highlight=False)
@@ -342,19 +342,19 @@ def parity_cmd(
 
 def _recheck_text(artifact: Path, weights: Optional[Path], threads: Optional[int], backend: str, step):
     """The text tower's re-check when the artifact has one (None otherwise)."""
-    from .artifact import read_manifest
+    from imgembed.artifact import read_manifest
 
     manifest = read_manifest(artifact)
     if manifest.text is None:
         return None
-    from .export.text_tower import recheck_text
+    from imgembed.export.text_tower import recheck_text
 
     return recheck_text(artifact, manifest, weights=weights, threads=threads, backend=backend, step=step)
 
 
 def _save_npy(path: Path, vectors: np.ndarray, paths: List[str]) -> Path:
     """Write vectors.npy and a sidecar NAME.paths.txt (row order), each atomically."""
-    from .artifact import atomic_path, write_bytes_atomic
+    from imgembed.artifact import atomic_path, write_bytes_atomic
 
     sidecar = path.with_suffix(".paths.txt")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -385,13 +385,13 @@ def _embed_progress(total: int) -> Iterator:
 def _engine(model: str, emb, *, batch_size: int, workers: Optional[int], decode: str, threads: Optional[int],
             ray: bool, ray_address: Optional[str], backend: str = "auto"):
     """The local pipeline, or Ray Data actors (artifact directories only)."""
-    from .jobs.folder import local_batches
+    from imgembed.jobs.folder import local_batches
 
     if not (ray or ray_address):
         return local_batches(emb, batch_size=batch_size, workers=workers)
     if emb.artifact_path is None:
         raise typer.BadParameter("--ray runs exported artifacts; give an artifact directory, not a registry name")
-    from .distributed import ray_batches
+    from imgembed.jobs.ray import ray_batches
 
     return ray_batches(emb.artifact_path, batch_size=batch_size, decode=decode, threads_per_actor=threads or 1,
                        address=ray_address, backend=backend)
@@ -399,7 +399,7 @@ def _engine(model: str, emb, *, batch_size: int, workers: Optional[int], decode:
 
 def _run_npy(out: Path, files: List[str], engine, emb) -> tuple[int, list[tuple[str, str]]]:
     """Embed into OUT.npy + OUT.paths.txt (not resumable); returns (rows written, failures)."""
-    from .runtime.results import Embeddings
+    from imgembed.runtime.results import Embeddings
 
     chunks, done, failed = [], 0, 0
     with _embed_progress(len(files)) as update:
@@ -445,10 +445,9 @@ def embed_cmd(
 ) -> None:
     """Embed images into .npy or .parquet. Unreadable inputs are reported (exit code 3), never fatal."""
     import imgembed
-
-    from .jobs import printable
-    from .jobs.folder import VERIFY_MODES, FolderJob, job_metadata, walk_inputs
-    from .runtime.pipeline import default_workers
+    from imgembed.jobs import printable
+    from imgembed.jobs.folder import VERIFY_MODES, FolderJob, job_metadata, walk_inputs
+    from imgembed.runtime.pipeline import default_workers
 
     listing = walk_inputs(inputs, follow_symlinks=follow_symlinks)
     for note in listing.skipped[:20]:
@@ -493,7 +492,7 @@ def embed_cmd(
 
 def _run_parquet(job, engine, max_parts: Optional[int]) -> tuple[int, list[tuple[str, str]]]:
     """The resumable folder job; returns (rows in the output, failures recorded in it)."""
-    from .jobs.parquet import read_embeddings
+    from imgembed.jobs.parquet import read_embeddings
 
     with _embed_progress(len(job.paths)) as update:
         result = job.run(engine, max_parts=max_parts, progress=update)
@@ -509,16 +508,12 @@ def _run_parquet(job, engine, max_parts: Optional[int]) -> tuple[int, list[tuple
     return result.rows - len(failures), failures
 
 
-# Sub-commands that live in their own modules; each module exposes ``register(app: typer.Typer)``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("imgembed.bench.cli", "imgembed.serve.cli", "imgembed.text_cli",
-                                       "imgembed.jobs.search", "imgembed.signing_cli")
-
-
+# Sub-commands that live in their own modules; each exposes ``register(app: typer.Typer)``.
 def _register_subcommands() -> None:
-    import importlib
+    from imgembed.cli import bench, search, serve, sign, text
 
-    for module in SUBCOMMAND_MODULES:
-        importlib.import_module(module).register(app)
+    for module in (bench, serve, text, search, sign):
+        module.register(app)
 
 
 _register_subcommands()

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..fastdecode import crops_of, crops_to_pixels
-from ..parity import run_batched
-from ..preprocess import PreprocessSpec
-from ..registry import ModelSpec
-from ..runtime.base import Runner
-from ..runtime.inputs import model_input
-from ..runtime.torch_runner import TorchRunner
-from ..samples import parity_images
+from imgembed.gate.parity import run_batched
+from imgembed.gate.samples import parity_images
+from imgembed.models.registry import ModelSpec
+from imgembed.preprocess import PreprocessSpec
+from imgembed.preprocess.fast import crops_of, crops_to_pixels
+from imgembed.runtime.base import Runner
+from imgembed.runtime.inputs import model_input
+from imgembed.runtime.runners.pytorch import TorchRunner
 
 REFERENCE_BATCH = 8
 

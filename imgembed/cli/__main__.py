@@ -1,0 +1,4 @@
+"""``python -m imgembed.cli``."""
+from imgembed.cli import main
+
+main()

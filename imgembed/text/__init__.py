@@ -1,0 +1,1 @@
+"""Text towers at inference: the tokenizer and image-text scoring."""
