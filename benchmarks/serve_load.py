@@ -49,12 +49,19 @@ from imgembed.serve.client import EmbeddingClient
 from imgembed.serve.testing import ServerProcess
 
 
-def jpeg_images() -> list[bytes]:
-    """The 26 sample photos as JPEG bytes (what a client would upload)."""
+def jpeg_images(megapixels: tuple[float, ...] = ()) -> list[bytes]:
+    """The 26 sample photos as JPEG bytes (q90, what a client would upload); with ``megapixels``, each photo
+    upscaled (bicubic) to those sizes in turn (e.g. 0.5, 0.75, 1.0: phone photos resized for upload)."""
+    from PIL import Image
+
     out = []
-    for _, img in parity_images():
+    for i, (_, img) in enumerate(parity_images()):
+        img = img.convert("RGB")
+        if megapixels:
+            s = (megapixels[i % len(megapixels)] * 1e6 / (img.width * img.height)) ** 0.5
+            img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=90)
+        img.save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
@@ -259,7 +266,7 @@ def run(args) -> dict:
     manifest = json.loads((artifact / "manifest.json").read_text())
     dynamic = (manifest.get("export", {}).get("quantization") or {}).get("preset", {}).get("mode") == "dynamic"
     min_cosine = manifest["model"]["parity"]["int8"]["min_cosine"] if dynamic else None
-    images = jpeg_images()
+    images = jpeg_images(tuple(float(x) for x in args.megapixels.split(",") if x))
     clients = args.clients or 2 * args.batch
     emb = imgembed.load(artifact, batch_size=args.batch, threads=args.threads)
     reference = emb.embed(images, batch_size=1)  # one image per call: no batch-composition effects
@@ -274,10 +281,20 @@ def run(args) -> dict:
     overload.update(offered_rps=rate, multiple=args.overload, seconds=args.overload_seconds)
     rejected = sum(n for status, n in overload["statuses"].items() if str(status) == "429")
     overload["rate_429"] = rejected / max(1, overload["sent"])
+    sizes = [_size(b) for b in images]
     return {"serialisation": serialisation_cost(), "artifact": str(artifact), "model": manifest["name"],
+            "uploads": {"count": len(images), "megapixels_min": min(sizes), "megapixels_max": max(sizes),
+                        "kb_mean": sum(map(len, images)) / len(images) / 1e3},
             "precision": manifest["precision"],
             "batch": args.batch, "clients": clients, "delay_ms": args.delay_ms, "sustained": steady,
             "overload": overload}
+
+
+def _size(data: bytes) -> float:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return round(img.width * img.height / 1e6, 3)
 
 
 def report(r: dict) -> str:
@@ -318,6 +335,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="test-clip-tiny", help="registry model to export with random weights")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "imgembed-serve-bench"))
+    p.add_argument("--megapixels", default="", help="upload sizes, e.g. 0.5,0.75,1 (default: the sample photos "
+                   "as they are, 0.1-0.5 MP)")
     p.add_argument("--batch", type=int, default=8, help="offline batch size = server --max-batch")
     p.add_argument("--delay-ms", type=float, default=5.0, help="server --max-delay-ms")
     p.add_argument("--clients", type=int, default=0, help="closed-loop clients (default 2 x batch)")
