@@ -306,7 +306,10 @@ def run(args) -> dict:
     rejected = sum(n for status, n in overload["statuses"].items() if str(status) == "429")
     overload["rate_429"] = rejected / max(1, overload["sent"])
     sizes = [_size(b) for b in images]
+    from imgembed.runtime.host import host_info
+
     return {"serialisation": serialisation_cost(), "artifact": str(artifact), "model": manifest["name"],
+            "host": host_info(), "threads": args.threads,
             "uploads": {"count": len(images), "megapixels_min": min(sizes), "megapixels_max": max(sizes),
                         "kb_mean": sum(map(len, images)) / len(images) / 1e3},
             "precision": manifest["precision"],
