@@ -35,6 +35,7 @@ from .preprocess import center_crop as _center_crop
 from .preprocess import check_pixels as _check_pixels
 from .preprocess import describe as _describe
 from .preprocess import resize_plan as _resize_plan
+from .preprocess.decode import finish_opened
 
 DECODE_MODES = ("exact", "fast")
 DRAFT_FACTOR = 2.0     # drafted short edge >= DRAFT_FACTOR x the resize target's short edge
@@ -106,7 +107,7 @@ def _draft_stream(fp: Any, spec: PreprocessSpec, desc: str, max_pixels: int, max
         _check_pixels(img, desc, max_pixels)
         img.draft("RGB", draft_request(img.width, img.height, spec))
         try:
-            out = load_image(img, name=desc, max_pixels=max_pixels)  # decode, EXIF orientation, RGB
+            out = finish_opened(img, desc, max_pixels)  # decode, EXIF orientation, RGB (no copy)
         except DecodeTimeout:
             reader.expired = True
             out = None

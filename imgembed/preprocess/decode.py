@@ -96,6 +96,12 @@ def _finish(img: Image.Image, desc: str, max_pixels: int, *, owned: bool = False
                                f"({type(e).__name__}: {e})") from None
 
 
+def finish_opened(img: Image.Image, desc: str, max_pixels: int) -> Image.Image:
+    """Like ``load_image(img)`` for an image the caller has just opened and hands over (e.g. after
+    ``Image.draft``): oriented and converted in place where possible, never copied."""
+    return _finish(img, desc, max_pixels, owned=True)
+
+
 def _decode_stream(fp: Any, desc: str, max_pixels: int, max_seconds: float) -> Image.Image:
     """Decode an open binary stream with the allowed PIL plugins, within ``max_seconds``."""
     reader = DeadlineReader(fp, max_seconds)
