@@ -97,7 +97,7 @@ def decode_only_round(emb, images: list[bytes], n: int, workers: int) -> float:
 
     work = [images[i % len(images)] for i in range(n)]
     t0 = time.perf_counter()
-    for _ in ordered_map(lambda data: emb.model_input(load_crop(data, emb.preprocess)[None]), work,
+    for _ in ordered_map(lambda data: emb.model_input(load_crop(data, emb.preprocess, emb.decode)[None]), work,
                          workers=workers, prefetch=4 * workers):
         pass
     return n / (time.perf_counter() - t0)
@@ -280,7 +280,7 @@ def resolve_artifact(args) -> Path:
 def server_options(args, queue: int, timeout: float) -> list[str]:
     opts = ["--max-batch", str(args.batch), "--max-delay-ms", str(args.delay_ms), "--max-queue", str(queue),
             "--max-images", "1", "--timeout", str(timeout), "--log-level", "warning",
-            "--decode-workers", str(args.decode_workers)]
+            "--decode-workers", str(args.decode_workers), "--draft-ratio", str(args.draft_ratio)]
     return opts + (["--threads", str(args.threads)] if args.threads else [])
 
 
@@ -291,7 +291,10 @@ def run(args) -> dict:
     min_cosine = manifest["model"]["parity"]["int8"]["min_cosine"] if dynamic else None
     images = jpeg_images(tuple(float(x) for x in args.megapixels.split(",") if x))
     clients = args.clients or 2 * args.batch
-    emb = imgembed.load(artifact, batch_size=args.batch, threads=args.threads)
+    # --draft-ratio: the server decodes large uploads at reduced scale (fastdecode); the offline side does
+    # the same (decode="fast"), which matches the server for every upload at or above the ratio
+    emb = imgembed.load(artifact, batch_size=args.batch, threads=args.threads,
+                        decode="fast" if args.draft_ratio > 0 else "exact")
     reference = emb.embed(images, batch_size=1)  # one image per call: no batch-composition effects
     with ServerProcess([artifact], *server_options(args, 4 * clients, 120)) as server:
         steady = interleaved(emb, server.url, images, args.batch, clients, args.requests, args.rounds,
@@ -314,6 +317,7 @@ def run(args) -> dict:
                         "kb_mean": sum(map(len, images)) / len(images) / 1e3},
             "precision": manifest["precision"],
             "batch": args.batch, "clients": clients, "decode_workers": args.decode_workers,
+            "draft_ratio": args.draft_ratio,
             "delay_ms": args.delay_ms, "sustained": steady,
             "overload": overload}
 
@@ -329,7 +333,8 @@ def report(r: dict) -> str:
     s, ov = r["sustained"], r["overload"]
     lines = [
         f"artifact {r['artifact']} ({r['model']}, {r['precision']}), batch {r['batch']}, {r['clients']} clients, "
-        f"max delay {r['delay_ms']} ms, {len(s['round_ratios'])} interleaved rounds",
+        f"max delay {r['delay_ms']} ms, {len(s['round_ratios'])} interleaved rounds, uploads "
+        f"{r['uploads']['megapixels_min']:g}-{r['uploads']['megapixels_max']:g} MP, draft ratio {r['draft_ratio']:g}",
         f"offline runtime : {s['offline_images_per_s']:8.1f} images/s (rounds "
         + ", ".join(f"{x:.1f}" for x in s["offline_rounds"]) + ")",
         f"server sustained: {s['server_images_per_s']:8.1f} images/s (rounds "
@@ -377,6 +382,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (offline and server)")
     p.add_argument("--decode-workers", type=int, default=2, help="server --decode-workers (and the decode-only "
                    "round's threads)")
+    p.add_argument("--draft-ratio", type=float, default=0.0, help="server --draft-ratio (default 0: exact "
+                   "decoding); > 0 also makes the offline, decode-only and reference sides decode fast, which "
+                   "matches the server for uploads whose short edge is >= the ratio x the resize target")
     p.add_argument("--overload", type=float, default=4.0, help="offered load as a multiple of sustained")
     p.add_argument("--overload-seconds", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=2.0, help="server per-request timeout in the overload phase")
