@@ -104,14 +104,14 @@ def model_only(emb, files: list[Path], batch: int) -> Callable[[list[Path]], int
     return run
 
 
-def decode_only(emb, workers: int) -> Callable[[list[Path]], int]:
+def decode_only(emb, workers: int, batch: int) -> Callable[[list[Path]], int]:
     """Exact decoding + HF resize/crop of every file on ``workers`` threads (as the pipeline runs it), no inference."""
     from imgembed.fastdecode import load_crop
     from imgembed.runtime.pipeline import ordered_map
 
     def run(files: list[Path]) -> int:
         done = list(ordered_map(lambda f: load_crop(f, emb.preprocess), files, workers=workers,
-                                prefetch=2 * 16 + 2 * max(workers, 1)))
+                                prefetch=2 * batch + 2 * max(workers, 1)))  # the pipeline's window
         return sum(ok for _, ok, _ in done)
     return run
 
@@ -139,7 +139,7 @@ def folder_job(artifact: Path, folder: Path, out: Path) -> tuple[Callable, Calla
 
     emb = imgembed.load(artifact, threads=None, batch_size=16, decode="exact", backend="auto", device="cpu")
 
-    def job() -> int:
+    def job() -> tuple[int, object]:
         files = walk_inputs([str(folder)]).paths
         result = FolderJob(out, files, job_metadata(emb)).run(local_batches(emb, batch_size=16,
                                                                             workers=default_workers()))
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     job_first, job_rerun = folder_job(art_f, args.folder, args.job_out)
     configs = {"seed": seed_pipeline(spec, threads), "api-defaults": api_defaults(art_f),
                "model-only": model_only(emb_f, files, args.batch),
-               "decode-only": decode_only(emb_f, workers),
+               "decode-only": decode_only(emb_f, workers, args.batch),
                "folder-job": job_first, "folder-rerun": job_rerun,
                "fast-uint8": imgembed_pipeline(emb_u, args.batch, workers, "fast") if emb_u else None,
                "fast-float": imgembed_pipeline(emb_f, args.batch, workers, "fast"),
