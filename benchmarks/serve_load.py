@@ -49,12 +49,19 @@ from imgembed.serve.client import EmbeddingClient
 from imgembed.serve.testing import ServerProcess
 
 
-def jpeg_images() -> list[bytes]:
-    """The 26 sample photos as JPEG bytes (what a client would upload)."""
+def jpeg_images(megapixels: tuple[float, ...] = ()) -> list[bytes]:
+    """The 26 sample photos as JPEG bytes (q90, what a client would upload); with ``megapixels``, each photo
+    upscaled (bicubic) to those sizes in turn (e.g. 0.5, 0.75, 1.0: phone photos resized for upload)."""
+    from PIL import Image
+
     out = []
-    for _, img in parity_images():
+    for i, (_, img) in enumerate(parity_images()):
+        img = img.convert("RGB")
+        if megapixels:
+            s = (megapixels[i % len(megapixels)] * 1e6 / (img.width * img.height)) ** 0.5
+            img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC)
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=90)
+        img.save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
@@ -78,6 +85,21 @@ def model_only_round(emb, pixels: np.ndarray, batch: int, n: int) -> float:
     work = np.concatenate([pixels] * reps)[:n]
     t0 = time.perf_counter()
     emb.embed_pixels(work, batch_size=batch)
+    return n / (time.perf_counter() - t0)
+
+
+def decode_only_round(emb, images: list[bytes], n: int, workers: int) -> float:
+    """images/s of decoding + preprocessing alone (``load_crop`` + ``model_input`` per upload, as the server's
+    decode pool does it) on ``workers`` threads, no inference: with model-only it bounds any server that decodes
+    and infers on the same cores at 1 / (1 / decode-only + 1 / model-only)."""
+    from imgembed.preprocess.fast import load_crop
+    from imgembed.runtime.pipeline import ordered_map
+
+    work = [images[i % len(images)] for i in range(n)]
+    t0 = time.perf_counter()
+    for _ in ordered_map(lambda data: emb.model_input(load_crop(data, emb.preprocess, emb.decode)[None]), work,
+                         workers=workers, prefetch=4 * workers):
+        pass
     return n / (time.perf_counter() - t0)
 
 
@@ -125,24 +147,31 @@ def server_round(url: str, images: list[bytes], clients: int, n: int) -> tuple[f
     return statuses.count(200) / (time.perf_counter() - t0), latencies, statuses
 
 
-def interleaved(emb, url: str, images: list[bytes], batch: int, clients: int, n: int, rounds: int) -> dict:
+def interleaved(emb, url: str, images: list[bytes], batch: int, clients: int, n: int, rounds: int,
+                decode_workers: int = 2) -> dict:
     """Alternate offline and server rounds (the CPU may be shared: drift hits both alike); medians."""
     emb.embed(images[:batch], batch_size=batch)  # warm-up, both sides
     server_round(url, images, clients, 2 * clients)
     pixels = emb.embed(images, batch_size=batch) is not None and _pixels(emb, images)
-    offline, served, model, latencies, statuses = [], [], [], [], []
+    offline, served, model, decode, latencies, statuses = [], [], [], [], [], []
     for _ in range(rounds):
         offline.append(offline_round(emb, images, batch, n))
         model.append(model_only_round(emb, pixels, batch, n))
+        decode.append(decode_only_round(emb, images, n, decode_workers))
         rate, lat, st = server_round(url, images, clients, n)
         served.append(rate)
         latencies += lat
         statuses += st
     ratios = [s / o for s, o in zip(served, offline, strict=True)]
     model_ratios = [s / m for s, m in zip(served, model, strict=True)]
+    bounds = [1 / (1 / d + 1 / m) for d, m in zip(decode, model, strict=True)]  # decode and inference add up
+    bound_ratios = [s / b for s, b in zip(served, bounds, strict=True)]
     return {"offline_images_per_s": statistics.median(offline), "server_images_per_s": statistics.median(served),
             "model_only_images_per_s": statistics.median(model), "model_ratio": statistics.median(model_ratios),
-            "model_round_ratios": model_ratios,
+            "model_round_ratios": model_ratios, "decode_only_images_per_s": statistics.median(decode),
+            "decode_only_rounds": decode, "bound_images_per_s": statistics.median(bounds),
+            "bound_ratio": statistics.median(bound_ratios), "bound_round_ratios": bound_ratios,
+            "bound_over_model_only": statistics.median(b / m for b, m in zip(bounds, model, strict=True)),
             "ratio": statistics.median(ratios), "round_ratios": ratios, "offline_rounds": offline,
             "server_rounds": served, "p50_ms": percentile(latencies, 50) * 1e3,
             "p99_ms": percentile(latencies, 99) * 1e3, "requests": len(statuses), "ok": statuses.count(200)}
@@ -250,7 +279,8 @@ def resolve_artifact(args) -> Path:
 
 def server_options(args, queue: int, timeout: float) -> list[str]:
     opts = ["--max-batch", str(args.batch), "--max-delay-ms", str(args.delay_ms), "--max-queue", str(queue),
-            "--max-images", "1", "--timeout", str(timeout), "--log-level", "warning"]
+            "--max-images", "1", "--timeout", str(timeout), "--log-level", "warning",
+            "--decode-workers", str(args.decode_workers), "--draft-ratio", str(args.draft_ratio)]
     return opts + (["--threads", str(args.threads)] if args.threads else [])
 
 
@@ -259,12 +289,16 @@ def run(args) -> dict:
     manifest = json.loads((artifact / "manifest.json").read_text())
     dynamic = (manifest.get("export", {}).get("quantization") or {}).get("preset", {}).get("mode") == "dynamic"
     min_cosine = manifest["model"]["parity"]["int8"]["min_cosine"] if dynamic else None
-    images = jpeg_images()
+    images = jpeg_images(tuple(float(x) for x in args.megapixels.split(",") if x))
     clients = args.clients or 2 * args.batch
-    emb = imgembed.load(artifact, batch_size=args.batch, threads=args.threads)
+    # --draft-ratio: the server decodes large uploads at reduced scale (fastdecode); the offline side does
+    # the same (decode="fast"), which matches the server for every upload at or above the ratio
+    emb = imgembed.load(artifact, batch_size=args.batch, threads=args.threads,
+                        decode="fast" if args.draft_ratio > 0 else "exact")
     reference = emb.embed(images, batch_size=1)  # one image per call: no batch-composition effects
     with ServerProcess([artifact], *server_options(args, 4 * clients, 120)) as server:
-        steady = interleaved(emb, server.url, images, args.batch, clients, args.requests, args.rounds)
+        steady = interleaved(emb, server.url, images, args.batch, clients, args.requests, args.rounds,
+                             args.decode_workers)
     emb.close()
     rate = args.overload * steady["server_images_per_s"]
     with ServerProcess([artifact], *server_options(args, args.overload_queue, args.timeout)) as server:
@@ -274,17 +308,33 @@ def run(args) -> dict:
     overload.update(offered_rps=rate, multiple=args.overload, seconds=args.overload_seconds)
     rejected = sum(n for status, n in overload["statuses"].items() if str(status) == "429")
     overload["rate_429"] = rejected / max(1, overload["sent"])
+    sizes = [_size(b) for b in images]
+    from imgembed.runtime.host import host_info
+
     return {"serialisation": serialisation_cost(), "artifact": str(artifact), "model": manifest["name"],
+            "host": host_info(), "threads": args.threads,
+            "uploads": {"count": len(images), "megapixels_min": min(sizes), "megapixels_max": max(sizes),
+                        "kb_mean": sum(map(len, images)) / len(images) / 1e3},
             "precision": manifest["precision"],
-            "batch": args.batch, "clients": clients, "delay_ms": args.delay_ms, "sustained": steady,
+            "batch": args.batch, "clients": clients, "decode_workers": args.decode_workers,
+            "draft_ratio": args.draft_ratio,
+            "delay_ms": args.delay_ms, "sustained": steady,
             "overload": overload}
+
+
+def _size(data: bytes) -> float:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return round(img.width * img.height / 1e6, 3)
 
 
 def report(r: dict) -> str:
     s, ov = r["sustained"], r["overload"]
     lines = [
         f"artifact {r['artifact']} ({r['model']}, {r['precision']}), batch {r['batch']}, {r['clients']} clients, "
-        f"max delay {r['delay_ms']} ms, {len(s['round_ratios'])} interleaved rounds",
+        f"max delay {r['delay_ms']} ms, {len(s['round_ratios'])} interleaved rounds, uploads "
+        f"{r['uploads']['megapixels_min']:g}-{r['uploads']['megapixels_max']:g} MP, draft ratio {r['draft_ratio']:g}",
         f"offline runtime : {s['offline_images_per_s']:8.1f} images/s (rounds "
         + ", ".join(f"{x:.1f}" for x in s["offline_rounds"]) + ")",
         f"server sustained: {s['server_images_per_s']:8.1f} images/s (rounds "
@@ -294,6 +344,10 @@ def report(r: dict) -> str:
         + ")",
         f"model only      : {s['model_only_images_per_s']:8.1f} images/s; server/model-only median "
         f"{s['model_ratio']:.0%} (rounds " + ", ".join(f"{x:.0%}" for x in s["model_round_ratios"]) + ")",
+        f"decode only     : {s['decode_only_images_per_s']:8.1f} images/s ({r['decode_workers']} threads); "
+        f"decode+infer bound {s['bound_images_per_s']:.1f} images/s = {s['bound_over_model_only']:.0%} of model-only; "
+        f"server/bound median {s['bound_ratio']:.0%} (rounds "
+        + ", ".join(f"{x:.0%}" for x in s["bound_round_ratios"]) + ")",
         f"OpenAI answer 64 x 512-d: float {r['serialisation']['float_ms']:.2f} ms "
         f"({r['serialisation']['float_bytes']} B), base64 {r['serialisation']['base64_ms']:.2f} ms "
         f"({r['serialisation']['base64_bytes']} B): base64 {r['serialisation']['ratio']:.1f}x cheaper",
@@ -318,12 +372,19 @@ def parse_args(argv=None):
     p.add_argument("--model", default="test-clip-tiny", help="registry model to export with random weights")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "imgembed-serve-bench"))
+    p.add_argument("--megapixels", default="", help="upload sizes, e.g. 0.5,0.75,1 (default: the sample photos "
+                   "as they are, 0.1-0.5 MP)")
     p.add_argument("--batch", type=int, default=8, help="offline batch size = server --max-batch")
     p.add_argument("--delay-ms", type=float, default=5.0, help="server --max-delay-ms")
     p.add_argument("--clients", type=int, default=0, help="closed-loop clients (default 2 x batch)")
     p.add_argument("--requests", type=int, default=200, help="images per offline / server round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved offline / server rounds")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (offline and server)")
+    p.add_argument("--decode-workers", type=int, default=2, help="server --decode-workers (and the decode-only "
+                   "round's threads)")
+    p.add_argument("--draft-ratio", type=float, default=0.0, help="server --draft-ratio (default 0: exact "
+                   "decoding); > 0 also makes the offline, decode-only and reference sides decode fast, which "
+                   "matches the server for uploads whose short edge is >= the ratio x the resize target")
     p.add_argument("--overload", type=float, default=4.0, help="offered load as a multiple of sustained")
     p.add_argument("--overload-seconds", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=2.0, help="server per-request timeout in the overload phase")

@@ -294,6 +294,37 @@ def test_load_image_does_not_mutate_pil_input():
     assert src.mode == "RGBA" and out is not src and out.mode == "RGB"
 
 
+def test_load_image_of_a_pil_image_is_a_new_image_and_the_input_is_left_alone():
+    """The decoder orients and converts images it opened itself in place (no full-size copy); a caller's
+    image is never modified, whether it needs a transposition or nothing at all."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = Image.open(io.BytesIO(_jpeg_bytes(Image.fromarray(_rng_image(20, 40)), exif=exif.tobytes())))
+    before = np.asarray(rotated).copy()
+    out = load_image(rotated)
+    assert out is not rotated and out.size == (20, 40) and rotated.size == (40, 20)
+    assert rotated.getexif().get(0x0112) == 6
+    np.testing.assert_array_equal(np.asarray(rotated), before)
+    plain = Image.fromarray(_rng_image(10, 12))
+    out = load_image(plain)
+    assert out is not plain
+    out.paste((0, 0, 0), (0, 0, 12, 10))
+    assert np.asarray(plain).any()
+
+
+def test_load_image_of_encoded_bytes_equals_pil_decoding(tmp_path):
+    data = _jpeg_bytes(Image.fromarray(_rng_image(30, 50)))
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for item in (data, path):
+        out = load_image(item)
+        assert out.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(out), want)
+        resized = np.asarray(Image.fromarray(want).resize((25, 15)))
+        np.testing.assert_array_equal(np.asarray(out.resize((25, 15))), resized)  # usable after decoding
+
+
 def test_load_image_applies_exif_orientation(tmp_path):
     arr = np.zeros((20, 40, 3), np.uint8)  # H=20, W=40: red left half, blue right half
     arr[:, :20] = (255, 0, 0)

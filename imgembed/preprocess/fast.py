@@ -34,6 +34,7 @@ from imgembed.preprocess import center_crop as _center_crop
 from imgembed.preprocess import check_pixels as _check_pixels
 from imgembed.preprocess import describe as _describe
 from imgembed.preprocess import resize_plan as _resize_plan
+from imgembed.preprocess.decode import finish_opened
 from imgembed.preprocess.guard import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SECONDS, DeadlineReader, DecodeTimeout
 
 DECODE_MODES = ("exact", "fast")
@@ -106,7 +107,7 @@ def _draft_stream(fp: Any, spec: PreprocessSpec, desc: str, max_pixels: int, max
         _check_pixels(img, desc, max_pixels)
         img.draft("RGB", draft_request(img.width, img.height, spec))
         try:
-            out = load_image(img, name=desc, max_pixels=max_pixels)  # decode, EXIF orientation, RGB
+            out = finish_opened(img, desc, max_pixels)  # decode, EXIF orientation, RGB (no copy)
         except DecodeTimeout:
             reader.expired = True
             out = None
