@@ -84,6 +84,7 @@ emb = imgembed.load(sys.argv[2])
 np.save(sys.argv[5], emb.embed([str(p) for p in paths]))
 np.save(sys.argv[6], emb.embed_text(["a photo of a cat", "a rocket"]))
 print(emb.engine["id"])
+print("\t".join(str(p) for p in paths))
 """
 
 
@@ -111,19 +112,19 @@ def format_1(tmp_path_factory):
                           str(base / "samples"), str(base / "images.npy"), str(base / "texts.npy")],
                          capture_output=True, text=True, env=env, cwd=base, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return base, out.stdout.strip().splitlines()[-1]
+    engine, paths = out.stdout.strip().splitlines()[-2:]
+    return base, engine, paths.split("\t")
 
 
 def test_a_format_1_artifact_of_the_previous_release_loads_with_the_same_vectors(format_1):
-    base, old_engine = format_1
+    base, old_engine, paths = format_1
     raw = json.loads((base / "art" / A.MANIFEST).read_text())
     assert raw["format_version"] == 1 and "text" in raw     # a real format-1 manifest, with a text tower
     m = A.read_manifest(base / "art")
     assert m.format_version == 2 and m.default_engine == old_engine and m.text is not None
     emb = imgembed.load(base / "art")
     assert emb.engine.id == old_engine and emb.towers == ["image", "text"]
-    paths = sorted((base / "samples").iterdir())
-    np.testing.assert_allclose(emb.embed([str(p) for p in paths]), np.load(base / "images.npy"), atol=1e-5)
+    np.testing.assert_allclose(emb.embed(paths), np.load(base / "images.npy"), atol=1e-5)   # same images, same order
     np.testing.assert_allclose(emb.embed_text(["a photo of a cat", "a rocket"]), np.load(base / "texts.npy"),
                                atol=1e-5)
     assert json.loads((base / "art" / A.MANIFEST).read_text()) == raw   # migrated in memory, never rewritten
@@ -132,7 +133,7 @@ def test_a_format_1_artifact_of_the_previous_release_loads_with_the_same_vectors
 def test_a_format_1_tensorrt_plan_becomes_an_engine_of_the_one_list(format_1, tmp_path):
     """Format 1 kept TensorRT plans in a side store (``tensorrt.engines``); format 2 lists them with every
     other engine, with the GPU and TensorRT version they were built for."""
-    base, _ = format_1
+    base, _, _ = format_1
     art = tmp_path / "art"
     shutil.copytree(base / "art", art)
     raw = json.loads((art / A.MANIFEST).read_text())
