@@ -13,7 +13,7 @@ works where an optional backend is missing.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from imgembed.errors import (
     ArtifactError,
