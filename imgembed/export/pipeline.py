@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from imgembed.preprocess import load_image
 from imgembed.preprocess.fast import crops_of, crops_to_pixels
 from imgembed.preprocess.imagedir import load_image_dir
 
+if TYPE_CHECKING:
+    from imgembed.export.tensorrt import TrtOptions
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPEED_BATCH = engines.SPEED_BATCH
 INPUT_FORMATS = ("float32", "uint8")
@@ -74,7 +77,7 @@ class ExportOptions:
     input_format: str = "float32"           # "float32" NCHW normalised | "uint8" NHWC resize+crop (see uint8_input)
     text: bool = False                      # CLIP / SigLIP: add the text tower (text/ in the artifact)
     tokenizer: str | Path | None = None     # tokenizer directory / tokenizer.json (default: the checkpoint's)
-    trt: Any = None                         # TrtOptions (``--trt``): race TensorRT plans for this GPU too
+    trt: TrtOptions | None = None           # ``--trt``: race TensorRT plans for this GPU too (profile, cache)
 
 
 @dataclass
