@@ -2,14 +2,19 @@
 
 Pure Python: batch profiles, engine keys, compatibility between where an engine was built and where it is
 loaded, chunking, network flags and precision settings per TensorRT generation (fakes of the ``tensorrt``
-module), the graph checks on real exported ONNX, the artifact update with an engine (builder and GPU
-faked), and ``export --trt`` failing fast without TensorRT. Building and running real engines: the
-``trt-cuda-*`` runners of tests/test_runtime_conformance.py and the GPU test at the end (skipped here).
+module), the graph checks on real exported ONNX, ``export --trt`` racing the TensorRT recipe through the gate
+on a fake GPU (builder, runner and availability faked; everything else real), adding a plan for another GPU
+to an artifact through the same race, and ``export --trt`` failing fast without TensorRT. Building and running
+real engines: the ``trt-cuda-*`` runners of tests/test_runtime_conformance.py and the GPU test at the end
+(skipped here).
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +25,10 @@ from typer.testing import CliRunner
 
 from imgembed.artifact import MANIFEST, MODEL_FILE, read_manifest, verify
 from imgembed.errors import ArtifactError, BackendUnavailableError, EngineMismatchError, ExportError, ParityError
+from imgembed.export import engines
+from imgembed.export import recipes as R
 from imgembed.export import tensorrt as trt_export
+from imgembed.export.add_plan import add_engine
 from imgembed.export.tensorrt import (
     TRT_INT8_PRESET,
     check_trt_onnx,
@@ -29,8 +37,9 @@ from imgembed.export.tensorrt import (
     prepare_trt_export,
     trt_export_overrides,
 )
-from imgembed.gate.parity import ParityReport
+from imgembed.runtime import backends
 from imgembed.runtime.gpu import GpuIdentity
+from imgembed.runtime.runners.onnxruntime import OrtRunner
 from imgembed.runtime.runners.tensorrt import TrtRunner, artifact_engine, tensorrt_unavailable
 from imgembed.runtime.runners.tensorrt_plans import (
     DEFAULT_PROFILE,
@@ -243,13 +252,39 @@ def test_trt_export_overrides_and_prepare_fail_before_exporting():
     with pytest.raises(ExportError, match="--int8-preset 'static-qdq' cannot be built by TensorRT"):
         trt_export_overrides("int8", "static-qdq")
     with pytest.raises(ValueError, match="--trt-batch '4,2,8'"):
-        prepare_trt_export("fp32", None, "4,2,8")
+        prepare_trt_export("fp32", "4,2,8")
     with pytest.raises(ExportError, match="--uint8-input"):
-        prepare_trt_export("fp32", None, "1,2,4", "uint8")
+        prepare_trt_export("fp32", "1,2,4", "uint8")
+    with pytest.raises(ExportError, match="--trt builds fp32/fp16/int8 engines, not bf16"):
+        prepare_trt_export("bf16", "1,2,4")
     if tensorrt_unavailable("cuda") is None:
         pytest.skip("TensorRT and a GPU are present: nothing fails")
     with pytest.raises(BackendUnavailableError, match="--trt needs TensorRT and an NVIDIA GPU: "):
-        prepare_trt_export("fp16", None, "1,8,64")
+        prepare_trt_export("fp16", "1,8,64")
+
+
+def test_without_a_gpu_the_trt_candidates_are_unavailable_and_the_export_fails_before_any_work(tmp_path,
+                                                                                             monkeypatch):
+    from imgembed.export import pipeline
+    from imgembed.export.pipeline import ExportOptions, export_model
+
+    reason = tensorrt_unavailable("cuda")
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present")
+    for precision, recipe in [("fp32", R.TRT_FP32), ("fp16", R.TRT_FP16), ("int8", R.TRT_INT8)]:
+        plan = R.plan(precision, kind="cnn", gpu=True)
+        assert plan[-1].id == recipe.id and plan[-1].device == "cuda" and plan[-1].unavailable == reason  # listed
+        assert [c.id for c in plan[:-1]] == [c.id for c in R.plan(precision, kind="cnn")]   # the CPU plan as is
+        with pytest.raises(BackendUnavailableError, match=f"GPU engines were asked for.*{recipe.id}: "):
+            engines.check_available(plan, precision)
+    monkeypatch.setattr(pipeline, "load_original", lambda *a, **k: pytest.fail("the export did work"))
+    out = tmp_path / "a"
+    with pytest.raises(BackendUnavailableError, match="tensorrt-fp16: " + re.escape(reason)):
+        export_model("test-resnet-tiny", out, ExportOptions(precision="fp16", random_init=True,
+                                                             trt=trt_export.TrtOptions()))
+    with pytest.raises(BackendUnavailableError, match="no engine can build a fp32 artifact.*tensorrt-fp32: "):
+        export_model("test-resnet-tiny", out, ExportOptions(random_init=True, backend="tensorrt"))
+    assert not out.exists()
 
 
 def test_cli_export_trt_fails_fast_without_tensorrt(tmp_path):
@@ -278,71 +313,190 @@ def test_trt_runner_needs_an_engine_file_and_tensorrt(tmp_path):
     assert not runner.is_active
 
 
-# -- adding an engine to an artifact (builder, GPU and engine parity faked) ---------------------------------------
+# -- the race on a fake GPU: builder, runner and availability faked; graphs, gate, timing, records real ------------
+class FakeTrtRunner(OrtRunner):
+    """A "plan" of the fake builder (the very ONNX graph TensorRT was given) run by ONNX Runtime; with
+    ``state["passed"]`` False its vectors are perturbed past any gate."""
+
+    backend = "tensorrt"
+
+    def __init__(self, plan, dim, state, name):
+        super().__init__(plan, dim, name=name)
+        self.state = state
+
+    def _infer_impl(self, x):
+        y = super()._infer_impl(x)
+        if not self.state["passed"]:
+            y = y + np.random.default_rng(0).standard_normal(y.shape).astype(y.dtype)
+        return y
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """TensorRT's build and the engine's parity run faked; everything else (checks, writes, records) real."""
-    state = {"env": H100, "passed": True, "built": []}
+    """An H100 with TensorRT 10.5: ``build_engine`` returns the graph it was given, the ``tensorrt`` row of the
+    backend table opens it with :class:`FakeTrtRunner` (on ``cuda`` only) and says TensorRT is usable there."""
+    state = {"env": H100, "passed": True, "built": [], "opened": [], "build_error": None}
 
     def build(onnx_path, precision, profile, env, **kw):
-        state["built"].append((onnx_path.name, precision, profile, env.gpu.name))
-        return f"engine {env.gpu.name} {precision} {profile}".encode(), {"typing": "strong", "build_seconds": 0.1}
+        state["built"].append((Path(onnx_path).name, precision, profile, env.gpu.name))
+        if state["build_error"]:
+            raise ExportError(state["build_error"])
+        return Path(onnx_path).read_bytes(), {"typing": "strong", "build_seconds": 0.1}
 
-    def parity(manifest, engine_path, options):
-        assert engine_path.read_bytes().startswith(b"engine ")
-        return ParityReport(manifest.precision, state["passed"],
-                            [] if state["passed"] else ["min_cosine 0.9 < 0.99999"], {}, {}, {}, [])
+    def open_trt(target, device, threads, precision):
+        assert device == "cuda" and target.record.device == "cuda" and target.record.target is not None
+        state["opened"].append(target.record.id)
+        return FakeTrtRunner(target.file("plan"), target.output_dim, state, f"fake-tensorrt[{target.label}]")
 
+    row = backends.get_backend("tensorrt")
+    monkeypatch.setitem(backends.BACKENDS, "tensorrt", dataclasses.replace(
+        row, open=open_trt, unavailable=lambda d: None if d == "cuda" else "TensorRT runs on CUDA GPUs only"))
     monkeypatch.setattr(trt_export, "build_engine", build)
-    monkeypatch.setattr(trt_export, "engine_parity", parity)
     monkeypatch.setattr(trt_export, "current_env", lambda: state["env"])
+    monkeypatch.setattr(trt_export, "tensorrt_unavailable", lambda device="cuda": None)
     return state
 
 
-def test_add_engine_writes_a_keyed_engine_and_keeps_the_artifact_verifiable(artifact_dir, tmp_path, fake_gpu):
+def _trt_export(tmp_path, precision="fp32", backend="onnxruntime", profile=BatchProfile(1, 8, 64), name="a"):
+    from imgembed.export.pipeline import ExportOptions, export_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Int8SlowerWarning on a busy machine
+        return export_model("test-resnet-tiny", tmp_path / name, ExportOptions(
+            precision=precision, random_init=True, threads=2, backend=backend,
+            trt=trt_export.TrtOptions(profile=profile)))
+
+
+@pytest.mark.parametrize("precision, backend, graph", [("fp32", None, "exported.onnx"),
+                                                       ("fp16", "onnxruntime", "fp16.onnx"),
+                                                       ("int8", "onnxruntime", "int8.onnx")])
+def test_trt_export_races_the_plan_through_the_gate_on_the_gpu_and_keeps_it_as_an_engine(
+        tmp_path, fake_gpu, precision, backend, graph):
+    import imgembed
+
+    profile = BatchProfile(1, 8, 64)
+    res = _trt_export(tmp_path, precision, backend, profile)
+    assert fake_gpu["built"] == [(graph, precision, profile, H100.gpu.name)]    # the recipe's own graph
+    trt_id = f"tensorrt-{precision}"
+    assert fake_gpu["opened"] == [trt_id, trt_id]                                # gated, then timed, on cuda
+    m = verify(res.path)                                                         # the manifest validates
+    cpu_ids = [c.id for c in R.plan(precision, kind="cnn", backend=backend)]
+    rows = {r.id: r for r in m.selection.candidates}
+    assert list(rows) == [*cpu_ids, trt_id]                                     # the CPU race as without --trt
+    row = rows[trt_id]
+    assert row.passed and row.why_not is None and row.backend == "tensorrt" and row.img_per_s > 0
+    assert m.default_engine in cpu_ids and m.engine(m.default_engine).device == "cpu"
+    key = engine_key(H100, precision, profile)
+    e = m.engine(trt_id)
+    assert (e.backend, e.precision, e.device, e.files) == (
+        "tensorrt", precision, "cuda", {"plan": f"{trt_id}/engine-{key}.plan"})
+    assert (e.target.key, e.target.gpu, e.target.tensorrt, e.target.profile) == (
+        key, H100.gpu.to_dict(), "10.5.0", profile.to_dict())
+    assert e.target.build["typing"] == "strong" and e.img_per_s == row.img_per_s
+    assert e.parity == row.metrics and e.parity["min_cosine"] > 0.99
+    if precision == "int8":
+        assert e.quantization["preset"]["name"] == TRT_INT8_PRESET and e.quantization["calibration"]["images"] > 0
+    plan, rec = artifact_engine(res.path, precision, env=H100)                # through the artifact's resolver
+    assert rec["id"] == trt_id and plan.read() == (res.path / e.files["plan"]).read_bytes()
+    check_trt_onnx(onnx.load_from_string(plan.read()))                        # what TensorRT was given
+    vecs = imgembed.load(res.path, threads=1).embed([np.zeros((40, 50, 3), np.uint8)])   # the CPU path as ever
+    assert vecs.shape == (1, m.output.dim)
+
+
+def test_a_failing_trt_gate_or_build_is_a_failed_row_and_the_cpu_artifact_is_written(tmp_path, fake_gpu):
+    fake_gpu["passed"] = False
+    m = verify(_trt_export(tmp_path, name="gate").path)
+    row = {r.id: r for r in m.selection.candidates}[R.TRT_FP32.id]
+    assert not row.passed and "min_cosine" in row.why_not and row.img_per_s is None
+    assert m.status == "passed" and [e.backend for e in m.engines] == ["onnxruntime"]
+    assert fake_gpu["opened"] == [R.TRT_FP32.id]                                   # gated, never timed
+    fake_gpu["passed"], fake_gpu["build_error"] = True, "TensorRT could not build a fp32 engine"
+    m = verify(_trt_export(tmp_path, name="build").path)
+    row = {r.id: r for r in m.selection.candidates}[R.TRT_FP32.id]
+    assert not row.passed and row.why_not == "ExportError: TensorRT could not build a fp32 engine"
+    assert m.status == "passed" and [e.backend for e in m.engines] == ["onnxruntime"]
+
+
+def test_cli_export_trt_races_the_plan(tmp_path, fake_gpu):
+    from imgembed.cli import app
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["export", "test-resnet-tiny", "--random-init", "--trt", "--trt-batch", "1,4,16",
+                                   "--backend", "onnxruntime", "--threads", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "tensorrt-fp32" in res.output and "Traceback" not in res.output
+    m = verify(out)
+    assert m.engine(R.TRT_FP32.id).target.profile == {"min": 1, "opt": 4, "max": 16}
+    assert fake_gpu["built"] == [("exported.onnx", "fp32", BatchProfile(1, 4, 16), H100.gpu.name)]   # once
+
+
+def test_backend_tensorrt_exports_plans_only_and_the_plan_is_the_default(tmp_path, fake_gpu):
+    from imgembed.export.pipeline import ExportOptions, export_model
+
+    res = export_model("test-resnet-tiny", tmp_path / "gpu-only", ExportOptions(
+        random_init=True, threads=2, backend="tensorrt"))
+    m = verify(res.path)
+    assert [r.id for r in m.selection.candidates] == [R.TRT_FP32.id] and m.default_engine == R.TRT_FP32.id
+    assert m.engine(R.TRT_FP32.id).target.profile == DEFAULT_PROFILE.to_dict()
+
+
+# -- adding a plan for another GPU to an artifact: the same recipe, race and gate -------------------------------
+def test_add_engine_races_the_tensorrt_recipe_and_keeps_the_artifact_verifiable(artifact_dir, tmp_path, fake_gpu):
     import imgembed
 
     art = tmp_path / "resnet"
     shutil.copytree(artifact_dir("test-resnet-tiny", "fp32"), art)
-    rec = trt_export.add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))
-    assert fake_gpu["built"] == [(MODEL_FILE, "fp32", BatchProfile(1, 8, 64), "NVIDIA H100 80GB HBM3")]
-    assert rec["key"] == "nvidia-h100-80gb-hbm3-sm90-trt10.5.0-fp32-b1-8-64" and (art / rec["file"]).is_file()
+    e = add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))
+    key = engine_key(H100, "fp32", BatchProfile(1, 8, 64))
+    assert fake_gpu["built"] == [("exported.onnx", "fp32", BatchProfile(1, 8, 64), "NVIDIA H100 80GB HBM3")]
+    assert fake_gpu["opened"] == [R.TRT_FP32.id]                                    # gated by the race, untimed
+    assert (e.id, e.device, e.files, e.target.key) == (f"tensorrt-{key}", "cuda", {"plan": f"engine-{key}.plan"},
+                                                       key)
     manifest = verify(art)                                    # checksums cover the engine
-    assert rec["file"] in manifest.files
-    trt = [e for e in manifest.engines if e.backend == "tensorrt"]          # one engine list for every backend
-    assert [(e.id, e.device, e.files, e.target.key) for e in trt] == [
-        (f"tensorrt-{rec['key']}", "cuda", {"plan": rec["file"]}, rec["key"])]
+    assert f"engine-{key}.plan" in manifest.files and manifest.engines[-1] == e
     assert manifest.default_engine == "onnxruntime-fp32"                      # the CPU default is unchanged
-    assert rec["parity"]["passed"] and rec["build"]["typing"] == "strong"
+    assert e.parity["min_cosine"] > 0.99 and e.target.build["typing"] == "strong"
     plan = artifact_engine(art, "fp32", env=H100)[0]  # through the artifact's resolver: verified bytes on read
-    assert plan.path == art / rec["file"] and plan.read() == (art / rec["file"]).read_bytes()
+    assert plan.path == art / e.files["plan"] and plan.read() == (art / e.files["plan"]).read_bytes()
     with pytest.raises(EngineMismatchError, match="built for GPU 'NVIDIA H100 80GB HBM3', this GPU is 'NVIDIA A100"):
         artifact_engine(art, env=A100)
 
     fake_gpu["env"] = A100                                    # the same artifact, built again on another GPU
-    rec_a = trt_export.add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))
-    trt_export.add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))   # same key: replaced
-    engines = [e for e in verify(art).engines if e.backend == "tensorrt"]
-    assert [e.target.key for e in engines] == [rec["key"], rec_a["key"]]
+    e_a = add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))
+    add_engine(art, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))   # same key: replaced
+    trt = [x for x in verify(art).engines if x.backend == "tensorrt"]
+    assert [x.target.key for x in trt] == [key, e_a.target.key]
     assert artifact_engine(art, env=A100)[1]["gpu"]["name"] == "NVIDIA A100-SXM4-40GB"
-    assert sorted(p.name for p in art.iterdir()) == sorted([MANIFEST, MODEL_FILE, rec["file"], rec_a["file"]])
+    assert sorted(p.name for p in art.iterdir()) == sorted([MANIFEST, MODEL_FILE, e.files["plan"], e_a.files["plan"]])
     vecs = imgembed.load(art, threads=1).embed([np.zeros((40, 50, 3), np.uint8)])   # the CPU path is unchanged
     assert vecs.shape == (1, read_manifest(art).output.dim)
 
 
-def test_failing_engine_parity_or_a_fused_graph_leaves_the_artifact_untouched(artifact_dir, tmp_path, fake_gpu):
+def test_add_engine_replaces_the_plan_an_export_raced_for_the_same_gpu(tmp_path, fake_gpu):
+    res = _trt_export(tmp_path)
+    key = verify(res.path).engine(R.TRT_FP32.id).target.key
+    e = add_engine(res.path, trt_export.TrtOptions(profile=BatchProfile(1, 8, 64)))
+    m = verify(res.path)
+    assert e.target.key == key and [x.id for x in m.engines if x.backend == "tensorrt"] == [e.id]
+    assert not (res.path / R.TRT_FP32.id).exists()                              # its plan went with it
+
+
+def test_failing_engine_parity_leaves_the_artifact_untouched_and_fused_artifacts_get_a_plain_graph(
+        artifact_dir, tmp_path, fake_gpu):
     art = tmp_path / "resnet"
     shutil.copytree(artifact_dir("test-resnet-tiny", "fp32"), art)
     before = (art / MANIFEST).read_bytes()
     fake_gpu["passed"] = False
-    with pytest.raises(ParityError, match="engine of .* failed the parity gate .*min_cosine 0.9 < 0.99999.*no engine"):
-        trt_export.add_engine(art)
+    with pytest.raises(ParityError, match="plan of .* failed the parity gate .*min_cosine.*no engine written"):
+        add_engine(art)
     assert (art / MANIFEST).read_bytes() == before and sorted(p.name for p in art.iterdir()) == [MANIFEST, MODEL_FILE]
+    fake_gpu["passed"] = True
     vit = tmp_path / "vit"
     shutil.copytree(artifact_dir("test-vit-tiny", "fp32"), vit)
     with pytest.raises(ExportError, match="Attention"):
-        trt_export.add_engine(vit)
-    assert fake_gpu["built"] == [(MODEL_FILE, "fp32", DEFAULT_PROFILE, "NVIDIA H100 80GB HBM3")]  # vit never built
+        check_trt_onnx(vit / MODEL_FILE)                      # the artifact's graph is fused ...
+    e = add_engine(vit)                                       # ... TensorRT gets the plain export
+    check_trt_onnx(onnx.load_from_string((vit / e.files["plan"]).read_bytes()))
 
 
 # -- on a GPU with TensorRT (skipped elsewhere) ------------------------------------------------------------------
@@ -357,10 +511,12 @@ def test_real_engine_export_parity_and_reload(tmp_path):
 
     for precision in ("fp32", "fp16", "int8"):
         out = tmp_path / precision
-        export_model("test-dinov2-tiny", out, ExportOptions(precision=precision, random_init=True, speed_check=False,
-                                                            **trt_export_overrides(precision, None)))
-        rec = trt_export.add_engine(out, trt_export.TrtOptions(profile=BatchProfile(1, 4, 16), cache_dir=tmp_path))
-        assert rec["parity"]["passed"] and rec["precision"] == precision
+        res = export_model("test-dinov2-tiny", out, ExportOptions(
+            precision=precision, random_init=True, backend="onnxruntime",
+            trt=trt_export.TrtOptions(profile=BatchProfile(1, 4, 16), cache_dir=tmp_path)))
+        row = {r.id: r for r in res.manifest.selection.candidates}[f"tensorrt-{precision}"]
+        assert row.passed, row.why_not
+        assert res.manifest.engine(row.id).device == "cuda" and row.img_per_s > 0
         assert any(p.name.startswith("timing-") for p in tmp_path.iterdir())
         with load_trt_runner(out) as runner:
             hw = get_spec("test-dinov2-tiny").input_hw

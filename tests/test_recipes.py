@@ -29,6 +29,8 @@ FALLBACKS = {R.ORT_INT8_SMOOTHQUANT: R.ORT_INT8_STATIC_QDQ_MATMUL,
              R.OV_INT8_SMOOTHQUANT: R.OV_INT8, R.OV_INT8_SMOOTHQUANT_BF16: R.OV_INT8_BF16}
 HOSTS = [(ort, ov, ov_reason, bf16_reason) for ort in (True, False) for ov in (True, False)
          for ov_reason in (None, "OpenVINO is not installed") for bf16_reason in (None, "no AVX512_BF16")]
+TRT = {"fp32": R.TRT_FP32, "fp16": R.TRT_FP16, "int8": R.TRT_INT8}   # GPU recipes: planned only when asked for
+NO_TRT = "TensorRT is not installed (No module named 'tensorrt')"
 
 
 def expected_plan(precision: str, kind: str, preset: str | None, vnni: bool) -> list[R.Recipe]:
@@ -51,7 +53,19 @@ def expected_plan(precision: str, kind: str, preset: str | None, vnni: bool) -> 
             *ov, R.OV_INT8_SMOOTHQUANT, R.OV_INT8_SMOOTHQUANT_BF16]
 
 
-def expected_flags(r: R.Recipe, vnni: bool, vnni_ov: bool, ov: str | None, bf16: str | None) -> dict:
+def expected_gpu_plan(precision: str, kind: str, preset: str | None, vnni: bool, gpu: bool) -> list[R.Recipe] | None:
+    """``expected_plan`` with the TensorRT recipe of ``precision`` behind it when GPU engines are asked for;
+    None when they are asked for and no GPU recipe builds that precision on that graph (an error)."""
+    cpu = expected_plan(precision, kind, preset, vnni)
+    if not gpu:
+        return cpu
+    return None if precision not in TRT or kind == "text" else [*cpu, TRT[precision]]
+
+
+def expected_flags(r: R.Recipe, vnni: bool, vnni_ov: bool, ov: str | None, bf16: str | None,
+                   trt: str | None = None) -> dict:
+    if r.backend == "tensorrt":
+        return {"portable": False, "needs_vnni": False, "unavailable": trt}
     if r.backend == "openvino":
         unavailable = ov or (bf16 if r.inference_precision == "bf16" else None)
         return {"portable": False, "needs_vnni": vnni_ov and r.precision == "int8", "unavailable": unavailable}
@@ -61,13 +75,15 @@ def expected_flags(r: R.Recipe, vnni: bool, vnni_ov: bool, ov: str | None, bf16:
 
 @pytest.fixture
 def host_as(monkeypatch):
-    """``host_as(ort_vnni, ov_vnni, ov_reason, bf16_reason)``: plan as on such a host."""
-    ov_backend = backends.get_backend("openvino")
+    """``host_as(ort_vnni, ov_vnni, ov_reason, bf16_reason, trt_reason)``: plan as on such a host."""
+    ov_backend, trt_backend = backends.get_backend("openvino"), backends.get_backend("tensorrt")
 
-    def set_host(vnni: bool, vnni_ov: bool, ov: str | None, bf16: str | None) -> None:
+    def set_host(vnni: bool, vnni_ov: bool, ov: str | None, bf16: str | None, trt: str | None = NO_TRT) -> None:
         kernels = {"onnxruntime": vnni, "openvino": vnni_ov}
         monkeypatch.setattr(host, "int8_kernels", lambda b=None: "vnni" if kernels[b] else "saturating")
         monkeypatch.setitem(backends.BACKENDS, "openvino", dataclasses.replace(ov_backend, unavailable=lambda d: ov))
+        monkeypatch.setitem(backends.BACKENDS, "tensorrt", dataclasses.replace(
+            trt_backend, unavailable=lambda d: trt if d == "cuda" else f"TensorRT runs on CUDA GPUs only, not {d}"))
         monkeypatch.setattr(host, "missing_bf16_instructions", lambda: bf16)
     return set_host
 
@@ -78,27 +94,49 @@ def test_every_quantize_preset_has_a_recipe():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8"])
 @pytest.mark.parametrize("kind", R.KINDS)
-def test_the_plan_is_the_table_of_records_on_every_host(host_as, precision, kind):
-    for vnni, vnni_ov, ov, bf16 in HOSTS:
-        host_as(vnni, vnni_ov, ov, bf16)
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-export", "gpu-engines-asked"])
+def test_the_plan_is_the_table_of_records_on_every_host(host_as, precision, kind, gpu):
+    """A plain export's plan is the CPU table, whatever the GPU; with GPU engines asked for (``--trt``) the
+    TensorRT recipe of the precision follows it, on ``cuda``, unavailable with its reason where TensorRT is."""
+    for (vnni, vnni_ov, ov, bf16), trt in [(h, t) for h in HOSTS for t in (NO_TRT, None)]:
+        host_as(vnni, vnni_ov, ov, bf16, trt)
         for preset in [None, *PRESETS]:
-            want = expected_plan(precision, kind, preset, vnni)
+            want = expected_gpu_plan(precision, kind, preset, vnni, gpu)
+            if want is None:
+                with pytest.raises(ExportError, match=f"no GPU engine recipe builds a {precision} {kind} engine"):
+                    R.plan(precision, kind=kind, int8_preset=preset, gpu=gpu)
+                continue
             for backend in (None, "onnxruntime", "openvino"):
-                mine = [r for r in want if backend in (None, r.backend)]
-                if not mine:
+                mine = [r for r in want if backend in (None, r.backend) or r.device != "cpu"]
+                if all(r.device != "cpu" for r in mine):
                     with pytest.raises(ExportError, match=f"backend '{backend}' offers no {precision} candidate"):
-                        R.plan(precision, kind=kind, int8_preset=preset, backend=backend)
+                        R.plan(precision, kind=kind, int8_preset=preset, backend=backend, gpu=gpu)
                     continue
-                got = R.plan(precision, kind=kind, int8_preset=preset, backend=backend)
-                assert [c.id for c in got] == [r.id for r in mine], (vnni, vnni_ov, ov, bf16, preset, backend)
+                got = R.plan(precision, kind=kind, int8_preset=preset, backend=backend, gpu=gpu)
+                where = (vnni, vnni_ov, ov, bf16, trt, preset, backend)
+                assert [c.id for c in got] == [r.id for r in mine], where
                 for c, r in zip(got, mine, strict=True):
                     fallback = FALLBACKS.get(r)
                     assert c.build is r.builder and c.precision == r.precision
+                    assert c.device == ("cuda" if r.backend == "tensorrt" else "cpu")
                     last_resort = R.LAST_RESORT if r is R.ORT_INT8_MIXED else None
                     assert c.fallback_for == (fallback.id if fallback else last_resort)
-                    assert c.batch_invariant == (r.preset is None or PRESETS[r.preset].mode == "static")
+                    assert c.batch_invariant == (r.device == "cpu" and (r.preset is None
+                                                                        or PRESETS[r.preset].mode == "static"))
                     assert {"portable": c.portable, "needs_vnni": c.needs_vnni, "unavailable": c.unavailable} == \
-                        expected_flags(r, vnni, vnni_ov, ov, bf16), (c.id, vnni, vnni_ov, ov, bf16)
+                        expected_flags(r, vnni, vnni_ov, ov, bf16, trt), (c.id, where)
+
+
+def test_tensorrt_recipes_are_planned_alone_by_their_backend_and_never_for_bf16_or_text(host_as):
+    host_as(True, True, None, None, None)
+    for precision, recipe in TRT.items():
+        assert [c.id for c in R.plan(precision, kind="cnn", backend="tensorrt")] == [recipe.id]
+        assert R.get(recipe.id) is recipe and recipe.device == "cuda" and recipe.order > R.ORT_INT8_MIXED.order
+    assert [r.id for r in R.recipes(backend="tensorrt")] == [r.id for r in TRT.values()]
+    with pytest.raises(ExportError, match="backend 'tensorrt' offers no bf16 candidate"):
+        R.plan("bf16", kind="cnn", backend="tensorrt")
+    with pytest.raises(ExportError, match="backend 'tensorrt' offers no fp32 candidate"):
+        R.plan("fp32", kind="text", backend="tensorrt")   # the text tower's token ids: CPU engines only
 
 
 def test_a_plan_has_no_ties_and_the_legacy_flags_name_a_kind(host_as):

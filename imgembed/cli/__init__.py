@@ -93,7 +93,8 @@ def export_cmd(
     fp16: bool = typer.Option(False, "--fp16", help="FP16 weights and compute (for GPUs; LayerNorm/softmax "
                               "kept in FP32; gated at cosine >= 0.999 vs the FP32 original)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Build only this backend's engines "
-                                          "(onnxruntime, openvino) instead of racing every installed backend."),
+                                          "(onnxruntime, openvino; tensorrt: TensorRT plans only, on this GPU) instead "
+                                          "of racing every installed backend."),
     engine: Optional[str] = typer.Option(None, "--engine", hidden=True, help="Deprecated spelling of --backend."),
     keep_candidates: bool = typer.Option(False, "--keep-candidates", help="Keep every engine that passes the "
                                          "gate, so `load(backend='auto')` can choose per host."),
@@ -118,9 +119,9 @@ def export_cmd(
     uint8_input: bool = typer.Option(False, "--uint8-input", help="The graph takes uint8 NHWC pixels (resized "
                                      "and center-cropped, 0-255) and normalises them itself; gated on the uint8 "
                                      "crops of the parity images."),
-    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine for this GPU from an unfused "
-                             "ONNX (INT8: symmetric Q/DQ), parity-gated, stored in the artifact. Needs TensorRT "
-                             "and an NVIDIA GPU."),
+    trt: bool = typer.Option(False, "--trt", help="Also race a TensorRT plan for this GPU (from the unfused "
+                             "ONNX; INT8: symmetric Q/DQ), gated and timed on the GPU like every engine and kept "
+                             "in the artifact when it passes. Needs TensorRT and an NVIDIA GPU."),
     trt_batch: str = typer.Option("1,32,256", "--trt-batch", help="TensorRT batch profile min,opt,max."),
     text: bool = typer.Option(False, "--text", help="CLIP / SigLIP: add the text tower (text graph + the "
                               "checkpoint's tokenizer.json) to the artifact, raced and gated like the image tower."),
@@ -158,15 +159,15 @@ def export_cmd(
     name = _export_target(name, module, module_args, weights, random_init)
     backend = _deprecated_engine_option(engine, backend)
     precision = "int8" if int8 else "fp16" if fp16 else "bf16" if bf16 else "fp32"
-    trt_opts, trt_overrides = _trt_prepare(trt, precision, int8_preset, trt_batch, uint8_input)
+    trt_opts = _trt_prepare(trt, precision, trt_batch, uint8_input)
     out = out or (Path("artifacts") / f"{name}-{precision}-trt" if trt else None)
     out = out or Path("artifacts") / f"{name}-{precision}{'-uint8' if uint8_input else ''}"
     opts = ExportOptions(precision=precision, weights=weights, random_init=random_init, calibration=calibration,
                          int8_preset=int8_preset, backend=backend, keep_candidates=keep_candidates,
                          optimize=not no_optimize, keep_failed=keep_failed,
                          threads=threads, speed_check=not no_speed_check,
-                         input_format="uint8" if uint8_input else "float32", text=text, tokenizer=tokenizer)
-    opts = dataclasses.replace(opts, **trt_overrides)
+                         input_format="uint8" if uint8_input else "float32", text=text, tokenizer=tokenizer,
+                         trt=trt_opts)
     with errors(), steps(f"exporting {name}") as step, warnings.catch_warnings(record=True):
         if module is None:
             result = export_model(name, out, opts, step=step)
@@ -203,9 +204,6 @@ def export_cmd(
                       f"{m.export.seconds or 0:.1f} s): {status}", highlight=False)
     if m.status != "passed":
         raise typer.Exit(2)
-    if trt_opts is not None:
-        trt_opts.module = module
-        _trt_engine(out, trt_opts, weights, threads)
 
 
 def _deprecated_engine_option(engine: str | None, backend: str | None) -> str | None:
@@ -267,31 +265,19 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def _trt_prepare(trt: bool, precision: str, int8_preset: Optional[str], batch: str, uint8_input: bool):
+def _trt_prepare(trt: bool, precision: str, batch: str, uint8_input: bool):
     """``--trt``: check the profile, the precision and that TensorRT and a GPU are here before exporting
-    anything; returns (TrtOptions or None, ExportOptions overrides)."""
+    anything; returns the TrtOptions of the export (None without ``--trt``)."""
     if not trt:
-        return None, {}
+        return None
     from imgembed.export.tensorrt import prepare_trt_export
 
     try:
         with errors():
-            return prepare_trt_export(precision, int8_preset, batch, "uint8" if uint8_input else "float32")
+            return prepare_trt_export(precision, batch, "uint8" if uint8_input else "float32")
     except ValueError as e:
         err_console.print(f"[bold red]error[/]: {e}", highlight=False)
         raise typer.Exit(2) from None
-
-
-def _trt_engine(out: Path, trt_opts, weights: Optional[Path], threads: Optional[int]) -> None:
-    """Build, gate and add the TensorRT engine to the artifact just written."""
-    from imgembed.export.tensorrt import add_engine
-
-    trt_opts.weights, trt_opts.threads = weights, threads
-    with errors(), steps("building the TensorRT engine") as step:
-        record = add_engine(out, trt_opts, step=step)
-    out_console.print(f"TensorRT engine {out / record['file']} ({record['precision']}, batch "
-                      f"{record['profile']['min']}-{record['profile']['max']}, TensorRT {record['tensorrt']}): "
-                      f"[green]passed[/]", highlight=False)
 
 
 @app.command("parity")

@@ -8,7 +8,13 @@ INT8 through NNCF, optionally with BF16 for the float remainder), made from a re
 at batch sizes 1, 3 and 8; candidates that claim batch invariance (static activation scales) are also gated on
 ``batch_variation``. Passing candidates are timed in interleaved rounds (same threads, same batch), so the
 ratios hold even on a busy machine. Candidates that cannot be built here (OpenVINO not installed, no BF16
-instructions) are listed with the reason and never silently dropped.
+instructions, no GPU for TensorRT) are listed with the reason and never silently dropped.
+
+Every candidate runs on its own ``device``: it is gated and timed there (the runner is opened through the
+backend table on that device), and engines of one device are timed against each other only. The default
+engine is chosen among the candidates of the export's primary device (the CPU, unless only GPU engines were
+planned: ``--backend tensorrt``); passing engines of other devices (TensorRT plans, ``--trt``) are kept beside
+it, each with the GPU ``target`` its builder recorded.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ class Inputs:
     head: object | None = None      # the original after export surgery (candidates that re-export it)
     opset: int = DEFAULT_OPSET
     input_name: str = "pixel_values"  # the graph's input ("input_ids" for a text tower)
+    backend_options: dict = field(default_factory=dict)  # by backend: e.g. "tensorrt" -> TrtOptions (profile...)
 
     def plain_in_format(self) -> Path:
         """The plain graph with the artifact's input (uint8 prefix added when asked)."""
@@ -78,6 +85,7 @@ class Candidate:
     portable: bool = False           # runs as gated on every CPU: kept as the fallback when another engine wins
     fallback_for: str | None = None  # built only when this candidate (same graph structure) failed its gate
     needs_vnni: bool = False         # gated with exact int8 dot products; 8-bit sums saturate on x86 without VNNI
+    device: str = "cpu"              # where it runs, is gated and timed ("cuda": TensorRT plans)
 
 
 @dataclass
@@ -90,6 +98,7 @@ class Outcome:
     report: ParityReport | None = None
     error: str | None = None
     seconds: float | None = None
+    target: dict | None = None       # a GPU engine's target (the builder's ``record["target"]``): GPU, version...
 
     @property
     def passed(self) -> bool:
@@ -136,9 +145,23 @@ def check_available(candidates: Sequence[Candidate], precision: str) -> None:
     """Raise when no candidate computing at ``precision`` can be built here, naming each reason (e.g. the
     missing BF16 instructions); portable fallbacks at another precision do not count."""
     own = [c for c in candidates if c.precision == precision]
+    device = primary_device(candidates)
+    own = [c for c in own if c.device == device]
     if not own or all(c.unavailable for c in own):
         reasons = "; ".join(f"{c.id}: {c.unavailable}" for c in own) or "no candidate"
         raise BackendUnavailableError(f"no engine can build a {precision} artifact on this machine ({reasons})")
+    others = [c for c in candidates if c.device != device]   # GPU engines asked for beside the CPU ones (--trt)
+    if others and all(c.unavailable for c in others):
+        reasons = "; ".join(f"{c.id}: {c.unavailable}" for c in others)
+        raise BackendUnavailableError(f"GPU engines were asked for, but none can be built on this machine "
+                                      f"({reasons})")
+
+
+def primary_device(candidates: Sequence[Candidate]) -> str:
+    """The device the default engine is chosen on: the CPU when any CPU candidate is planned, else the first
+    candidate's."""
+    devices = [c.device for c in candidates]
+    return "cpu" if "cpu" in devices or not devices else devices[0]
 
 
 # ------------------------------------------------------------------------------------------ the race
@@ -155,9 +178,10 @@ def _gate(outcome: Outcome, inputs: Inputs, thresholds: dict[str, float], step: 
 def _runner(inputs: Inputs, outcome: Outcome):
     c = outcome.candidate
     record = Engine(id=c.id, backend=c.backend, precision=c.precision, inference_precision=c.inference_precision,
+                    device=c.device, target=outcome.target,
                     files={k: str(p.relative_to(inputs.work)) for k, p in outcome.files.items()})
     ref = EngineRef(inputs.work, record, inputs.spec.embedding.dim, f"{inputs.spec.name}-{c.id}")
-    return get_backend(c.backend).open(ref, "cpu", inputs.threads, c.precision)
+    return get_backend(c.backend).open(ref, c.device, inputs.threads, c.precision)
 
 
 def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, float], step: Step, *,
@@ -170,7 +194,7 @@ def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, f
         outcomes.append(outcome)
         if c.unavailable:
             continue
-        if c.fallback_for == LAST_RESORT and any(o.passed for o in outcomes):
+        if c.fallback_for == LAST_RESORT and any(o.passed and o.candidate.device == c.device for o in outcomes):
             outcome.error = "not needed: a full-INT8 candidate passed the gate"
             continue
         if c.fallback_for and any(o.candidate.id == c.fallback_for and o.passed for o in outcomes):
@@ -179,12 +203,15 @@ def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, f
         step(f"building {c.id}")
         try:
             outcome.files, outcome.record = c.build(inputs, inputs.work / c.id)
+            outcome.target = outcome.record.pop("target", None)
             _gate(outcome, inputs, thresholds, step)
         except ImgembedError as e:
             outcome.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     passing = [o for o in outcomes if o.passed]
     if speed_check and passing:
-        _time(passing, inputs, step, fp32_reference)
+        for device in dict.fromkeys(o.candidate.device for o in passing):   # each device's engines side by side
+            _time([o for o in passing if o.candidate.device == device], inputs, step,
+                  fp32_reference if device == "cpu" else None)
     return outcomes
 
 
@@ -194,7 +221,9 @@ def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step, fp32_reference
         files, _ = fp32_reference(inputs, inputs.work / "fp32-reference")
         reference = Outcome(Candidate("fp32-reference", "onnxruntime", "fp32", fp32_reference, True), files)
     timed = [*passing, *([reference] if reference else [])]
-    step(f"timing {len(passing)} passing engine(s) side by side (batch {SPEED_BATCH})")
+    device = passing[0].candidate.device
+    step(f"timing {len(passing)} passing engine(s) side by side (batch {SPEED_BATCH}"
+         + (f", {device})" if device != "cpu" else ")"))
     runners = {o.candidate.id: _runner(inputs, o).activate() for o in timed}
     try:
         first = next(iter(runners.values()))  # every engine of one export takes the same input
@@ -214,11 +243,16 @@ def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step, fp32_reference
 def choose(outcomes: Sequence[Outcome], keep_all: bool) -> tuple[Outcome | None, list[Outcome]]:
     """The winner (fastest passing at the requested precision, the first candidate's; first passing when
     untimed) and the outcomes to keep in the artifact: the winner, plus the fastest passing portable (ONNX
-    Runtime) engine as a fallback, or every passing one.
+    Runtime) engine as a fallback, or every passing one. The winner is one of the :func:`primary_device`'s
+    candidates (the CPU's); every passing engine of another device (a TensorRT plan) is kept beside it.
 
     A portable engine of the same backend and precision within :data:`TIE` of the winner's speed (or both
     untimed) wins instead: the 7-bit INT8 engine runs the same kernels as its 8-bit twin, so this keeps one
     engine that runs everywhere rather than two that differ by timing noise."""
+    device = primary_device([o.candidate for o in outcomes])
+    elsewhere = sorted((o for o in outcomes if o.passed and o.candidate.device != device),
+                       key=lambda o: o.seconds if o.seconds else float("inf"))
+    outcomes = [o for o in outcomes if o.candidate.device == device]
     passing = [o for o in outcomes if o.passed]
     if not passing:
         return None, []
@@ -230,11 +264,11 @@ def choose(outcomes: Sequence[Outcome], keep_all: bool) -> tuple[Outcome | None,
     ranked.remove(winner)
     ranked.insert(0, winner)
     if keep_all:
-        return winner, ranked
+        return winner, ranked + elsewhere
     kept = [winner]
     if not winner.candidate.portable:
         kept += [o for o in ranked if o.candidate.portable][:1]
-    return winner, kept
+    return winner, kept + elsewhere
 
 
 def _portable_tie(o: Outcome, winner: Outcome) -> bool:

@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from imgembed.preprocess import load_image
 from imgembed.preprocess.fast import crops_of, crops_to_pixels
 from imgembed.preprocess.imagedir import load_image_dir
 
+if TYPE_CHECKING:
+    from imgembed.export.tensorrt import TrtOptions
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPEED_BATCH = engines.SPEED_BATCH
 INPUT_FORMATS = ("float32", "uint8")
@@ -74,6 +77,7 @@ class ExportOptions:
     input_format: str = "float32"           # "float32" NCHW normalised | "uint8" NHWC resize+crop (see uint8_input)
     text: bool = False                      # CLIP / SigLIP: add the text tower (text/ in the artifact)
     tokenizer: str | Path | None = None     # tokenizer directory / tokenizer.json (default: the checkpoint's)
+    trt: TrtOptions | None = None           # ``--trt``: race TensorRT plans for this GPU too (profile, cache)
 
 
 @dataclass
@@ -223,7 +227,8 @@ def _place_engines(stage: Path, kept: list[engines.Outcome], prefix: str, taken:
 def _engine_record(o: engines.Outcome, files: dict[str, str]) -> Engine:
     c = o.candidate
     return Engine(id=c.id, backend=c.backend, precision=c.precision, inference_precision=c.inference_precision,
-                  batch_invariant=c.batch_invariant, needs_vnni=c.needs_vnni, files=files,
+                  device=c.device, target=o.target, batch_invariant=c.batch_invariant, needs_vnni=c.needs_vnni,
+                  files=files,
                   quantization=o.record or None, img_per_s=None if o.img_per_s is None else round(o.img_per_s, 2),
                   parity=None if o.report is None else o.report.metrics)
 
@@ -250,6 +255,9 @@ def _check_options(opts: ExportOptions) -> None:
         raise ExportError("--tokenizer is used by the text tower only; add --text")
     if opts.int8_preset and opts.precision != "int8":
         raise ExportError(f"--int8-preset {opts.int8_preset} needs --int8 (precision is {opts.precision})")
+    if opts.trt is not None and opts.input_format != "float32":
+        raise ExportError(f"--trt builds engines for float32 NCHW inputs; input format {opts.input_format!r} "
+                          "(--uint8-input) is not supported with --trt")
 
 
 def _graphs(spec: ModelSpec, opts: ExportOptions, head, work: Path, step: Step) -> tuple[Path, Path, dict]:
@@ -272,14 +280,14 @@ def _graphs(spec: ModelSpec, opts: ExportOptions, head, work: Path, step: Step) 
 
 def plan_candidates(spec: ModelSpec, opts: ExportOptions) -> list[engines.Candidate]:
     """The engine candidates of an export, checked before the original is loaded: the options are valid and
-    an engine can build the requested precision here."""
+    an engine can build the requested precision here (and, with ``opts.trt``, a GPU engine too)."""
     _check_options(opts)
     if opts.text:
         from imgembed.export.text_tower import text_tower
 
         text_tower(spec)  # fail before any work when the model has no text tower
     candidates = recipes.plan(opts.precision, transformer=family_of(spec).transformer(spec),
-                              int8_preset=opts.int8_preset, backend=opts.backend)
+                              int8_preset=opts.int8_preset, backend=opts.backend, gpu=opts.trt is not None)
     engines.check_available(candidates, opts.precision)
     return candidates
 
@@ -322,7 +330,8 @@ def export_original(original: Original, out: str | Path, opts: ExportOptions, st
             return calibration["set"]
 
         inputs = engines.Inputs(spec, work, plain, ort_graph, opts.input_format, parity_set, calibrate,
-                                opts.threads, family.transformer(spec), head=head, opset=opts.opset)
+                                opts.threads, family.transformer(spec), head=head, opset=opts.opset,
+                                backend_options={} if opts.trt is None else {"tensorrt": opts.trt})
         raced = tower.race(tower.Tower(spec.name, opts.precision, candidates, inputs,
                                        spec.thresholds(opts.precision)), step, speed_check=opts.speed_check,
                            keep_candidates=opts.keep_candidates, keep_failed=opts.keep_failed)

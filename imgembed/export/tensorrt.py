@@ -1,63 +1,54 @@
-"""TensorRT engines from exported artifacts: ``imgembed export NAME --trt [--fp16|--int8] [--trt-batch 1,32,256]``.
+"""TensorRT plans: the building code of the TensorRT recipes (:mod:`imgembed.export.recipes.tensorrt`).
 
-Flow (:func:`add_engine`): the artifact's ``model.onnx`` -> checked for TensorRT (:func:`check_trt_onnx`) ->
-parsed and built with an explicit batch profile and a persistent timing cache (:func:`build_engine`) ->
-parity-gated against the PyTorch original on this GPU -> written into the artifact as
-``engine-<key>.plan``, recorded as one more engine of the manifest (``backend: tensorrt``, with a ``target``
-naming the GPU, compute capability, TensorRT version and profile) with the sha256 of every file updated,
-atomically.
+``imgembed export NAME --trt [--fp16|--int8] [--trt-batch 1,32,256]`` races the TensorRT recipe of the precision
+in the export's engine race, beside the CPU candidates (:mod:`.engines`): the recipe makes its graph from the
+plain exported ONNX, checks it for TensorRT (:func:`check_trt_onnx`), parses and builds it with an explicit
+batch profile and a persistent timing cache (:func:`build_engine`); the race gates the plan on the GPU with the
+same parity gate as every engine and times it there; a passing plan is kept in the artifact as one more engine
+(``backend: tensorrt``, ``device: cuda``, ``files: {"plan": ...}`` and a ``target`` naming the GPU, compute
+capability, TensorRT version and profile), written by the code that writes every engine. The CPU default engine
+is chosen among the CPU candidates as without ``--trt``; a failing plan is a failed row of the selection table.
+:func:`prepare_trt_export` is what ``--trt`` checks before any work. Adding a plan for another GPU to an
+existing artifact: :func:`imgembed.export.add_plan.add_engine` (the same recipe, race and gate).
 
 Precision, per TensorRT generation:
 * TensorRT >= 10: *strongly typed* networks (TensorRT 11 removed weak typing, the FP16/INT8 builder flags,
   layer precision constraints and INT8 calibrators). Precision comes from the ONNX graph itself: the FP16
-  artifact keeps LayerNormalization, Softmax, reductions, Pow/Sqrt/Erf in FP32 (``convert_fp16``), INT8 is
+  graph keeps LayerNormalization, Softmax, reductions, Pow/Sqrt/Erf in FP32 (``convert_fp16``), INT8 is
   explicit quantization from the symmetric Q/DQ graph of the ``static-qdq-trt`` preset (calibrated on the
-  same images as the CPU INT8 path). TF32 is switched off so FP32 layers stay FP32.
+  same images as the CPU INT8 engines). TF32 is switched off so FP32 layers stay FP32.
 * TensorRT 8.6 / 9.x (no strong typing): BuilderFlag.FP16 / INT8 plus OBEY_PRECISION_CONSTRAINTS, with the
   normalisation, softmax, reduction and unary layers pinned to FP32 (:func:`constrain_fp32_layers`).
 
-The ONNX for TensorRT is exported unfused (ONNX Runtime's contrib ops such as ``Attention`` are not ONNX
+The ONNX for TensorRT is the unfused export (ONNX Runtime's contrib ops such as ``Attention`` are not ONNX
 operators), at opset >= 17 so LayerNormalization is one native op. ``tensorrt`` is imported lazily.
 
-Not yet run on GPU hardware. The pure-Python decisions (flags,
-precision constraints, graph checks, profiles, keys) are unit-tested with fakes; building and running
-engines is written to TensorRT's documented Python API only.
+Not yet run on GPU hardware. The pure-Python decisions (flags, precision constraints, graph checks,
+profiles, keys) are unit-tested with fakes, and the race with the builder and the runner faked; building and
+running engines is written to TensorRT's documented Python API only.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from imgembed.artifact import (
-    MODEL_FILE,
-    Engine,
-    GpuTarget,
-    Manifest,
-    export_lock,
-    file_checksums,
-    read_manifest,
-    staged_directory,
-    verify,
-    write_bytes_atomic,
-    write_manifest,
-)
-from imgembed.errors import ArtifactError, BackendUnavailableError, ExportError, ParityError
-from imgembed.gate.parity import ParityReport
-from imgembed.runtime.runners.tensorrt import current_env, import_tensorrt, tensorrt_unavailable
+from imgembed.artifact import write_bytes_atomic
+from imgembed.errors import BackendUnavailableError, ExportError
+from imgembed.runtime.runners.tensorrt import current_env, import_tensorrt, tensorrt_unavailable  # noqa: F401
 from imgembed.runtime.runners.tensorrt_plans import (
     DEFAULT_PROFILE,
+    ENGINE_PRECISIONS,
     BatchProfile,
     EngineEnv,
-    engine_record,
     parse_profile,
     slug,
 )
 
 Step = Callable[[str], None]
+# current_env (imported above): the TensorRT recipes read this machine's GPU through this module (fakes patch it)
 TRT_INT8_PRESET = "static-qdq-trt"
 MIN_OPSET = 17
 CACHE_ENV = "IMGEMBED_TRT_CACHE"
@@ -69,16 +60,21 @@ _DYNAMIC_QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "
 
 @dataclass
 class TrtOptions:
+    """How TensorRT plans are built (``ExportOptions.trt``; :func:`~imgembed.export.add_plan.add_engine`)."""
+
     profile: BatchProfile = DEFAULT_PROFILE
     workspace_gib: float = 4.0                  # IBuilderConfig memory pool limit for tactics
     cache_dir: str | Path | None = None         # timing caches (default: $IMGEMBED_TRT_CACHE or ~/.cache/...)
     weights: str | Path | None = None           # the original's weights, if its source directory moved
     threads: int | None = None                  # CPU threads for the PyTorch reference
     module: str | None = None                   # a module artifact's factory, as the user named it
+    calibration: str | Path | None = None       # add_engine, INT8: calibration images (default: the built-in set)
 
 
 def trt_export_overrides(precision: str, int8_preset: str | None) -> dict:
-    """ExportOptions fields ``--trt`` changes: no ORT fusion; INT8 through the symmetric Q/DQ preset."""
+    """ExportOptions fields of a CPU artifact whose ``model.onnx`` TensorRT can build itself (no ORT fusion;
+    INT8 through the symmetric Q/DQ preset): what the GPU conformance suite builds plans from. ``--trt`` does
+    not need them: its TensorRT recipes build their own graphs from the plain export."""
     overrides: dict = {"optimize": False}
     if precision == "int8":
         if int8_preset not in (None, TRT_INT8_PRESET):
@@ -88,20 +84,21 @@ def trt_export_overrides(precision: str, int8_preset: str | None) -> dict:
     return overrides
 
 
-def prepare_trt_export(precision: str, int8_preset: str | None, batch: str,
-                       input_format: str = "float32") -> tuple[TrtOptions, dict]:
+def prepare_trt_export(precision: str, batch: str, input_format: str = "float32") -> TrtOptions:
     """Everything ``export --trt`` checks before exporting anything: the profile text (ValueError), the
-    precision/preset and input format (ExportError) and that TensorRT and a GPU are here
-    (BackendUnavailableError)."""
+    precision and input format (ExportError) and that TensorRT and a GPU are here (BackendUnavailableError).
+    Returns the options of ``ExportOptions.trt``."""
     profile = parse_profile(batch)
-    overrides = trt_export_overrides(precision, int8_preset)
+    if precision not in ENGINE_PRECISIONS:
+        raise ExportError(f"--trt builds {'/'.join(ENGINE_PRECISIONS)} engines, not {precision} (TensorRT has no "
+                          "BF16 recipe here); export BF16 without --trt")
     if input_format != "float32":
         raise ExportError(f"--trt builds engines for float32 NCHW inputs; input format {input_format!r} "
                           "(--uint8-input) is not supported with --trt")
     reason = tensorrt_unavailable("cuda")
     if reason:
         raise BackendUnavailableError(f"--trt needs TensorRT and an NVIDIA GPU: {reason}")
-    return TrtOptions(profile=profile), overrides
+    return TrtOptions(profile=profile)
 
 
 def check_trt_onnx(model) -> None:
@@ -245,86 +242,3 @@ def build_engine(onnx_path: str | Path, precision: str, profile: BatchProfile, e
     write_bytes_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(blob)), {**record, "build_seconds": round(time.perf_counter() - t0, 1),
                                      "timing_cache": str(cache_path), "workspace_gib": workspace_gib}
-
-
-def engine_parity(manifest: dict, engine_path: Path, options: TrtOptions) -> ParityReport:
-    """The parity report of an engine against the PyTorch original rebuilt from the manifest's source."""
-    from imgembed.gate.parity import parity_report
-    from imgembed.gate.reference import reference_set
-    from imgembed.models.families import original_from_source
-    from imgembed.runtime.runners.tensorrt import TrtRunner
-
-    spec = manifest.model_spec()
-    weights = Path(options.weights) if options.weights else None
-    head = original_from_source(spec, manifest.source_record(), weights_override=weights, module=options.module)
-    ps = reference_set(head, spec, options.threads)
-    precision = manifest.precision
-    with TrtRunner(engine_path, spec.embedding.dim) as runner:
-        return parity_report(ps.reference, runner, ps.inputs(runner), spec.thresholds(precision), precision,
-                             ps.names)
-
-
-def add_engine(artifact: str | Path, options: TrtOptions | None = None, step: Step = lambda s: None) -> dict:
-    """Build, parity-gate and add a TensorRT engine for this GPU to ``artifact``; returns its record.
-
-    The engine's precision is the artifact's. A failing gate raises ParityError and changes nothing.
-    """
-    from imgembed.gate.parity import format_report
-
-    options, artifact = options or TrtOptions(), Path(artifact)
-    with export_lock(artifact):
-        manifest = verify(artifact, read_manifest(artifact))
-        precision = manifest.precision
-        check_trt_onnx(artifact / MODEL_FILE)
-        env = current_env()
-        step(f"building a TensorRT {precision} engine for {env.gpu.name} (TensorRT {env.tensorrt}, "
-             f"batch {options.profile})")
-        blob, build = build_engine(artifact / MODEL_FILE, precision, options.profile, env,
-                                   cache_dir=options.cache_dir, workspace_gib=options.workspace_gib)
-        with tempfile.TemporaryDirectory(dir=artifact.parent, prefix=f".{artifact.name}.trt-") as tmp:
-            engine = Path(tmp) / "engine.plan"
-            engine.write_bytes(blob)
-            step("checking the engine's parity against the PyTorch original")
-            report = engine_parity(manifest, engine, options)
-            if not report.passed:
-                raise ParityError(f"TensorRT {precision} engine of {artifact} failed the parity gate "
-                                  f"({'; '.join(report.failures)}); no engine written\n{format_report(report)}",
-                                  report)
-            record = engine_record(env, precision, options.profile, build=build, parity=report.to_dict(),
-                                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            step(f"writing {record['file']} into {artifact}")
-            _write_with_engine(artifact, manifest, engine, record)
-    return record
-
-
-def _write_with_engine(artifact: Path, manifest: Manifest, engine: Path, record: dict) -> None:
-    """Rewrite ``artifact`` atomically with ``engine`` added to its engines (hard links for the unchanged
-    files); a plan built for the same GPU, TensorRT version, precision and profile is replaced."""
-    with staged_directory(artifact) as stage:
-        for rel in manifest.files:
-            if rel == record["file"]:
-                continue  # replaced below
-            dst = stage / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(artifact / rel, dst)
-            except OSError:
-                import shutil
-
-                shutil.copy2(artifact / rel, dst)
-        os.replace(engine, stage / record["file"])
-        new = trt_engine(record)
-        engines = [e for e in manifest.engines if e.id != new.id] + [new]
-        files = file_checksums(stage)
-        if set(files) != set(manifest.files) | {record["file"]}:
-            raise ArtifactError(f"{artifact}: files changed while adding an engine; nothing written")
-        write_manifest(stage, manifest.model_copy(update={"engines": engines, "files": files}))
-
-
-def trt_engine(record: dict) -> Engine:
-    """The artifact engine of a built TensorRT plan (:func:`~imgembed.runtime.runners.tensorrt_plans.engine_record`)."""
-    parity = record.get("parity") or {}
-    return Engine(id=f"tensorrt-{record['key']}", backend="tensorrt", precision=record["precision"], device="cuda",
-                  batch_invariant=True, files={"plan": record["file"]}, parity=parity.get("metrics"),
-                  target=GpuTarget(**{k: record.get(k) for k in ("key", "gpu", "tensorrt", "profile", "build",
-                                                                 "created")}))

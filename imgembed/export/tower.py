@@ -61,7 +61,8 @@ def race(tower: Tower, step: Step, *, speed_check: bool = True, keep_candidates:
                            fp32_reference=ORT_FP32.builder)
     winner, kept = engines.choose(outcomes, keep_candidates)
     if winner is None:
-        built = [o for o in outcomes if o.report is not None]
+        device = engines.primary_device(tower.candidates)
+        built = [o for o in outcomes if o.report is not None and o.candidate.device == device]
         if not built:
             raise ExportError(f"{tower.label} {tower.precision}: no engine could be built ("
                               + "; ".join(f"{o.candidate.id}: {o.error or o.candidate.unavailable}"
@@ -72,7 +73,7 @@ def race(tower: Tower, step: Step, *, speed_check: bool = True, keep_candidates:
             raise ParityError(f"{tower.label} {tower.precision} failed the parity gate on every engine ({lines}); "
                               f"no artifact written (pass --keep-failed to keep the closest one, marked failed)\n"
                               f"{format_report(best.report)}", best.report)
-        winner, kept = best, [best]
+        winner, kept = best, [best, *(o for o in outcomes if o.passed and o.candidate.device != device)]
     return Raced(winner, kept, outcomes)
 
 

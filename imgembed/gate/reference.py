@@ -1,7 +1,7 @@
 """The parity images and the PyTorch original's embeddings of them, computed once per gate.
 
-The export's engine race, ``imgembed parity`` (:func:`~imgembed.export.pipeline.recheck_artifact`) and the
-TensorRT engine gate (:func:`~imgembed.export.tensorrt.engine_parity`) all compare against
+The export's engine race (TensorRT plans included, :func:`~imgembed.export.add_plan.add_engine` too) and
+``imgembed parity`` (:func:`~imgembed.export.pipeline.recheck_artifact`) all compare against
 :func:`reference_set`, so they judge engines against the same reference.
 """
 from __future__ import annotations

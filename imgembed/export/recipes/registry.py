@@ -8,8 +8,12 @@ A recipe says what it builds (backend, precision, inference hint, builder), whic
 checked) and how its INT8 kernels behave (``portable`` / ``needs_vnni`` / ``planned``: rules of whether the
 backend's int8 kernels here are VNNI ones, read when the plan is made).
 
+A recipe also names the ``device`` its engine runs on. CPU recipes make every plan; GPU recipes (TensorRT,
+:mod:`.tensorrt`) are planned only when the export asks for GPU engines (``gpu=True``: ``--trt``, or their
+backend named: ``--backend tensorrt``), and then they race, are gated and timed on their device.
+
 Orders, by convention: float engines 10-30, ONNX Runtime INT8 presets 100-110, ONNX Runtime outlier recipes
-200-210, OpenVINO INT8 300-320, last resorts 900.
+200-210, OpenVINO INT8 300-320, last resorts 900, GPU engines 1000.
 """
 from __future__ import annotations
 
@@ -69,6 +73,7 @@ class Recipe:
     probes: tuple[Probe, ...] = ()
     serves: frozenset[str] = frozenset()
     preset: str | None = None            # the ONNX Runtime INT8 preset it builds (``--int8-preset`` picks it)
+    device: str = "cpu"                  # where its engine runs, is gated and timed ("cuda": GPU recipes)
     why: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -83,8 +88,8 @@ class Recipe:
             raise ExportError(f"recipe {self.id}: fallback_for is a Recipe or LAST_RESORT, not {self.fallback_for!r}")
 
     def unavailable(self) -> str | None:
-        """Why it cannot be built here: its backend first, then its own probes."""
-        reason = get_backend(self.backend).unavailable("cpu")
+        """Why it cannot be built here: its backend on its device first, then its own probes."""
+        reason = get_backend(self.backend).unavailable(self.device)
         for probe in self.probes:
             reason = reason or probe()
         return reason
@@ -94,7 +99,7 @@ class Recipe:
         fallback = self.fallback_for.id if isinstance(self.fallback_for, Recipe) else self.fallback_for
         return Candidate(self.id, self.backend, self.precision, self.builder, self.batch_invariant,
                          self.inference_precision, unavailable=self.unavailable(), portable=self.portable(vnni),
-                         fallback_for=fallback, needs_vnni=self.needs_vnni(vnni))
+                         fallback_for=fallback, needs_vnni=self.needs_vnni(vnni), device=self.device)
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -156,10 +161,12 @@ def kind_of(transformer: bool, reexport: bool = True) -> str:
 
 
 def plan(precision: str, *, kind: str | None = None, transformer: bool | None = None, int8_preset: str | None = None,
-         backend: str | None = None, reexport: bool = True) -> list[Candidate]:
+         backend: str | None = None, reexport: bool = True, gpu: bool = False) -> list[Candidate]:
     """The candidates of an export at ``precision`` for a ``kind`` graph (or ``transformer`` + ``reexport``:
     see :func:`kind_of`), in race order: the recipe of ``int8_preset`` alone when one is forced; only
-    ``backend``'s when given."""
+    ``backend``'s when given. GPU recipes (``device`` not ``"cpu"``) are planned only with ``gpu`` (whatever
+    ``backend`` restricts the CPU ones to) or when ``backend`` names theirs; ``int8_preset`` forces the CPU
+    recipe, GPU recipes build their own graphs."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported; expected one of {', '.join(PRECISIONS)}")
     if kind is None:
@@ -172,16 +179,21 @@ def plan(precision: str, *, kind: str | None = None, transformer: bool | None = 
         if int8_preset not in presets():
             raise ExportError(f"unknown INT8 preset {int8_preset!r}; expected one of {presets()}")
         chosen = recipes(precision, preset=int8_preset)
+        chosen += [r for r in recipes(precision, kind=kind) if r.device != "cpu"]
     else:
         chosen = recipes(precision, kind=kind)
+    chosen = [r for r in chosen if r.device == "cpu" or gpu or r.backend == backend]
+    if gpu and all(r.device == "cpu" for r in chosen):
+        raise ExportError(f"no GPU engine recipe builds a {precision} {kind} engine (GPU engines: "
+                          f"{sorted({r.id for r in _REGISTRY.values() if r.device != 'cpu'})})")
     vnni = _VnniKernels()
-    out = [r.candidate(vnni(r.backend)) for r in chosen if r.planned(vnni(r.backend))]
+    out = [r.candidate(vnni(r)) for r in chosen if r.planned(vnni(r))]
     if backend is not None:
         get_backend(backend)
-        out = [c for c in out if c.backend == backend]
-        if not out:
+        if not any(c.backend == backend for c in out):
             raise ExportError(f"backend {backend!r} offers no {precision} candidate"
                               + (f" with --int8-preset {int8_preset}" if int8_preset else ""))
+        out = [c for c in out if c.backend == backend or (gpu and c.device != "cpu")]
     return out
 
 
@@ -192,7 +204,10 @@ class _VnniKernels:
     def __init__(self) -> None:
         self._seen: dict[str, bool] = {}
 
-    def __call__(self, backend: str) -> bool:
+    def __call__(self, recipe: Recipe) -> bool:
+        if recipe.device != "cpu":
+            return False   # int8 kernels of a CPU backend: a GPU engine has none of the x86 rules
+        backend = recipe.backend
         if backend not in self._seen:
             self._seen[backend] = host.int8_kernels(backend) == "vnni"
         return self._seen[backend]
