@@ -144,6 +144,15 @@ def test_verify_names_a_modified_file(tmp_path):
         A.verify(tmp_path)
 
 
+def test_verify_names_an_unlisted_manifest_json_in_a_subfolder(tmp_path):
+    """Only the top-level manifest.json is outside the checksums: one in a subfolder is an unlisted file."""
+    _make_artifact(tmp_path, {"model.onnx": b"m"})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / A.MANIFEST).write_text("{}")
+    with pytest.raises(IntegrityError, match=r"files not listed in the manifest: \['sub/manifest\.json'\]"):
+        A.verify(tmp_path)
+
+
 def test_verify_refuses_an_entry_outside_the_directory(tmp_path):
     art = tmp_path / "art"
     manifest = _make_artifact(art, {"model.onnx": b"m"})

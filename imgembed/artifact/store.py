@@ -56,10 +56,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def file_checksums(directory: Path, skip: Collection[str] = ()) -> dict[str, str]:
-    """sha256 of every file in ``directory`` (recursively) except the manifest, by relative POSIX path;
-    the files in ``skip`` are listed with an empty digest."""
-    rels = (p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != MANIFEST)
+    """sha256 of every file in ``directory`` (recursively) except the top-level manifest, by relative POSIX
+    path (a ``manifest.json`` in a subfolder is a file like any other); the files in ``skip`` are listed with an
+    empty digest."""
+    rels = (rel for rel in (p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*")) if p.is_file())
+            if rel != MANIFEST)
     return {rel: "" if rel in skip else sha256_file(directory / rel) for rel in rels}
 
 
