@@ -16,6 +16,7 @@ batch 8, ``--threads`` intra-op threads, each INT8 engine against ONNX Runtime F
 
 Recipes: ``qdq`` (the static-qdq preset: per-channel weights incl. depthwise, min/max uint8 activations, ReLU6
 folded), ``qdq+bc`` (+ bias correction on the Q/DQ graph, :mod:`imgembed.export.weight_rounding`),
+``gray+qdq+bc`` (both on the calibration images plus grayscale copies of them, 64),
 ``qdq+gptq+bc`` (+ output-error-aware weight rounding, then bias correction), ``nncf`` (OpenVINO + NNCF
 default, fast bias correction, FP32 hint).
 """
@@ -31,7 +32,7 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 
-RECIPES = ("qdq", "qdq+bc", "qdq+gptq+bc", "nncf")
+RECIPES = ("qdq", "qdq+bc", "gray+qdq+bc", "qdq+gptq+bc", "nncf")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -98,6 +99,7 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
                         work / "plain.onnx")
     par = preprocess_batch([im for _, im in parity_images()], pre)
     cal = preprocess_batch(list(calibration_images()), pre)
+    cal_gray = np.concatenate([cal, preprocess_batch([im.convert("L") for im in calibration_images()], pre)])
     fc_w, fc_b = model._fc.weight.detach().numpy(), model._fc.bias.detach().numpy()
     fp32 = _ort(plain, threads)
     ref, refc = _embed(fp32, par), _embed(fp32, cal)
@@ -106,14 +108,16 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
     built: dict[str, tuple] = {}
     for recipe in recipes:
         t = time.perf_counter()
-        if recipe.startswith("qdq"):
-            qdq = work / "qdq.onnx"
+        if "qdq" in recipe:
+            images = cal_gray if recipe.startswith("gray") else cal
+            qdq = work / f"qdq-{len(images)}.onnx"
             if not qdq.exists():
-                quantize(plain, qdq, PRESETS["static-qdq"], batches)
+                quantize(plain, qdq, PRESETS["static-qdq"], [images[i:i + 8] for i in range(0, len(images), 8)])
             path = qdq
             if recipe != "qdq":
-                path, _ = optimize(qdq, prepare_static(plain, work / "prepped.onnx"), cal, work / f"{recipe}.onnx",
-                                   rounding="gptq" in recipe, bias_correction=True, threads=threads)
+                path, _ = optimize(qdq, prepare_static(plain, work / "prepped.onnx"), images,
+                                   work / f"{recipe}.onnx", rounding="gptq" in recipe, bias_correction=True,
+                                   threads=threads)
             run = _ort(path, threads)
         elif recipe == "nncf":
             from imgembed.export.openvino import convert_onnx, quantize_nncf
