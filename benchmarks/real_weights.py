@@ -16,7 +16,7 @@ batch 8, ``--threads`` intra-op threads, each INT8 engine against ONNX Runtime F
 
 Recipes: ``qdq`` (the static-qdq preset: per-channel weights incl. depthwise, min/max uint8 activations, ReLU6
 folded), ``qdq+bc`` (+ bias correction on the Q/DQ graph, :mod:`imgembed.export.weight_rounding`),
-``gray+qdq+bc`` (both on the calibration images plus grayscale copies of them, 64),
+``gray+qdq+bc`` and ``gray+qdq+gptq+bc`` (both steps on the calibration images plus grayscale copies, 64),
 ``qdq+gptq+bc`` (+ output-error-aware weight rounding, then bias correction), ``nncf`` (OpenVINO + NNCF
 default, fast bias correction, FP32 hint).
 """
@@ -32,7 +32,7 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 
-RECIPES = ("qdq", "qdq+bc", "gray+qdq+bc", "qdq+gptq+bc", "nncf")
+RECIPES = ("qdq", "qdq+bc", "gray+qdq+bc", "qdq+gptq+bc", "gray+qdq+gptq+bc", "nncf")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
