@@ -3,12 +3,13 @@ check every file against its sha256."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Collection
 
 from pydantic import ValidationError
 
-from imgembed.artifact.schema import FORMAT_VERSION, MANIFEST, Manifest
+from imgembed.artifact.schema import FORMAT_VERSION, MANIFEST, SHA256_PATTERN, Manifest
 from imgembed.errors import ArtifactError, IntegrityError
 
 REQUIRED_KEYS = ("files", "name", "precision", "input", "output", "preprocess")
@@ -55,8 +56,8 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
                             f"{FORMAT_VERSION}); install the imgembed release that wrote it "
                             f"({_writer(raw)}) or newer: pip install -U imgembed")
     files = raw["files"]
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
-                                              and all(c in "0123456789abcdef" for c in v) for k, v in files.items()):
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(SHA256_PATTERN, v) for k, v in files.items()):
         raise IntegrityError(f"{where}: 'files' must map relative paths to sha256 hex digests, got {files!r:.200}")
     try:
         return Manifest.model_validate(migrate(raw))

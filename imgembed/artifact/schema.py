@@ -28,7 +28,8 @@ Device = Literal["cpu", "cuda"]
 Status = Literal["passed", "failed"]
 Tower = Literal["image", "text"]
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,199}$")]
-Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
 RelPath = Annotated[str, StringConstraints(min_length=1, max_length=1024)]  # the resolver judges the rest
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Count = Annotated[int, Field(ge=0, le=1 << 62)]
@@ -288,10 +289,6 @@ class Manifest(_Model):
     # ---- typed accessors readers use
     def engine(self, engine_id: str) -> Engine:
         return _engine(self.engines, engine_id)
-
-    @property
-    def dim(self) -> int:
-        return self.output.dim
 
     def preprocess_spec(self):
         """The :class:`~imgembed.preprocess.PreprocessSpec` of the image tower."""
