@@ -161,3 +161,17 @@ def test_a_newer_format_names_the_release_to_install(tmp_path):
     with pytest.raises(ArtifactError, match=r"artifact format 3 is newer than this imgembed reads \(formats up to 2\); "
                                             r"install the imgembed release that wrote it \(imgembed 0\.9\.0\)"):
         imgembed.load(tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_a_manifest_listing_many_engines_is_judged_in_linear_time(tmp_path):
+    """A crafted manifest near the size cap (200,000 engine records, ~20 MB) is validated in seconds, and a
+    duplicate id among them is named (a quadratic duplicate check took hours on such a file)."""
+    engines = [{"id": f"e{i}", "backend": "onnxruntime", "precision": "fp32", "files": {"model": "model.onnx"}}
+               for i in range(200_000)]
+    (tmp_path / A.MANIFEST).write_text(json.dumps(minimal_manifest(engines=engines, default_engine="e0")))
+    assert len(A.read_manifest(tmp_path).engines) == 200_000
+    engines.append({**engines[123_456]})
+    (tmp_path / A.MANIFEST).write_text(json.dumps(minimal_manifest(engines=engines, default_engine="e0")))
+    with pytest.raises(ArtifactError, match=r"engines: duplicate engine ids \['e123456'\]"):
+        A.read_manifest(tmp_path)

@@ -16,6 +16,7 @@ types by :func:`json_schema`; ``docs/artifact-format.md`` describes them for rea
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -312,7 +313,7 @@ class Manifest(_Model):
 
 def _check_engines(engines: list[Engine], default: str, where: str) -> None:
     ids = [e.id for e in engines]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)   # linear: a manifest may list many engines
     if dupes:
         raise ValueError(f"{where}engines: duplicate engine ids {dupes}")
     if default not in ids:
