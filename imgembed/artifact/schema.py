@@ -192,14 +192,23 @@ class Output(_Model):
     dtype: Literal["float32"] = "float32"
 
 
+class Stage(_Model):
+    """One stage of an export (loading, ONNX export, building or gating one candidate...) and its wall time."""
+
+    name: Annotated[str, StringConstraints(max_length=2000)]
+    seconds: Annotated[float, Field(ge=0)]
+
+
 class ExportRecord(_Model):
-    """How the graphs were made: graph surgery and fusions, the winner's quantization, op counts, time, size."""
+    """How the graphs were made: graph surgery and fusions, the winner's quantization, op counts, time (in all
+    and per stage), size."""
 
     optimizations: list[str] = []
     fused_ops: dict[str, int] = {}
     quantization: Record | None = None
     op_counts: dict[str, int] = {}
     seconds: float | None = None
+    stages: list[Stage] = []
     model_bytes: Count | None = None
 
 

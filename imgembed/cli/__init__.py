@@ -181,6 +181,7 @@ def export_cmd(
                                    transformer=transformer, step=step, **options)
     m = result.manifest
     print_candidates(m, m.precision)
+    print_stages(m)
     source = m.preprocess_source.model_dump() if m.preprocess_source is not None else {}
     if source.get("differs_from_registry"):
         from imgembed.models.checkpoint import describe
@@ -258,6 +259,21 @@ def print_candidates(tower_record: "Manifest | TextTower", precision: str, tower
         mark = "default" if r.id == tower_record.default_engine else ("yes" if r.id in kept else "")
         table.add_row(r.id, gate, _fmt(met.get("min_cosine"), ".6f"), _fmt(met.get("mean_cosine"), ".6f"),
                       _fmt(met.get("batch_variation"), ".2g"), _fmt(r.img_per_s, ".1f"), mark)
+    out_console.print(table)
+
+
+def print_stages(manifest: "Manifest") -> None:
+    """Where the export's time went: each stage (loading, ONNX export, building and gating each candidate, the
+    timings) and its seconds, the slowest marked."""
+    stages = manifest.export.stages
+    if not stages:
+        return
+    total = sum(s.seconds for s in stages) or 1.0
+    table = Table(title=f"export time per stage ({total:.1f} s)")
+    for col in ("stage", "seconds", "share"):
+        table.add_column(col)
+    for s in stages:
+        table.add_row(escape(s.name), f"{s.seconds:.1f}", f"{s.seconds / total:.0%}")
     out_console.print(table)
 
 

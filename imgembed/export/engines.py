@@ -1,20 +1,26 @@
-"""The engine race of an export: build every candidate the installed engines offer, gate each, time the
-passing ones side by side on this machine, keep the fastest as the artifact's default engine.
+"""The engine race of an export: build every candidate the installed engines offer, time each briefly, gate
+them fastest first, time the passing ones side by side on this machine, keep the fastest as the artifact's
+default engine.
 
 A :class:`Candidate` is one way to run the model at the requested precision: ONNX Runtime with a graph
 (FP32/FP16, or INT8 with a quantization preset), or OpenVINO with an IR (FP32, BF16 as an inference hint,
 INT8 through NNCF, optionally with BF16 for the float remainder), made from a registered recipe
-(:mod:`.recipes`: the plan is computed from the registry). Every candidate passes the same parity gate
-at batch sizes 1, 3 and 8; candidates that claim batch invariance (static activation scales) are also gated on
-``batch_variation``. Passing candidates are timed in interleaved rounds (same threads, same batch), so the
-ratios hold even on a busy machine. Candidates that cannot be built here (OpenVINO not installed, no BF16
-instructions, no GPU for TensorRT) are listed with the reason and never silently dropped.
+(:mod:`.recipes`: the plan is computed from the registry). A gated candidate passes the parity gate at batch
+sizes 1, 3 and 8; candidates that claim batch invariance (static activation scales) are also gated on
+``batch_variation``. Building is the expensive part (calibration, quantization), gating is cheap, so the race
+builds every candidate, times each briefly, and gates the fastest first: it stops once the fastest passing
+engine cannot be beaten by an untried one by more than the brief timing's noise (and a portable engine passed
+beside a winner that is not portable). Candidates it did not need are marked "not needed" with the brief
+timing that ruled them out; ``--keep-candidates`` gates every one. Passing candidates are timed in
+interleaved rounds (same threads, same batch), so the ratios hold even on a busy machine. Candidates that
+cannot be built here (OpenVINO not installed, no BF16 instructions, no GPU for TensorRT) are listed with the
+reason and never silently dropped.
 
 Every candidate runs on its own ``device``: it is gated and timed there (the runner is opened through the
 backend table on that device), and engines of one device are timed against each other only. The default
 engine is chosen among the candidates of the export's primary device (the CPU, unless only GPU engines were
-planned: ``--backend tensorrt``); passing engines of other devices (TensorRT plans, ``--trt``) are kept beside
-it, each with the GPU ``target`` its builder recorded.
+planned: ``--backend tensorrt``); passing engines of other devices (TensorRT plans, ``--trt``) are all gated and
+kept beside it, each with the GPU ``target`` its builder recorded.
 """
 from __future__ import annotations
 
@@ -59,6 +65,12 @@ class Inputs:
     opset: int = DEFAULT_OPSET
     input_name: str = "pixel_values"  # the graph's input ("input_ids" for a text tower)
     backend_options: dict = field(default_factory=dict)  # by backend: e.g. "tensorrt" -> TrtOptions (profile...)
+
+    @property
+    def quantize_cache(self) -> Path:
+        """Where ONNX Runtime quantizations of this export share pre-processed graphs and calibrated ranges
+        (:func:`~imgembed.export.quantize.quantize`'s ``cache``)."""
+        return self.work / "quantize-cache"
 
     def plain_in_format(self) -> Path:
         """The plain graph with the artifact's input (uint8 prefix added when asked)."""
@@ -165,14 +177,66 @@ def primary_device(candidates: Sequence[Candidate]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the race
-def _gate(outcome: Outcome, inputs: Inputs, thresholds: dict[str, float], step: Step) -> None:
-    c = outcome.candidate
-    thresholds = gate_thresholds(thresholds, c.batch_invariant)
-    step(f"checking parity of {c.id}")
-    runner = _runner(inputs, outcome)
-    with runner:
-        outcome.report = parity_report(inputs.parity.reference, runner, inputs.parity.inputs(runner), thresholds,
-                                       c.precision, inputs.parity.names)
+def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, float], step: Step, *,
+        speed_check: bool = True, fp32_reference: Builder | None = None, gate_all: bool = False) -> list[Outcome]:
+    """Build, gate and time the candidates; returns one :class:`Outcome` per candidate, in plan order.
+
+    With ``speed_check`` (the default race) every candidate is built, timed briefly, and gated fastest first: the
+    race stops gating once a candidate at the asked precision passed that no untried one beats by more than
+    :data:`QUICK_NOISE` in the brief timing (and, when that one is not portable, once a portable engine passed
+    too); the passing ones are then timed side by side (with the graph ``fp32_reference`` builds as the reference
+    when the precision is not FP32: ``record["speed_check"]``). Candidates the race did not need are marked
+    "not needed". ``gate_all`` (``--keep-candidates``) or no ``speed_check``: every candidate is gated, in plan
+    order. Fallback recipes are built only when their own candidate failed its gate, last resorts only when
+    nothing of their device passed."""
+    outcomes = [Outcome(c) for c in candidates]
+    runners = _Runners(inputs)
+    try:
+        if speed_check and not gate_all:
+            _fastest_first(outcomes, inputs, thresholds, step, runners)
+        else:
+            for o in outcomes:
+                if _settle_fallback(o, outcomes) or o.candidate.unavailable:
+                    continue
+                if _build(o, inputs, step):
+                    _gate(o, inputs, thresholds, step, runners)
+        passing = [o for o in outcomes if o.passed]
+        if speed_check and passing:
+            for device in dict.fromkeys(o.candidate.device for o in passing):   # each device's engines side by side
+                _time([o for o in passing if o.candidate.device == device], inputs, step,
+                      fp32_reference if device == "cpu" else None, runners)
+    finally:
+        runners.close()
+    return outcomes
+
+
+QUICK_NOISE = 0.10   # brief timings (a few interleaved runs) this close may swap order in the final timing
+QUICK_ROUNDS = 3
+
+
+class _Runners:
+    """The race's open runners, by candidate id: opened once, used by the brief timing, the gate and the final
+    timing, closed when the race ends (or as soon as a candidate is out of the race)."""
+
+    def __init__(self, inputs: Inputs) -> None:
+        self.inputs = inputs
+        self.open: dict[str, object] = {}
+
+    def __call__(self, outcome: Outcome):
+        key = outcome.candidate.id
+        if key not in self.open:
+            self.open[key] = _runner(self.inputs, outcome).activate()
+        return self.open[key]
+
+    def drop(self, outcome: Outcome) -> None:
+        runner = self.open.pop(outcome.candidate.id, None)
+        if runner is not None:
+            runner.deactivate()
+
+    def close(self) -> None:
+        for runner in self.open.values():
+            runner.deactivate()
+        self.open.clear()
 
 
 def _runner(inputs: Inputs, outcome: Outcome):
@@ -184,53 +248,204 @@ def _runner(inputs: Inputs, outcome: Outcome):
     return get_backend(c.backend).open(ref, c.device, inputs.threads, c.precision)
 
 
-def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, float], step: Step, *,
-        speed_check: bool = True, fp32_reference: Builder | None = None) -> list[Outcome]:
-    """Build and gate every available candidate, then time the passing ones side by side (with the graph
-    ``fp32_reference`` builds as the reference when the precision is not FP32: ``record["speed_check"]``)."""
-    outcomes = []
-    for c in candidates:
-        outcome = Outcome(c)
-        outcomes.append(outcome)
-        if c.unavailable:
+def _build(outcome: Outcome, inputs: Inputs, step: Step) -> bool:
+    c = outcome.candidate
+    step(f"building {c.id}")
+    try:
+        outcome.files, outcome.record = c.build(inputs, inputs.work / c.id)
+        outcome.target = outcome.record.pop("target", None)
+        return True
+    except ImgembedError as e:
+        outcome.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        return False
+
+
+def _gate(outcome: Outcome, inputs: Inputs, thresholds: dict[str, float], step: Step, runners: _Runners) -> None:
+    c = outcome.candidate
+    thresholds = gate_thresholds(thresholds, c.batch_invariant)
+    step(f"checking parity of {c.id}")
+    try:
+        runner = runners(outcome)
+        outcome.report = parity_report(inputs.parity.reference, runner, inputs.parity.inputs(runner), thresholds,
+                                       c.precision, inputs.parity.names)
+    except ImgembedError as e:
+        outcome.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    if not outcome.passed:
+        runners.drop(outcome)
+
+
+def _settle_fallback(o: Outcome, outcomes: Sequence[Outcome]) -> bool:
+    """Mark ``o`` not needed when its recipe is a fallback whose reason to exist is gone; True when marked."""
+    c = o.candidate
+    if c.unavailable:
+        return False
+    if c.fallback_for == LAST_RESORT and any(x.passed and x.candidate.device == c.device for x in outcomes):
+        o.error = "not needed: a full-INT8 candidate passed the gate"
+        return True
+    if c.fallback_for and any(x.candidate.id == c.fallback_for and x.passed for x in outcomes):
+        o.error = f"not needed: {c.fallback_for} passed the gate"
+        return True
+    return False
+
+
+def _fastest_first(outcomes: list[Outcome], inputs: Inputs, thresholds: dict[str, float], step: Step,
+                   runners: _Runners) -> None:
+    """The default race: build every plain candidate and time them briefly, then gate the most promising untried
+    one until :func:`_next_to_gate` finds none worth gating. A fallback enters the race when its own candidate
+    failed, at that candidate's brief speed (same graph structure), and is built only when its turn comes; a last
+    resort enters when nothing of its device passed."""
+    quick: dict[str, float] = {}
+    state: dict[str, str] = {}   # id -> "built" | "gated" | "done" (failed to build or to open, unavailable)
+    for o in outcomes:
+        if o.candidate.unavailable:
+            state[o.candidate.id] = "done"
+    fresh = [o for o in outcomes if o.candidate.id not in state and not o.candidate.fallback_for]
+    _build_and_time(fresh, inputs, step, runners, quick, state)
+    while True:
+        nxt = _next_to_gate(outcomes, state, quick)
+        if nxt is None:
+            break
+        if nxt.candidate.id not in state:   # a fallback or last resort whose turn came: build it, then re-rank
+            _build_and_time([nxt], inputs, step, runners, quick, state)
             continue
-        if c.fallback_for == LAST_RESORT and any(o.passed and o.candidate.device == c.device for o in outcomes):
-            outcome.error = "not needed: a full-INT8 candidate passed the gate"
+        _gate(nxt, inputs, thresholds, step, runners)
+        state[nxt.candidate.id] = "gated"
+    for o in outcomes:
+        c = o.candidate
+        if state.get(c.id) == "built":   # built and timed, never gated: something faster passed
+            runners.drop(o)
+            o.error = _not_needed(o, outcomes, quick)
+        elif c.id not in state and not _settle_fallback(o, outcomes):
+            o.error = _fallback_not_needed(o, outcomes, state)
+
+
+def _build_and_time(group: list[Outcome], inputs: Inputs, step: Step, runners: _Runners, quick: dict[str, float],
+                    state: dict[str, str]) -> None:
+    built = []
+    for o in group:
+        if _build(o, inputs, step):
+            state[o.candidate.id] = "built"
+            built.append(o)
+        else:
+            state[o.candidate.id] = "done"
+    if built:
+        _quick_time(built, inputs, step, runners, quick)
+    for o in built:
+        if o.error is not None:   # could not be opened for the brief timing
+            state[o.candidate.id] = "done"
+
+
+def _fallback_not_needed(o: Outcome, outcomes: Sequence[Outcome], state: dict[str, str]) -> str:
+    """Why a fallback (or last resort) the race never built was not needed."""
+    parent = o.candidate.fallback_for
+    if parent == LAST_RESORT:
+        return "not needed: a full-INT8 candidate passed the gate"
+    if state.get(parent) == "gated":
+        return f"not needed: {parent} failed its gate, but a faster engine passed"
+    if state.get(parent) == "built":
+        return f"not needed: built only when {parent} fails its gate, and {parent} was not needed"
+    return "not needed: the race ended before its turn"
+
+
+def _entered(o: Outcome, outcomes: Sequence[Outcome], state: dict[str, str]) -> bool:
+    """Whether an unbuilt fallback entered the race: its own candidate failed its gate (or could not be built); a
+    last resort: nothing of its device is left untried and nothing passed."""
+    c = o.candidate
+    if c.fallback_for == LAST_RESORT:
+        mine = [x for x in outcomes if x.candidate.device == c.device and x.candidate.fallback_for != LAST_RESORT]
+        return (all(state.get(x.candidate.id) in ("gated", "done") for x in mine)
+                and not any(x.passed for x in mine))
+    parent = next((x for x in outcomes if x.candidate.id == c.fallback_for), None)
+    status = None if parent is None else state.get(parent.candidate.id)
+    return parent is None or status == "done" or (status == "gated" and not parent.passed)
+
+
+def _quick_time(fresh: list[Outcome], inputs: Inputs, step: Step, runners: _Runners, quick: dict[str, float]) -> None:
+    """A brief interleaved timing of newly built candidates (per device), to gate the fastest first."""
+    for device in dict.fromkeys(o.candidate.device for o in fresh):
+        group = [o for o in fresh if o.candidate.device == device]
+        step(f"timing {len(group)} candidate(s) briefly (batch {SPEED_BATCH}"
+             + (f", {device})" if device != "cpu" else ")"))
+        opened = {}
+        for o in group:
+            try:
+                opened[o.candidate.id] = runners(o)
+            except ImgembedError as e:
+                o.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        if not opened:
             continue
-        if c.fallback_for and any(o.candidate.id == c.fallback_for and o.passed for o in outcomes):
-            outcome.error = f"not needed: {c.fallback_for} passed the gate"
-            continue
-        step(f"building {c.id}")
         try:
-            outcome.files, outcome.record = c.build(inputs, inputs.work / c.id)
-            outcome.target = outcome.record.pop("target", None)
-            _gate(outcome, inputs, thresholds, step)
-        except ImgembedError as e:
-            outcome.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-    passing = [o for o in outcomes if o.passed]
-    if speed_check and passing:
-        for device in dict.fromkeys(o.candidate.device for o in passing):   # each device's engines side by side
-            _time([o for o in passing if o.candidate.device == device], inputs, step,
-                  fp32_reference if device == "cpu" else None)
-    return outcomes
+            first = next(iter(opened.values()))
+            quick.update(interleaved_medians(opened, inputs.parity.inputs(first)[:SPEED_BATCH], warmup=1,
+                                             rounds=QUICK_ROUNDS, max_seconds=5.0))
+        except ImgembedError as e:   # an engine that cannot run the batch: gated untimed (the gate reports why)
+            step(f"brief timing failed ({type(e).__name__}: {str(e).splitlines()[0]})")
 
 
-def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step, fp32_reference: Builder | None) -> None:
+def _next_to_gate(outcomes: Sequence[Outcome], state: dict[str, str], quick: dict[str, float]) -> Outcome | None:
+    """The untried candidate to gate (or build) next, or None when none can change the race's outcome: the fastest
+    untried one while nothing at the asked precision passed; then untried ones within :data:`QUICK_NOISE` of the
+    fastest passing one; then, beside a winner that is not portable, portable ones until one passed (and those
+    within the noise of it). Engines of other devices than the primary one are all gated. An unbuilt fallback
+    ranks at its own candidate's brief speed, a last resort first."""
+    def speed(o: Outcome) -> float:
+        if o.candidate.id in quick:
+            return quick[o.candidate.id]
+        parent = o.candidate.fallback_for
+        return quick.get(parent, 0.0) if parent and parent != LAST_RESORT else 0.0   # untimed: first
+
+    untried = sorted((o for o in outcomes if state.get(o.candidate.id) == "built"
+                      or (o.candidate.id not in state and _entered(o, outcomes, state))), key=speed)
+    if not untried:
+        return None
+    device = primary_device([o.candidate for o in outcomes])
+    elsewhere = [o for o in untried if o.candidate.device != device]
+    if elsewhere:
+        return elsewhere[0]
+    asked = outcomes[0].candidate.precision
+    passing = sorted((o for o in outcomes if o.passed and o.candidate.device == device), key=speed)
+    best = next((o for o in passing if o.candidate.precision == asked), None)
+    if best is None:
+        return untried[0]
+    near = [o for o in untried if speed(o) <= speed(best) * (1 + QUICK_NOISE)]
+    if near:
+        return near[0]
+    if not best.candidate.portable:
+        portable = next((o for o in passing if o.candidate.portable), None)
+        candidates = [o for o in untried if o.candidate.portable
+                      and (portable is None or speed(o) <= speed(portable) * (1 + QUICK_NOISE))]
+        if candidates:
+            return candidates[0]
+    return None
+
+
+def _not_needed(o: Outcome, outcomes: Sequence[Outcome], quick: dict[str, float]) -> str:
+    mine = quick.get(o.candidate.id)
+    faster = sorted((x for x in outcomes if x.passed and x.candidate.device == o.candidate.device),
+                    key=lambda x: quick.get(x.candidate.id, float("inf")))
+    if mine is None or not faster or faster[0].candidate.id not in quick:
+        return "not needed: the race ended before its turn"
+    w = faster[0]
+    return (f"not needed: {w.candidate.id} passed the gate and is faster here "
+            f"({SPEED_BATCH / quick[w.candidate.id]:.1f} vs {SPEED_BATCH / mine:.1f} img/s, brief timing)")
+
+
+def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step, fp32_reference: Builder | None,
+          runners: _Runners) -> None:
     reference = None
     if passing[0].candidate.precision != "fp32" and fp32_reference is not None:
+        step("building the FP32 reference for the speed check")
         files, _ = fp32_reference(inputs, inputs.work / "fp32-reference")
         reference = Outcome(Candidate("fp32-reference", "onnxruntime", "fp32", fp32_reference, True), files)
     timed = [*passing, *([reference] if reference else [])]
     device = passing[0].candidate.device
     step(f"timing {len(passing)} passing engine(s) side by side (batch {SPEED_BATCH}"
          + (f", {device})" if device != "cpu" else ")"))
-    runners = {o.candidate.id: _runner(inputs, o).activate() for o in timed}
-    try:
-        first = next(iter(runners.values()))  # every engine of one export takes the same input
-        medians = interleaved_medians(runners, inputs.parity.inputs(first)[:SPEED_BATCH])
-    finally:
-        for r in runners.values():
-            r.deactivate()
+    opened = {o.candidate.id: runners(o) for o in timed}
+    first = next(iter(opened.values()))  # every engine of one export takes the same input
+    medians = interleaved_medians(opened, inputs.parity.inputs(first)[:SPEED_BATCH])
+    if reference is not None:
+        runners.drop(reference)
     for o in passing:
         o.seconds = medians[o.candidate.id]
         if reference is not None:

@@ -90,7 +90,8 @@ def sensitivity(float_graph: Path, int8_graph: Path, nodes: list, pixels: np.nda
 def smoothquant_int8(head, spec, pixels: np.ndarray, directory: Path, config: QuantConfig, opset: int,
                      thresholds: dict[str, float], *, threads: int | None = None,
                      alphas: Sequence[float] = ALPHAS, max_excluded: float = 0.1,
-                     step: Callable[[str], None] = lambda s: None) -> tuple[Path, Path, dict]:
+                     step: Callable[[str], None] = lambda s: None,
+                     cache: Path | None = None) -> tuple[Path, Path, dict]:
     """Search the recipe (see module docstring) for ``head`` (left unchanged). Returns (INT8 graph, the
     smoothed float graph it was quantized from, record)."""
     import torch
@@ -114,19 +115,20 @@ def smoothquant_int8(head, spec, pixels: np.ndarray, directory: Path, config: Qu
     step(f"smoothquant: exporting and quantizing at alpha {alpha}")
     plain = export_onnx(smoothed, spec, directory / "smoothed.onnx", opset)
     del smoothed
-    int8 = quantize(plain, directory / "int8.onnx", config, batches)
+    int8 = quantize(plain, directory / "int8.onnx", config, batches, cache=cache)
     current = score(int8, batches, reference, threads)
     record = {**record, "simulated_alphas": {str(a): s for a, s in tried.items()}, "calibration_score": current,
               "excluded_nodes": []}
     if not _meets(current, thresholds):
         int8, record = _exclude_sensitive(plain, int8, config, batches, reference, thresholds, record,
-                                          max_excluded, threads, step)
+                                          max_excluded, threads, step, cache)
     return int8, plain, record
 
 
 def _exclude_sensitive(plain: Path, int8: Path, config: QuantConfig, batches: list[np.ndarray],
                        reference: np.ndarray, thresholds: dict[str, float], record: dict, max_excluded: float,
-                       threads: int | None, step: Callable[[str], None]) -> tuple[Path, dict]:
+                       threads: int | None, step: Callable[[str], None],
+                       cache: Path | None = None) -> tuple[Path, dict]:
     """Keep the most sensitive MatMuls in float one at a time until the calibration score meets the gate."""
     prepped = prepare_static(plain, plain.with_suffix(".prep.onnx"))
     nodes = _matmuls(prepped)
@@ -139,7 +141,7 @@ def _exclude_sensitive(plain: Path, int8: Path, config: QuantConfig, batches: li
         excluded.append(name)
         step(f"keeping {len(excluded)} sensitive MatMul(s) in float")
         int8 = quantize(plain, plain.parent / f"int8-excluded-{len(excluded)}.onnx", config, batches,
-                        exclude=excluded)
+                        exclude=excluded, cache=cache)
         current = score(int8, batches, reference, threads)
         if _meets(current, thresholds):
             break

@@ -78,10 +78,12 @@ def _meets(s: dict, target: dict[str, float]) -> bool:
 
 def mixed_int8(plain: Path, directory: Path, config: QuantConfig, batches: list[np.ndarray], reference: np.ndarray,
                thresholds: dict[str, float], *, max_float_macs: float = DEFAULT_MAX_FLOAT_MACS,
-               threads: int | None = None, step: Step = lambda s: None) -> tuple[Path, dict]:
+               threads: int | None = None, step: Step = lambda s: None,
+               cache: Path | None = None) -> tuple[Path, dict]:
     """The INT8 graph of ``plain`` with the fewest float layers that meet ``thresholds`` on the calibration
     ``batches`` (``reference``: the float graph's embeddings of them), and its record (see module docstring).
-    Raises ExportError when even every admissible layer in float misses them."""
+    Raises ExportError when even every admissible layer in float misses them. ``cache``: see
+    :func:`~imgembed.export.quantize.quantize`."""
     if not 0 <= max_float_macs <= 1:
         raise ExportError(f"max_float_macs {max_float_macs!r} must be a share of the MACs between 0 and 1")
     directory.mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,7 @@ def mixed_int8(plain: Path, directory: Path, config: QuantConfig, batches: list[
     ranked_layers = layers(prepped, config.op_types or RANKED_OPS)
     total = sum(la.macs for la in ranked_layers) or 1
     step("mixed precision: quantizing every layer")
-    full = quantize(plain, directory / "int8-full.onnx", config, batches)
+    full = quantize(plain, directory / "int8-full.onnx", config, batches, cache=cache)
     scores = {0: score(full, batches, reference, threads)}
     record = {"max_float_macs": max_float_macs, "target": target, "layers": len(ranked_layers),
               "total_macs": total, "full_int8_score": scores[0]}

@@ -38,6 +38,7 @@ from imgembed.errors import ExportError, ImageDecodeError
 from imgembed.export import engines, recipes, tower
 from imgembed.export.onnx_export import DEFAULT_OPSET, OUTPUT_NAME, export_onnx, op_counts, optimize_transformer
 from imgembed.export.quantize import Int8SlowerWarning
+from imgembed.export.stages import StageClock
 from imgembed.export.uint8_input import input_record
 from imgembed.gate.parity import ParityReport
 from imgembed.gate.reference import reference_set
@@ -297,6 +298,7 @@ def _export_locked(name: str | ModelSpec, out: str | Path, opts: ExportOptions |
     spec = name if isinstance(name, ModelSpec) else get_spec(name)
     candidates = plan_candidates(spec, opts)
     t0 = time.perf_counter()
+    step = StageClock.of(step)
     spec, preprocess_source = with_checkpoint_preprocess(spec, opts.weights, opts.random_init)
     step(describe_preprocess(preprocess_source))
     step(f"loading {spec.name} ({'random init' if opts.random_init else opts.weights or 'hub'})")
@@ -315,6 +317,7 @@ def export_original(original: Original, out: str | Path, opts: ExportOptions, st
     candidates = plan_candidates(spec, opts) if candidates is None else candidates
     out = Path(out)
     t0 = time.perf_counter() if started is None else started
+    step = StageClock.of(step)
     step("computing PyTorch reference embeddings")
     parity_set = reference_set(head, spec, opts.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -341,6 +344,7 @@ def export_original(original: Original, out: str | Path, opts: ExportOptions, st
             from imgembed.export.text_tower import export_text
 
             text = export_text(spec, opts, work, step)
+        graph_record["stages"] = step.record()
         fields, notes = _manifest(spec, opts, raced, graph_record, time.perf_counter() - t0,
                                   original.source)
         fields["preprocess_source"] = original.preprocess_source

@@ -163,9 +163,14 @@ def _qdq_options(config: QuantConfig) -> dict:
 
 def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
              calibration: Iterable[np.ndarray] | None = None, input_name: str = "pixel_values",
-             exclude: Sequence[str] = ()) -> Path:
+             exclude: Sequence[str] = (), cache: str | Path | None = None) -> Path:
     """Quantize ``src`` into ``dst`` according to ``config``; static modes need ``calibration`` batches.
-    ``exclude``: names of nodes kept in float (names of the pre-processed graph, :func:`prepare_static`)."""
+    ``exclude``: names of nodes kept in float (names of the pre-processed graph, :func:`prepare_static`).
+
+    ``cache``: a directory shared by the quantizations of one export. The pre-processed graph and the calibrated
+    activation ranges are kept there, keyed by what they depend on (the source graph's bytes; the quantized op
+    types, the calibration method and the calibration batches' bytes), so presets that differ only in how they
+    quantize (8-bit vs 7-bit weights, QDQ vs QOperator, excluded nodes) calibrate once."""
     from onnxruntime import quantization as q
 
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}  # graphs fused by the ORT optimizer lack type info
@@ -183,8 +188,14 @@ def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
                 method = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                           "entropy": q.CalibrationMethod.Entropy}[config.calibrate_method]
                 fmt = {"QOperator": q.QuantFormat.QOperator, "QDQ": q.QuantFormat.QDQ}[config.quant_format]
-                src = prepare_static(src, Path(dst).with_suffix(".prep.onnx"))
+                calibration = list(calibration)
+                ranges = None
+                if cache is None:
+                    src = prepare_static(src, Path(dst).with_suffix(".prep.onnx"))
+                else:
+                    src, ranges = _cached(Path(cache), Path(src), config, calibration)
                 q.quantize_static(str(src), str(dst), ArrayCalibrationReader(input_name, calibration),
+                                  calibration_cache_path=ranges,
                                   quant_format=fmt, op_types_to_quantize=ops, per_channel=config.per_channel,
                                   reduce_range=config.reduce_range, activation_type=_qtype(config.activation_type),
                                   weight_type=_qtype(config.weight_type), calibrate_method=method,
@@ -197,6 +208,36 @@ def quantize(src: str | Path, dst: str | Path, config: QuantConfig,
     except Exception as e:
         raise ExportError(f"INT8 quantization ({config.name}) of {src} failed: {type(e).__name__}: {e}") from e
     return Path(dst)
+
+
+def _digest(*parts) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        if isinstance(part, Path):
+            with part.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+        elif isinstance(part, np.ndarray):
+            h.update(repr((part.dtype.str, part.shape)).encode())
+            h.update(np.ascontiguousarray(part).data)
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+def _cached(cache: Path, src: Path, config: QuantConfig, calibration: list[np.ndarray]) -> tuple[Path, Path]:
+    """The pre-processed graph of ``src`` and the path of its calibrated ranges for ``config`` in ``cache``
+    (ONNX Runtime writes the ranges there on the first calibration and reads them afterwards)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    graph = _digest(src)
+    prepared = cache / f"{graph}.prep.onnx"
+    if not prepared.is_file():
+        tmp = prepare_static(src, cache / f"{graph}.prep.tmp.onnx")
+        tmp.replace(prepared)
+    key = _digest(graph, sorted(config.op_types or ()), config.calibrate_method, *calibration)
+    return prepared, cache / f"{key}.ranges.json"
 
 
 def prepare_static(src: str | Path, dst: str | Path) -> Path:

@@ -58,7 +58,7 @@ def race(tower: Tower, step: Step, *, speed_check: bool = True, keep_candidates:
     from imgembed.gate.parity import format_report
 
     outcomes = engines.run(tower.candidates, tower.inputs, tower.thresholds, step, speed_check=speed_check,
-                           fp32_reference=ORT_FP32.builder)
+                           fp32_reference=ORT_FP32.builder, gate_all=keep_candidates)
     winner, kept = engines.choose(outcomes, keep_candidates)
     if winner is None:
         device = engines.primary_device(tower.candidates)

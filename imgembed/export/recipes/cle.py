@@ -37,7 +37,8 @@ def ort_int8_cle(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path],
         directory.mkdir(parents=True, exist_ok=True)
         graph, equalization = cle_graph(inputs)
         pixels, _, info = inputs.calibration()
-        q = quantize(graph, directory / "int8.onnx", config, batches_of(pixels), input_name=inputs.input_name)
+        q = quantize(graph, directory / "int8.onnx", config, batches_of(pixels), input_name=inputs.input_name,
+                     cache=inputs.quantize_cache)
         path = with_input_format(inputs, q, directory / "model.onnx")
         return {"model": path}, {"preset": config.to_dict(), "calibration": info, "equalization": equalization,
                                  "quantized_ops": quantized_op_counts(q)}

@@ -24,7 +24,7 @@ def ort_int8_mixed(preset: str) -> Callable[[Inputs, Path], tuple[dict[str, Path
         batches = batches_of(pixels)
         reference = _embed(inputs.plain, batches, inputs.threads)
         q, recipe = mixed_int8(inputs.plain, directory / "search", config, batches, reference,
-                               inputs.spec.thresholds("int8"), threads=inputs.threads)
+                               inputs.spec.thresholds("int8"), threads=inputs.threads, cache=inputs.quantize_cache)
         path = with_input_format(inputs, q, directory / "model.onnx")
         return {"model": path}, {"preset": config.to_dict(), "calibration": info, "mixed_precision": recipe,
                                  "quantized_ops": quantized_op_counts(q)}

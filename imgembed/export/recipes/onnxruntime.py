@@ -50,7 +50,8 @@ def ort_int8(config: QuantConfig) -> Callable[[Inputs, Path], tuple[dict[str, Pa
         # static Q/DQ goes on the plain graph (ORT fuses Q/DQ pairs into integer kernels when it loads it;
         # on the fused graph the Attention ops stay float); dynamic presets use the fused graph's QAttention
         graph = inputs.plain if config.mode == "static" else inputs.ort_graph
-        q = quantize(graph, directory / "int8.onnx", config, batches, input_name=inputs.input_name)
+        q = quantize(graph, directory / "int8.onnx", config, batches, input_name=inputs.input_name,
+                     cache=inputs.quantize_cache)
         path = with_input_format(inputs, q, directory / "model.onnx")
         return {"model": path}, {"preset": config.to_dict(), "calibration": info,
                                  "quantized_ops": quantized_op_counts(q)}

@@ -30,10 +30,11 @@ def ort_int8_smoothquant(preset: str) -> Callable[[Inputs, Path], tuple[dict[str
             smoothed, recipe = inputs.built["smoothquant"]
             directory.mkdir(parents=True, exist_ok=True)
             q = quantize(smoothed, directory / "int8.onnx", config, batches_of(pixels),
-                         exclude=recipe["excluded_nodes"])
+                         exclude=recipe["excluded_nodes"], cache=inputs.quantize_cache)
         else:
             q, smoothed, recipe = smoothquant_int8(inputs.head, inputs.spec, pixels, directory, config, inputs.opset,
-                                                   inputs.spec.thresholds("int8"), threads=inputs.threads)
+                                                   inputs.spec.thresholds("int8"), threads=inputs.threads,
+                                                   cache=inputs.quantize_cache)
             inputs.built["smoothquant"] = smoothed, recipe
         path = with_input_format(inputs, q, directory / "model.onnx")
         return {"model": path}, {"preset": config.to_dict(), "calibration": info, "smoothquant": recipe,
