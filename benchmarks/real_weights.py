@@ -17,8 +17,9 @@ batch 8, ``--threads`` intra-op threads, each INT8 engine against ONNX Runtime F
 Recipes: ``qdq`` (the static-qdq preset: per-channel weights incl. depthwise, min/max uint8 activations, ReLU6
 folded), ``qdq+bc`` (+ bias correction on the Q/DQ graph, :mod:`imgembed.export.weight_rounding`),
 ``gray+qdq+bc`` and ``gray+qdq+gptq+bc`` (both steps on the calibration images plus grayscale copies, 64),
-``qdq+gptq+bc`` (+ output-error-aware weight rounding, then bias correction), ``nncf`` (OpenVINO + NNCF
-default, fast bias correction, FP32 hint).
+``qdq+gptq+bc`` (+ output-error-aware weight rounding, then bias correction), ``aug+qdq+gptq+bc`` (both steps on
+the calibration crops augmented with grayscale copies and mosaics, 96: what the race's ``onnxruntime-int8-rounded``
+recipe builds), ``nncf`` (OpenVINO + NNCF default, fast bias correction, FP32 hint).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 
-RECIPES = ("qdq", "qdq+bc", "gray+qdq+bc", "qdq+gptq+bc", "gray+qdq+gptq+bc", "nncf")
+RECIPES = ("qdq", "qdq+bc", "gray+qdq+bc", "qdq+gptq+bc", "gray+qdq+gptq+bc", "aug+qdq+gptq+bc", "nncf")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -83,11 +84,12 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
     from imgembed.export.module_export import module_spec
     from imgembed.export.onnx_export import export_onnx
     from imgembed.export.quantize import PRESETS, prepare_static, quantize
-    from imgembed.export.weight_rounding import optimize
+    from imgembed.export.weight_rounding import augmented, optimize
     from imgembed.gate.samples import calibration_images, parity_images
     from imgembed.models.heads import ModuleHead
     from imgembed.models.user_module import load_weights
     from imgembed.preprocess import preprocess_batch
+    from imgembed.preprocess.fast import crops_of, crops_to_pixels
     from imgembed.testing import efficientnet_lite as el
 
     torch.set_num_threads(threads)
@@ -100,6 +102,7 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
     par = preprocess_batch([im for _, im in parity_images()], pre)
     cal = preprocess_batch(list(calibration_images()), pre)
     cal_gray = np.concatenate([cal, preprocess_batch([im.convert("L") for im in calibration_images()], pre)])
+    cal_aug = crops_to_pixels(augmented(crops_of(list(calibration_images()), pre)), pre)
     fc_w, fc_b = model._fc.weight.detach().numpy(), model._fc.bias.detach().numpy()
     fp32 = _ort(plain, threads)
     ref, refc = _embed(fp32, par), _embed(fp32, cal)
@@ -109,7 +112,7 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
     for recipe in recipes:
         t = time.perf_counter()
         if "qdq" in recipe:
-            images = cal_gray if recipe.startswith("gray") else cal
+            images = cal_gray if recipe.startswith("gray") else cal_aug if recipe.startswith("aug") else cal
             qdq = work / f"qdq-{len(images)}.onnx"
             if not qdq.exists():
                 quantize(plain, qdq, PRESETS["static-qdq"], [images[i:i + 8] for i in range(0, len(images), 8)])

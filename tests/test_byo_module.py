@@ -361,4 +361,8 @@ def test_cli_int8_of_a_depthwise_relu6_module_reports_every_recipe(tmp_path):
     full = [r for i, r in rows.items() if i.startswith("onnxruntime-int8-static")]
     assert len(full) == 3 and not any(r["passed"] for r in full)
     assert rows[recipes.ORT_INT8_MIXED.id]["metrics"] is not None  # built: no full-INT8 candidate passed
+    # static-qdq failed: its rounding fallback (GPTQ-style weights + bias correction) was built and gated, and
+    # its weights are closer to the float function than the preset's round-to-nearest ones
+    rounded, qdq = rows[recipes.ORT_INT8_ROUNDED.id], rows[recipes.ORT_INT8_STATIC_QDQ.id]
+    assert rounded["metrics"]["mean_cosine"] > qdq["metrics"]["mean_cosine"], (rounded, qdq)
     assert manifest["status"] == "failed"

@@ -21,9 +21,11 @@ from .helpers import manifest_json
 PRESET_RECIPES = {r.preset: r for r in (R.ORT_INT8_STATIC_QDQ_MATMUL, R.ORT_INT8_STATIC_QDQ_MATMUL_7BIT,
                                         R.ORT_INT8_STATIC_QOPERATOR, R.ORT_INT8_STATIC_QOPERATOR_7BIT,
                                         R.ORT_INT8_STATIC_QDQ, *R.ORT_INT8_FORCED_ONLY.values())}
-EIGHT_BIT_RECIPES = {R.ORT_INT8_SMOOTHQUANT, R.ORT_INT8_CLE, R.ORT_INT8_MIXED}  # full-range 8-bit weights
+# full-range 8-bit weights
+EIGHT_BIT_RECIPES = {R.ORT_INT8_SMOOTHQUANT, R.ORT_INT8_CLE, R.ORT_INT8_MIXED, R.ORT_INT8_ROUNDED}
 FALLBACKS = {R.ORT_INT8_SMOOTHQUANT: R.ORT_INT8_STATIC_QDQ_MATMUL,
              R.ORT_INT8_SMOOTHQUANT_7BIT: R.ORT_INT8_STATIC_QDQ_MATMUL_7BIT,
+             R.ORT_INT8_ROUNDED: R.ORT_INT8_STATIC_QDQ,
              R.ORT_INT8_CLE: R.ORT_INT8_STATIC_QOPERATOR, R.ORT_INT8_CLE_7BIT: R.ORT_INT8_STATIC_QOPERATOR_7BIT,
              R.OV_INT8_CLE: R.OV_INT8, R.OV_INT8_CLE_BF16: R.OV_INT8_BF16,
              R.OV_INT8_SMOOTHQUANT: R.OV_INT8, R.OV_INT8_SMOOTHQUANT_BF16: R.OV_INT8_BF16}
@@ -45,7 +47,8 @@ def expected_plan(precision: str, kind: str, preset: str | None, vnni: bool) -> 
         return [PRESET_RECIPES[preset]]
     ov = [R.OV_INT8, R.OV_INT8_BF16]
     if kind == "cnn":
-        return [R.ORT_INT8_STATIC_QOPERATOR, R.ORT_INT8_STATIC_QDQ, R.ORT_INT8_STATIC_QOPERATOR_7BIT, R.ORT_INT8_CLE,
+        return [R.ORT_INT8_STATIC_QOPERATOR, R.ORT_INT8_STATIC_QDQ, R.ORT_INT8_ROUNDED,
+                R.ORT_INT8_STATIC_QOPERATOR_7BIT, R.ORT_INT8_CLE,
                 *([R.ORT_INT8_CLE_7BIT] if vnni else []), *ov, R.OV_INT8_CLE, R.OV_INT8_CLE_BF16, R.ORT_INT8_MIXED]
     smoothquant = [R.ORT_INT8_SMOOTHQUANT, *([R.ORT_INT8_SMOOTHQUANT_7BIT] if vnni else [])]
     return [R.ORT_INT8_STATIC_QDQ_MATMUL, R.ORT_INT8_STATIC_QDQ_MATMUL_7BIT,
@@ -194,12 +197,12 @@ def test_a_registered_int8_recipe_is_planned_built_gated_raced_and_unregistered(
     copy = R.Recipe("test-int8-copy", "onnxruntime", "int8", _copy_fp32_graph, {"cnn"}, order=105)
     with R.registered(copy):
         ids = [c.id for c in R.plan("int8", kind="cnn")]
-        assert ids.index(copy.id) == ids.index(R.ORT_INT8_STATIC_QDQ.id) + 1  # order 105: behind the presets
+        assert ids.index(copy.id) == ids.index(R.ORT_INT8_ROUNDED.id) + 1  # order 105: behind the presets
         assert ids.index(copy.id) == ids.index(R.ORT_INT8_STATIC_QOPERATOR_7BIT.id) - 1
         assert copy.id not in [c.id for c in R.plan("int8", kind="transformer")]
         m = manifest_json(_export(tmp_path, "onnxruntime"))
     rows = {r["id"]: r for r in m["selection"]["candidates"]}
-    assert list(rows).index(copy.id) == list(rows).index(R.ORT_INT8_STATIC_QDQ.id) + 1
+    assert list(rows).index(copy.id) == list(rows).index(R.ORT_INT8_ROUNDED.id) + 1
     row = rows[copy.id]
     assert row["passed"] and row["why_not"] is None and row["img_per_s"] > 0      # gated and timed
     assert row["metrics"]["min_cosine"] > 0.9999                                  # the FP32 graph, copied

@@ -13,7 +13,7 @@ from torch import nn
 
 from imgembed.errors import ExportError
 from imgembed.export.quantize import PRESETS, prepare_static, quantize
-from imgembed.export.weight_rounding import convolutions, optimize
+from imgembed.export.weight_rounding import augmented, convolutions, optimize
 
 
 def _cnn() -> nn.Module:
@@ -102,3 +102,19 @@ def test_a_graph_without_int8_convs_is_an_export_error(graphs, tmp_path):
     d, prepped, _, cal = graphs
     with pytest.raises(ExportError, match="no Conv"):
         optimize(prepped, prepped, cal, tmp_path / "x.onnx")
+
+
+def test_augmented_calibration_adds_grayscale_copies_and_mosaics():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    out = augmented(crops)
+    assert out.shape == (12, 48, 48, 3) and out.dtype == np.uint8        # 4 crops, 4 gray, 2 + 2 mosaics
+    np.testing.assert_array_equal(out[:4], crops)
+    gray = np.stack([np.asarray(Image.fromarray(c).convert("L")) for c in crops])
+    assert np.abs(out[4:8, ..., 0].astype(int) - gray).max() <= 1          # PIL's luma, in every channel
+    assert (out[4:8] == out[4:8, ..., :1]).all()
+    small = np.asarray(Image.fromarray(crops[2]).resize((16, 16), Image.BILINEAR))
+    np.testing.assert_array_equal(out[9], np.tile(small, (3, 3, 1)))      # crop 2 at a third of its scale, 3x3
+    assert (out[10:12] == out[10:12, ..., :1]).all()                        # and its grayscale copy

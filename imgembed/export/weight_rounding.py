@@ -26,8 +26,9 @@ Neither is exact; :func:`optimize` returns a record of what changed per layer. M
 images, docs/performance.md): bias correction lifts static Q/DQ from 0.921 / 0.9825 (min / mean cosine) to
 0.951 / 0.9934, and to 0.982 / 0.9966 with grayscale copies of the calibration images, short of the gate's min
 0.99; rounding + bias correction with the grayscale copies reaches 0.9885 / 0.9974 (dampening 0.1; with GPTQ's
-0.01 and without the copies it fits the calibration images and loses on unseen textures). No recipe uses this
-module yet.
+0.01 and without the copies it fits the calibration images and loses on unseen textures), and 0.9904 / 0.9976
+with mosaics added (:func:`augmented`). The recipe ``onnxruntime-int8-rounded`` (:mod:`.recipes.rounded`) builds it
+for CNNs whose static Q/DQ graph failed its gate.
 """
 from __future__ import annotations
 
@@ -270,6 +271,38 @@ def _correct(conv: _Conv, inits: dict, w_float: np.ndarray | None, x: np.ndarray
         bq_t.CopyFrom(numpy_helper.from_array(new.astype(np.int32), bq_t.name))
         record["bias_shift_max"] = round(float(np.abs(delta).max()), 6)
     return record
+
+
+def augmented(crops: np.ndarray) -> np.ndarray:
+    """Calibration crops (uint8 ``(N, H, W, 3)``) for rounding: the crops, their grayscale copies, and 3x3 mosaics
+    of every second crop at a third of its scale, in colour and in grayscale (``3 N`` crops for an even ``N``).
+
+    The rounding fits each kernel to the activations it sees; on colour photos alone it fits them and loses on
+    content they lack. The default calibration set is colour photos; grayscale copies add colourless inputs and
+    the mosaics add the fine, high-frequency texture (grass, gravel, print) that a 3x3 depthwise kernel meets in
+    real data. Measured on EfficientNet-Lite0 (real weights, parity images never seen in calibration): min / mean
+    cosine 0.9885 / 0.9974 with the crops and grayscale copies, 0.9904 / 0.9976 with the mosaics added."""
+    from PIL import Image
+
+    out = [crops, _gray(crops)]
+    h, w = crops.shape[1:3]
+    tiles = []
+    for crop in crops[::2]:
+        small = np.asarray(Image.fromarray(crop).resize((max(1, w // 3), max(1, h // 3)), Image.BILINEAR))
+        mosaic = np.tile(small, (3, 3, 1))
+        canvas = np.empty_like(crop)
+        canvas[...] = np.asarray(Image.fromarray(mosaic).resize((w, h), Image.BILINEAR))
+        tiles.append(canvas)
+    if tiles:
+        tiles_a = np.stack(tiles)
+        out += [tiles_a, _gray(tiles_a)]
+    return np.concatenate(out)
+
+
+def _gray(crops: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma (PIL's ``convert("L")``) repeated in the three channels."""
+    y = crops.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat(np.clip(np.rint(y), 0, 255).astype(np.uint8)[..., None], 3, axis=3)
 
 
 def optimize(qdq: str | Path, float_graph: str | Path, pixels: np.ndarray, dst: str | Path, *,
