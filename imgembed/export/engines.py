@@ -200,6 +200,7 @@ def run(candidates: Sequence[Candidate], inputs: Inputs, thresholds: dict[str, f
                     continue
                 if _build(o, inputs, step):
                     _gate(o, inputs, thresholds, step, runners)
+                    runners.drop(o)   # every candidate is gated here: hold one open at a time
         passing = [o for o in outcomes if o.passed]
         if speed_check and passing:
             for device in dict.fromkeys(o.candidate.device for o in passing):   # each device's engines side by side
