@@ -17,10 +17,9 @@ from imgembed.models.registry import get_spec
 from imgembed.runtime import host
 
 RECORD_KEYS = {"model", "family", "source", "mode", "variant", "backend", "precision", "inference_precision",
-               "original", "artifact",
-               "parity_status", "device", "threads", "batch_size", "latency_ms", "throughput_ips",
-               "window_throughputs", "stable", "stop_reason", "samples", "gflops_per_image", "achieved_gflops",
-               "baseline", "speedup_vs_original", "p50_speedup_vs_original"}
+               "original", "artifact", "parity_status", "device", "threads", "batch_size", "latency_ms",
+               "throughput_ips", "window_throughputs", "stable", "stop_reason", "samples", "gflops_per_image",
+               "achieved_gflops", "baseline", "speedup_vs_original", "p50_speedup_vs_original"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

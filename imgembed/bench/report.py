@@ -57,7 +57,7 @@ def speedup_table(records: list[dict]) -> list[str]:
 
 def roofline_table(rows: list[dict]) -> list[str]:
     """This host's peaks: one row per (backend, precision), GOP/s of each kernel and the peak (the highest),
-    the oneDNN ISA cap, and how the engine ran it (OpenVINO's runtime precision and primitive) or why not."""
+    threads, the oneDNN ISA cap, and how the engine ran it (OpenVINO's runtime precision and primitive) or why not."""
     pairs: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         pairs.setdefault((r["backend"], r["precision"]), {})[r["kernel"]] = r
@@ -66,16 +66,16 @@ def roofline_table(rows: list[dict]) -> list[str]:
     for (backend, precision), by_kernel in pairs.items():
         measured = [r["gops_per_s"] for r in by_kernel.values() if r.get("gops_per_s")]
         first = next(iter(by_kernel.values()))
-        how = first.get("skipped") or ", ".join(
-            f"{k} {r['runtime_precision']} {r['primitive']}" for k, r in by_kernel.items() if r.get("primitive"))
-        body.append([backend, precision, *(_num(by_kernel[k].get("gops_per_s")) if k in by_kernel else "–"
-                                           for k in kernels),
-                     _num(max(measured)) if measured else "–", str(first["threads"]), first.get("isa_cap") or "–",
-                     how or ""])
-    shapes = "; ".join(f"{r['kernel']} {r['shape']}" for r in {r["kernel"]: r for r in rows}.values())
+        how = first.get("skipped") or ", ".join(f"{k} {r.get('runtime_precision')} {r['primitive']}"
+                                                for k, r in by_kernel.items() if r.get("primitive"))
+        cells = [_num(by_kernel[k].get("gops_per_s")) if k in by_kernel else "–" for k in kernels]
+        body.append([backend, precision, *cells, _num(max(measured)) if measured else "–",
+                     str(first.get("threads", "–")), first.get("isa_cap") or "–", how])
+    shapes = "; ".join(f"{r['kernel']} {r.get('shape', '?')}" for r in {r["kernel"]: r for r in rows}.values())
     return [*_table(["backend", "precision", *(f"{k} GOP/s" for k in kernels), "peak GOP/s", "threads",
                      "ISA cap", "how it ran"], body), "", f"Shapes: {shapes}. % of peak = a model's GFLOP/s over "
-            "the peak of its engine and precision (INT8 engines: the INT8 peak)."]
+            "the peak of its engine and precision (INT8 engines: the INT8 peak; engines computing in BF16: the BF16 "
+            "peak)."]
 
 
 def _host_lines(host: dict, settings: dict) -> list[str]:

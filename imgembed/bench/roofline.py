@@ -75,20 +75,21 @@ def _conv_graph(path: Path, b: int, cin: int, h: int, w_: int, cout: int) -> tup
     return path, rng.standard_normal((b, cin, h, w_)).astype(np.float32)
 
 
-def kernel_ops(kernel: str) -> tuple[str, float]:
-    """The shape text and the operation count (2 x multiply-adds) of one call of ``kernel``."""
+def kernel_ops(kernel: str, shape: tuple[int, ...]) -> tuple[str, float]:
+    """The shape text and the operation count (2 x multiply-adds) of one call of ``kernel`` at ``shape``
+    (:data:`GEMM` or :data:`CONV` order)."""
     if kernel == "gemm":
-        m, k, n = GEMM
+        m, k, n = shape
         return f"M{m} K{k} N{n}", 2.0 * m * k * n
-    b, cin, h, w, cout = CONV
+    b, cin, h, w, cout = shape
     return f"{b}x{cin}x{h}x{w} -> {cout}, 3x3", 2.0 * b * cout * h * w * cin * 9
 
 
 class _Graphs:
     """The FP32 and INT8 (static QDQ) ONNX graphs of each kernel, written once into a temporary directory."""
 
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
+    def __init__(self, tmp: Path, shapes: dict[str, tuple[int, ...]]):
+        self.tmp, self.shapes = tmp, shapes
         self._made: dict = {}
 
     def get(self, kernel: str, precision: str) -> tuple[Path, np.ndarray]:
@@ -102,7 +103,7 @@ class _Graphs:
                 self._made[key] = quantize(src, self.tmp / f"{kernel}-int8.onnx", preset, [x], "x"), x
             else:
                 make = _gemm_graph if kernel == "gemm" else _conv_graph
-                self._made[key] = make(self.tmp / f"{kernel}-fp32.onnx", *(GEMM if kernel == "gemm" else CONV))
+                self._made[key] = make(self.tmp / f"{kernel}-fp32.onnx", *self.shapes[kernel])
         return self._made[key]
 
 
@@ -158,11 +159,11 @@ def _torch(graphs: _Graphs, kernel: str, precision: str, threads: int) -> tuple[
     torch.set_num_threads(int(threads))  # what TorchRunner.activate does
     rng = np.random.default_rng(0)
     if kernel == "gemm":
-        m, k, n = GEMM
+        m, k, n = graphs.shapes["gemm"]
         a, b = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((m, k), (k, n)))
         fn = torch.matmul
     else:
-        bs, cin, h, w, cout = CONV
+        bs, cin, h, w, cout = graphs.shapes["conv"]
         a, b = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((bs, cin, h, w),
                                                                                        (cout, cin, 3, 3)))
         fn = lambda x, y: torch.nn.functional.conv2d(x, y, padding=1)  # noqa: E731
@@ -206,22 +207,25 @@ def _time_interleaved(fns: dict, repeats: int = REPEATS, target: float = TARGET_
 
 
 def measure_peaks(threads: int, backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
-                  kernels: Sequence[str] = KERNELS) -> list[dict]:
+                  kernels: Sequence[str] = KERNELS, gemm: tuple[int, int, int] = GEMM,
+                  conv: tuple[int, int, int, int, int] = CONV) -> list[dict]:
     """One row per (backend, precision, kernel) usable here (:data:`PAIRS`, restricted to ``backends`` and
-    ``precisions``): backend, precision, kernel, shape, gops_per_s, seconds, threads, isa_cap; a pair that
-    cannot run gets rows with ``gops_per_s`` None and ``skipped`` saying why."""
+    ``precisions``): backend, precision, kernel, shape, gop (per call), gops_per_s, seconds (median per call),
+    threads, isa_cap (``ONEDNN_MAX_CPU_ISA`` for oneDNN engines; "uncapped" for ONNX Runtime, which ignores
+    it), and for OpenVINO the runtime precision and primitive it ran; a pair that cannot run gets rows with
+    ``gops_per_s`` None and ``skipped`` saying why. ``gemm``/``conv``: smaller shapes for quick tests."""
     rows: list[dict] = []
     fns: dict = {}
     torch_threads = _torch_threads()
     with tempfile.TemporaryDirectory(prefix="imgembed-roofline-") as tmp:
-        graphs = _Graphs(Path(tmp))
+        graphs = _Graphs(Path(tmp), {"gemm": gemm, "conv": conv})
         for backend, precision in PAIRS:
             if (backends is not None and backend not in backends) or (precisions is not None
                                                                        and precision not in precisions):
                 continue
             reason = _available(backend)
             for kernel in kernels:
-                shape, ops = kernel_ops(kernel)
+                shape, ops = kernel_ops(kernel, graphs.shapes[kernel])
                 row = {"backend": backend, "precision": precision, "kernel": kernel, "shape": shape,
                        "gop": round(ops / 1e9, 3), "gops_per_s": None, "seconds": None, "threads": threads,
                        "isa_cap": None}
