@@ -7,9 +7,9 @@ achieved GOP/s, the engine's peak (:func:`imgembed.bench.roofline.measure_peaks`
 
 Random weights (``--random-init`` exports, cached in ``--cache-dir`` between runs: a full-size export takes
 minutes on 2 cores). ``--cpu-class`` re-runs the script with ``ONEDNN_MAX_CPU_ISA`` set as tests/cpu_classes.py
-does: OpenVINO and PyTorch (oneDNN) honour the cap, ONNX Runtime does not, so its rows are marked "uncapped".
-Writes ``benchmarks/results/roofline[-CLASS].json`` and ``.md`` (override with ``--out``) and prints the table
-with the CPU flags.
+does: oneDNN (OpenVINO, PyTorch's convolutions) honours the cap, ONNX Runtime does not, so its rows are marked
+"uncapped". Writes ``benchmarks/results/roofline.json`` (``roofline-CLASS.json`` with ``--cpu-class``) and its
+``.md`` (override with ``--out``) and prints the table with the CPU flags.
 """
 from __future__ import annotations
 

@@ -160,3 +160,19 @@ def test_bench_cli_measures_peaks_by_default_and_no_roofline_skips_them(tmp_path
         data = json.loads((out / "bench.json").read_text())
         assert data["roofline"] == expected and data["settings"]["roofline"] is (not flag)
     assert calls == [1]
+
+
+def test_the_onnxruntime_int8_graphs_run_as_integer_kernels(tmp_path):
+    """ONNX Runtime fuses the QDQ GEMM and conv into integer ops: no float MatMul or Conv is left."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    graphs = roofline._Graphs(tmp_path, {"gemm": (64, 128, 128), "conv": (1, 16, 8, 8, 16)})
+    for kernel, float_op in (("gemm", "MatMul"), ("conv", "Conv")):
+        src, _ = graphs.get(kernel, "int8")
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"{kernel}-optimized.onnx")
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        ops = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+        assert float_op not in ops and ops & {"QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv", "ConvInteger",
+                                              "DynamicQuantizeMatMul", "QGemm"}, ops
