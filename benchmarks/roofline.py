@@ -20,14 +20,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from imgembed.artifact import read_manifest
 from imgembed.bench.backends import OriginalCache, build_runner, plan_variants
 from imgembed.bench.measure import MeasureSettings, measure_interleaved
 from imgembed.bench.roofline import add_peaks, measure_peaks, peaks_by_pair
 from imgembed.bench.suite import BenchConfig, add_speedups, batch_function, make_record
 from imgembed.bench.targets import resolve_targets
+from imgembed.errors import ImgembedError
 from imgembed.gate.samples import parity_images
 from imgembed.preprocess import preprocess_batch
 from imgembed.preprocess.fast import crops_of
+from imgembed.runtime.backends import select_engine
 from imgembed.runtime.host import (
     ONEDNN_ISA_ENV,
     cpu_info,
@@ -45,19 +48,28 @@ CPU_CLASSES = {"avx2": ("AVX2", "avx2"), "avx512": ("AVX512_CORE", "avx512f"),
 
 
 def default_variants(model, notes: list[str]) -> list:
-    """The PyTorch original FP32 and the default engine of each artifact."""
-    out = []
-    for v in plan_variants(model, "cpu", compare_original=True, notes=notes):
-        if v.is_baseline or (v.artifact is not None and v.engine.id == v.artifact.engine_records()[0].id):
-            out.append(v)
-    return out
+    """The PyTorch original FP32 and, of each artifact, the engine ``imgembed.load`` runs on this CPU (class):
+    :func:`~imgembed.runtime.backends.select_engine`, the default engine unless this host cannot run it."""
+    chosen = {}
+    for art in model.artifacts:
+        engine, passed_over = select_engine(read_manifest(art.path))
+        chosen[art.path] = engine.id
+        notes += [f"{model.spec.name} {art.precision}: passed over {n}" for n in passed_over]
+    return [v for v in plan_variants(model, "cpu", compare_original=True, notes=notes)
+            if v.is_baseline or (v.artifact is not None and v.engine.id == chosen.get(v.artifact.path))]
 
 
 def measure_model(model, threads: int, batch: int, settings: MeasureSettings, notes: list[str]) -> list[dict]:
-    """One record per default variant of ``model``: model-only at ``batch``, measured interleaved."""
+    """One record per default variant of ``model``: model-only at ``batch``, measured interleaved; a variant
+    that cannot be opened here is noted and left out."""
     config = BenchConfig(batch_sizes=(batch,), threads=threads, measure=settings, roofline=False)
     original = OriginalCache(model)
-    runners = {v: build_runner(model, v, "cpu", threads, original).activate() for v in default_variants(model, notes)}
+    runners = {}
+    for v in default_variants(model, notes):
+        try:
+            runners[v] = build_runner(model, v, "cpu", threads, original).activate()
+        except ImgembedError as e:
+            notes.append(f"{model.spec.name}: {v.label} not measured: {str(e).splitlines()[0]}")
     images = [img for _, img in parity_images()]
     pixels, crops = preprocess_batch(images, model.spec.preprocess), crops_of(images, model.spec.preprocess)
     try:
