@@ -86,7 +86,7 @@ def _cap_note(backend: str) -> str:
     isa = os.environ.get(ONEDNN_ISA_ENV)
     if not isa:
         return ""
-    return "uncapped" if backend == "onnxruntime" else isa
+    return "uncapped" if backend == "onnxruntime" else isa  # model rows: ONNX Runtime ignores the cap entirely
 
 
 def markdown(data: dict) -> str:

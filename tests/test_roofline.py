@@ -68,7 +68,8 @@ def test_onednn_rows_carry_the_isa_cap_and_onnxruntime_rows_say_uncapped(monkeyp
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     rows = measure_peaks(1, backends=("onnxruntime", "torch"), precisions=("fp32",), kernels=("gemm",),
                          gemm=(256, 256, 256))
-    assert {r["backend"]: r["isa_cap"] for r in rows} == {"onnxruntime": "uncapped", "torch": "AVX2"}
+    caps = {r["backend"]: r["isa_cap"] for r in rows}
+    assert caps["onnxruntime"] == "uncapped (MLAS)" and caps["torch"] in ("AVX2", "uncapped (MKL)")
 
 
 FAKE_PEAKS = [

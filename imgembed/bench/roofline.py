@@ -112,7 +112,7 @@ def _ort(graphs: _Graphs, kernel: str, precision: str, threads: int) -> tuple[Ca
 
     path, x = graphs.get(kernel, precision)
     session = OrtRunner(path, 1, threads=threads).activate().session
-    extra = {"isa_cap": "uncapped" if os.environ.get(ONEDNN_ISA_ENV) else None}
+    extra = {"isa_cap": _cap("MLAS")}
     return (lambda: session.run(None, {"x": x})), extra
 
 
@@ -146,7 +146,7 @@ def _openvino(graphs: _Graphs, kernel: str, precision: str, threads: int) -> tup
     if not all(p in want for p, _ in main):
         raise Skip(f"OpenVINO runs the {kernel} in {'/'.join(p for p, _ in main)}, not {precision}")
     request = compiled.create_infer_request()
-    extra = {"isa_cap": os.environ.get(ONEDNN_ISA_ENV) or None, "runtime_precision": main[0][0],
+    extra = {"isa_cap": _cap("mlas" in main[0][1].lower() and "MLAS"), "runtime_precision": main[0][0],
              "primitive": main[0][1]}
     return (lambda: request.infer({0: x}, share_inputs=True, share_outputs=True)), extra
 
@@ -172,7 +172,22 @@ def _torch(graphs: _Graphs, kernel: str, precision: str, threads: int) -> tuple[
         with torch.inference_mode():
             return fn(a, b)
 
-    return call, {"isa_cap": os.environ.get(ONEDNN_ISA_ENV) or None}
+    return call, {"isa_cap": _cap(kernel == "gemm" and _torch_blas())}
+
+
+def _cap(bypass: str | bool | None = None) -> str | None:
+    """The row's ISA cap: ``ONEDNN_MAX_CPU_ISA``, or "uncapped (LIBRARY)" where the kernel is not oneDNN's and
+    ignores it (ONNX Runtime's MLAS, OpenVINO's FP32 FullyConnected on MLAS, PyTorch's FP32 GEMM on MKL:
+    measured as fast under ONEDNN_MAX_CPU_ISA=AVX2 as uncapped); None without a cap."""
+    isa = os.environ.get(ONEDNN_ISA_ENV) or None
+    return f"uncapped ({bypass})" if isa and bypass else isa
+
+
+def _torch_blas() -> str | None:
+    """The BLAS behind PyTorch's FP32 matmul on the CPU ("MKL"), or None when it is not known to bypass oneDNN."""
+    import torch
+
+    return "MKL" if torch.backends.mkl.is_available() else None
 
 
 _OPENERS = {"onnxruntime": _ort, "openvino": _openvino, "torch": _torch}
