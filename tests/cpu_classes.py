@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CPU_TESTS = ("tests/test_bench_peers.py", "tests/test_text_tower.py", "tests/test_int8_portability.py",
              "tests/test_torch_precisions.py", "tests/test_engines.py", "tests/test_runtime_conformance.py",
-             "tests/test_outliers.py", "tests/test_equalize.py", "tests/test_export.py")
+             "tests/test_outliers.py", "tests/test_equalize.py", "tests/test_export.py", "tests/test_roofline.py")
 EMULATED = ("tests/test_emulated_avx2.py", "tests/test_int8_portability.py::"
             "test_the_7bit_onnxruntime_engine_is_exact_on_an_emulated_avx2_cpu")
 # name -> (what it is, ONEDNN_MAX_CPU_ISA or None for this CPU's own, the flags it needs here, test files)

@@ -46,11 +46,14 @@ def test_bench_cli_writes_json_markdown_and_plot_with_the_original_and_ratios(tm
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
     assert data["settings"]["max_seconds"] == 0.3 and data["settings"]["batch_sizes"] == [1, 2]
     assert data["host"]["cpu"]["simd"] and data["host"]["libraries"]["onnxruntime"]
+    peaks = {(p["backend"], p["precision"]) for p in data["roofline"] if p["gops_per_s"]}  # measured by default
+    assert {("torch", "fp32"), ("onnxruntime", "fp32")} <= peaks and all(p["threads"] == 1 for p in data["roofline"])
+    assert rows[("torch-fp32", 1)]["peak_gops"] > 0  # tiny models have no GFLOP count: % of peak stays blank
     assert sorted(p.name for p in bench_cache.iterdir() if not p.name.startswith(".")) == [
         "test-resnet-tiny-fp32-random-s0", "test-resnet-tiny-int8-random-s0"]
     md = (out / "bench.md").read_text()
     assert md.count("| test-resnet-tiny | model-only |") == len(rows) + len(variants) - 1  # + the ratio table
-    assert "torch-fp32 (original)" in md
+    assert "torch-fp32 (original)" in md and "% of peak" in md and "## Roofline: this host's peaks" in md
     with Image.open(out / "bench.png") as im:
         assert im.format == "PNG"
     assert "bench.json" in proc.stdout and "test-resnet-tiny model-only b=2" in proc.stderr

@@ -16,10 +16,10 @@ from imgembed.bench.targets import ArtifactRef, BenchModel
 from imgembed.models.registry import get_spec
 from imgembed.runtime import host
 
-RECORD_KEYS = {"model", "family", "source", "mode", "variant", "backend", "precision", "original", "artifact",
-               "parity_status", "device", "threads", "batch_size", "latency_ms", "throughput_ips",
-               "window_throughputs", "stable", "stop_reason", "samples", "gflops_per_image", "achieved_gflops",
-               "baseline", "speedup_vs_original", "p50_speedup_vs_original"}
+RECORD_KEYS = {"model", "family", "source", "mode", "variant", "backend", "precision", "inference_precision",
+               "original", "artifact", "parity_status", "device", "threads", "batch_size", "latency_ms",
+               "throughput_ips", "window_throughputs", "stable", "stop_reason", "samples", "gflops_per_image",
+               "achieved_gflops", "baseline", "speedup_vs_original", "p50_speedup_vs_original"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -85,7 +85,8 @@ def test_markdown_has_one_row_per_record_and_the_speedup_summary(bench_report):
     int8_b8 = next(r for r in rows if "onnxruntime-int8 | 8 | 2 |" in r)
     cells = [c.strip() for c in int8_b8.strip("|").split("|")]
     assert cells[5:11] == ["40.00", "40.00", "40.00", "40.00", "200.0", "2.50x"]
-    assert cells[11] == "1,640.0" and cells[12] == "**no**" and cells[13] == "10 calls / 3 win"
+    assert cells[11] == "1,640.0" and cells[12] == "–"  # no roofline measured: no % of peak
+    assert cells[13] == "**no**" and cells[14] == "10 calls / 3 win"
     assert "| resnet50 | model-only | onnxruntime-int8 | 2.50x | 2.50x |" in md
     assert "1 configuration(s) hit the time cap" not in md and "2 configuration(s) hit the time cap" in md
     assert "- a note" in md

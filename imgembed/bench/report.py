@@ -12,7 +12,7 @@ from imgembed.artifact import write_json_atomic
 
 JSON_NAME, MARKDOWN_NAME, PLOT_NAME = "bench.json", "bench.md", "bench.png"
 TABLE_COLUMNS = ("model", "mode", "variant", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms", "img/s",
-                 "vs original", "GFLOP/s", "stable", "samples")
+                 "vs original", "GFLOP/s", "% of peak", "stable", "samples")
 
 
 def _num(x: float | None, digits: int = 1) -> str:
@@ -23,6 +23,10 @@ def _ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}x"
 
 
+def _percent(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f} %" if x >= 10 else f"{x:.1f} %"
+
+
 def table_row(r: dict) -> list[str]:
     """One markdown table row (see :data:`TABLE_COLUMNS`) of a record."""
     lat = r["latency_ms"]
@@ -30,8 +34,8 @@ def table_row(r: dict) -> list[str]:
     samples = f"{r['samples']['calls']} calls / {r['samples']['windows']} win"
     return [r["model"], r["mode"], variant, str(r["batch_size"]), str(r["threads"]), _num(lat["p50"], 2),
             _num(lat["p90"], 2), _num(lat["p99"], 2), _num(lat["mean"], 2), _num(r["throughput_ips"]),
-            _ratio(r["speedup_vs_original"]), _num(r["achieved_gflops"]), "yes" if r["stable"] else "**no**",
-            samples]
+            _ratio(r["speedup_vs_original"]), _num(r["achieved_gflops"]), _percent(r.get("percent_of_peak")),
+            "yes" if r["stable"] else "**no**", samples]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -49,6 +53,29 @@ def speedup_table(records: list[dict]) -> list[str]:
             cells[r["batch_size"]] = _ratio(r["speedup_vs_original"])
     body = [[*key, *(cells.get(b, "–") for b in batches)] for key, cells in rows.items()]
     return _table(["model", "mode", "variant", *(f"batch {b}" for b in batches)], body)
+
+
+def roofline_table(rows: list[dict]) -> list[str]:
+    """This host's peaks: one row per (backend, precision), GOP/s of each kernel and the peak (the highest),
+    threads, the oneDNN ISA cap, and how the engine ran it (OpenVINO's runtime precision and primitive) or why not."""
+    pairs: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        pairs.setdefault((r["backend"], r["precision"]), {})[r["kernel"]] = r
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    body = []
+    for (backend, precision), by_kernel in pairs.items():
+        measured = [r["gops_per_s"] for r in by_kernel.values() if r.get("gops_per_s")]
+        first = next(iter(by_kernel.values()))
+        how = first.get("skipped") or ", ".join(f"{k} {r.get('runtime_precision')} {r['primitive']}"
+                                                for k, r in by_kernel.items() if r.get("primitive"))
+        cells = [_num(by_kernel[k].get("gops_per_s")) if k in by_kernel else "–" for k in kernels]
+        body.append([backend, precision, *cells, _num(max(measured)) if measured else "–",
+                     str(first.get("threads", "–")), first.get("isa_cap") or "–", how])
+    shapes = "; ".join(f"{r['kernel']} {r.get('shape', '?')}" for r in {r["kernel"]: r for r in rows}.values())
+    return [*_table(["backend", "precision", *(f"{k} GOP/s" for k in kernels), "peak GOP/s", "threads",
+                     "ISA cap", "how it ran"], body), "", f"Shapes: {shapes}. % of peak = a model's GFLOP/s over "
+            "the peak of its engine and precision (INT8 engines: the INT8 peak; engines computing in BF16: the BF16 "
+            "peak)."]
 
 
 def _host_lines(host: dict, settings: dict) -> list[str]:
@@ -77,6 +104,8 @@ def markdown(report: dict) -> str:
              *_host_lines(report["host"], report["settings"]), "", "## Speed-up vs the PyTorch original", "",
              *speedup_table(records), "", "## All configurations", "",
              *_table(list(TABLE_COLUMNS), [table_row(r) for r in records])]
+    if report.get("roofline"):
+        lines += ["", "## Roofline: this host's peaks", "", *roofline_table(report["roofline"])]
     unstable = sum(not r["stable"] for r in records)
     if unstable:
         lines += ["", f"{unstable} configuration(s) hit the time cap before their throughput was stable "

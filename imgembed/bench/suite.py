@@ -10,7 +10,9 @@ For the end-to-end modes the sample photos can be upscaled to ``e2e_megapixels``
 
 Every record is one configuration (model, mode, backend, precision, batch size, threads, device); records
 of one (model, mode, batch size, threads, device) are measured together and get their speed-up against
-the PyTorch original FP32 (``torch-fp32``) measured in the same rounds.
+the PyTorch original FP32 (``torch-fp32``) measured in the same rounds. On the CPU the report also carries this
+host's peaks per engine and precision (``roofline``, :mod:`.roofline`, measured first unless ``roofline=False``)
+and each record its ``peak_gops`` and ``percent_of_peak``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from imgembed.bench.backends import OriginalCache, Variant, build_runner, plan_variants
 from imgembed.bench.measure import BatchFn, Measurement, MeasureSettings, Window, measure_interleaved
+from imgembed.bench.roofline import add_peaks, measure_peaks, peak_backend
 from imgembed.bench.stats import achieved_gflops, speedup
 from imgembed.bench.targets import BenchModel, source_tag
 from imgembed.errors import ImgembedError
@@ -32,7 +35,7 @@ from imgembed.preprocess import preprocess_batch
 from imgembed.preprocess.fast import check_mode, crops_of
 from imgembed.runtime.base import Runner
 from imgembed.runtime.embedder import Embedder
-from imgembed.runtime.host import default_threads, host_info
+from imgembed.runtime.host import default_threads, host_info, missing_bf16_instructions
 from imgembed.runtime.inputs import model_input
 
 SCHEMA = "imgembed-bench/1"
@@ -53,6 +56,7 @@ class BenchConfig:
     workers: int | None = None            # pipeline mode: decode threads (None: one per core)
     e2e_megapixels: float | None = None   # upscale the end-to-end sample photos to about this size
     engines: tuple[str, ...] | None = None  # backends to run (None: every usable one); the baseline stays
+    roofline: bool = True                 # measure this host's peaks per engine and precision first (CPU only)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -69,7 +73,8 @@ class BenchConfig:
                 "threads": self.threads, "device": self.device, "compare_original": self.compare_original,
                 "engines": None if self.engines is None else list(self.engines),
                 "torch_attention": self.torch_attn, "baseline": BASELINE_LABEL, "decode": self.decode,
-                "workers": self.workers, "e2e_megapixels": self.e2e_megapixels, **self.measure.to_dict()}
+                "workers": self.workers, "e2e_megapixels": self.e2e_megapixels, "roofline": self.roofline,
+                **self.measure.to_dict()}
 
 
 class Progress:
@@ -128,13 +133,23 @@ def batch_function(runner: Runner, model: BenchModel, variant: Variant, mode: st
     return lambda: emb.embed(paths, batch_size=batch_size).shape[0]
 
 
+def inference_precision(variant: Variant) -> str:
+    """What the float ops of ``variant`` compute in: the engine's inference precision (bf16 only on a CPU
+    with BF16 instructions: elsewhere the runtime opens such an engine in fp32), else the variant's precision."""
+    if variant.engine is None:
+        return variant.precision
+    wanted = variant.engine.inference_precision
+    return "fp32" if wanted == "bf16" and missing_bf16_instructions() else wanted
+
+
 def make_record(model: BenchModel, variant: Variant, mode: str, batch_size: int, config: BenchConfig,
                 m: Measurement) -> dict:
-    """One JSON record (speed-ups are added by :func:`add_speedups`)."""
+    """One JSON record (speed-ups are added by :func:`add_speedups`, peaks by :func:`.roofline.add_peaks`)."""
     art = variant.artifact
     return {"model": model.spec.name, "family": model.spec.family, "source": source_tag(model.source),
             "mode": MODES[mode], "variant": variant.label, "backend": variant.backend,
-            "precision": variant.precision, "original": variant.is_original,
+            "precision": variant.precision, "inference_precision": inference_precision(variant),
+            "original": variant.is_original,
             "artifact": None if art is None else str(art.path), "parity_status": None if art is None else art.status,
             "device": config.device, "threads": config.threads, "batch_size": batch_size, **m.to_dict(),
             "gflops_per_image": model.spec.gflops,
@@ -198,21 +213,42 @@ def run_model(model: BenchModel, config: BenchConfig, files: Sequence[Path], pro
     return records
 
 
+def host_peaks(config: BenchConfig, progress: Progress, notes: list[str]) -> list[dict] | None:
+    """This host's peaks (:func:`.roofline.measure_peaks`) for the engines ``config`` runs, at its threads; None
+    when ``config.roofline`` is off or the device is not the CPU (noted)."""
+    if not config.roofline:
+        return None
+    if config.device != "cpu":
+        notes.append(f"roofline: peaks are measured on the CPU only, not on {config.device!r}")
+        return None
+    progress.note("measuring this host's peaks (roofline)")
+    backends = None
+    if config.engines:
+        backends = {peak_backend(b) for b in config.engines} | ({"torch"} if config.compare_original else set())
+    rows = measure_peaks(config.threads, backends=backends)
+    notes += [f"roofline: {r['backend']} {r['precision']} {r['kernel']} not measured: {r['skipped']}"
+              for r in rows if r.get("skipped") and r["kernel"] == "gemm"]
+    return rows
+
+
 def run_benchmark(models: Sequence[BenchModel], config: BenchConfig, progress: Progress | None = None,
                   notes: list[str] | None = None) -> dict:
-    """Benchmark every model; returns the report (``schema``, ``host``, ``settings``, ``results``, ``notes``)."""
+    """Benchmark every model; returns the report (``schema``, ``host``, ``settings``, ``roofline``, ``results``,
+    ``notes``)."""
     progress = progress or Progress()
     notes = list(notes or [])
     started, host = _dt.datetime.now(_dt.timezone.utc), host_info()  # load average before our own load
+    peaks = host_peaks(config, progress, notes)
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="imgembed-bench-") as tmp:
         e2e = any(m in config.modes for m in ("e2e", "pipeline"))
         files = write_sample_files(tmp, config.e2e_megapixels) if e2e else []
         for model in models:
             records += run_model(model, config, files, progress, notes)
+    add_peaks(records, peaks)
     return {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
             "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
-            "host": host, "settings": config.to_dict(),
+            "host": host, "settings": config.to_dict(), "roofline": peaks,
             "models": [{"name": m.spec.name, "source": m.source, "gflops_per_image": m.spec.gflops,
                         "artifacts": [{"path": str(a.path), "precision": a.precision, "parity_status": a.status}
                                       for a in m.artifacts]} for m in models],

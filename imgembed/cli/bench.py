@@ -120,6 +120,9 @@ def bench_cmd(
     compare_original: bool = typer.Option(True, "--compare-original/--no-compare-original",
                                           help="Run the PyTorch original side by side (needed for ratios)."),
     torch_attn: str = typer.Option("sdpa", "--torch-attn", help="Attention of the PyTorch original: sdpa or eager."),
+    roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Measure this host's peak GOP/s per "
+                                  "engine and precision first (GEMM and conv, ~20 s) and report each "
+                                  "configuration's % of peak."),
     out: Path = typer.Option(Path("reports/bench"), "--out", "-o", help="Directory for bench.json/.md/.png."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Artifact cache for registry names "
                                              "(default: $IMGEMBED_BENCH_CACHE or ~/.cache/imgembed/bench)."),
@@ -149,7 +152,7 @@ def bench_cmd(
         settings = MeasureSettings(warmup=warmup, window_seconds=window_seconds, max_seconds=max_seconds)
         config = BenchConfig(batch_sizes=sizes, modes=MODE_CHOICES[mode], device=device, measure=settings,
                              compare_original=compare_original, torch_attn=torch_attn, decode=decode,
-                             workers=workers, e2e_megapixels=e2e_megapixels, engines=backends,
+                             workers=workers, e2e_megapixels=e2e_megapixels, engines=backends, roofline=roofline,
                              **({"threads": threads} if threads else {}))
         precisions = ("fp32",) + (("int8",) if int8 else ()) + (("bf16",) if bf16 else ())
         models, notes = _prepare(targets, precisions, random_init, weights, cache_dir, config.threads, steps,
