@@ -57,7 +57,8 @@ def race(monkeypatch, tmp_path):
         monkeypatch.setattr(engines, "parity_report", report)
         monkeypatch.setattr(engines, "gate_thresholds", lambda t, invariant: t)
         candidates = [Candidate(row[0], "fake", row[5] if len(row) > 5 else precision, builder(row[0]), True,
-                                portable=row[3], fallback_for=row[4]) for row in table]
+                                portable=row[3], fallback_for=row[4], same_speed_as=row[6] if len(row) > 6 else None)
+                      for row in table]
         parity = SimpleNamespace(reference=None, names=[], inputs=lambda runner: np.zeros((8, 3, 4, 4), np.float32))
         inputs = SimpleNamespace(parity=parity, work=Path(tmp_path), threads=1)
         outcomes = engines.run(candidates, inputs, {}, lambda s: None, **kw)
@@ -154,3 +155,18 @@ def test_an_engine_at_another_precision_does_not_end_the_race_for_the_asked_one(
     assert gated == ["ort-fp32", "ov-bf16"]
     winner, kept = engines.choose(list(out.values()), keep_all=False)
     assert winner.candidate.id == "ov-bf16" and [o.candidate.id for o in kept] == ["ov-bf16", "ort-fp32"]
+
+
+def test_an_engine_that_runs_its_twins_kernels_is_built_only_when_it_could_win(race):
+    # the 8-bit preset runs the kernels of its portable 7-bit twin: raced at the twin's brief speed
+    table = [("8bit", 0.10, True, False, None, "int8", "7bit"), ("7bit", 0.10, True, True, None),
+             ("ov", 0.05, True, False, None)]
+    out, built, gated, _ = race(table)
+    assert built == ["7bit", "ov"] and gated == ["ov", "7bit"]
+    assert out["8bit"].error == ("not needed: ov passed the gate and is faster here (160.0 vs 80.0 img/s, brief "
+                                 "timing) (runs the kernels of 7bit: not built)")
+    # the twin fails: the 8-bit engine enters at its speed, is built, timed and gated
+    table = [("8bit", 0.10, True, False, None, "int8", "7bit"), ("7bit", 0.10, False, True, None),
+             ("ov", 0.05, False, False, None)]
+    out, built, gated, _ = race(table)
+    assert built == ["7bit", "ov", "8bit"] and gated == ["ov", "7bit", "8bit"] and out["8bit"].passed

@@ -98,6 +98,7 @@ class Candidate:
     fallback_for: str | None = None  # built only when this candidate (same graph structure) failed its gate
     needs_vnni: bool = False         # gated with exact int8 dot products; 8-bit sums saturate on x86 without VNNI
     device: str = "cpu"              # where it runs, is gated and timed ("cuda": TensorRT plans)
+    same_speed_as: str | None = None  # runs that candidate's kernels: raced at its brief speed, built when needed
 
 
 @dataclass
@@ -300,7 +301,8 @@ def _fastest_first(outcomes: list[Outcome], inputs: Inputs, thresholds: dict[str
     for o in outcomes:
         if o.candidate.unavailable:
             state[o.candidate.id] = "done"
-    fresh = [o for o in outcomes if o.candidate.id not in state and not o.candidate.fallback_for]
+    fresh = [o for o in outcomes if o.candidate.id not in state and not o.candidate.fallback_for
+             and not _timed_by_twin(o, outcomes, state)]
     _build_and_time(fresh, inputs, step, runners, quick, state)
     while True:
         nxt = _next_to_gate(outcomes, state, quick)
@@ -316,6 +318,8 @@ def _fastest_first(outcomes: list[Outcome], inputs: Inputs, thresholds: dict[str
         if state.get(c.id) == "built":   # built and timed, never gated: something faster passed
             runners.drop(o)
             o.error = _not_needed(o, outcomes, quick)
+        elif c.id not in state and c.same_speed_as and not c.fallback_for:
+            o.error = _not_needed(o, outcomes, {**quick, c.id: quick.get(c.same_speed_as)}, twin=c.same_speed_as)
         elif c.id not in state and not _settle_fallback(o, outcomes):
             o.error = _fallback_not_needed(o, outcomes, state)
 
@@ -343,15 +347,24 @@ def _fallback_not_needed(o: Outcome, outcomes: Sequence[Outcome], state: dict[st
         return "not needed: a full-INT8 candidate passed the gate"
     if state.get(parent) == "gated":
         return f"not needed: {parent} failed its gate, but a faster engine passed"
-    if state.get(parent) == "built":
+    if state.get(parent) in ("built", None):
         return f"not needed: built only when {parent} fails its gate, and {parent} was not needed"
     return "not needed: the race ended before its turn"
 
 
+def _timed_by_twin(o: Outcome, outcomes: Sequence[Outcome], state: dict[str, str]) -> bool:
+    """Whether ``o`` waits for the brief timing of the candidate whose kernels it runs (planned and buildable)."""
+    twin = o.candidate.same_speed_as
+    return bool(twin) and any(x.candidate.id == twin and state.get(twin) != "done" for x in outcomes)
+
+
 def _entered(o: Outcome, outcomes: Sequence[Outcome], state: dict[str, str]) -> bool:
-    """Whether an unbuilt fallback entered the race: its own candidate failed its gate (or could not be built); a
-    last resort: nothing of its device is left untried and nothing passed."""
+    """Whether an unbuilt candidate entered the race: one timed by its twin once the twin was built (or could not
+    be); a fallback once its own candidate failed its gate (or could not be built); a last resort once nothing of
+    its device is left untried and nothing passed."""
     c = o.candidate
+    if c.same_speed_as and not c.fallback_for:
+        return not _timed_by_twin(o, outcomes, state) or state.get(c.same_speed_as) in ("built", "gated")
     if c.fallback_for == LAST_RESORT:
         mine = [x for x in outcomes if x.candidate.device == c.device and x.candidate.fallback_for != LAST_RESORT]
         return (all(state.get(x.candidate.id) in ("gated", "done") for x in mine)
@@ -388,15 +401,19 @@ def _next_to_gate(outcomes: Sequence[Outcome], state: dict[str, str], quick: dic
     untried one while nothing at the asked precision passed; then untried ones within :data:`QUICK_NOISE` of the
     fastest passing one; then, beside a winner that is not portable, portable ones until one passed (and those
     within the noise of it). Engines of other devices than the primary one are all gated. An unbuilt fallback
-    ranks at its own candidate's brief speed, a last resort first."""
+    ranks at its own candidate's brief speed, one that runs another's kernels at that one's, a last resort
+    first."""
     def speed(o: Outcome) -> float:
         if o.candidate.id in quick:
             return quick[o.candidate.id]
-        parent = o.candidate.fallback_for
+        parent = o.candidate.same_speed_as or o.candidate.fallback_for
         return quick.get(parent, 0.0) if parent and parent != LAST_RESORT else 0.0   # untimed: first
 
+    def rank(o: Outcome) -> tuple:   # ties: built before unbuilt, portable before not
+        return speed(o), o.candidate.id not in state, not o.candidate.portable
+
     untried = sorted((o for o in outcomes if state.get(o.candidate.id) == "built"
-                      or (o.candidate.id not in state and _entered(o, outcomes, state))), key=speed)
+                      or (o.candidate.id not in state and _entered(o, outcomes, state))), key=rank)
     if not untried:
         return None
     device = primary_device([o.candidate for o in outcomes])
@@ -420,15 +437,16 @@ def _next_to_gate(outcomes: Sequence[Outcome], state: dict[str, str], quick: dic
     return None
 
 
-def _not_needed(o: Outcome, outcomes: Sequence[Outcome], quick: dict[str, float]) -> str:
+def _not_needed(o: Outcome, outcomes: Sequence[Outcome], quick: dict[str, float], twin: str | None = None) -> str:
     mine = quick.get(o.candidate.id)
     faster = sorted((x for x in outcomes if x.passed and x.candidate.device == o.candidate.device),
                     key=lambda x: quick.get(x.candidate.id, float("inf")))
     if mine is None or not faster or faster[0].candidate.id not in quick:
         return "not needed: the race ended before its turn"
     w = faster[0]
+    runs = f" (runs the kernels of {twin}: not built)" if twin else ""
     return (f"not needed: {w.candidate.id} passed the gate and is faster here "
-            f"({SPEED_BATCH / quick[w.candidate.id]:.1f} vs {SPEED_BATCH / mine:.1f} img/s, brief timing)")
+            f"({SPEED_BATCH / quick[w.candidate.id]:.1f} vs {SPEED_BATCH / mine:.1f} img/s, brief timing){runs}")
 
 
 def _time(passing: Sequence[Outcome], inputs: Inputs, step: Step, fp32_reference: Builder | None,

@@ -58,12 +58,13 @@ def ort_int8(config: QuantConfig) -> Callable[[Inputs, Path], tuple[dict[str, Pa
     return build
 
 
-def preset_recipe(name: str, kinds: frozenset[str] = frozenset(), order: int = 100) -> Recipe:
+def preset_recipe(name: str, kinds: frozenset[str] = frozenset(), order: int = 100,
+                  same_speed_as: Recipe | None = None) -> Recipe:
     """The recipe of INT8 preset ``name``: raced by default on ``kinds`` graphs, forced by name otherwise."""
     config = PRESETS[name]
     return register(Recipe(f"onnxruntime-int8-{name}", "onnxruntime", "int8", ort_int8(config), kinds, order,
                            batch_invariant=config.mode == "static", preset=name, why=config.why,
-                           **int8_rules(config)))
+                           same_speed_as=same_speed_as, **int8_rules(config)))
 
 
 ORT_FP32 = register(Recipe("onnxruntime-fp32", "onnxruntime", "fp32", ort_float, IMAGE_AND_TEXT, 20,
@@ -71,11 +72,14 @@ ORT_FP32 = register(Recipe("onnxruntime-fp32", "onnxruntime", "fp32", ort_float,
                            why="the exported graph (fused for transformers); the portable fallback of BF16"))
 ORT_FP16 = register(Recipe("onnxruntime-fp16", "onnxruntime", "fp16", ort_fp16, IMAGE_AND_TEXT, 20,
                            portable=always, why="FP16 weights and compute, norms kept FP32"))
-ORT_INT8_STATIC_QDQ_MATMUL = preset_recipe("static-qdq-matmul", TRANSFORMERS, 100)
-ORT_INT8_STATIC_QOPERATOR = preset_recipe("static-qoperator", CNNS, 100)
-ORT_INT8_STATIC_QDQ = preset_recipe("static-qdq", CNNS, 101)
+# the 7-bit twins run the same kernels as their 8-bit presets, at the same speed: the race builds the portable
+# 7-bit engine, and the 8-bit one only when it could still win (the 7-bit twin failed, or nothing faster passed)
 ORT_INT8_STATIC_QDQ_MATMUL_7BIT = preset_recipe("static-qdq-matmul-7bit", TRANSFORMERS, 110)
 ORT_INT8_STATIC_QOPERATOR_7BIT = preset_recipe("static-qoperator-7bit", CNNS, 110)
+ORT_INT8_STATIC_QDQ_MATMUL = preset_recipe("static-qdq-matmul", TRANSFORMERS, 100,
+                                           same_speed_as=ORT_INT8_STATIC_QDQ_MATMUL_7BIT)
+ORT_INT8_STATIC_QOPERATOR = preset_recipe("static-qoperator", CNNS, 100, same_speed_as=ORT_INT8_STATIC_QOPERATOR_7BIT)
+ORT_INT8_STATIC_QDQ = preset_recipe("static-qdq", CNNS, 101)
 _RACED = {r.preset for r in (ORT_INT8_STATIC_QDQ_MATMUL, ORT_INT8_STATIC_QOPERATOR, ORT_INT8_STATIC_QDQ,
                               ORT_INT8_STATIC_QDQ_MATMUL_7BIT, ORT_INT8_STATIC_QOPERATOR_7BIT)}
 # every other preset (dynamic, percentile, entropy, TensorRT's): built only when forced by name

@@ -4,7 +4,8 @@ plan of an export is computed from the records.
 A recipe says what it builds (backend, precision, inference hint, builder), which graphs it is raced for
 (``kinds``: ``"transformer"`` and ``"cnn"`` image towers, ``"text"`` towers), where it sits in the race
 (``order``), when it is built at all (``fallback_for`` another recipe that failed its gate, or
-:data:`LAST_RESORT`), what it needs on this machine (``probes``; the backend's own availability is always
+:data:`LAST_RESORT`; ``same_speed_as`` a recipe whose kernels it runs: raced at that one's brief speed and built only
+when the race gets to it), what it needs on this machine (``probes``; the backend's own availability is always
 checked) and how its INT8 kernels behave (``portable`` / ``needs_vnni`` / ``planned``: rules of whether the
 backend's int8 kernels here are VNNI ones, read when the plan is made).
 
@@ -70,6 +71,7 @@ class Recipe:
     needs_vnni: KernelRule = never       # gated with exact int8 dot products (saturates without VNNI)
     planned: KernelRule = always         # planned at all (the 7-bit twins of outlier recipes: on VNNI kernels)
     fallback_for: Recipe | str | None = None  # built only when that recipe failed its gate (or LAST_RESORT)
+    same_speed_as: Recipe | None = None  # runs that recipe's kernels: raced at its brief speed, built when needed
     probes: tuple[Probe, ...] = ()
     serves: frozenset[str] = frozenset()
     preset: str | None = None            # the ONNX Runtime INT8 preset it builds (``--int8-preset`` picks it)
@@ -99,7 +101,8 @@ class Recipe:
         fallback = self.fallback_for.id if isinstance(self.fallback_for, Recipe) else self.fallback_for
         return Candidate(self.id, self.backend, self.precision, self.builder, self.batch_invariant,
                          self.inference_precision, unavailable=self.unavailable(), portable=self.portable(vnni),
-                         fallback_for=fallback, needs_vnni=self.needs_vnni(vnni), device=self.device)
+                         fallback_for=fallback, needs_vnni=self.needs_vnni(vnni), device=self.device,
+                         same_speed_as=None if self.same_speed_as is None else self.same_speed_as.id)
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -111,6 +114,8 @@ def register(recipe: Recipe) -> Recipe:
         raise ExportError(f"recipe {recipe.id!r} is already registered")
     if isinstance(recipe.fallback_for, Recipe) and _REGISTRY.get(recipe.fallback_for.id) is not recipe.fallback_for:
         raise ExportError(f"recipe {recipe.id}: its fallback_for {recipe.fallback_for.id!r} is not registered")
+    if recipe.same_speed_as is not None and _REGISTRY.get(recipe.same_speed_as.id) is not recipe.same_speed_as:
+        raise ExportError(f"recipe {recipe.id}: its same_speed_as {recipe.same_speed_as.id!r} is not registered")
     _REGISTRY[recipe.id] = recipe
     return recipe
 
