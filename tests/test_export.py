@@ -91,11 +91,11 @@ def test_cnn_int8_is_static_with_calibration(artifact_dir):
     assert q["calibration"]["images"] == 32 and "built-in" in q["calibration"]["source"]
     ort = {r["id"]: r for r in m["selection"]["candidates"] if r["backend"] == "onnxruntime"}
     vnni = int8_kernels("onnxruntime") == "vnni"
-    outlier_recipes = {recipes.ORT_INT8_CLE.id, recipes.ORT_INT8_MIXED.id,
+    outlier_recipes = {recipes.ORT_INT8_CLE.id, recipes.ORT_INT8_MIXED.id, recipes.ORT_INT8_ROUNDED.id,
                        *([recipes.ORT_INT8_CLE_7BIT.id] if vnni else [])}
     assert set(ort) == {recipes.ORT_INT8_STATIC_QOPERATOR.id, recipes.ORT_INT8_STATIC_QDQ.id,
                         recipes.ORT_INT8_STATIC_QOPERATOR_7BIT.id, *outlier_recipes}
-    for recipe in outlier_recipes:   # equalization and mixed precision only where the presets fail
+    for recipe in outlier_recipes:   # equalization, rounding, mixed precision only where the presets fail
         assert ort[recipe]["why_not"].startswith("not needed"), ort[recipe]
     ops = op_counts(artifact_dir("test-resnet-tiny", "int8") / MODEL_FILE)
     assert ops.get("QLinearConv", 0) + ops.get("QuantizeLinear", 0) > 0
