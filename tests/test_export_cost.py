@@ -68,3 +68,19 @@ def test_the_export_records_and_prints_its_time_per_stage(tmp_path):
     total = sum(s.seconds for s in m.export.stages)
     assert 0.8 * m.export.seconds <= total <= m.export.seconds + 0.5   # the stages cover the export's time
     assert "export time per stage" in res.stdout and f"checking parity of {m.default_engine}" in res.stdout
+
+
+def test_a_stage_run_inside_another_hands_the_time_back_to_it(monkeypatch):
+    from imgembed.export import stages
+
+    now = iter([0.0, 1.0, 1.5, 4.0, 5.0, 5.0])
+    monkeypatch.setattr(stages.time, "perf_counter", lambda: next(now))
+    shown = []
+    clock = stages.StageClock(shown.append)
+    clock("building a")            # t=0
+    clock("calibrating")           # t=1: building a took 1 s so far
+    clock.back()                   # t=1.5: calibration took 0.5 s; building a goes on, not announced again
+    clock("gating a")              # t=4: building a took 2.5 s more
+    assert shown == ["building a", "calibrating", "gating a"]
+    assert clock.record() == [{"name": "building a", "seconds": 1.0}, {"name": "calibrating", "seconds": 0.5},
+                              {"name": "building a", "seconds": 2.5}, {"name": "gating a", "seconds": 1.0}]

@@ -330,6 +330,7 @@ def export_original(original: Original, out: str | Path, opts: ExportOptions, st
             if not calibration:
                 step("preprocessing calibration images")
                 calibration["set"] = calibration_set(spec, opts.calibration)
+                step.back()   # the rest of the time is the build that asked for them
             return calibration["set"]
 
         inputs = engines.Inputs(spec, work, plain, ort_graph, opts.input_format, parity_set, calibrate,

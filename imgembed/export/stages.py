@@ -18,14 +18,20 @@ class StageClock:
         self.stages: list[tuple[str, float]] = []
 
     def __call__(self, text: str) -> None:
-        self._close()
-        self._name, self._start = text, time.perf_counter()
+        self._switch(text)
         self._step(text)
 
-    def _close(self) -> None:
+    def back(self) -> None:
+        """End the current stage and go on timing the one before it (a stage that ran inside another, such as the
+        calibration the first quantizing candidate asks for), without announcing it again."""
+        if self.stages:
+            self._switch(self.stages[-1][0])
+
+    def _switch(self, name: str | None) -> None:
+        now = time.perf_counter()
         if self._name is not None:
-            self.stages.append((self._name, time.perf_counter() - self._start))
-            self._name = None
+            self.stages.append((self._name, now - self._start))
+        self._name, self._start = name, now
 
     def record(self) -> list[dict]:
         """The stages so far (the running one included, up to now), as the manifest records them."""
