@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from imgembed.export.onnx_export import INPUT_NAME, export_onnx
-from imgembed.export.quantize import QuantConfig, prepare_static, quantize
+from imgembed.export.quantize import QuantConfig, prepared, quantize
 from imgembed.export.smoothquant import ALPHAS, activation_absmax, norm_linear_pairs, simulate_int8, smooth
 
 SENSITIVITY_IMAGES = 8
@@ -130,7 +130,7 @@ def _exclude_sensitive(plain: Path, int8: Path, config: QuantConfig, batches: li
                        threads: int | None, step: Callable[[str], None],
                        cache: Path | None = None) -> tuple[Path, dict]:
     """Keep the most sensitive MatMuls in float one at a time until the calibration score meets the gate."""
-    prepped = prepare_static(plain, plain.with_suffix(".prep.onnx"))
+    prepped = prepared(plain, cache, plain.with_suffix(".prep.onnx"))
     nodes = _matmuls(prepped)
     budget = max(1, int(max_excluded * len(nodes)))
     sample = np.concatenate(batches)[:SENSITIVITY_IMAGES]

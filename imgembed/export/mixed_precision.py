@@ -27,7 +27,7 @@ import onnx
 from imgembed.errors import ExportError
 from imgembed.export.int8_search import _session, score
 from imgembed.export.onnx_export import INPUT_NAME
-from imgembed.export.quantize import QuantConfig, prepare_static, quantize
+from imgembed.export.quantize import QuantConfig, prepared, quantize
 
 DEFAULT_MAX_FLOAT_MACS = 0.25   # at most this share of the graph's multiply-accumulates stays in float
 MARGIN = 0.2                    # calibration target: threshold + MARGIN * (1 - threshold)
@@ -88,7 +88,7 @@ def mixed_int8(plain: Path, directory: Path, config: QuantConfig, batches: list[
         raise ExportError(f"max_float_macs {max_float_macs!r} must be a share of the MACs between 0 and 1")
     directory.mkdir(parents=True, exist_ok=True)
     target = _target(thresholds)
-    prepped = prepare_static(plain, directory / "prepped.onnx")
+    prepped = prepared(plain, cache, directory / "prepped.onnx")
     ranked_layers = layers(prepped, config.op_types or RANKED_OPS)
     total = sum(la.macs for la in ranked_layers) or 1
     step("mixed precision: quantizing every layer")

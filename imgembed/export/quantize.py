@@ -227,17 +227,29 @@ def _digest(*parts) -> str:
     return h.hexdigest()
 
 
+def prepared(src: str | Path, cache: str | Path | None, dst: str | Path) -> Path:
+    """:func:`prepare_static` of ``src``: kept in ``cache`` (keyed by the graph's bytes) and shared with the
+    quantizations of the same export when a cache is given, else written to ``dst``."""
+    if cache is None:
+        return prepare_static(src, dst)
+    return _prepared(Path(cache), Path(src))[0]
+
+
+def _prepared(cache: Path, src: Path) -> tuple[Path, str]:
+    cache.mkdir(parents=True, exist_ok=True)
+    graph = _digest(src)
+    path = cache / f"{graph}.prep.onnx"
+    if not path.is_file():
+        prepare_static(src, cache / f"{graph}.prep.tmp.onnx").replace(path)
+    return path, graph
+
+
 def _cached(cache: Path, src: Path, config: QuantConfig, calibration: list[np.ndarray]) -> tuple[Path, Path]:
     """The pre-processed graph of ``src`` and the path of its calibrated ranges for ``config`` in ``cache``
     (ONNX Runtime writes the ranges there on the first calibration and reads them afterwards)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    graph = _digest(src)
-    prepared = cache / f"{graph}.prep.onnx"
-    if not prepared.is_file():
-        tmp = prepare_static(src, cache / f"{graph}.prep.tmp.onnx")
-        tmp.replace(prepared)
+    path, graph = _prepared(cache, src)
     key = _digest(graph, sorted(config.op_types or ()), config.calibrate_method, *calibration)
-    return prepared, cache / f"{key}.ranges.json"
+    return path, cache / f"{key}.ranges.json"
 
 
 def prepare_static(src: str | Path, dst: str | Path) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgembed.export.engines import Inputs, batches_of, with_input_format
-from imgembed.export.quantize import PRESETS, prepare_static, quantize, quantized_op_counts
+from imgembed.export.quantize import PRESETS, prepared, quantize, quantized_op_counts
 from imgembed.export.recipes.onnxruntime import ORT_INT8_STATIC_QDQ, int8_rules
 from imgembed.export.recipes.registry import Recipe, register
 
@@ -25,7 +25,7 @@ def ort_int8_rounded(inputs: Inputs, directory: Path) -> tuple[dict[str, Path], 
     pixels = crops_to_pixels(augmented(crops), inputs.spec.preprocess)
     q = quantize(inputs.plain, directory / "qdq.onnx", config, batches_of(pixels), input_name=inputs.input_name,
                  cache=inputs.quantize_cache)
-    prepped = prepare_static(inputs.plain, directory / "prepped.onnx")
+    prepped = prepared(inputs.plain, inputs.quantize_cache, directory / "prepped.onnx")   # the graph q was made of
     rounded, record = optimize(q, prepped, pixels, directory / "int8.onnx", input_name=inputs.input_name,
                                threads=inputs.threads)
     record.pop("per_layer", None)
