@@ -264,7 +264,7 @@ def print_candidates(tower_record: "Manifest | TextTower", precision: str, tower
 
 def print_stages(manifest: "Manifest") -> None:
     """Where the export's time went: each stage (loading, ONNX export, building and gating each candidate, the
-    timings) and its seconds, the slowest marked."""
+    timings), its seconds and its share of the total."""
     stages = manifest.export.stages
     if not stages:
         return

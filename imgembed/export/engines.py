@@ -250,6 +250,11 @@ def _runner(inputs: Inputs, outcome: Outcome):
     return get_backend(c.backend).open(ref, c.device, inputs.threads, c.precision)
 
 
+def _why(e: Exception) -> str:
+    """An error as one line of a candidate's row: its type and its message's first line."""
+    return f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')}"
+
+
 def _build(outcome: Outcome, inputs: Inputs, step: Step) -> bool:
     c = outcome.candidate
     step(f"building {c.id}")
@@ -258,7 +263,7 @@ def _build(outcome: Outcome, inputs: Inputs, step: Step) -> bool:
         outcome.target = outcome.record.pop("target", None)
         return True
     except ImgembedError as e:
-        outcome.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        outcome.error = _why(e)
         return False
 
 
@@ -271,7 +276,7 @@ def _gate(outcome: Outcome, inputs: Inputs, thresholds: dict[str, float], step: 
         outcome.report = parity_report(inputs.parity.reference, runner, inputs.parity.inputs(runner), thresholds,
                                        c.precision, inputs.parity.names)
     except ImgembedError as e:
-        outcome.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        outcome.error = _why(e)
     if not outcome.passed:
         runners.drop(outcome)
 
@@ -385,7 +390,7 @@ def _quick_time(fresh: list[Outcome], inputs: Inputs, step: Step, runners: _Runn
             try:
                 opened[o.candidate.id] = runners(o)
             except ImgembedError as e:
-                o.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                o.error = _why(e)
         if not opened:
             continue
         try:
@@ -393,7 +398,7 @@ def _quick_time(fresh: list[Outcome], inputs: Inputs, step: Step, runners: _Runn
             quick.update(interleaved_medians(opened, inputs.parity.inputs(first)[:SPEED_BATCH], warmup=1,
                                              rounds=QUICK_ROUNDS, max_seconds=5.0))
         except ImgembedError as e:   # an engine that cannot run the batch: gated untimed (the gate reports why)
-            step(f"brief timing failed ({type(e).__name__}: {str(e).splitlines()[0]})")
+            step(f"brief timing failed ({_why(e)})")
 
 
 def _next_to_gate(outcomes: Sequence[Outcome], state: dict[str, str], quick: dict[str, float]) -> Outcome | None:
