@@ -170,3 +170,18 @@ def test_an_engine_that_runs_its_twins_kernels_is_built_only_when_it_could_win(r
              ("ov", 0.05, False, False, None)]
     out, built, gated, _ = race(table)
     assert built == ["7bit", "ov", "8bit"] and gated == ["ov", "7bit", "8bit"] and out["8bit"].passed
+
+
+def test_a_build_error_becomes_one_line_of_the_row_even_without_a_message(tmp_path):
+    from imgembed.errors import ExportError
+
+    def failing(message):
+        def build(inputs, directory):
+            raise ExportError(message)
+        return build
+
+    inputs = SimpleNamespace(work=Path(tmp_path))
+    for message, row in (("", "ExportError: "), ("first line\nsecond line", "ExportError: first line")):
+        outcome = engines.Outcome(Candidate("x", "fake", "int8", failing(message), True))
+        assert engines._build(outcome, inputs, lambda s: None) is False
+        assert outcome.error == row
