@@ -212,8 +212,13 @@ def test_read_manifest_without_a_manifest(tmp_path):
      rf"{A.FORMAT_VERSION}\); install the imgembed release that wrote it \(imgembed 9\.1\) or newer"),
     (json.dumps(_manifest(format_version="2")), ArtifactError, r"'format_version' must be an integer, got '2'"),
     (json.dumps(_manifest(surprise=1)), ArtifactError, r"surprise: Extra inputs are not permitted"),
+    (json.dumps(_manifest(export={"stages": [{"name": "x", "seconds": -1}]})), ArtifactError,
+     r"export\.stages\.0\.seconds: Input should be greater than or equal to 0"),
+    (json.dumps(_manifest(export={"stages": [{"name": "x" * 2001, "seconds": 1}]})), ArtifactError,
+     r"export\.stages\.0\.name: String should have at most 2000 characters"),
 ], ids=["invalid-json", "not-an-object", "missing-keys", "dim-not-int", "status-null", "default-not-held",
-        "engine-id-path", "bad-digest", "newer-format", "string-version", "unknown-key"])
+        "engine-id-path", "bad-digest", "newer-format", "string-version", "unknown-key", "stage-negative-time",
+        "stage-name-too-long"])
 def test_read_manifest_errors(tmp_path, text, error, message):
     (tmp_path / A.MANIFEST).write_text(text)
     with pytest.raises(error, match=message):
