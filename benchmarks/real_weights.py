@@ -17,9 +17,9 @@ batch 8, ``--threads`` intra-op threads, each INT8 engine against ONNX Runtime F
 Recipes: ``qdq`` (the static-qdq preset: per-channel weights incl. depthwise, min/max uint8 activations, ReLU6
 folded), ``qdq+bc`` (+ bias correction on the Q/DQ graph, :mod:`imgembed.export.weight_rounding`),
 ``gray+qdq+bc`` and ``gray+qdq+gptq+bc`` (both steps on the calibration images plus grayscale copies, 64),
-``qdq+gptq+bc`` (+ output-error-aware weight rounding, then bias correction), ``aug+qdq+gptq+bc`` (both steps on
-the calibration crops augmented with grayscale copies and mosaics, 96: what the race's ``onnxruntime-int8-rounded``
-recipe builds), ``nncf`` (OpenVINO + NNCF default, fast bias correction, FP32 hint).
+``qdq+gptq+bc`` (+ output-error-aware weight rounding toward the float layers' outputs, then bias correction),
+``aug+qdq+gptq+bc`` (both steps on the calibration crops augmented with grayscale copies and mosaics, 96: what the
+race's ``onnxruntime-int8-rounded`` recipe builds), ``nncf`` (OpenVINO + NNCF default, fast bias correction, FP32 hint).
 """
 from __future__ import annotations
 

@@ -98,6 +98,39 @@ def test_rounding_keeps_scales_and_range_and_lowers_the_error(graphs):
                                                                     for r in record["per_layer"])
 
 
+def test_float_input_target_is_the_kernel_when_the_inputs_agree_and_fits_the_float_output_otherwise():
+    from imgembed.export.weight_rounding import _asymmetric_target
+
+    rng = np.random.default_rng(1)
+    xq = torch.from_numpy(rng.normal(size=(9, 4000)))
+    w = torch.from_numpy(rng.normal(size=(5, 9)))
+    h = xq @ xq.T
+    torch.testing.assert_close(_asymmetric_target(w, h, h), w)          # same inputs: the float kernel itself
+    xf = xq.clone()
+    xf[0] += 0.5 * xq[1]                    # the float graph's inputs differ from the INT8 graph's systematically
+    xf[3] *= 1.2
+    target = _asymmetric_target(w, h, xq @ xf.T)
+    # the dampening (DAMP = 1: λ = mean(diag H)) pulls the answer half way back to w
+    assert torch.linalg.norm(target @ xq - w @ xf) < 0.6 * torch.linalg.norm(w @ xq - w @ xf)
+    # depthwise: one H per channel gives the same answer as the shared H, channel by channel
+    per_channel = _asymmetric_target(w, h.expand(5, 9, 9).clone(), (xq @ xf.T).expand(5, 9, 9).clone())
+    torch.testing.assert_close(per_channel, target)
+
+
+def test_float_input_rounding_is_the_default_and_float_runs_can_be_grouped(graphs):
+    d, prepped, qdq, cal = graphs
+    one, rec = optimize(qdq, prepped, cal, d / "float-one.onnx", float_budget=1)       # a float run per layer
+    grouped, _ = optimize(qdq, prepped, cal, d / "float-all.onnx")                       # one run for all
+    assert rec["target"] == "float-input" and all(r.get("target") == "float-input" for r in rec["per_layer"])
+    a, b = _weights(one), _weights(grouped)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    int8_input, rec2 = optimize(qdq, prepped, cal, d / "int8-input.onnx", float_input=False)
+    assert rec2["target"] == "int8-input"
+    assert not all(np.array_equal(a[k], v) for k, v in _weights(int8_input).items())
+    ref = _run(d / "plain.onnx", cal)
+    assert _error(grouped, ref, cal) < _error(qdq, ref, cal)
+
+
 def test_a_graph_without_int8_convs_is_an_export_error(graphs, tmp_path):
     d, prepped, _, cal = graphs
     with pytest.raises(ExportError, match="no Conv"):

@@ -17,7 +17,10 @@ wrote, so its scales, zero points and kernels stay as they are:
 2. **Rounding** (GPTQ's update with ORT's per-channel scale held fixed): the kernel's columns are rounded one
    at a time, and each column's rounding error is spread over the columns not yet rounded through ``H⁻¹``,
    so that ``‖(W - Ŵ) X‖`` is (approximately) minimal instead of each ``|w - ŵ|``. The int8 weights of the
-   graph are replaced; their scales are unchanged.
+   graph are replaced; their scales are unchanged. By default (``float_input``) the kernel rounded is not the
+   float one but the one that best maps the INT8 graph's inputs ``X`` to the float layer's output on the
+   *float* graph's inputs (:func:`_asymmetric_target`; GPTAQ's asymmetric calibration, Li et al. 2025), so each
+   layer also takes back part of the error the layers before it left in its input.
 3. **Bias correction**: the bias (int32, scale ``s_in·s_w``) is shifted by the mean per-channel difference
    between the float graph's output of that Conv and the INT8 one's, on the same images (only where the
    float output is not clipped by the folded activation).
@@ -25,10 +28,11 @@ wrote, so its scales, zero points and kernels stay as they are:
 Neither is exact; :func:`optimize` returns a record of what changed per layer. Measured on Lite0 (parity
 images, docs/performance.md): bias correction lifts static Q/DQ from 0.921 / 0.9825 (min / mean cosine) to
 0.951 / 0.9934, and to 0.982 / 0.9966 with grayscale copies of the calibration images, short of the gate's min
-0.99; rounding + bias correction with the grayscale copies reaches 0.9885 / 0.9974 (dampening 0.1; with GPTQ's
-0.01 and without the copies it fits the calibration images and loses on unseen textures), and 0.9904 / 0.9976
-with mosaics added (:func:`augmented`). The recipe ``onnxruntime-int8-rounded`` (:mod:`.recipes.rounded`) builds it
-for CNNs whose static Q/DQ graph failed its gate.
+0.99; rounding toward the float kernel + bias correction on the crops, grayscale copies and mosaics
+(:func:`augmented`) reaches 0.9871 / 0.9973 (dampening 0.1; with GPTQ's 0.01 and without the copies it fits the
+calibration images and loses on unseen textures), and rounding toward the float-input target with dampening 1.0
+0.9899 / 0.9979. The recipe ``onnxruntime-int8-rounded`` (:mod:`.recipes.rounded`) builds it for CNNs whose
+static Q/DQ graph failed its gate.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ from onnx import numpy_helper
 from imgembed.errors import ExportError
 
 GROUP = 1          # convolutions corrected between two runs of the graphs (more: stale inputs, worse)
-DAMP = 0.1         # GPTQ's dampening of H's diagonal (share of its mean); 0.01 (GPTQ's) overfits, measured on Lite0
+DAMP = 1.0         # dampening of H's diagonal (share of its mean); GPTQ's 0.01 overfits the calibration images (Lite0)
+FLOAT_BUDGET = 1 << 30  # bytes of float-graph tensors held at once (fewer runs of the float graph)
 QMIN, QMAX = -127, 127  # ORT's symmetric int8 weight range
 ALL_POSITIONS = 0.05  # weight of the clipped output positions in a depthwise H
 Step = Callable[[str], None]
@@ -183,6 +188,24 @@ def _gptq(w, s, h):
     return q
 
 
+def _asymmetric_target(w, h, cross):
+    """The float kernel that, applied to the INT8 graph's inputs ``X_q``, best reproduces the float kernel ``w``
+    on the float graph's inputs ``X_f``: ``argmin ‖W' X_q - w X_f‖² + λ‖W' - w‖²`` with ``h = X_q X_qᵀ``,
+    ``cross = X_q X_fᵀ`` (per channel for depthwise) and λ the rounding's dampening. Rounding it by ``h`` then
+    also undoes the error the layers before left in this layer's input (asymmetric calibration, GPTAQ)."""
+    import torch
+
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype)
+    if h.dim() == 2:
+        lam = DAMP * diag.mean().clamp_min(1e-12)
+        rhs = w @ cross.T + lam * w                              # (R, D): w X_f X_qᵀ + λ w
+        return torch.linalg.solve(h + lam * eye, rhs.T).T
+    lam = (DAMP * diag.mean(dim=-1).clamp_min(1e-12))[:, None, None]
+    rhs = torch.einsum("cd,ced->ce", w, cross) + lam[:, :, 0] * w   # per channel: w_c X_f X_qᵀ + λ w_c
+    return torch.linalg.solve(h + lam * eye, rhs.unsqueeze(-1)).squeeze(-1)
+
+
 def _output_error(w, q, s, h):
     """Per row: ``(w - q s) H (w - q s)ᵀ``, the squared output error of the rounding on the calibration images."""
     import torch
@@ -198,7 +221,7 @@ def _patches(x, conv: _Conv, kernel: tuple[int, int]):
 
 
 def _correct(conv: _Conv, inits: dict, w_float: np.ndarray | None, x: np.ndarray, y_float: np.ndarray,
-             rounding: bool, bias: bool, chunk: int = 4) -> dict:
+             rounding: bool, bias: bool, chunk: int = 4, x_float: np.ndarray | None = None) -> dict:
     """Re-round ``conv``'s int8 weights (from ``w_float``, its float kernel) and/or correct its bias, in ``inits``
     (the Q/DQ graph's initializers, edited in place); ``x``: its input in the INT8 graph, ``y_float``: its output in
     the float graph, on the same images."""
@@ -221,24 +244,31 @@ def _correct(conv: _Conv, inits: dict, w_float: np.ndarray | None, x: np.ndarray
         if w_float is not None:
             w = torch.from_numpy(w_float.astype(np.float64))
         d = cin_g * kh * kw
-        if depthwise:
-            h = torch.zeros(cout, d, d, dtype=torch.float64)
-        else:
-            h = torch.zeros(d, d, dtype=torch.float64)
+        asym = x_float is not None
+        shape = (cout, d, d) if depthwise else (d, d)
+        h = torch.zeros(shape, dtype=torch.float64)
+        cross = torch.zeros(shape, dtype=torch.float64) if asym else None
         for i in range(0, len(x), chunk):
             p = _patches(torch.from_numpy(x[i:i + chunk]).double(), conv, (kh, kw))
+            pf = _patches(torch.from_numpy(x_float[i:i + chunk]).double(), conv, (kh, kw)) if asym else None
             if depthwise:
                 p = p.view(p.shape[0], cout, d, -1)
                 m = _mask(torch.from_numpy(y_float[i:i + chunk]).double().flatten(2), conv.clip)
-                h_all = torch.einsum("ncdl,ncel->cde", p, p)
                 # where the activation clips the output the weights do not matter; a little of the unmasked H
                 # keeps channels that are (almost) always clipped on the calibration images well-posed
-                h += h_all * ALL_POSITIONS if m is None else \
-                    torch.einsum("ncdl,ncel->cde", p * m[:, :, None, :], p) + ALL_POSITIONS * h_all
+                pm = p * ALL_POSITIONS if m is None else p * (m[:, :, None, :] + ALL_POSITIONS)
+                h += torch.einsum("ncdl,ncel->cde", pm, p)
+                if asym:
+                    cross += torch.einsum("ncdl,ncel->cde", pm, pf.view(p.shape))
             else:
                 p = p.transpose(1, 2).reshape(-1, d)
                 h += p.T @ p
+                if asym:
+                    cross += p.T @ pf.transpose(1, 2).reshape(-1, d)
         w2 = w.reshape(cout, d)
+        if asym:
+            w2 = _asymmetric_target(w2, h, cross)
+            record["target"] = "float-input"
         q = _gptq(w2, s, h)
         # never worse than rounding to nearest on the calibration images: per output channel, keep the better
         nearest = torch.from_numpy(q0.reshape(cout, d))
@@ -306,11 +336,14 @@ def _gray(crops: np.ndarray) -> np.ndarray:
 
 
 def optimize(qdq: str | Path, float_graph: str | Path, pixels: np.ndarray, dst: str | Path, *,
-             rounding: bool = True, bias_correction: bool = True, input_name: str = "pixel_values",
-             threads: int | None = None, group: int = GROUP, step: Step = lambda s: None) -> tuple[Path, dict]:
+             rounding: bool = True, bias_correction: bool = True, float_input: bool = True,
+             input_name: str = "pixel_values", threads: int | None = None, group: int = GROUP,
+             float_budget: int = FLOAT_BUDGET, step: Step = lambda s: None) -> tuple[Path, dict]:
     """``qdq`` (a static Q/DQ INT8 graph of ``float_graph``, per-channel symmetric int8 weights) with its Conv
     weights re-rounded and its biases corrected on the calibration ``pixels`` (see the module docstring);
-    written to ``dst``. Returns the path and the record (layers touched, weights changed, bias shifts)."""
+    written to ``dst``. ``float_input``: round toward the float layer's output on the *float* graph's inputs
+    (:func:`_asymmetric_target`) instead of the float kernel's on the INT8 graph's inputs. Returns the path and
+    the record (layers touched, weights changed, bias shifts)."""
     model, fmodel = onnx.load(str(qdq)), onnx.load(str(float_graph))
     convs = convolutions(model, fmodel)
     if not convs:
@@ -321,16 +354,64 @@ def optimize(qdq: str | Path, float_graph: str | Path, pixels: np.ndarray, dst: 
     finits = {t.name: t for t in fmodel.graph.initializer}
     kernels = {c.name: numpy_helper.to_array(finits[fnodes[c.name].input[1]]) for c in convs
                if fnodes[c.name].input[1] in finits}
+    wanted = [[c.float_out, *([fnodes[c.name].input[0]] if float_input and rounding else [])] for c in convs]
+    floats = _FloatTensors(fmodel, pixels, input_name, threads, wanted, float_budget)
     records = []
     for start in range(0, len(convs), group):
         part = convs[start:start + group]
         step(f"weight rounding: layers {start + 1}-{start + len(part)} of {len(convs)}")
         xs = _run(model, sorted({c.x for c in part}), pixels, input_name, threads)
-        floats = _run(fmodel, sorted({c.float_out for c in part}), pixels, input_name, threads)
-        for c in part:
-            records.append(_correct(c, inits, kernels.get(c.name), xs[c.x], floats[c.float_out], rounding,
-                                    bias_correction))
+        for k, c in enumerate(part, start):
+            got = floats.get(k)
+            xf = got[fnodes[c.name].input[0]] if float_input and rounding else None
+            records.append(_correct(c, inits, kernels.get(c.name), xs[c.x], got[c.float_out], rounding,
+                                    bias_correction, x_float=xf))
     onnx.save(model, str(dst))
     return Path(dst), {"method": ("gptq-rounding" if rounding else "") + ("+" if rounding and bias_correction else "")
-                       + ("bias-correction" if bias_correction else ""), "layers": len(records),
-                       "calibration_images": int(len(pixels)), "per_layer": records}
+                       + ("bias-correction" if bias_correction else ""),
+                       "target": "float-input" if float_input and rounding else "int8-input",
+                       "layers": len(records), "calibration_images": int(len(pixels)), "per_layer": records}
+
+
+class _FloatTensors:
+    """The float graph's tensors each layer needs (``wanted[k]``: names for layer ``k``), on every calibration
+    image. They do not change while the INT8 graph is corrected, so one run of the float graph serves the next
+    layers until their tensors would exceed ``budget`` bytes."""
+
+    def __init__(self, model: onnx.ModelProto, pixels: np.ndarray, input_name: str, threads: int | None,
+                 wanted: list[list[str]], budget: int):
+        self.model, self.pixels, self.input_name, self.threads = model, pixels, input_name, threads
+        self.wanted, self.budget = wanted, budget
+        self.sizes = _tensor_sizes(model)
+        self.held: dict[str, np.ndarray] = {}
+        self.covers = -1   # the last layer whose tensors are held
+
+    def get(self, k: int) -> dict[str, np.ndarray]:
+        if k > self.covers:
+            names, end, total = [], k, 0
+            while end < len(self.wanted):
+                new = [n for n in self.wanted[end] if n not in names and n != self.input_name]
+                size = sum(self.sizes.get(n, self.budget) for n in new) * len(self.pixels)
+                if names and total + size > self.budget:
+                    break
+                names += new
+                total += size
+                end += 1
+            self.held = _run(self.model, names, self.pixels, self.input_name, self.threads) if names else {}
+            self.held[self.input_name] = self.pixels
+            self.covers = end - 1
+        return self.held
+
+
+def _tensor_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes per image of the float tensors whose shapes shape inference knows (batch dimension excluded)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:   # noqa: BLE001 - without shapes every tensor counts as the whole budget: one per run
+        return {}
+    out = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
+        if dims and all(d > 0 for d in dims):
+            out[v.name] = 4 * int(np.prod(dims))
+    return out
