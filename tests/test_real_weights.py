@@ -41,20 +41,12 @@ def test_unknown_variant_is_a_weights_error():
         el.weights_file("lite9")
 
 
-@pytest.mark.slow
-def test_lite0_bias_correction_recovers_part_of_the_int8_loss(tmp_path):
-    """Issue 19, as measured (docs/performance.md): static Q/DQ INT8 of Lite0 loses most on weight rounding;
-    bias correction on the Q/DQ graph recovers part of it. Neither reaches the gate (min 0.99, mean 0.995)."""
-    import numpy as np
-
+def _lite0_graph(tmp_path):
+    """Lite0 with its ImageNet weights, its preprocessing, and its FP32 ONNX graph as the ``--module`` path exports
+    it (no L2 normalization, so the classifier head applies to the embedding)."""
     from imgembed.export.module_export import module_spec
     from imgembed.export.onnx_export import export_onnx
-    from imgembed.export.quantize import PRESETS, prepare_static, quantize
-    from imgembed.export.weight_rounding import optimize
-    from imgembed.gate.samples import calibration_images
     from imgembed.models.heads import ModuleHead
-
-    from .test_weight_rounding import _run
 
     model = el.lite0()
     load_weights(model, el.weights_file("lite0"))
@@ -62,6 +54,22 @@ def test_lite0_bias_correction_recovers_part_of_the_int8_loss(tmp_path):
     pre = el.preprocess_spec("lite0")
     plain = export_onnx(ModuleHead(model, False), module_spec("lite0", None, model, el.HEAD, pre, False, False),
                         tmp_path / "plain.onnx")
+    return model, pre, plain
+
+
+@pytest.mark.slow
+def test_lite0_bias_correction_recovers_part_of_the_int8_loss(tmp_path):
+    """Issue 19, as measured (docs/performance.md): static Q/DQ INT8 of Lite0 loses most on weight rounding;
+    bias correction on the Q/DQ graph recovers part of it. Neither reaches the gate (min 0.99, mean 0.995)."""
+    import numpy as np
+
+    from imgembed.export.quantize import PRESETS, prepare_static, quantize
+    from imgembed.export.weight_rounding import optimize
+    from imgembed.gate.samples import calibration_images
+
+    from .test_weight_rounding import _run
+
+    _, pre, plain = _lite0_graph(tmp_path)
     cal = preprocess_batch(list(calibration_images()), pre)
     par = preprocess_batch([im for _, im in parity_images()], pre)
     qdq = quantize(plain, tmp_path / "qdq.onnx", PRESETS["static-qdq"], [cal[i:i + 8] for i in range(0, 32, 8)])
@@ -86,12 +94,9 @@ def test_lite0_rounded_int8_reaches_the_gates_mean_and_keeps_the_classes(tmp_pat
     room for kernels that round differently; without VNNI, 8-bit weights saturate and the race does not plan it."""
     import numpy as np
 
-    from imgembed.export.module_export import module_spec
-    from imgembed.export.onnx_export import export_onnx
     from imgembed.export.quantize import PRESETS, prepare_static, quantize
     from imgembed.export.weight_rounding import augmented, optimize
     from imgembed.gate.samples import calibration_images
-    from imgembed.models.heads import ModuleHead
     from imgembed.preprocess.fast import crops_of, crops_to_pixels
     from imgembed.runtime.host import int8_saturation
 
@@ -99,12 +104,7 @@ def test_lite0_rounded_int8_reaches_the_gates_mean_and_keeps_the_classes(tmp_pat
 
     if int8_saturation("onnxruntime"):
         pytest.skip(int8_saturation("onnxruntime"))
-    model = el.lite0()
-    load_weights(model, el.weights_file("lite0"))
-    model.eval()
-    pre = el.preprocess_spec("lite0")
-    plain = export_onnx(ModuleHead(model, False), module_spec("lite0", None, model, el.HEAD, pre, False, False),
-                        tmp_path / "plain.onnx")
+    model, pre, plain = _lite0_graph(tmp_path)
     cal = crops_to_pixels(augmented(crops_of(list(calibration_images()), pre)), pre)
     par = preprocess_batch([im for _, im in parity_images()], pre)
     qdq = quantize(plain, tmp_path / "qdq.onnx", PRESETS["static-qdq"], [cal[i:i + 8] for i in range(0, len(cal), 8)])
