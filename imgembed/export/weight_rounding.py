@@ -224,7 +224,8 @@ def _correct(conv: _Conv, inits: dict, w_float: np.ndarray | None, x: np.ndarray
              rounding: bool, bias: bool, chunk: int = 4, x_float: np.ndarray | None = None) -> dict:
     """Re-round ``conv``'s int8 weights (from ``w_float``, its float kernel) and/or correct its bias, in ``inits``
     (the Q/DQ graph's initializers, edited in place); ``x``: its input in the INT8 graph, ``y_float``: its output in
-    the float graph, on the same images."""
+    the float graph, ``x_float``: its input in the float graph (given: round toward :func:`_asymmetric_target`), on
+    the same images."""
     import torch
     import torch.nn.functional as F
 
@@ -354,7 +355,8 @@ def optimize(qdq: str | Path, float_graph: str | Path, pixels: np.ndarray, dst: 
     finits = {t.name: t for t in fmodel.graph.initializer}
     kernels = {c.name: numpy_helper.to_array(finits[fnodes[c.name].input[1]]) for c in convs
                if fnodes[c.name].input[1] in finits}
-    wanted = [[c.float_out, *([fnodes[c.name].input[0]] if float_input and rounding else [])] for c in convs]
+    asym = float_input and rounding
+    wanted = [[c.float_out, *([fnodes[c.name].input[0]] if asym else [])] for c in convs]
     floats = _FloatTensors(fmodel, pixels, input_name, threads, wanted, float_budget)
     records = []
     for start in range(0, len(convs), group):
@@ -363,13 +365,13 @@ def optimize(qdq: str | Path, float_graph: str | Path, pixels: np.ndarray, dst: 
         xs = _run(model, sorted({c.x for c in part}), pixels, input_name, threads)
         for k, c in enumerate(part, start):
             got = floats.get(k)
-            xf = got[fnodes[c.name].input[0]] if float_input and rounding else None
+            xf = got[fnodes[c.name].input[0]] if asym else None
             records.append(_correct(c, inits, kernels.get(c.name), xs[c.x], got[c.float_out], rounding,
                                     bias_correction, x_float=xf))
     onnx.save(model, str(dst))
     return Path(dst), {"method": ("gptq-rounding" if rounding else "") + ("+" if rounding and bias_correction else "")
                        + ("bias-correction" if bias_correction else ""),
-                       "target": "float-input" if float_input and rounding else "int8-input",
+                       "target": "float-input" if asym else "int8-input",
                        "layers": len(records), "calibration_images": int(len(pixels)), "per_layer": records}
 
 
