@@ -165,13 +165,13 @@ def _gptq(w, s, h):
     eye = torch.eye(d, dtype=h.dtype)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     dead = diag <= 0
+    # an input never non-zero on the calibration images is not dead on every image: its weights keep their
+    # nearest rounding (its unit diagonal passes no error on to the other columns), never zero
     if h.dim() == 2:
         h[dead, dead] = 1.0
-        w[:, dead] = 0.0
         h = h + DAMP * diag.mean().clamp_min(1e-12) * eye
     else:
         h = h + (DAMP * diag.mean(dim=-1).clamp_min(1e-12))[:, None, None] * eye + dead[..., None] * eye
-        w = torch.where(dead, torch.zeros_like(w), w)
     chol = torch.linalg.cholesky(h)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     q = torch.zeros_like(w)
