@@ -12,7 +12,9 @@ is scored against the FP32 graph on the 26 parity images (never seen in calibrat
 cosine (the gate: min >= 0.99, mean >= 0.995) and top-1 agreement of the real ImageNet classifier head
 (``_fc``) on the INT8 embeddings with FP32's; the same on the calibration images (``cal_*``, seen). Speed:
 batch 8, ``--threads`` intra-op threads, each INT8 engine against ONNX Runtime FP32 in interleaved rounds
-(median of ``--rounds``). CPU model and flags are printed with the numbers.
+(median of ``--rounds``). CPU model and flags are printed with the numbers. ``heldout_*``: the same on 53 images in
+neither set (``imgembed.gate.samples.heldout_images``): how far a recipe fitted to the calibration images
+generalises.
 
 Recipes: ``qdq`` (the static-qdq preset: per-channel weights incl. depthwise, min/max uint8 activations, ReLU6
 folded), ``qdq+bc`` (+ bias correction on the Q/DQ graph, :mod:`imgembed.export.weight_rounding`),
@@ -85,7 +87,7 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
     from imgembed.export.onnx_export import export_onnx
     from imgembed.export.quantize import PRESETS, prepare_static, quantize
     from imgembed.export.weight_rounding import augmented, optimize
-    from imgembed.gate.samples import calibration_images, parity_images
+    from imgembed.gate.samples import calibration_images, heldout_images, parity_images
     from imgembed.models.heads import ModuleHead
     from imgembed.models.user_module import load_weights
     from imgembed.preprocess import preprocess_batch
@@ -99,13 +101,16 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
     pre = el.preprocess_spec(variant)
     plain = export_onnx(ModuleHead(model, False), module_spec(variant, None, model, el.HEAD, pre, False, False),
                         work / "plain.onnx")
+    names = [n for n, _ in parity_images()]
     par = preprocess_batch([im for _, im in parity_images()], pre)
+    ho_names = [n for n, _ in heldout_images()]
+    ho = preprocess_batch([im for _, im in heldout_images()], pre)
     cal = preprocess_batch(list(calibration_images()), pre)
     cal_gray = np.concatenate([cal, preprocess_batch([im.convert("L") for im in calibration_images()], pre)])
     cal_aug = crops_to_pixels(augmented(crops_of(list(calibration_images()), pre)), pre)
     fc_w, fc_b = model._fc.weight.detach().numpy(), model._fc.bias.detach().numpy()
     fp32 = _ort(plain, threads)
-    ref, refc = _embed(fp32, par), _embed(fp32, cal)
+    ref, refc, refh = _embed(fp32, par), _embed(fp32, cal), _embed(fp32, ho)
     batches = [cal[i:i + 8] for i in range(0, len(cal), 8)]
     runs, rows = {"fp32": fp32}, []
     built: dict[str, tuple] = {}
@@ -132,14 +137,18 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
             raise SystemExit(f"unknown recipe {recipe!r}; expected some of {RECIPES}")
         built[recipe] = (run, time.perf_counter() - t)
     for recipe, (run, seconds) in built.items():
-        e, ec = _embed(run, par), _embed(run, cal)
-        cos, cosc = (_unit(ref) * _unit(e)).sum(1), (_unit(refc) * _unit(ec)).sum(1)
-        top = ((e @ fc_w.T + fc_b).argmax(1) == (ref @ fc_w.T + fc_b).argmax(1)).mean()
-        topc = ((ec @ fc_w.T + fc_b).argmax(1) == (refc @ fc_w.T + fc_b).argmax(1)).mean()
+        e, ec, eh = _embed(run, par), _embed(run, cal), _embed(run, ho)
+        cos, cosc, cosh = ((_unit(r) * _unit(x)).sum(1) for r, x in ((ref, e), (refc, ec), (refh, eh)))
+        top, topc, toph = (((x @ fc_w.T + fc_b).argmax(1) == (r @ fc_w.T + fc_b).argmax(1)).mean()
+                           for r, x in ((ref, e), (refc, ec), (refh, eh)))
         rows.append({"variant": variant, "recipe": recipe, "min_cosine": round(float(cos.min()), 4),
                      "mean_cosine": round(float(cos.mean()), 4), "top1_agreement": round(float(top), 3),
                      "cal_min_cosine": round(float(cosc.min()), 4), "cal_mean_cosine": round(float(cosc.mean()), 4),
-                     "cal_top1_agreement": round(float(topc), 3), "build_s": round(seconds, 1),
+                     "cal_top1_agreement": round(float(topc), 3), "min_image": names[int(cos.argmin())],
+                     "heldout_min_cosine": round(float(cosh.min()), 4),
+                     "heldout_mean_cosine": round(float(cosh.mean()), 4),
+                     "heldout_top1_agreement": round(float(toph), 3), "heldout_min_image": ho_names[int(cosh.argmin())],
+                     "build_s": round(seconds, 1),
                      "gate": bool(cos.min() >= 0.99 and cos.mean() >= 0.995)})
         runs[recipe] = run
     speed = _speed(runs, par[:8], rounds)
@@ -152,12 +161,15 @@ def variant_rows(variant: str, recipes: tuple[str, ...], threads: int, rounds: i
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | recipe | min cos | mean cos | top-1 agr. | cal min | cal mean | img/s | vs FP32 | gate |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| model | recipe | min cos | mean cos | top-1 agr. | cal min | cal mean | held-out min | held-out mean | "
+           "held-out top-1 | img/s | vs FP32 | gate |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         out.append(f"| {r['variant']} | {r['recipe']} | {r['min_cosine']:.4f} | {r['mean_cosine']:.4f} | "
                    f"{r['top1_agreement']:.3f} | {r.get('cal_min_cosine', 1.0):.4f} | "
-                   f"{r.get('cal_mean_cosine', 1.0):.4f} | {r['img_per_s']} | {r['vs_fp32']:.2f} | "
+                   f"{r.get('cal_mean_cosine', 1.0):.4f} | {r.get('heldout_min_cosine', 1.0):.4f} | "
+                   f"{r.get('heldout_mean_cosine', 1.0):.4f} | {r.get('heldout_top1_agreement', 1.0):.3f} | "
+                   f"{r['img_per_s']} | {r['vs_fp32']:.2f} | "
                    f"{'pass' if r.get('gate', True) else 'fail'} |")
     return "\n".join(out)
 

@@ -86,3 +86,17 @@ def test_report_is_worst_over_batch_sizes_and_judged():
     assert not rep.passed and rep.failures[0].startswith("max_abs = 0.05")
     text = format_report(rep)
     assert "FAIL" in text and "required <= 0.01" in text
+
+
+def test_held_out_images_are_in_neither_the_parity_nor_the_calibration_set():
+    from imgembed.gate.samples import calibration_images, heldout_images, parity_images
+
+    held = heldout_images()
+    names = [n for n, _ in held]
+    assert len(held) == 53 and len(set(names)) == len(names)
+    assert not set(names) & {n for n, _ in parity_images()}
+    seen = {np.asarray(im.convert("RGB")).tobytes() for _, im in parity_images()}
+    seen |= {np.asarray(im.convert("RGB")).tobytes() for im in calibration_images()}
+    for name, im in held:
+        assert im.mode in ("RGB", "L") and min(im.size) >= 25, name
+        assert np.asarray(im.convert("RGB")).tobytes() not in seen, name

@@ -6,6 +6,7 @@ Nothing is downloaded: only images that scikit-image ships inside its wheel are 
 from __future__ import annotations
 
 import functools
+import io
 
 import numpy as np
 from PIL import Image
@@ -54,6 +55,46 @@ def calibration_images() -> tuple[Image.Image, ...]:
         images.append(Image.fromarray(a[: h * 2 // 3, : w * 2 // 3].copy()))
         images.append(Image.fromarray(a[h // 3:, w // 3:].copy()))
     return tuple(images)
+
+
+@functools.lru_cache(maxsize=1)
+def heldout_images() -> tuple[tuple[str, Image.Image], ...]:
+    """Images in neither the parity nor the calibration set (53), for checking that a recipe fitted to the
+    calibration images generalises (``benchmarks/real_weights.py``; no export uses them): scikit-image's other
+    pictures (a stereo photo pair, a retina close-up, three faces, a binary silhouette, a checkerboard, a
+    phantom), the colour photos JPEG-recompressed, zoomed and darkened, and the grayscale photos zoomed and at
+    half size (textures at other scales)."""
+    import skimage.data
+
+    def rgb(a: np.ndarray) -> Image.Image:
+        return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+
+    left, right, _ = skimage.data.stereo_motorcycle()
+    out = [("motorcycle-left", rgb(left)), ("motorcycle-right", rgb(right)),
+           ("microaneurysms", rgb(skimage.data.microaneurysms())),
+           ("horse", rgb((~skimage.data.horse()).astype(np.uint8) * 255)),
+           ("checkerboard", rgb(skimage.data.checkerboard())),
+           ("phantom", rgb((skimage.data.shepp_logan_phantom() * 255).astype(np.uint8)))]
+    faces = skimage.data.lfw_subset()
+    for i in (0, 50, 120):
+        out.append((f"face-{i}", rgb((faces[i] * 255).astype(np.uint8)).resize((200, 200), Image.BICUBIC)))
+    rng = np.random.default_rng(0)
+    for n in _RGB:
+        a = _skimage(n)[..., :3]
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=40)
+        out.append((f"{n}-jpeg40", Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+        h, w = a.shape[:2]
+        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        out.append((f"{n}-zoom", rgb(a[y:y + h // 2, x:x + w // 2])))
+        out.append((f"{n}-dark", rgb((a * 0.5).astype(np.uint8))))
+    for n in _GRAY:
+        a = _skimage(n)
+        a = a[..., 0] if a.ndim == 3 else a
+        h, w = a.shape
+        out.append((f"{n}-zoom-L", Image.fromarray(np.ascontiguousarray(a[h // 4: 3 * h // 4, w // 4: 3 * w // 4]))))
+        out.append((f"{n}-half-L", Image.fromarray(a).resize((w // 2, h // 2), Image.BILINEAR)))
+    return tuple(out)
 
 
 # Captions of the text parity gate: ordinary captions for the neighbour metric, plus the edge cases every text
