@@ -1,11 +1,13 @@
-"""End-to-end embedding of a folder of 1-3 MP JPEGs: the seed pipeline vs imgembed's, in one run.
+"""End-to-end embedding of a folder of JPEGs (1-3 MP photos by default): the seed pipeline vs imgembed's, in one run.
 
     python benchmarks/e2e_folder.py                                  # clip-vit-b32 INT8, random init, offline
+    python benchmarks/e2e_folder.py --megapixels 0.19                # dataset-size images (as many pixels as 500 x 375)
     python benchmarks/e2e_folder.py --images 96 --rounds 5 --json reports/e2e_folder.json
     python benchmarks/e2e_folder.py --artifact A --uint8-artifact B  # your own INT8 artifacts (same original)
 
-Builds (once, cached in --folder) ``--images`` JPEGs (quality 90) from scikit-image's sample photos upscaled
-(bicubic) to 1, 1.5, 2, 2.5 and 3 MP, then measures, interleaved in ``--rounds`` rounds over the whole folder:
+Builds (once, cached in --folder) ``--images`` JPEGs (quality 90) from scikit-image's sample photos resized
+(bicubic) to ``--megapixels`` (default 1, 1.5, 2, 2.5 and 3 MP, in turn), then measures, interleaved in
+``--rounds`` rounds over the whole folder:
 
   seed            PIL decode + the transformers slow image processor + PyTorch eager FP32 (sdpa), batch 8
   api-defaults    imgembed.load(artifact).embed(files) with every argument left at its default (exact decode,
@@ -20,8 +22,9 @@ Builds (once, cached in --folder) ``--images`` JPEGs (quality 90) from scikit-im
                   1 / (1 / decode-only + 1 / model-only) img/s (the folder job's "pipeline efficiency" is its
                   share of that bound)
   folder-job      the folder job as ``imgembed embed ART DIR --out X.parquet`` runs it with default arguments
-                  (listing, stat identity, pipelined exact decode, checkpointed parts, the Parquet output; the
-                  embedder loaded as the CLI loads it), into a fresh output every round
+                  (``--threads`` and ``--workers`` passed on when given; listing, stat identity, pipelined exact
+                  decode, checkpointed parts, the Parquet output; the embedder loaded as the CLI loads it), into a
+                  fresh output every round
   folder-rerun    the same job again right after, nothing changed: every row reused (its time / folder-job's
                   time is the identity check's cost; its img/s counts the images it did not have to embed)
 
@@ -57,19 +60,24 @@ MEGAPIXELS = (1.0, 1.5, 2.0, 2.5, 3.0)
 SEED_BATCH = 8
 
 
-def build_folder(folder: Path, n: int) -> list[Path]:
-    """``n`` JPEGs (q90) of the parity photos upscaled to 1-3 MP; reused when already there."""
+def build_folder(folder: Path, n: int, megapixels: tuple[float, ...] = MEGAPIXELS) -> list[Path]:
+    """``n`` JPEGs (q90) of the parity photos resized to ``megapixels`` in turn; reused when already there.
+
+    Refuses a folder that holds other files: the folder job embeds everything under it."""
     folder.mkdir(parents=True, exist_ok=True)
     photos = [(name, img.convert("RGB")) for name, img in parity_images()[:18]]
     files = []
     for i in range(n):
         name, img = photos[i % len(photos)]
-        mp = MEGAPIXELS[(i // len(photos) + i) % len(MEGAPIXELS)]
+        mp = megapixels[(i // len(photos) + i) % len(megapixels)]
         path = folder / f"{i:04d}-{name}-{mp:g}mp.jpg"
         if not path.exists():
             s = (mp * 1e6 / (img.width * img.height)) ** 0.5
             img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC).save(path, quality=90)
         files.append(path)
+    extra = sorted(set(folder.iterdir()) - set(files))
+    if extra:
+        sys.exit(f"{folder} holds {len(extra)} other files (e.g. {extra[0].name}); give another --folder")
     return files
 
 
@@ -131,18 +139,20 @@ def imgembed_pipeline(emb, batch: int, workers: int, decode: str) -> Callable[[l
     return run
 
 
-def folder_job(artifact: Path, folder: Path, out: Path) -> tuple[Callable, Callable]:
-    """``imgembed embed ARTIFACT FOLDER --out OUT.parquet`` with default arguments, as its CLI runs it (without
-    the progress bar): (first run into a fresh output, re-run with nothing changed)."""
+def folder_job(artifact: Path, folder: Path, out: Path, threads: int | None = None,
+               workers: int | None = None) -> tuple[Callable, Callable]:
+    """``imgembed embed ARTIFACT FOLDER --out OUT.parquet`` with default arguments (or ``--threads`` /
+    ``--workers`` when given), as its CLI runs it (without the progress bar): (first run into a fresh output,
+    re-run with nothing changed)."""
     from imgembed.jobs.folder import FolderJob, job_metadata, local_batches, walk_inputs
     from imgembed.runtime.pipeline import default_workers
 
-    emb = imgembed.load(artifact, threads=None, batch_size=16, decode="exact", backend="auto", device="cpu")
+    emb = imgembed.load(artifact, threads=threads, batch_size=16, decode="exact", backend="auto", device="cpu")
+    workers = default_workers() if workers is None else workers
 
     def job() -> tuple[int, object]:
         files = walk_inputs([str(folder)]).paths
-        result = FolderJob(out, files, job_metadata(emb)).run(local_batches(emb, batch_size=16,
-                                                                            workers=default_workers()))
+        result = FolderJob(out, files, job_metadata(emb)).run(local_batches(emb, batch_size=16, workers=workers))
         assert result.complete and result.failed == 0, result
         return len(files), result
 
@@ -196,9 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16, help="imgembed batch size (the seed uses 8)")
-    ap.add_argument("--workers", type=int, default=None, help="decode threads (default: one per core)")
-    ap.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
-    ap.add_argument("--folder", type=Path, default=Path("/tmp/imgembed-e2e-folder"))
+    ap.add_argument("--workers", type=int, default=None,
+                    help="decode threads (default: one per core; the folder job gets it as --workers)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="inference threads (default: all cores; the folder job gets it as --threads)")
+    ap.add_argument("--megapixels", default="1,1.5,2,2.5,3",
+                    help="image sizes in MP, used in turn (e.g. 0.19: as many pixels as 500 x 375)")
+    ap.add_argument("--folder", type=Path, default=None,
+                    help="where the JPEGs are built (default: /tmp/imgembed-e2e-folder, suffixed by the sizes "
+                         "unless they are the default)")
     ap.add_argument("--job-out", type=Path, default=Path("/tmp/imgembed-e2e-folder-job/embeddings.parquet"),
                     help="the folder job's output (outside --folder: the job lists every image under it)")
     ap.add_argument("--skip", default="", help="comma-separated configs to leave out, e.g. exact-serial")
@@ -211,11 +227,15 @@ def main(argv: list[str] | None = None) -> dict:
     spec = get_spec(args.model)
     threads = args.threads or default_threads()
     workers = args.workers if args.workers is not None else default_workers()
-    files = build_folder(args.folder, args.images)
+    megapixels = tuple(float(x) for x in args.megapixels.split(","))
+    if args.folder is None:
+        tag = "" if megapixels == MEGAPIXELS else "-" + "_".join(f"{x:g}" for x in megapixels) + "mp"
+        args.folder = Path(f"/tmp/imgembed-e2e-folder{tag}")
+    files = build_folder(args.folder, args.images, megapixels)
     art_f, art_u = artifacts(args, spec)
     emb_f = imgembed.load(art_f, threads=threads)
     emb_u = imgembed.load(art_u, threads=threads) if art_u is not None else None
-    job_first, job_rerun = folder_job(art_f, args.folder, args.job_out)
+    job_first, job_rerun = folder_job(art_f, args.folder, args.job_out, args.threads, args.workers)
     configs = {"seed": seed_pipeline(spec, threads), "api-defaults": api_defaults(art_f),
                "model-only": model_only(emb_f, files, args.batch),
                "decode-only": decode_only(emb_f, workers, args.batch),
@@ -225,12 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
                "exact-float": imgembed_pipeline(emb_f, args.batch, workers, "exact"),
                "exact-serial": imgembed_pipeline(emb_f, args.batch, 0, "exact")}
     configs = {k: v for k, v in configs.items() if k not in args.skip.split(",") and v is not None}
-    print(f"{len(files)} JPEGs (1-3 MP) in {args.folder}; {spec.name} INT8; threads {threads}, decode workers "
-          f"{workers}, batch {args.batch}", file=sys.stderr)
+    print(f"{len(files)} JPEGs ({args.megapixels} MP) in {args.folder}; {spec.name} INT8; threads {threads}, "
+          f"decode workers {workers}, batch {args.batch}", file=sys.stderr)
     ips = measure(configs, files, args.rounds)
     report = summarize(ips, emb_f, emb_u, files, args)
-    report.update(host=host_info(), model=spec.name, images=len(files), threads=threads, workers=workers,
-                  batch=args.batch, artifacts={"float": str(art_f), "uint8": art_u and str(art_u)},
+    report.update(host=host_info(), model=spec.name, images=len(files), megapixels=list(megapixels),
+                  threads=threads, workers=workers, batch=args.batch,
+                  artifacts={"float": str(art_f), "uint8": art_u and str(art_u)},
                   engines={"float": _plain(emb_f.engine), "uint8": emb_u and _plain(emb_u.engine)})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
