@@ -253,6 +253,38 @@ def test_a_corrupted_job_record_is_a_typed_error(emb, tmp_path):
         job.run(local_batches(emb))
     res = FolderJob(out, files, job_metadata(emb), overwrite=True).run(local_batches(emb))
     assert res.complete and res.rows == 2
+    out.unlink()
+    job.run(local_batches(emb, batch_size=1), max_parts=1)
+    (job.work / "job.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(JobError, match=r"job\.json: unreadable job record \(JSON nested too deeply\)"):
+        job.run(local_batches(emb))
+    (job.work / "job.json").unlink()
+    (job.work / "job.json").mkdir()
+    with pytest.raises(JobError, match=r"job\.json: unreadable job record \(.*Is a directory"):
+        job.run(local_batches(emb))
+    shutil.rmtree(job.work)
+    job.work.write_text("a file where the work directory goes")
+    with pytest.raises(JobError, match=r"\.e\.parquet\.work: cannot hold the job's work directory"):
+        job.run(local_batches(emb))
+    assert FolderJob(out, files, job_metadata(emb), overwrite=True).run(local_batches(emb)).rows == 2
+
+
+def test_parts_left_by_another_model_are_never_reused(emb, artifact_dir, tmp_path):
+    files = _photos(tmp_path / "p", 4)
+    out = tmp_path / "e.parquet"
+    other = imgembed.load(artifact_dir("test-vit-tiny"))
+    stopped = FolderJob(out, files, job_metadata(other), part_rows=2)
+    stopped.run(local_batches(other, batch_size=2), max_parts=1)
+    (stopped.work / "job.json").unlink()  # the record is gone, the part stays
+    with pytest.raises(JobError, match=r"part-000001\.parquet was made with model='test-vit-tiny' \(this run: "
+                                       r"'test-clip-tiny'\).*pass --overwrite"):
+        FolderJob(out, files, job_metadata(emb)).run(local_batches(emb))
+    assert not (stopped.work / "job.json").exists()  # the refused run did not claim the work directory
+    resumed = FolderJob(out, files, job_metadata(other)).run(local_batches(other))  # its own model resumes
+    assert (resumed.resumed, resumed.new, resumed.rows) == (2, 2, 4)
+    rows = _rows(out)
+    for f in files:
+        assert cosine(rows[f], other.embed([f])[0]) > 0.9999
 
 
 # ---------------------------------------------------------------------------------------------- walking
@@ -292,6 +324,14 @@ def test_symlinked_folders_are_skipped_with_a_note_or_followed_once(tmp_path):
     assert followed.paths == files + via  # the second link to the same folder is not walked again
     assert "linked-twice: folder already walked" in followed.skipped[1]
     assert walk_inputs([str(tmp_path / "p" / "linked")]).paths == via  # a link named as an input is walked
+    for pattern in ("**/*.png", "**"):  # a glob whose first component is ** follows the same rule
+        globbed = walk_inputs([str(tmp_path / "p" / pattern)])
+        assert globbed.paths == ([] if pattern.endswith("png") else files), pattern
+        assert f"{tmp_path / 'p' / 'linked'}: symbolic link to a folder, not followed (use --follow-symlinks)" \
+            in globbed.skipped
+        assert len(globbed.skipped) == len(set(globbed.skipped))  # each note once
+        assert walk_inputs([str(tmp_path / "p" / pattern)], follow_symlinks=True).paths == (
+            via if pattern.endswith("png") else files + via)
 
 
 def test_folders_deeper_than_the_recursion_limit_are_walked(tmp_path):

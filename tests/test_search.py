@@ -195,6 +195,26 @@ def test_a_size_bomb_is_refused_before_anything_is_allocated(tmp_path):
     np.testing.assert_array_equal(load_index(small).vectors, np.eye(2, 8))
 
 
+def test_a_string_column_repeating_one_long_value_is_refused_before_it_is_decoded(tmp_path):
+    import pyarrow as pa
+
+    n = 2000  # one 100 kB path repeated: dictionary-encoded, a 2.5 kB file that decodes to 200 MB of strings
+    path = pa.array(["p" * 100_000]).take(pa.array(np.zeros(n, np.int32)))
+    cols = {"path": path, "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(n, np.float32)), 1),
+            "error": pa.nulls(n, pa.string())}
+    bomb = write_index(tmp_path / "dict.parquet", None, None, {"model": "m", "dim": 1}, columns=cols,
+                       compression="zstd")
+    assert bomb.stat().st_size < 8192
+    before = pa.total_allocated_bytes()
+    with pytest.raises(IndexFormatError, match=r"dict\.parquet: a \d+-byte file declaring 200008000 bytes of data "
+                                               r"\(2000 rows of 1 floats and 200000000 bytes of strings\): refused"):
+        load_index(bomb)
+    assert pa.total_allocated_bytes() - before < 1 << 20
+    few = write_index(tmp_path / "few.parquet", None, None, {"model": "m", "dim": 1}, columns={
+        k: v[:20] for k, v in cols.items()})  # 2 MB of paths in a small file: within the 64 MB floor
+    assert load_index(few).paths == ["p" * 100_000] * 20
+
+
 @pytest.mark.parametrize("case, message", [
     ("not parquet", r"not a Parquet file \(expected PAR1 magic at both ends"),
     ("truncated", r"not a Parquet file \(expected PAR1 magic"),
@@ -207,6 +227,8 @@ def test_a_size_bomb_is_refused_before_anything_is_allocated(tmp_path):
     ("float64", r"column 'vector' is fixed_size_list<element: double>\[8\], expected fixed_size_list<float>"),
     ("size type", r"column 'size' is string, expected int64"),
     ("null path", r"rows without a path, or without both a vector and an error"),
+    ("meta deep", r"the imgembed metadata is JSON nested too deeply"),
+    ("nan", r"1 vectors hold non-finite values \(NaN or inf\), the first that of 'b\.jpg\\x1b'; expected finite"),
 ])
 def test_malformed_index_files_are_one_line_typed_errors(tmp_path, case, message):
     import pyarrow as pa
@@ -222,7 +244,7 @@ def test_malformed_index_files_are_one_line_typed_errors(tmp_path, case, message
                           "footer": data[:-8] + b"\xff\xff\xff\xffPAR1"}[case])
     elif case.startswith("meta"):
         raw = {"meta json": b"{not json", "meta list": b"[1, 2]", "meta types": b'{"manifest_sha256": 12}',
-               "meta dim": b'{"dim": 5}'}[case]
+               "meta dim": b'{"dim": 5}', "meta deep": b"[" * 100_000 + b"]" * 100_000}[case]
         write_index(path, ["a.jpg", "b.jpg"], good, raw_meta=raw)
     else:
         if case == "no vector":
@@ -233,6 +255,10 @@ def test_malformed_index_files_are_one_line_typed_errors(tmp_path, case, message
             cols["size"] = pa.array(["1", "2"])
         elif case == "null path":
             cols["path"] = pa.array([None, "b.jpg"], pa.string())
+        elif case == "nan":
+            cols["path"] = pa.array(["a.jpg", "b.jpg\x1b"])
+            cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(np.r_[good[0], np.full(8, np.nan)],
+                                                                        pa.float32()), 8)
         write_index(path, None, None, columns=cols)
     with pytest.raises(IndexFormatError, match=message) as info:
         load_index(path)
@@ -257,3 +283,16 @@ def test_search_cli_refuses_a_bomb_and_escapes_control_characters(tmp_path):
     flat = "".join(r.stdout.split())
     assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\u202egpj.exe\\x0aname.jpg" in flat
     assert "vectors of m\\x1b[31m (fp32)" in " ".join(r.stderr.split())
+
+
+def test_error_messages_print_paths_as_they_are(tmp_path):
+    """A typed error naming a path that holds Rich markup or terminal escapes prints it literally."""
+    for name in ("dir[/x]", "[red]x[/red]", "e\x1b]0;t\x07"):
+        folder = tmp_path / name
+        folder.mkdir(parents=True)
+        r = run_cli("search", str(folder / "idx.parquet"), "a cat")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        shown = "".join(r.stderr.split())
+        assert "SearchError" in shown and "\x1b" not in r.stderr and "\x07" not in r.stderr
+        assert "".join(f"index {folder}/idx.parquet does not exist".encode("unicode_escape").decode()
+                       .replace("\\\\", "\\").split()) in shown

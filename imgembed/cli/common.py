@@ -11,9 +11,11 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from imgembed.errors import ImgembedError, ParityError
+from imgembed.jobs import printable
 
 # Wide consoles when piped, so tables are not truncated to 80 columns in logs and CI.
 out_console = Console(width=None if sys.stdout.isatty() else 160)
@@ -26,11 +28,19 @@ def errors() -> Iterator[None]:
     try:
         yield
     except ParityError as e:
-        err_console.print(f"[bold red]parity gate failed[/]: {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]parity gate failed[/]: {safe_text(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ImgembedError as e:
-        err_console.print(f"[bold red]error[/] ({type(e).__name__}): {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error[/] ({type(e).__name__}): {safe_text(str(e))}", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def safe_text(text: str) -> str:
+    """``text`` for a Rich console: markup escaped and terminal control characters written as ``\\xNN``, line
+    by line (messages name files and values of unknown origin: a path holding ``[/x]`` or an ESC sequence
+    must print as it is, not be interpreted)."""
+    return "\n".join(escape(printable(line)) for line in text.split("\n"))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ hash of its bytes, taken before the file is read for embedding. A row is reused 
 match the file (and the output's model, precision, decode mode and artifact manifest sha256 match this run);
 a changed file is embedded again and its new row replaces the old one; the row of a file no longer listed is
 removed. Failure rows of a previous output are retried unless ``retry_failed=False`` (failures checkpointed
-by the unfinished job itself are kept). An existing output or work directory made with another model is a
+by the unfinished job itself are kept). An existing output, work directory or part made with another model is a
 :class:`~imgembed.jobs.JobError` unless ``overwrite=True``, which starts over. Concurrent jobs on one output
 are serialised by a lock file beside it.
 """
@@ -222,23 +222,33 @@ class FolderJob:
     def _open_work_dir(self) -> None:
         """Create the work directory, or check that an existing one was made by the same model."""
         record = self.work / "job.json"
-        if self.overwrite:
+        if self.overwrite and self.work.is_dir() and not self.work.is_symlink():
             shutil.rmtree(self.work, ignore_errors=True)
-        if record.is_file():
+        elif self.overwrite:
+            with contextlib.suppress(OSError):  # a file or link in its place (or nothing)
+                self.work.unlink()
+        if os.path.lexists(record):
             try:
                 found = json.loads(record.read_text(encoding="utf-8"))
                 if not isinstance(found, dict):
                     raise ValueError(f"a JSON {type(found).__name__}, expected an object")
-            except (OSError, ValueError) as e:
-                raise JobError(f"{record}: unreadable job record ({e}); delete {self.work} or pass --overwrite to "
+            except (OSError, ValueError, RecursionError) as e:
+                why = "JSON nested too deeply" if isinstance(e, RecursionError) else e
+                raise JobError(f"{record}: unreadable job record ({why}); delete {self.work} or pass --overwrite to "
                                "start over") from None
             diff = self._mismatch(found)
             if diff:
                 raise JobError(f"{self.work} holds a stopped job made with {diff}; rerun with the same model and "
                                f"settings, or delete {self.work} (or pass --overwrite) to start over")
             return
-        self.work.mkdir(exist_ok=True)
-        write_json_atomic(record, self.meta)
+        for part in self._parts() if self.work.is_dir() else ():  # parts without their job.json
+            self._check_part(part)
+        try:
+            self.work.mkdir(exist_ok=True)
+            write_json_atomic(record, self.meta)
+        except OSError as e:
+            raise JobError(f"{self.work}: cannot hold the job's work directory ({e.strerror}); delete it or pass "
+                           "--overwrite to start over") from None
 
     def _parts(self) -> list[Path]:
         return sorted(self.work.glob("part-*.parquet"))
@@ -261,7 +271,20 @@ class FolderJob:
     def _sources(self, previous: Path | None) -> list[_Source]:
         """Where finished rows are: the previous output (if any), then the parts in order."""
         return ([_Source.read(previous, True)] if previous is not None else []) + \
-            [_Source.read(p, False) for p in self._parts()]
+            [self._part(p) for p in self._parts()]
+
+    def _part(self, path: Path) -> _Source:
+        """A checkpointed part, after :meth:`_check_part`."""
+        self._check_part(path)
+        return _Source.read(path, False)
+
+    def _check_part(self, path: Path) -> None:
+        """JobError unless this job's model made the part: each part carries the job's metadata, so parts left
+        behind by another job (its job.json deleted) are never reused."""
+        found = read_metadata(path)
+        diff = self._mismatch(found) if found else "no imgembed metadata"
+        if diff:
+            raise JobError(f"{path} was made with {diff}; delete {self.work} (or pass --overwrite) to start over")
 
     def _choose(self, sources: list[_Source], current: dict) -> dict[str, tuple[int, int]]:
         """path -> (source, row) of the row to keep: the last one that still matches its file and is not a
@@ -327,7 +350,7 @@ class FolderJob:
     def _write_part(self, seq: int, chunks: list[Embeddings], current: dict) -> None:
         dim = int(self.meta["dim"])
         table = concat([rows_table(r, dim, current) for r in chunks], dim)
-        write_atomic(table, self.work / f"part-{seq:06d}.parquet")
+        write_atomic(table, self.work / f"part-{seq:06d}.parquet", self.meta)
 
     def _assemble(self, sources: list[_Source], chosen: dict[str, tuple[int, int]]) -> tuple[int, int, set[str]]:
         """The chosen rows of the previous output + parts -> the output, streamed (bounded memory) and written

@@ -14,7 +14,8 @@ normalized, input_format, decode mode, the artifact's manifest sha256 (null for 
 imgembed version, created time, row and failure counts. Read it back with :func:`read_embeddings`.
 
 A file read here may come from anywhere, so every read is checked against its Parquet footer first: the
-footer's length, the schema above, the metadata's types, and the row count and decoded size it declares
+footer's length, the schema above, the metadata's types, the row count and decoded size it declares, and what
+its string columns decode to (counted on their dictionaries: one long path repeated a million times)
 (:class:`Limits`) -- a small file that would decode to gigabytes is refused before anything is allocated.
 Every problem is an :class:`IndexFormatError` naming the file.
 """
@@ -34,6 +35,7 @@ from imgembed.runtime.results import Embeddings
 
 META_KEY = b"imgembed"
 IDENTITY_COLUMNS = ("size", "mtime_ns", "content_hash")
+STRING_COLUMNS = ("path", "error", "content_hash")
 MAX_DIM = 65536
 MAX_FOOTER_BYTES = 64 << 20
 # (key, accepted types) of the metadata fields imgembed reads; other keys are kept as they are
@@ -127,6 +129,8 @@ def parse_metadata(raw: bytes | None, path: Path) -> dict:
         meta = json.loads(raw)
     except ValueError as e:
         raise IndexFormatError(f"{path}: the imgembed metadata is not JSON ({e})") from None
+    except RecursionError:
+        raise IndexFormatError(f"{path}: the imgembed metadata is JSON nested too deeply") from None
     if not isinstance(meta, dict):
         raise IndexFormatError(f"{path}: the imgembed metadata is a JSON {type(meta).__name__}, expected an object")
     for key, types in META_TYPES.items():
@@ -179,11 +183,42 @@ def open_checked(path: str | Path, limits: Limits = Limits()):
     size = path.stat().st_size
     if rows > limits.rows or rows < 0:
         raise IndexFormatError(f"{path}: declares {rows} rows, more than the limit of {limits.rows}")
-    if declared > limits.bytes or (declared > limits.ratio_floor and declared > limits.ratio * size):
-        raise IndexFormatError(f"{path}: a {size}-byte file declaring {declared} bytes of data ({rows} rows of "
-                               f"{dim} floats): refused before reading (limits: {limits.bytes} bytes, and "
-                               f"{limits.ratio:g}x the file size above {limits.ratio_floor} bytes)")
+    _check_size(path, size, declared, f"{rows} rows of {dim} floats", limits)
+    # A dictionary-encoded string column decodes to (its values' lengths) x (how often each is used): a small
+    # file may repeat one long string millions of times, which the footer's sizes do not show.
+    strings = _string_bytes(path, [c for c in STRING_COLUMNS if c in arrow_schema.names], md.num_row_groups)
+    _check_size(path, size, rows * dim * 4 + strings, f"{rows} rows of {dim} floats and {strings} bytes of "
+                "strings", limits)
     return pf, meta
+
+
+def _check_size(path: Path, size: int, declared: int, what: str, limits: Limits) -> None:
+    if declared > limits.bytes or (declared > limits.ratio_floor and declared > limits.ratio * size):
+        raise IndexFormatError(f"{path}: a {size}-byte file declaring {declared} bytes of data ({what}): refused "
+                               f"before reading (limits: {limits.bytes} bytes, and {limits.ratio:g}x the file "
+                               f"size above {limits.ratio_floor} bytes)")
+
+
+def _string_bytes(path: Path, columns: list[str], row_groups: int) -> int:
+    """The bytes the string ``columns`` of ``path`` decode to, counted on their dictionaries and indices
+    (read one row group at a time, never expanded)."""
+    _, pq = _pa()
+    import pyarrow.compute as pc
+
+    total = 0
+    try:
+        pf = pq.ParquetFile(str(path), read_dictionary=columns)
+        for i in range(row_groups):
+            for column in pf.read_row_group(i, columns=columns).columns:
+                for chunk in column.chunks:
+                    if hasattr(chunk, "dictionary"):
+                        used = pc.take(pc.binary_length(chunk.dictionary), chunk.indices)
+                        total += pc.sum(used, min_count=0).as_py()
+                    else:
+                        total += chunk.nbytes
+    except Exception as e:
+        raise IndexFormatError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return total
 
 
 def read_metadata(path: str | Path, limits: Limits = Limits()) -> dict:
@@ -235,6 +270,11 @@ def read_embeddings(path: str | Path, limits: Limits = Limits()) -> Embeddings:
     flat = good.column("vector").combine_chunks().flatten() if good.num_rows else None
     vectors = (np.asarray(flat.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim) if flat is not None
                else np.zeros((0, dim), np.float32))
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        first = printable(str(paths[np.flatnonzero(ok)[bad[0]]]))[:200]
+        raise IndexFormatError(f"{path}: {len(bad)} vectors hold non-finite values (NaN or inf), the first that "
+                               f"of '{first}'; expected finite embeddings")
     return Embeddings([k for k, good in enumerate(ok) if good], vectors,
                       [(k, e) for k, e in enumerate(errors) if e is not None], paths, read_metadata(path, limits))
 

@@ -90,10 +90,10 @@ class _Walker:
             return
         part = parts[i]
         if part == "**":
-            if not self.enter(directory, i, named=i == 0 or named):
+            if not self.enter(directory, i, named):
                 return
-            yield from self.glob(directory, parts, i + 1)
-            for path, is_dir in self.entries(directory):
+            yield from self.glob(directory, parts, i + 1, named)
+            for path, is_dir in self.entries(directory):  # a linked folder among them: see enter
                 if is_dir and not path.name.startswith("."):
                     yield from self.glob(path, parts, i)
             return
@@ -128,7 +128,7 @@ def _from_glob(walker: _Walker, pattern: str) -> list[str]:
     if not root.is_dir():
         return []
     out: list[str] = []
-    for m in walker.glob(root, parts, 0):
+    for m in walker.glob(root, parts, 0, named=True):  # the folder before the pattern is named
         if m.is_dir():
             out += walker.images_in(m, named=True)
         elif m.is_file():
@@ -150,7 +150,7 @@ def walk_inputs(inputs: Iterable[str], *, follow_symlinks: bool = False) -> List
             out += _from_glob(walker, s)
         else:
             out.append(s)
-    return Listing(list(dict.fromkeys(out)), walker.skipped)
+    return Listing(list(dict.fromkeys(out)), list(dict.fromkeys(walker.skipped)))
 
 
 def list_images(inputs: Iterable[str], *, follow_symlinks: bool = False) -> list[str]:
