@@ -115,6 +115,37 @@ def test_admitted_large_images_decode_one_at_a_time_within_the_server_budget(art
         assert peak_rss(server.proc.pid) < 700 * MIB, peak_rss(server.proc.pid) / MIB
 
 
+def webp(side: int) -> str:
+    """A lossless WebP declaring side x side pixels (tens of bytes), as a data URL."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (side, side), (10, 200, 30, 255)).save(buf, "WEBP", lossless=True)
+    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_webp_decodes_are_weighted_by_their_memory_and_stay_within_the_budget(artifact):
+    """Decoding WebP takes about 16 bytes a pixel (RGB JPEG or PNG: 4): the budget counts it so, so the whole
+    server still decodes within about 6 bytes x max_decode_pixels (48 Mpx: 275 MiB)."""
+    with ServerProcess([artifact]) as server, EmbeddingClient(server.url, timeout=60) as client:
+        before = peak_rss(server.proc.pid)
+        status, _, body = post_json(client, "/v1/embeddings", {"images": [webp(6320)]})  # 40 Mpx: 610 MiB
+        assert status == 413 and body["error"] == "too_large", body
+        assert "6320x6320 = 39942400 pixels of WEBP (RGB) takes about 609 MiB to decode (16 bytes a pixel), " \
+               "over the server's decode budget max_decode_pixels=48000000 (275 MiB" in body["message"]
+        assert peak_rss(server.proc.pid) - before < 50 * MIB
+        images, answers = [webp(3000)] * 4, []  # 9 Mpx each: two decode at once (290 MiB), not five
+
+        def send() -> None:
+            with EmbeddingClient(server.url, timeout=120) as c:
+                answers.append(post_json(c, "/v1/embeddings", {"images": images})[0])
+        threads = [threading.Thread(target=send) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        assert answers == [200] * 6
+        assert peak_rss(server.proc.pid) - before < 400 * MIB, (peak_rss(server.proc.pid) - before) / MIB
+
+
 def test_a_timed_out_request_stops_decoding_and_frees_its_queue_slots(artifact, bomb):
     with ServerProcess([artifact], "--max-request-pixels", "700000000", "--timeout", "1.5") as server, \
             EmbeddingClient(server.url, timeout=30) as client:

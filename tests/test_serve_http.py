@@ -190,6 +190,9 @@ def test_unknown_model_is_404_listing_the_served_models(client):
     assert body == {"error": "unknown_model", "models": ["test-clip-tiny", "test-dinov2-tiny"],
                     "message": "model 'resnet9000' is not served; served models: ['test-clip-tiny', "
                                "'test-dinov2-tiny']"}
+    status, _, body = post_json(client, "/v1/embeddings", {"model": "m" * 1_000_000, "images": ["AAAA"]})
+    assert status == 404 and len(body["message"]) < 400  # a long name is not echoed back in full
+    assert body["message"].startswith(f"model {'m' * 200!r}... (1000000 characters) is not served")
 
 
 def test_model_must_be_named_when_several_are_served(client):

@@ -114,8 +114,13 @@ def test_base64_embeddings_are_little_endian_float32(server, offline):
      "1 of the 2 images could not be embedded (OpenAI's response shape has no per-item errors"),
 ])
 def test_openai_body_errors_are_typed(server, payload, status, kind, message):
+    """Errors of a request in OpenAI's body shape come in OpenAI's error shape; the native body keeps its own."""
     with EmbeddingClient(server.url, api_key=KEY) as c:
         got, _, body = post_json(c, "/v1/embeddings", payload)
+    if "input" in payload:
+        assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+        body = {"error": body["error"]["code"], "message": body["error"]["message"], "type": body["error"]["type"]}
+        assert body["type"] == body["error"]
     assert (got, body["error"]) == (status, kind), body
     assert message in body["message"]
 
@@ -123,9 +128,14 @@ def test_openai_body_errors_are_typed(server, payload, status, kind, message):
 def test_openai_client_sees_a_typed_error_for_unsupported_dimensions(oai):
     with pytest.raises(openai.BadRequestError) as err:
         oai.embeddings.create(model="test-clip-tiny", input="a cat", dimensions=3)
-    body = err.value.response.json()
-    assert err.value.status_code == 400 and body["error"] == "dimensions_unsupported"
-    assert "dimensions=3 is not supported" in body["message"]
+    assert err.value.status_code == 400 and err.value.code == "dimensions_unsupported"
+    assert "dimensions=3 is not supported by model 'test-clip-tiny'" in str(err.value)  # the SDK shows the message
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.embeddings.create(model="nope", input="a cat")
+    assert err.value.code == "unknown_model" and "model 'nope' is not served" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.embeddings.create(model="test-clip-tiny", input=[])
+    assert err.value.code == "bad_request" and "'input' is an empty list" in str(err.value)
 
 
 def test_the_native_body_keeps_working_next_to_openais(server, offline):

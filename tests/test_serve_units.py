@@ -29,6 +29,7 @@ from imgembed.serve.uploads import (
     PixelBudget,
     Upload,
     count_json_values,
+    declared,
     decode_image,
     parse_json_body,
     prepare,
@@ -131,6 +132,42 @@ def test_pixel_limit_uses_the_declared_size_before_decoding():
         decode_image(data, "big.png", 1_000_000)
     with pytest.raises(ImageDecodeError, match="truncated or corrupt"):
         decode_image(data, "big.png", 30_000_000)
+
+
+def encoded(mode: str, fmt: str, side: int = 30) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (side, side)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_the_decode_budget_weighs_each_format_by_its_memory_and_refuses_what_it_cannot_hold():
+    heads = {name: declared(encoded(mode, fmt)) for name, mode, fmt in [
+        ("jpeg", "RGB", "JPEG"), ("png", "RGB", "PNG"), ("gray", "L", "PNG"), ("rgba", "RGBA", "PNG"),
+        ("webp", "RGB", "WEBP"), ("cmyk", "CMYK", "JPEG")]}
+    assert {k: (h.pixels, h.budget_pixels) for k, h in heads.items()} == {
+        "jpeg": (900, 900), "png": (900, 900), "gray": (900, 900), "rgba": (900, 1200), "webp": (900, 2400),
+        "cmyk": (900, 1200)}
+    budget = DecodeLimits(2000, 100_000, PixelBudget(2000))
+    out = prepare([Upload(f"image {i}", encoded(m, f)) for i, (m, f) in enumerate(
+        [("RGB", "JPEG"), ("RGB", "WEBP"), ("RGBA", "PNG")])], SPEC, budget)
+    assert out.ok == [0, 2] and out.pixels.shape[0] == 2
+    assert out.failures == {1: ("too_large", "image 1: 30x30 = 900 pixels of WEBP (RGB) takes about 0 MiB to "
+                                             "decode (16 bytes a pixel), over the server's decode budget "
+                                             "max_decode_pixels=2000 (0 MiB at 6 bytes a pixel); send it smaller "
+                                             "or raise --max-decode-pixels")}
+
+
+def test_a_header_over_pillows_own_cap_is_refused_with_its_declared_pixels():
+    data = png(5000, 5000)[:200]
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1_000_000  # Pillow refuses above 2x this: a decompression bomb to it
+    try:
+        head = declared(data)
+        out = prepare([Upload("image 0", data)], SPEC, limits(1_000_000))
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    assert (head.width, head.pixels) == (None, 25_000_000)
+    assert out.failures == {0: ("too_large", "image 0: 25000000 pixels is over the server limit max_pixels=1000000")}
 
 
 # --------------------------------------------------------------------------------------------- client

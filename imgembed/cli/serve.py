@@ -28,7 +28,9 @@ def serve_cmd(
     max_request_pixels: int = typer.Option(160_000_000, "--max-request-pixels", min=1, help="Declared pixels of "
                                            "all images of one request (413, from the headers)."),
     max_decode_pixels: int = typer.Option(48_000_000, "--max-decode-pixels", min=1, help="Declared pixels "
-                                          "decoded at once by the whole server (more waits); bounds decode memory."),
+                                          "decoded at once by the whole server (more waits), weighted by format "
+                                          "(WebP 8/3, alpha 4/3); bounds decode memory to ~6 bytes x this. An "
+                                          "image needing more alone is refused."),
     draft_ratio: float = typer.Option(0.0, "--draft-ratio", min=0, help="Images whose short edge is at least this "
                                       "x the model's resize target decode at reduced scale, e.g. 4 (0: never; "
                                       "vectors then equal the offline runtime's)."),

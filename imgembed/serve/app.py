@@ -21,6 +21,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,8 @@ from imgembed.serve.uploads import (
 )
 
 log = logging.getLogger("imgembed.serve")
+# a JSON body with a top-level-looking "input" key (a string value is followed by , or ], never by :)
+OPENAI_KEY = re.compile(rb'"input"\s*:')
 
 
 @dataclass
@@ -97,7 +100,8 @@ class ServerState:
             raise BadRequestError(f"several models are served, name one with ?model=ID (or the 'model' field): "
                                   f"{self.ids}", extra={"models": self.ids})
         if name not in self.lookup:
-            raise ModelNotFoundError(f"model {name!r} is not served; served models: {self.ids}",
+            shown = repr(name) if len(name) <= 200 else f"{name[:200]!r}... ({len(name)} characters)"
+            raise ModelNotFoundError(f"model {shown} is not served; served models: {self.ids}",
                                      extra={"models": self.ids})
         return self.lookup[name]
 
@@ -202,7 +206,11 @@ async def _embed(state: ServerState, request, model_param: str | None, call: _Ca
     max_values = max(cfg.max_images, cfg.max_texts) + 16  # items plus the other fields of any accepted shape
 
     async def parse_json(body: bytes):
-        return await loop.run_in_executor(state.pool, parse_json_body, body, max_values)
+        try:
+            return await loop.run_in_executor(state.pool, parse_json_body, body, max_values)
+        except ServeError:
+            request.state.openai = OPENAI_KEY.search(body) is not None  # its errors in OpenAI's shape too
+            raise
 
     if model_param is not None or len(state.models) == 1:  # 404 (and 429 for uploads) before reading the body
         early = state.resolve(model_param)
@@ -210,6 +218,7 @@ async def _embed(state: ServerState, request, model_param: str | None, call: _Ca
         if media_type(request) == "multipart/form-data":  # images only; a JSON body may hold texts
             early.batcher.check_capacity()
     incoming = await read_request(request, cfg, parse_json)
+    request.state.openai = incoming.openai
     call.body_read.set()
     served = state.resolve(incoming.model or model_param)
     if model_param is not None and served.id != call.model:
@@ -447,12 +456,15 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
     """ServeError -> its status and ErrorResponse body (+ Retry-After); anything else -> JSON 500."""
 
     @app.exception_handler(ServeError)
-    async def _serve_error(_request: Request, exc: ServeError):
+    async def _serve_error(request: Request, exc: ServeError):
         headers = dict(exc.headers)
         if exc.status in (429, 503):
             headers.setdefault("Retry-After", str(state.config.retry_after_s))
         if state.draining:
             headers["Connection"] = "close"
+        if getattr(request.state, "openai", False):  # a request in OpenAI's body shape: OpenAI's error shape
+            error = {"message": str(exc), "type": exc.kind, "param": None, "code": exc.kind, **exc.extra}
+            return JSONResponse({"error": error}, exc.status, headers=headers)
         return JSONResponse({"error": exc.kind, "message": str(exc), **exc.extra}, exc.status, headers=headers)
 
     @app.exception_handler(Exception)

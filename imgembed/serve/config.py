@@ -30,7 +30,8 @@ class ServeConfig:
     max_pixels: int = 40_000_000         # declared width x height per image -> 413 for that image
     max_request_pixels: int = 160_000_000    # declared pixels of all images of one request -> 413 (header only)
     max_decode_pixels: int = 48_000_000  # declared pixels being decoded at once, whole server (decodes beyond
-                                         # wait): decoding memory ~ 6 bytes x this (~290 MiB)
+                                         # wait), weighted by format (uploads.Declared): decoding memory ~ 6
+                                         # bytes x this (~275 MiB); an image needing more alone is refused
     draft_ratio: float = 0.0             # an image whose short edge is >= this x the model's resize target is
                                          # decoded at reduced scale (JPEG DCT draft, PIL reduce); 0: never, so
                                          # vectors equal the offline runtime's (exact decoding)

@@ -18,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import io
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -141,6 +142,7 @@ async def read_request(request, config: ServeConfig, parse_json: Callable[[bytes
     elif media == "application/json" or media.endswith("+json"):
         payload = await parse_json(await limited.body())
         if payload.input is not None:
+            request.state.openai = True  # errors from here on in OpenAI's shape (the app's error handler)
             return _openai_incoming(payload, config)
         if payload.texts is not None:
             return Incoming(texts=payload.texts, model=payload.model)  # limits: check_texts, once the model is known
@@ -268,9 +270,11 @@ class DecodeCancelled(Exception):
 class PixelBudget:
     """Declared pixels being decoded at once, across every request of the server (``max_decode_pixels``).
 
-    A decode holds its image's declared pixels from before decoding until its crop is made; a decode that
-    would go over the budget waits for others to finish (or for its request to be cancelled). Together with
-    one-image-at-a-time decoding this bounds the memory of decoding to about 3 bytes x 2 copies x the budget.
+    A decode holds its image's declared pixels, weighted by what its format costs to decode
+    (:attr:`Declared.budget_pixels`), from before decoding until its crop is made; a decode that would go over
+    the budget waits for others to finish (or for its request to be cancelled). Together with
+    one-image-at-a-time decoding this bounds the memory of decoding to about BUDGET_BYTES_PER_PIXEL bytes x
+    the budget.
     """
 
     def __init__(self, capacity: int):
@@ -280,7 +284,7 @@ class PixelBudget:
 
     @contextlib.contextmanager
     def hold(self, pixels: int, cancel: threading.Event, deadline: float) -> Iterator[None]:
-        pixels = min(pixels, self.capacity)  # an image over the budget decodes alone
+        pixels = min(pixels, self.capacity)  # (prepare refuses an image over the budget before this)
         with self._cond:
             while self.held + pixels > self.capacity:
                 if cancel.is_set() or time.monotonic() > deadline:
@@ -295,24 +299,79 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-def declared_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header (allowed plugins only, nothing decoded); None if not an image."""
+# Peak memory of decoding one pixel at full size and converting it to RGB (Pillow 13, measured on 6320 x 6320
+# images): JPEG, PNG, TIFF, BMP (RGB, L) about 4 bytes, GIF 5, RGBA PNG 8, WebP 16 (libwebp's canvas and
+# Pillow's copies). The server's decode budget counts pixels of BUDGET_BYTES_PER_PIXEL bytes.
+BUDGET_BYTES_PER_PIXEL = 6
+_PLAIN_MODES = {"1", "L", "P", "RGB", "YCbCr"}
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What an image's header declares: its size, format and mode, and what decoding it will cost."""
+
+    width: int | None       # None when Pillow refused the header as a decompression bomb (``pixels`` is known)
+    height: int | None
+    pixels: int
+    format: str | None = None
+    mode: str | None = None
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        if self.format == "WEBP":
+            return 16
+        return BUDGET_BYTES_PER_PIXEL if self.mode in _PLAIN_MODES else 8  # alpha, 16-bit, CMYK: 8
+
+    @property
+    def budget_pixels(self) -> int:
+        """The pixels of the decode budget this image holds while it is decoded (see BUDGET_BYTES_PER_PIXEL)."""
+        return -(-self.pixels * self.bytes_per_pixel // BUDGET_BYTES_PER_PIXEL)
+
+    def describe(self) -> str:
+        size = f"{self.width}x{self.height} = " if self.width is not None else ""
+        return f"{size}{self.pixels} pixels"
+
+
+def declared(data: bytes) -> Declared | None:
+    """The header's :class:`Declared` (allowed plugins only, nothing decoded); None if not an image."""
     try:
         with Image.open(io.BytesIO(data), formats=PROBE_FORMATS) as probe:
-            return probe.size
-    except Image.DecompressionBombError:
-        return (1 << 31, 1 << 31)  # PIL's own cap: certainly over any limit
+            (w, h), fmt, mode = probe.size, probe.format, probe.mode
+            return Declared(w, h, w * h, fmt, mode)
+    except Image.DecompressionBombError as e:  # over Pillow's own cap: its message has the declared pixels
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return Declared(None, None, int(found.group(1)) if found else 1 << 62)
     except Exception:
         return None  # not an image: load_image produces the precise message
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header; None if not an image (or too large for Pillow to say)."""
+    d = declared(data)
+    return (d.width, d.height) if d is not None and d.width is not None else None
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Encoded bytes -> RGB image; PixelLimitError (from the declared size, before decoding) or
     ImageDecodeError naming ``name`` and the problem."""
-    w, h = declared_size(data) or (0, 0)
-    if w * h > max_pixels:
-        raise PixelLimitError(f"{name}: {w}x{h} = {w * h} pixels is over the server limit max_pixels={max_pixels}")
+    d = declared(data)
+    if d is not None and d.pixels > max_pixels:
+        raise PixelLimitError(f"{name}: {d.describe()} is over the server limit max_pixels={max_pixels}")
     return load_image(data, name=name, max_pixels=max_pixels)
+
+
+def over_limits(d: Declared, name: str, max_pixels: int, budget: int) -> str | None:
+    """Why an image with header ``d`` is refused before decoding (too many pixels, or more decode memory than
+    the whole server's budget), or None."""
+    if d.pixels > max_pixels:
+        return f"{name}: {d.describe()} is over the server limit max_pixels={max_pixels}"
+    if d.budget_pixels > budget:
+        mib = d.pixels * d.bytes_per_pixel / (1 << 20)
+        return (f"{name}: {d.describe()} of {d.format or 'this format'} ({d.mode}) takes about {mib:.0f} MiB to "
+                f"decode ({d.bytes_per_pixel} bytes a pixel), over the server's decode budget max_decode_pixels="
+                f"{budget} ({budget * BUDGET_BYTES_PER_PIXEL / (1 << 20):.0f} MiB at "
+                f"{BUDGET_BYTES_PER_PIXEL} bytes a pixel); send it smaller or raise --max-decode-pixels")
+    return None
 
 
 def _raw_bytes(upload: Upload) -> bytes:
@@ -349,15 +408,15 @@ def _reduced(size: tuple[int, int], spec: PreprocessSpec, ratio: float) -> bool:
     return min(size) >= ratio * max(1, min(rh, rw))
 
 
-def _crop_one(data: bytes, name: str, size: tuple[int, int] | None, spec: PreprocessSpec,
+def _crop_one(data: bytes, name: str, head: Declared | None, spec: PreprocessSpec,
               limits: DecodeLimits) -> np.ndarray:
     """One image's uint8 crop, decoded within the budget and the request's deadline; the full-size image is
     dropped as soon as its crop exists."""
     seconds = limits.deadline - time.monotonic()
     if limits.cancel.is_set() or seconds <= 0:
         raise DecodeCancelled
-    pixels = size[0] * size[1] if size else 0
-    with limits.budget.hold(pixels, limits.cancel, limits.deadline):
+    size = (head.width, head.height) if head is not None and head.width is not None else None
+    with limits.budget.hold(head.budget_pixels if head else 0, limits.cancel, limits.deadline):
         seconds = min(DEFAULT_MAX_SECONDS, max(0.001, limits.deadline - time.monotonic()))
         if size is not None and _reduced(size, spec, limits.draft_ratio):
             return load_crop(data, spec, "fast", name=name, max_pixels=limits.max_pixels, max_seconds=seconds)
@@ -374,7 +433,7 @@ def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, limits: DecodeLimit
     input; without it they become float32 NCHW pixels."""
     started = time.perf_counter()
     result = Prepared(None)
-    raw: dict[int, tuple[bytes, tuple[int, int] | None]] = {}
+    raw: dict[int, tuple[bytes, Declared | None]] = {}
     total = 0
     for i, up in enumerate(uploads):  # headers first: the request's cost is known before anything is decoded
         try:
@@ -382,22 +441,21 @@ def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, limits: DecodeLimit
         except ImageDecodeError as e:
             result.failures[i] = ("decode", str(e))
             continue
-        size = declared_size(data)
-        if size is not None and size[0] * size[1] > limits.max_pixels:
-            w, h = size
-            result.failures[i] = ("too_large", f"{up.name}: {w}x{h} = {w * h} pixels is over the server limit "
-                                               f"max_pixels={limits.max_pixels}")
+        head = declared(data)
+        why = over_limits(head, up.name, limits.max_pixels, limits.budget.capacity) if head is not None else None
+        if why is not None:
+            result.failures[i] = ("too_large", why)
             continue
-        total += size[0] * size[1] if size else 0
-        raw[i] = (data, size)
+        total += head.pixels if head else 0
+        raw[i] = (data, head)
     if total > limits.max_request_pixels:
         raise PayloadTooLargeError(f"the images of this request declare {total} pixels in all, over the limit of "
                                    f"max_request_pixels={limits.max_request_pixels}; send fewer or smaller images")
     crops = []
-    for i, (data, size) in raw.items():
+    for i, (data, head) in raw.items():
         raw[i] = (b"", None)  # the encoded bytes are not needed once decoded
         try:
-            crops.append(_crop_one(data, uploads[i].name, size, spec, limits))
+            crops.append(_crop_one(data, uploads[i].name, head, spec, limits))
             result.ok.append(i)
         except ImageDecodeError as e:
             result.failures[i] = ("too_large" if isinstance(e, PixelLimitError) else "decode", str(e))
