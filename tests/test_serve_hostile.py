@@ -181,6 +181,30 @@ def test_a_32_mib_json_body_of_tiny_items_is_refused_at_once_and_the_loop_stays_
 
 
 # -------------------------------------------------------------------------------------- slow clients
+def test_slow_body_sockets_do_not_take_healthz_down(artifact):
+    """Sockets that send a whole request head and then trickle its body hold no slot a new client needs: at
+    the connection cap the slowest body sender is closed to make room."""
+    with ServerProcess([artifact], "--max-connections", "64", "--timeout", "60") as server:
+        host, port = host_port(server.url)
+        sockets = []
+        try:
+            for _ in range(128):
+                s = socket.create_connection((host, port), timeout=5)
+                s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{")
+                sockets.append(s)
+            time.sleep(0.5)
+            with HealthProbe(server.url) as probe:
+                time.sleep(3)
+            assert probe.statuses and set(probe.statuses) == {200}, probe.statuses
+            assert probe.worst < 1.0, probe.worst
+        finally:
+            for s in sockets:
+                s.close()
+        time.sleep(0.5)
+        assert "Traceback" not in server.log()  # an evicted body sender is a client gone (499), not an error
+
+
 def test_slow_header_sockets_do_not_take_healthz_down_and_are_closed(artifact):
     with ServerProcess([artifact], "--header-timeout", "2", "--max-connections", "256") as server:
         host, port = host_port(server.url)

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from imgembed import __version__
 from imgembed.serve.auth import ApiKeyMiddleware
@@ -366,6 +367,9 @@ async def _embeddings_endpoint(state: ServerState, request, model: str | None):
                 return Response(status_code=499)
             raise asyncio.TimeoutError
         response = work.result()
+    except ClientDisconnect:  # the client left (or was evicted at the connection cap) while sending its body
+        state.metrics.record(call.model, 499, call.elapsed, "client_gone")
+        return Response(status_code=499)
     except asyncio.TimeoutError:
         state.metrics.record(call.model, 504, call.elapsed, "timeout")
         model = f" (model {call.model})" if call.model else ""

@@ -57,8 +57,10 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
     A connection must send a complete request head within ``header_timeout_s`` of opening (or of its
     previous response): otherwise it is closed, so slow-header clients cannot hold connections. At
     ``max_connections`` open connections, a new one evicts the oldest connection still waiting for a request
-    head; when every connection is busy with a request, the new one gets 503 and is closed. A flood of idle or
-    slow sockets therefore never locks out a client that sends its request at once (``/healthz`` included).
+    head or, if there is none, the one sending its request body the slowest (fewest body bytes per second
+    since its head); when every connection has its whole request in, the new one gets 503 and is closed. A
+    flood of idle, slow-header or slow-body sockets therefore never locks out a client that sends its request
+    at once (``/healthz`` included).
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -66,6 +68,8 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
     class GuardedH11Protocol(H11Protocol):
         _head_timer = None
         _opened = 0.0
+        _head_done = 0.0   # when the current request's head was complete
+        _body_bytes = 0    # bytes received since then
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -80,10 +84,16 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
             return self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
 
         def _evict_one(self) -> bool:
-            idle = [c for c in self.connections if c is not self and c._waiting() and not c.transport.is_closing()]
-            if not idle:
+            others = [c for c in self.connections if c is not self and not c.transport.is_closing()]
+            idle = [c for c in others if c._waiting()]
+            if idle:
+                min(idle, key=lambda c: c._opened).transport.close()
+                return True
+            now = self.loop.time()
+            sending = [c for c in others if c.conn.their_state is h11.SEND_BODY]
+            if not sending:
                 return False
-            min(idle, key=lambda c: c._opened).transport.close()
+            min(sending, key=lambda c: c._body_bytes / max(now - c._head_done, 1e-3)).transport.close()
             return True
 
         def _arm(self) -> None:
@@ -101,9 +111,13 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
+            waiting = self._waiting()
             super().data_received(data)
-            if not self._waiting():  # the request head is complete
+            if waiting and not self._waiting():  # the request head is complete
                 self._disarm()
+                self._head_done, self._body_bytes = self.loop.time(), 0
+            elif not waiting:
+                self._body_bytes += len(data)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
