@@ -175,18 +175,24 @@ def write_index(path, paths, vectors, meta=None, *, raw_meta: bytes | None = Non
     return path
 
 
-def test_a_size_bomb_is_refused_before_anything_is_allocated(tmp_path):
+def refused_before_reading(path, message: str) -> None:
+    """``load_index(path)`` is an IndexFormatError matching ``message``, and Arrow allocated under 1 MiB."""
     import pyarrow as pa
+
+    before = pa.total_allocated_bytes()
+    with pytest.raises(IndexFormatError, match=message):
+        load_index(path)
+    assert pa.total_allocated_bytes() - before < 1 << 20
+
+
+def test_a_size_bomb_is_refused_before_anything_is_allocated(tmp_path):
 
     n, dim = 80_000, 256  # 82 MB of zero vectors, compressed to a couple of kilobytes
     bomb = write_index(tmp_path / "bomb.parquet", ["x.jpg"] * n, np.zeros((n, dim)), compression="zstd",
                        data_page_size=1 << 30, row_group_size=n)
     assert bomb.stat().st_size < 4096
-    before = pa.total_allocated_bytes()
-    with pytest.raises(IndexFormatError, match=rf"bomb\.parquet: a {bomb.stat().st_size}-byte file declaring "
-                                               r"81920000 bytes of data \(80000 rows of 256 floats\): refused"):
-        load_index(bomb)
-    assert pa.total_allocated_bytes() - before < 1 << 20
+    refused_before_reading(bomb, rf"bomb\.parquet: a {bomb.stat().st_size}-byte file declaring 81920000 bytes of "
+                                 r"data \(80000 rows of 256 floats\): refused")
     with pytest.raises(IndexFormatError, match="declares 80000 rows, more than the limit of 1000"):
         load_index(bomb, Limits(rows=1000))
     small = write_index(tmp_path / "ok.parquet", ["a.jpg", "b.jpg"], np.eye(2, 8))
@@ -205,11 +211,8 @@ def test_a_string_column_repeating_one_long_value_is_refused_before_it_is_decode
     bomb = write_index(tmp_path / "dict.parquet", None, None, {"model": "m", "dim": 1}, columns=cols,
                        compression="zstd")
     assert bomb.stat().st_size < 8192
-    before = pa.total_allocated_bytes()
-    with pytest.raises(IndexFormatError, match=r"dict\.parquet: a \d+-byte file declaring 200008000 bytes of data "
-                                               r"\(2000 rows of 1 floats and 200000000 bytes of strings\): refused"):
-        load_index(bomb)
-    assert pa.total_allocated_bytes() - before < 1 << 20
+    refused_before_reading(bomb, r"dict\.parquet: a \d+-byte file declaring 200008000 bytes of data \(2000 rows of "
+                                 r"1 floats and 200000000 bytes of strings\): refused")
     few = write_index(tmp_path / "few.parquet", None, None, {"model": "m", "dim": 1}, columns={
         k: v[:20] for k, v in cols.items()})  # 2 MB of paths in a small file: within the 64 MB floor
     assert load_index(few).paths == ["p" * 100_000] * 20

@@ -7,12 +7,14 @@ bounded, and every socket has a timeout.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import socket
 import threading
 import time
+from typing import Iterator
 
 import pytest
 from PIL import Image
@@ -181,39 +183,39 @@ def test_a_32_mib_json_body_of_tiny_items_is_refused_at_once_and_the_loop_stays_
 
 
 # -------------------------------------------------------------------------------------- slow clients
+@contextlib.contextmanager
+def slow_sockets(url: str, n: int, sent: bytes) -> Iterator[list[socket.socket]]:
+    """``n`` connections to the server that each send ``sent`` and then nothing more; closed on exit."""
+    host, port = host_port(url)
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sockets.append(socket.create_connection((host, port), timeout=5))
+            sockets[-1].sendall(sent)
+        yield sockets
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def test_slow_body_sockets_do_not_take_healthz_down(artifact):
     """Sockets that send a whole request head and then trickle its body hold no slot a new client needs: at
     the connection cap the slowest body sender is closed to make room."""
     with ServerProcess([artifact], "--max-connections", "64", "--timeout", "60") as server:
-        host, port = host_port(server.url)
-        sockets = []
-        try:
-            for _ in range(128):
-                s = socket.create_connection((host, port), timeout=5)
-                s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 1000\r\n\r\n{")
-                sockets.append(s)
+        with slow_sockets(server.url, 128, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: 1000\r\n\r\n{"):
             time.sleep(0.5)
             with HealthProbe(server.url) as probe:
                 time.sleep(3)
             assert probe.statuses and set(probe.statuses) == {200}, probe.statuses
             assert probe.worst < 1.0, probe.worst
-        finally:
-            for s in sockets:
-                s.close()
         time.sleep(0.5)
         assert "Traceback" not in server.log()  # an evicted body sender is a client gone (499), not an error
 
 
 def test_slow_header_sockets_do_not_take_healthz_down_and_are_closed(artifact):
     with ServerProcess([artifact], "--header-timeout", "2", "--max-connections", "256") as server:
-        host, port = host_port(server.url)
-        sockets = []
-        try:
-            for _ in range(512):
-                s = socket.create_connection((host, port), timeout=5)
-                s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n")
-                sockets.append(s)
+        with slow_sockets(server.url, 512, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n") as sockets:
             with EmbeddingClient(server.url, timeout=5) as client:
                 for _ in range(5):
                     started = time.perf_counter()
@@ -238,6 +240,3 @@ def test_slow_header_sockets_do_not_take_healthz_down_and_are_closed(artifact):
                 open_ = still
                 time.sleep(0.1)
             assert not open_, f"{len(open_)} slow sockets still open"
-        finally:
-            for s in sockets:
-                s.close()
