@@ -345,12 +345,6 @@ def declared(data: bytes) -> Declared | None:
         return None  # not an image: load_image produces the precise message
 
 
-def declared_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header; None if not an image (or too large for Pillow to say)."""
-    d = declared(data)
-    return (d.width, d.height) if d is not None and d.width is not None else None
-
-
 def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Encoded bytes -> RGB image; PixelLimitError (from the declared size, before decoding) or
     ImageDecodeError naming ``name`` and the problem."""
