@@ -157,6 +157,71 @@ def test_the_decode_budget_weighs_each_format_by_its_memory_and_refuses_what_it_
                                              "or raise --max-decode-pixels")}
 
 
+def tiled_tiff(w: int, h: int, tile: int) -> bytes:
+    """A TIFF header declaring a w x h RGB image in tile x tile tiles (the tile data itself is a few bytes)."""
+    import struct
+
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, 0), (259, 3, 1, 1), (262, 3, 1, 2), (277, 3, 1, 3),
+               (284, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, 0), (325, 4, 1, 16)]
+    ext = 8 + 2 + len(entries) * 12 + 4
+    out = [b"II*\0", struct.pack("<I", 8), struct.pack("<H", len(entries))]
+    for tag, typ, count, value in entries:
+        value = {258: ext, 324: ext + 6}.get(tag, value)
+        out.append(struct.pack("<HHIHH", tag, typ, count, value, 0) if typ == 3 and count == 1
+                   else struct.pack("<HHII", tag, typ, count, value))
+    return b"".join(out + [struct.pack("<I", 0), struct.pack("<HHH", 8, 8, 8), bytes(16)])
+
+
+def test_a_tiff_declaring_huge_tiles_is_refused_before_the_decoder_allocates_one():
+    data = tiled_tiff(64, 64, 16384)  # a 64 x 64 image whose one tile is 268 Mpx
+    with pytest.raises(ImageDecodeError, match=r"too many pixels in one tile: 16384x16384 = 268435456 > "
+                                               r"max_pixels=40000000"):
+        load_image(data, max_pixels=40_000_000)
+    head = declared(data)
+    assert (head.pixels, head.decoded_pixels) == (4096, 268_435_456)
+    out = prepare([Upload("image 0", data)], SPEC, limits(40_000_000))
+    assert out.failures == {0: ("too_large", "image 0: 64x64 = 4096 pixels in 16384x16384 tiles is over the server "
+                                             "limit max_pixels=40000000")}
+    assert declared(tiled_tiff(64, 64, 256)).decoded_pixels == 65_536  # ordinary tiles count as the tile
+
+
+def test_sixteen_and_thirty_two_bit_images_weigh_16_bytes_a_pixel():
+    for mode, fmt in (("I;16", "PNG"), ("I", "TIFF"), ("F", "TIFF")):
+        head = declared(encoded(mode, fmt))
+        assert (head.mode, head.bytes_per_pixel, head.budget_pixels) == (mode, 16, 2400), mode
+
+
+def test_at_the_connection_cap_old_slow_connections_go_before_new_ones():
+    """The eviction order of the guarded HTTP protocol, on stand-in connections at a fixed clock: waiting
+    for a head past the grace period, then the slowest body past it, then the young ones."""
+    import types
+
+    import h11
+
+    from imgembed.serve.server import EVICT_GRACE_S, guarded_protocol
+
+    protocol = guarded_protocol(max_connections=4, header_timeout_s=10)
+    now = 100.0
+
+    def conn(name, state, opened=0.0, head_done=0.0, body=0):
+        c = types.SimpleNamespace(name=name, _opened=opened, _head_done=head_done, _body_bytes=body, closed=False)
+        c.conn = types.SimpleNamespace(their_state=state)
+        c.transport = types.SimpleNamespace(is_closing=lambda: c.closed, close=lambda: setattr(c, "closed", True))
+        c._waiting = lambda: state is h11.IDLE
+        return c
+
+    young = now - EVICT_GRACE_S / 2
+    pool = [conn("new client", h11.IDLE, opened=young), conn("new upload", h11.SEND_BODY, head_done=young, body=0),
+            conn("old slow body", h11.SEND_BODY, head_done=now - 5, body=10),
+            conn("old fast body", h11.SEND_BODY, head_done=now - 5, body=10_000_000),
+            conn("old idle", h11.IDLE, opened=now - 3), conn("busy", h11.DONE)]
+    me = types.SimpleNamespace(connections=pool, loop=types.SimpleNamespace(time=lambda: now))
+    order = []
+    while protocol._evict_one(me):
+        order.append(next(c.name for c in pool if c.closed and c.name not in order))
+    assert order == ["old idle", "old slow body", "old fast body", "new client", "new upload"]  # never "busy"
+
+
 def test_a_header_over_pillows_own_cap_is_refused_with_its_declared_pixels():
     data = png(5000, 5000)[:200]
     old = Image.MAX_IMAGE_PIXELS

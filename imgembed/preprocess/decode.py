@@ -59,13 +59,27 @@ def describe(item: Any, name: str | None) -> str:
     return f"object of type {type(item).__name__}"
 
 
+def tile_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of one tile of a tiled TIFF, (0, 0) for anything else: the decoder allocates a whole
+    tile at once, however small the image it belongs to (a 64 x 64 image may declare 16384 x 16384 tiles)."""
+    tags = getattr(img, "tag_v2", None)
+    try:
+        return (int(tags.get(322) or 0), int(tags.get(323) or 0)) if tags else (0, 0)  # TileWidth, TileLength
+    except (TypeError, ValueError):
+        return (0, 0)
+
+
 def check_pixels(img: Image.Image, desc: str, max_pixels: int) -> None:
-    """Decompression-bomb guard on the declared size (call before decoding)."""
+    """Decompression-bomb guard on the declared size and tile size (call before decoding)."""
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError(f"{desc}: too many pixels: {w}x{h} = {w * h} > max_pixels={max_pixels}")
     if w * h == 0:
         raise ImageDecodeError(f"{desc}: image has zero size ({w}x{h})")
+    tw, th = tile_size(img)
+    if tw * th > max_pixels:
+        raise ImageDecodeError(f"{desc}: too many pixels in one tile: {tw}x{th} = {tw * th} > max_pixels={max_pixels}"
+                               " (the decoder allocates a whole tile)")
 
 
 def _finish(img: Image.Image, desc: str, max_pixels: int, *, owned: bool = False) -> Image.Image:

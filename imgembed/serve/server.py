@@ -51,6 +51,9 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
          b'{"error":"unavailable","message":"too many open connections; retry shortly."}\r\n')
 
 
+EVICT_GRACE_S = 1.0  # connections younger than this in their phase are evicted only when no older one is
+
+
 def guarded_protocol(max_connections: int, header_timeout_s: float):
     """uvicorn's h11 protocol with a request-head timeout and a cap on open connections.
 
@@ -58,7 +61,8 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
     previous response): otherwise it is closed, so slow-header clients cannot hold connections. At
     ``max_connections`` open connections, a new one evicts the oldest connection still waiting for a request
     head or, if there is none, the one sending its request body the slowest (fewest body bytes per second
-    since its head); when every connection has its whole request in, the new one gets 503 and is closed. A
+    since its head), preferring those in that phase for at least ``EVICT_GRACE_S``; when every connection
+    has its whole request in, the new one gets 503 and is closed. A
     flood of idle, slow-header or slow-body sockets therefore never locks out a client that sends its request
     at once (``/healthz`` included).
     """
@@ -84,17 +88,22 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
             return self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
 
         def _evict_one(self) -> bool:
+            """Close one connection to make room; those past EVICT_GRACE_S in their phase go first, so a
+            client that has just connected, or just started its body, is not closed by a flood of new sockets."""
+            now = self.loop.time()
             others = [c for c in self.connections if c is not self and not c.transport.is_closing()]
             idle = [c for c in others if c._waiting()]
-            if idle:
-                min(idle, key=lambda c: c._opened).transport.close()
-                return True
-            now = self.loop.time()
             sending = [c for c in others if c.conn.their_state is h11.SEND_BODY]
-            if not sending:
-                return False
-            min(sending, key=lambda c: c._body_bytes / max(now - c._head_done, 1e-3)).transport.close()
-            return True
+            for aged in (True, False):
+                waiting = [c for c in idle if (now - c._opened >= EVICT_GRACE_S) == aged]
+                if waiting:
+                    min(waiting, key=lambda c: c._opened).transport.close()
+                    return True
+                body = [c for c in sending if (now - c._head_done >= EVICT_GRACE_S) == aged]
+                if body:
+                    min(body, key=lambda c: c._body_bytes / max(now - c._head_done, 1e-3)).transport.close()
+                    return True
+            return False
 
         def _arm(self) -> None:
             self._disarm()
@@ -115,7 +124,7 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
             super().data_received(data)
             if waiting and not self._waiting():  # the request head is complete
                 self._disarm()
-                self._head_done, self._body_bytes = self.loop.time(), 0
+                self._head_done, self._body_bytes = self.loop.time(), len(data)  # with any body bytes it held
             elif not waiting:
                 self._body_bytes += len(data)
 

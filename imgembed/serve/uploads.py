@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imgembed.errors import ImageDecodeError
 from imgembed.preprocess import PreprocessSpec, load_image, resize_crop, resize_plan
+from imgembed.preprocess.decode import tile_size
 from imgembed.preprocess.fast import crops_to_pixels, load_crop
 from imgembed.preprocess.guard import DEFAULT_MAX_SECONDS, decode_formats
 from imgembed.serve.config import ServeConfig
@@ -299,9 +300,9 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-# Peak memory of decoding one pixel at full size and converting it to RGB (Pillow 13, measured on 6320 x 6320
-# images): JPEG, PNG, TIFF, BMP (RGB, L) about 4 bytes, GIF 5, RGBA PNG 8, WebP 16 (libwebp's canvas and
-# Pillow's copies). The server's decode budget counts pixels of BUDGET_BYTES_PER_PIXEL bytes.
+# Peak memory of decoding one pixel at full size and converting it to RGB (Pillow 13, measured on 6000-6320
+# pixel squares): JPEG, PNG, TIFF, BMP (RGB, L) about 4 bytes, GIF 5, RGBA PNG 8, 16- and 32-bit modes 9-14,
+# WebP 16 (libwebp's canvas and Pillow's copies). The decode budget counts pixels of BUDGET_BYTES_PER_PIXEL bytes.
 BUDGET_BYTES_PER_PIXEL = 6
 _PLAIN_MODES = {"1", "L", "P", "RGB", "YCbCr"}
 
@@ -315,21 +316,28 @@ class Declared:
     pixels: int
     format: str | None = None
     mode: str | None = None
+    tile: tuple[int, int] = (0, 0)  # a tiled TIFF's tile size: the decoder allocates one whole tile
+
+    @property
+    def decoded_pixels(self) -> int:
+        """The pixels decoding allocates: the image's, or one tile's when that is larger."""
+        return max(self.pixels, self.tile[0] * self.tile[1])
 
     @property
     def bytes_per_pixel(self) -> int:
-        if self.format == "WEBP":
-            return 16
-        return BUDGET_BYTES_PER_PIXEL if self.mode in _PLAIN_MODES else 8  # alpha, 16-bit, CMYK: 8
+        if self.format == "WEBP" or self.mode in ("I", "F") or (self.mode or "").startswith("I;"):
+            return 16  # WebP; 16- and 32-bit modes (4-byte image + int32 copies on the way to 8 bit)
+        return BUDGET_BYTES_PER_PIXEL if self.mode in _PLAIN_MODES else 8  # alpha, CMYK: 8
 
     @property
     def budget_pixels(self) -> int:
         """The pixels of the decode budget this image holds while it is decoded (see BUDGET_BYTES_PER_PIXEL)."""
-        return -(-self.pixels * self.bytes_per_pixel // BUDGET_BYTES_PER_PIXEL)
+        return -(-self.decoded_pixels * self.bytes_per_pixel // BUDGET_BYTES_PER_PIXEL)
 
     def describe(self) -> str:
         size = f"{self.width}x{self.height} = " if self.width is not None else ""
-        return f"{size}{self.pixels} pixels"
+        tiles = f" in {self.tile[0]}x{self.tile[1]} tiles" if self.decoded_pixels > self.pixels else ""
+        return f"{size}{self.pixels} pixels{tiles}"
 
 
 def declared(data: bytes) -> Declared | None:
@@ -337,7 +345,7 @@ def declared(data: bytes) -> Declared | None:
     try:
         with Image.open(io.BytesIO(data), formats=PROBE_FORMATS) as probe:
             (w, h), fmt, mode = probe.size, probe.format, probe.mode
-            return Declared(w, h, w * h, fmt, mode)
+            return Declared(w, h, w * h, fmt, mode, tile_size(probe))
     except Image.DecompressionBombError as e:  # over Pillow's own cap: its message has the declared pixels
         found = re.search(r"\((\d+) pixels\)", str(e))
         return Declared(None, None, int(found.group(1)) if found else 1 << 62)
@@ -349,7 +357,7 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Encoded bytes -> RGB image; PixelLimitError (from the declared size, before decoding) or
     ImageDecodeError naming ``name`` and the problem."""
     d = declared(data)
-    if d is not None and d.pixels > max_pixels:
+    if d is not None and d.decoded_pixels > max_pixels:
         raise PixelLimitError(f"{name}: {d.describe()} is over the server limit max_pixels={max_pixels}")
     return load_image(data, name=name, max_pixels=max_pixels)
 
@@ -357,10 +365,10 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
 def over_limits(d: Declared, name: str, max_pixels: int, budget: int) -> str | None:
     """Why an image with header ``d`` is refused before decoding (too many pixels, or more decode memory than
     the whole server's budget), or None."""
-    if d.pixels > max_pixels:
+    if d.decoded_pixels > max_pixels:
         return f"{name}: {d.describe()} is over the server limit max_pixels={max_pixels}"
     if d.budget_pixels > budget:
-        mib = d.pixels * d.bytes_per_pixel / (1 << 20)
+        mib = d.decoded_pixels * d.bytes_per_pixel / (1 << 20)
         return (f"{name}: {d.describe()} of {d.format or 'this format'} ({d.mode}) takes about {mib:.0f} MiB to "
                 f"decode ({d.bytes_per_pixel} bytes a pixel), over the server's decode budget max_decode_pixels="
                 f"{budget} ({budget * BUDGET_BYTES_PER_PIXEL / (1 << 20):.0f} MiB at "
@@ -440,7 +448,7 @@ def prepare(uploads: Sequence[Upload], spec: PreprocessSpec, limits: DecodeLimit
         if why is not None:
             result.failures[i] = ("too_large", why)
             continue
-        total += head.pixels if head else 0
+        total += head.decoded_pixels if head else 0
         raw[i] = (data, head)
     if total > limits.max_request_pixels:
         raise PayloadTooLargeError(f"the images of this request declare {total} pixels in all, over the limit of "
