@@ -47,6 +47,7 @@ from imgembed.jobs.parquet import (
     Identity,
     concat,
     iter_batches,
+    read_checked,
     read_metadata,
     read_table,
     rows_table,
@@ -150,14 +151,15 @@ class _Source:
     paths: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     ids: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path, previous: bool) -> _Source:
-        t = read_table(path, ["path", "error", "size", "mtime_ns", "content_hash"])
+        t, meta = read_checked(path, ["path", "error", "size", "mtime_ns", "content_hash"])
         cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
                 for c in ("size", "mtime_ns", "content_hash")]
         return cls(path, previous, t.column("path").to_pylist(),
-                   [e is not None for e in t.column("error").to_pylist()], list(zip(*cols, strict=True)))
+                   [e is not None for e in t.column("error").to_pylist()], list(zip(*cols, strict=True)), meta)
 
 
 @dataclass
@@ -275,13 +277,15 @@ class FolderJob:
 
     def _part(self, path: Path) -> _Source:
         """A checkpointed part, after :meth:`_check_part`."""
-        self._check_part(path)
-        return _Source.read(path, False)
+        src = _Source.read(path, False)
+        self._check_part(path, src.meta)
+        return src
 
-    def _check_part(self, path: Path) -> None:
-        """JobError unless this job's model made the part: each part carries the job's metadata, so parts left
-        behind by another job (its job.json deleted) are never reused."""
-        found = read_metadata(path)
+    def _check_part(self, path: Path, found: dict | None = None) -> None:
+        """JobError unless this job's model made the part (``found``: its metadata, read here if not given):
+        each part carries the job's metadata, so parts left behind by another job (its job.json deleted) are
+        never reused."""
+        found = read_metadata(path) if found is None else found
         diff = self._mismatch(found) if found else "no imgembed metadata"
         if diff:
             raise JobError(f"{path} was made with {diff}; delete {self.work} (or pass --overwrite) to start over")

@@ -226,14 +226,20 @@ def read_metadata(path: str | Path, limits: Limits = Limits()) -> dict:
     return open_checked(path, limits)[1]
 
 
-def read_table(path: str | Path, columns: Sequence[str] | None = None, limits: Limits = Limits()):
-    """The table (or some ``columns``; absent ones are left out) of a checked job output file."""
-    pf, _ = open_checked(path, limits)
+def read_checked(path: str | Path, columns: Sequence[str] | None = None, limits: Limits = Limits()):
+    """(the table, or some ``columns`` of it (absent ones are left out); its metadata dict) of a job output
+    file, checked once by :func:`open_checked`."""
+    pf, meta = open_checked(path, limits)
     names = pf.schema_arrow.names
     try:
-        return pf.read(columns=[c for c in columns if c in names] if columns else None)
+        return pf.read(columns=[c for c in columns if c in names] if columns else None), meta
     except Exception as e:
         raise IndexFormatError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def read_table(path: str | Path, columns: Sequence[str] | None = None, limits: Limits = Limits()):
+    """The table (or some ``columns``; absent ones are left out) of a checked job output file."""
+    return read_checked(path, columns, limits)[0]
 
 
 def iter_batches(path: str | Path, rows: int = 8192) -> Iterator:
@@ -259,7 +265,7 @@ def write_batches_atomic(path: Path, dim: int, batches: Iterable, metadata: dict
 def read_embeddings(path: str | Path, limits: Limits = Limits()) -> Embeddings:
     """Load a job's Parquet output: vectors of the good rows as one float32 matrix, failures apart
     (``.paths``, ``.vectors``, ``.failures``, ``.metadata``; indices are row numbers in the file)."""
-    table = read_table(path, ["path", "vector", "error"], limits)
+    table, meta = read_checked(path, ["path", "vector", "error"], limits)
     errors = table.column("error").to_pylist()
     paths = table.column("path").to_pylist()
     ok = np.array([e is None for e in errors], bool)
@@ -276,7 +282,7 @@ def read_embeddings(path: str | Path, limits: Limits = Limits()) -> Embeddings:
         raise IndexFormatError(f"{path}: {len(bad)} vectors hold non-finite values (NaN or inf), the first that "
                                f"of '{first}'; expected finite embeddings")
     return Embeddings([k for k, good in enumerate(ok) if good], vectors,
-                      [(k, e) for k, e in enumerate(errors) if e is not None], paths, read_metadata(path, limits))
+                      [(k, e) for k, e in enumerate(errors) if e is not None], paths, meta)
 
 
 def concat(tables: Sequence, dim: int):
