@@ -62,9 +62,8 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
     ``max_connections`` open connections, a new one evicts the oldest connection still waiting for a request
     head or, if there is none, the one sending its request body the slowest (fewest body bytes per second
     since its head), preferring those in that phase for at least ``EVICT_GRACE_S``; when every connection
-    has its whole request in, the new one gets 503 and is closed. A
-    flood of idle, slow-header or slow-body sockets therefore never locks out a client that sends its request
-    at once (``/healthz`` included).
+    has its whole request in, the new one gets 503 and is closed. A flood of idle, slow-header or slow-body
+    sockets therefore never locks out a client that sends its request at once (``/healthz`` included).
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol

@@ -357,8 +357,9 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Encoded bytes -> RGB image; PixelLimitError (from the declared size, before decoding) or
     ImageDecodeError naming ``name`` and the problem."""
     d = declared(data)
-    if d is not None and d.decoded_pixels > max_pixels:
-        raise PixelLimitError(f"{name}: {d.describe()} is over the server limit max_pixels={max_pixels}")
+    why = over_limits(d, name, max_pixels, budget=1 << 62) if d is not None else None  # no server budget here
+    if why is not None:
+        raise PixelLimitError(why)
     return load_image(data, name=name, max_pixels=max_pixels)
 
 
